@@ -1,0 +1,89 @@
+"""Command-line plumbing shared by every script: config overrides and one-line errors."""
+import ast
+import difflib
+import sys
+import types
+from typing import Any, Callable
+
+import config
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, never as a traceback."""
+
+
+def defaults() -> dict[str, Any]:
+    return {k: v for k, v in vars(config).items() if k.isupper()}
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def check_type(name: str, value: Any, default: Any) -> Any:
+    """The value if it fits the default's type (int for float, str for None), else a UserError."""
+    if default is None:
+        if value is None or isinstance(value, str):
+            return value
+        expected = "a path string or None"
+    elif isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        expected = "True or False"
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        expected = "a number"
+    elif isinstance(default, list):
+        if isinstance(value, (list, tuple)) and value:
+            return [check_type(name, v, default[0]) for v in value] if default else list(value)
+        expected = "a non-empty list like " + repr(default)
+    elif isinstance(value, type(default)) and not isinstance(value, bool):
+        return value
+    else:
+        expected = type(default).__name__
+    raise UserError(f"--{name.lower()}={value!r} has the wrong type: expected {expected}, as in config.py's {name} = {default!r}")
+
+
+def configure(argv: list[str]) -> types.SimpleNamespace:
+    """config.py's constants with the --name=value overrides of argv applied."""
+    cfg = defaults()
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"cannot read argument {arg!r}: write overrides as --name=value, e.g. --batch_size=8")
+        key, text = arg[2:].split("=", 1)
+        name = key.upper()
+        if name not in cfg:
+            close = difflib.get_close_matches(key.lower(), [k.lower() for k in cfg], n=1, cutoff=0.0)
+            raise UserError(f"unknown config key --{key}: did you mean --{close[0]}? (keys are config.py's constants, in lowercase)")
+        cfg[name] = check_type(name, parse_value(text), getattr(config, name))
+    return types.SimpleNamespace(**cfg)
+
+
+def print_config(cfg: types.SimpleNamespace) -> None:
+    width = max(map(len, vars(cfg)))
+    print("\n".join(f"{k.lower():<{width}} = {v!r}" for k, v in vars(cfg).items()), flush=True)
+
+
+def main(run: Callable[[types.SimpleNamespace], Any]) -> None:
+    """Configure from sys.argv, print the config and call run(cfg); a UserError exits with one line."""
+    try:
+        cfg = configure(sys.argv[1:])
+        print_config(cfg)
+        run(cfg)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+
+
+def from_hub(load: Callable, model_id: str, **kwargs) -> Any:
+    """load(model_id) with a one-line answer when the id is wrong, gated or unreachable."""
+    try:
+        return load(model_id, **kwargs)
+    except OSError as e:
+        raise UserError(f"cannot load {model_id!r} ({str(e).splitlines()[0][:200]}): check --model_id; for a gated "
+                        f"model accept its license on huggingface.co and run `hf auth login`, or set --model_id to a local folder") from e

@@ -1,0 +1,19 @@
+"""Every constant a user edits. Any script overrides one as --lowercase_name=value (a Python literal)."""
+
+MODEL_ID = "meta-llama/Llama-3.2-1B-Instruct"  # Hugging Face id or local folder of the frozen chat model
+DEVICE = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
+DTYPE = "auto"  # model weights: "auto" (bfloat16 on cuda, float32 on cpu), "bfloat16", "float16" or "float32"
+TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}  # extra chat-template variables: pins Llama 3's "Today Date" line, else it changes daily
+CSV_DIR = "data/yelp_review_polarity"  # train.csv and test.csv in the Yelp polarity format (fetched when absent)
+DATA_DIR = "data"  # where prep writes the tokenized train.pt and test.pt
+RESULTS_DIR = "results"  # one folder per run plus the results.csv ledger
+TRAIN_LIMIT = 56000  # training reviews: a seeded, label-balanced sample of train.csv
+TEST_LIMIT = 38000  # test reviews: a seeded, label-balanced sample of test.csv (38,000 is all of it)
+MAX_REVIEW_TOKENS = 1024  # reviews longer than this are cut to their first MAX_REVIEW_TOKENS tokens
+PRIMER_LENGTH = 4  # number of trained embedding vectors in the system-prompt slot
+BATCH_SIZE = 6  # training reviews per optimizer step (the reference used 6)
+SCORE_BATCH_SIZE = 32  # test reviews per forward pass when scoring (no gradients, so larger fits)
+RATE_BY_EPOCH = [1e-4, 1e-5, 1e-6, 5e-7, 1e-7]  # Adam learning rate of each epoch; its length is the number of epochs
+SEED = 0  # seeds the data sample, the primer's initial vectors and the batch order
+PRIMER_PATH = None  # path of a saved primer.safetensors: skip training and score that primer
+LABELS = ["1", "2"]  # answer strings for negative and positive reviews; each must be one token

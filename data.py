@@ -1,0 +1,168 @@
+"""Yelp Review Polarity CSVs -> tokenized, label-balanced splits in DATA_DIR (./prep.sh runs this)."""
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import cli
+
+SPLITS = ("train", "test")
+HF_DATASET = "fancyzhx/yelp_review_polarity"  # the public copy `datasets` fetches when the CSVs are absent
+MAX_BAD_SHARE = 0.01  # more bad rows than this and prep refuses the file
+
+
+@dataclass
+class Split:
+    """Ragged reviews as flat tokens plus offsets, with their labels (0 negative, 1 positive)."""
+    tokens: torch.Tensor  # int32 [total tokens]
+    offsets: torch.Tensor  # int64 [n + 1]
+    labels: torch.Tensor  # int64 [n]
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+
+def load_tokenizer(model_id: str):
+    from transformers import AutoTokenizer
+    return cli.from_hub(AutoTokenizer.from_pretrained, model_id)
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def read_csv(path: str) -> tuple[np.ndarray, list[str], list[int]]:
+    """Labels (0/1), review texts with escapes decoded, and the line numbers of the rows skipped as bad."""
+    labels, texts, bad = [], [], []
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f)
+        for row in reader:
+            line = reader.line_num
+            if len(row) != 2 or row[0].strip() not in ("1", "2") or not row[1].strip():
+                bad.append(line)
+                continue
+            text = row[1].replace("\\n", "\n").strip()
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # undecodable bytes survive as lone surrogates
+                bad.append(line)
+                continue
+            labels.append(int(row[0]) - 1)
+            texts.append(text)
+    total = len(labels) + len(bad)
+    if bad:
+        print(f"{path}: skipped {len(bad):,} bad rows of {total:,} (first at lines {bad[:5]})")
+    if not labels or len(bad) > MAX_BAD_SHARE * total:
+        raise cli.UserError(f"{path}: {len(bad):,} of {total:,} rows are not '\"1\" or \"2\",\"review\"' (first at lines {bad[:5]}); fix or replace the file")
+    return np.array(labels), texts, bad
+
+
+def balanced_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded sample of at most `limit` rows, half from each label where possible."""
+    rng = np.random.default_rng(seed)
+    by_label = [rng.permutation(np.flatnonzero(labels == c)) for c in (0, 1)]
+    small = min(len(by_label[0]), len(by_label[1]), limit // 2)
+    take = [small, small]
+    for c in (0, 1):  # the larger label fills what the smaller cannot
+        take[c] += min(len(by_label[c]) - small, limit - sum(take))
+    return np.sort(np.concatenate([by_label[c][: take[c]] for c in (0, 1)]))
+
+
+def fetch_csvs(csv_dir: str) -> None:
+    """Download Yelp polarity through `datasets` and write it as the public CSVs."""
+    try:
+        import datasets
+        dataset = datasets.load_dataset(HF_DATASET)
+    except Exception as e:
+        raise cli.UserError(f"no CSVs in {csv_dir} and fetching {HF_DATASET} failed ({type(e).__name__}); "
+                            f"put the Yelp polarity train.csv and test.csv in {csv_dir} or set --csv_dir") from e
+    os.makedirs(csv_dir, exist_ok=True)
+    for split in SPLITS:
+        path = os.path.join(csv_dir, f"{split}.csv")
+        with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, quoting=csv.QUOTE_ALL, lineterminator="\n")
+            for row in tqdm(dataset[split], desc=f"write {path}", unit=" rows"):
+                writer.writerow([str(row["label"] + 1), row["text"].replace("\n", "\\n")])
+        os.replace(path + ".tmp", path)
+
+
+def tokenize(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Flat int32 tokens, int64 offsets, and how many reviews were cut to max_tokens."""
+    pieces, truncated = [], 0
+    for start in tqdm(range(0, len(texts), 1000), desc="tokenize", unit=" x1000 reviews"):
+        for ids in tokenizer(texts[start:start + 1000], add_special_tokens=False)["input_ids"]:
+            truncated += len(ids) > max_tokens
+            pieces.append(torch.tensor(ids[:max_tokens], dtype=torch.int32))
+    lengths = torch.tensor([0] + [len(p) for p in pieces])
+    return torch.cat(pieces), lengths.cumsum(0), truncated
+
+
+def expected_meta(cfg: SimpleNamespace, tokenizer, split: str) -> dict:
+    """What a split file must have been prepared with to be used under cfg."""
+    return {"model_id": cfg.MODEL_ID, "vocab_size": len(tokenizer), "vocab_fingerprint": vocab_fingerprint(tokenizer),
+            "limit": cfg.TRAIN_LIMIT if split == "train" else cfg.TEST_LIMIT,
+            "max_review_tokens": cfg.MAX_REVIEW_TOKENS, "seed": cfg.SEED}
+
+
+def split_path(cfg: SimpleNamespace, split: str) -> str:
+    return os.path.join(cfg.DATA_DIR, f"{split}.pt")
+
+
+def prepare(cfg: SimpleNamespace, tokenizer) -> None:
+    """Write DATA_DIR/train.pt and DATA_DIR/test.pt from the CSVs, fetching those first when absent."""
+    if not all(os.path.exists(os.path.join(cfg.CSV_DIR, f"{s}.csv")) for s in SPLITS):
+        fetch_csvs(cfg.CSV_DIR)
+    os.makedirs(cfg.DATA_DIR, exist_ok=True)
+    for split in SPLITS:
+        source = os.path.join(cfg.CSV_DIR, f"{split}.csv")
+        labels, texts, bad = read_csv(source)
+        meta = expected_meta(cfg, tokenizer, split)
+        keep = balanced_sample(labels, meta["limit"], cfg.SEED)
+        tokens, offsets, truncated = tokenize(tokenizer, [texts[i] for i in keep], cfg.MAX_REVIEW_TOKENS)
+        meta.update(source=source, rows=len(labels), bad_rows=len(bad), count=len(keep), truncated=truncated,
+                    positives=int(labels[keep].sum()))
+        path = split_path(cfg, split)
+        torch.save({"tokens": tokens, "offsets": offsets, "labels": torch.from_numpy(labels[keep]), "meta": meta}, path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: an interrupted prep leaves the previous file intact
+        print(f"{path}: {len(keep):,} of {len(labels):,} reviews ({meta['positives']:,} positive), "
+              f"{len(tokens):,} tokens, {truncated:,} cut to {cfg.MAX_REVIEW_TOKENS} tokens")
+
+
+def load_split(cfg: SimpleNamespace, tokenizer, split: str) -> Split:
+    """A prepared split, preparing both when absent; refuses files prepared for another tokenizer or config."""
+    path = split_path(cfg, split)
+    if not os.path.exists(path):
+        print(f"{path} is missing: preparing the data as ./prep.sh would")
+        prepare(cfg, tokenizer)
+    try:
+        stored = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise cli.UserError(f"{path} is not a file prep wrote ({type(e).__name__}); delete it and run ./prep.sh") from e
+    meta, want = stored["meta"], expected_meta(cfg, tokenizer, split)
+    if meta["vocab_fingerprint"] != want["vocab_fingerprint"]:
+        raise cli.UserError(f"{path} was tokenized for {meta['model_id']}, not for {cfg.MODEL_ID}: "
+                            f"run ./prep.sh --model_id={cfg.MODEL_ID}")
+    stale = {k: (meta[k], v) for k, v in want.items() if k != "model_id" and meta[k] != v}
+    if stale:
+        flags = " ".join(f"--{k}={v[1]}" for k, v in stale.items() if k in ("max_review_tokens", "seed"))
+        if "limit" in stale:
+            flags += f" --{split}_limit={stale['limit'][1]}"
+        raise cli.UserError(f"{path} was prepared with {', '.join(f'{k}={v[0]}' for k, v in stale.items())}: "
+                            f"run ./prep.sh{' ' + flags if flags else ''} (or match those values)")
+    return Split(stored["tokens"], stored["offsets"], stored["labels"], meta)
+
+
+if __name__ == "__main__":
+    cli.main(lambda cfg: prepare(cfg, load_tokenizer(cfg.MODEL_ID)))

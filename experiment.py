@@ -1,0 +1,22 @@
+"""Train a primer (PRIMER_LENGTH embedding vectors in the system-prompt slot) on a frozen chat model, then score it.
+
+    python experiment.py [--name=value ...]        # e.g. --primer_length=16 --train_limit=5600 --test_limit=2400
+    python experiment.py --primer_path=results/<run id>/primer.safetensors   # score a saved primer, no training
+"""
+import cli
+import harness
+
+
+def run(cfg) -> None:
+    task = harness.setup(cfg, with_train=cfg.PRIMER_PATH is None)
+    if cfg.PRIMER_PATH:
+        primer = harness.load_primer(cfg.PRIMER_PATH, task.model)
+    else:
+        primer = harness.init_primer(task.model, cfg.PRIMER_LENGTH, cfg.SEED)
+    layout = harness.make_layout(task, None, primer_length=len(primer))
+    log = None if cfg.PRIMER_PATH else harness.train(task, layout, primer)
+    harness.record(task, "experiment", layout, harness.score(task, layout, primer), primer, log)
+
+
+if __name__ == "__main__":
+    cli.main(run)

@@ -1,0 +1,277 @@
+"""The shared harness: a frozen chat model, inputs built from its chat template, primer training and scoring, results."""
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from types import SimpleNamespace
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import cli
+import data
+
+PRIMER_SLOT = "\x00PRIMER\x00"  # stands for the primer while the chat template is rendered
+REVIEW_SLOT = "\x00REVIEW\x00"  # stands for the review likewise
+CHUNK_BATCHES = 64  # length grouping sorts reviews within chunks of this many batches
+
+
+@dataclass
+class Task:
+    """Everything a run needs: the config, the frozen model and tokenizer, the label tokens and the data."""
+    cfg: SimpleNamespace
+    tokenizer: object
+    model: torch.nn.Module
+    device: torch.device
+    label_ids: torch.Tensor  # token id of LABELS[0] and LABELS[1], on device
+    train: Optional[data.Split]
+    test: data.Split
+
+
+@dataclass
+class Layout:
+    """Token ids around the review: prefix (primer slot included, as placeholder ids), review, suffix."""
+    prefix: torch.Tensor
+    suffix: torch.Tensor
+    slot: slice  # the primer's positions in the prefix; empty for a text prompt
+    prompt_tokens: int  # tokens the prompt adds to the review: primer length, or the text prompt's own tokens
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise cli.UserError(f"--device={name} but torch sees no CUDA GPU: use --device=cpu or --device=auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in ("bfloat16", "float16", "float32"):
+        raise cli.UserError(f"--dtype={name} is not one of auto, bfloat16, float16, float32")
+    return getattr(torch, name)
+
+
+def label_token_ids(tokenizer, labels: list[str]) -> list[int]:
+    ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+    for label, tokens in zip(labels, ids):
+        if len(tokens) != 1:
+            raise cli.UserError(f"label {label!r} is {len(tokens)} tokens for {tokenizer.name_or_path}, not one: set --labels to single-token strings")
+    if ids[0] == ids[1]:
+        raise cli.UserError(f"labels {labels} are the same token: set --labels to two different strings")
+    return [t[0] for t in ids]
+
+
+def load_model(cfg: SimpleNamespace, device: torch.device) -> torch.nn.Module:
+    """The frozen model: eval mode, no parameter ever requires a gradient."""
+    from transformers import AutoModelForCausalLM
+    dtype = resolve_dtype(cfg.DTYPE, device)
+    model = cli.from_hub(AutoModelForCausalLM.from_pretrained, cfg.MODEL_ID, dtype=dtype, attn_implementation="sdpa")
+    return model.requires_grad_(False).eval().to(device)
+
+
+def setup(cfg: SimpleNamespace, with_train: bool = True) -> Task:
+    device = resolve_device(cfg.DEVICE)
+    tokenizer = data.load_tokenizer(cfg.MODEL_ID)
+    labels = torch.tensor(label_token_ids(tokenizer, cfg.LABELS), device=device)
+    train = data.load_split(cfg, tokenizer, "train") if with_train else None
+    test = data.load_split(cfg, tokenizer, "test")
+    torch.manual_seed(cfg.SEED)
+    return Task(cfg, tokenizer, load_model(cfg, device), device, labels, train, test)
+
+
+def make_layout(task: Task, system: Optional[str], user: str = "{review}", primer_length: int = 0) -> Layout:
+    """The chat template rendered with `system` (or a primer of primer_length vectors) and `user` around {review}."""
+    tok = task.tokenizer
+    messages = [{"role": "system", "content": PRIMER_SLOT if primer_length else system},
+                {"role": "user", "content": user.replace("{review}", REVIEW_SLOT)}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **task.cfg.TEMPLATE_KWARGS)
+    head, tail = text.split(REVIEW_SLOT)
+    encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    if primer_length:
+        before, middle = head.split(PRIMER_SLOT)
+        start = len(encode(before))
+        prefix = encode(before) + [0] * primer_length + encode(middle)
+        return Layout(torch.tensor(prefix), torch.tensor(encode(tail)), slice(start, start + primer_length), primer_length)
+    prompt_tokens = len(encode(system)) + sum(len(encode(part)) for part in user.split("{review}"))
+    return Layout(torch.tensor(encode(head)), torch.tensor(encode(tail)), slice(0, 0), prompt_tokens)
+
+
+def assemble(layout: Layout, split: data.Split, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids [B, L] of reviews idx in their layout, and each row's real length [B]."""
+    starts, n = split.offsets[idx], split.lengths[idx]
+    p, s = len(layout.prefix), len(layout.suffix)
+    lengths = p + n + s
+    ids = torch.zeros(len(idx), int(lengths.max()), dtype=torch.long)
+    ids[:, :p] = layout.prefix
+    col = torch.arange(int(n.max()))
+    review = split.tokens[(starts[:, None] + col).clamp(max=len(split.tokens) - 1)].long()
+    ids[:, p:p + len(col)] = torch.where(col < n[:, None], review, 0)
+    ids.scatter_(1, (p + n)[:, None] + torch.arange(s), layout.suffix.expand(len(idx), s))
+    return ids, lengths
+
+
+def last_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, layout: Layout,
+                primer: Optional[torch.Tensor]) -> torch.Tensor:
+    """Float32 next-token logits [B, vocab] at each row's last real position, the primer spliced into its slot.
+
+    Right padding with an attention mask and explicit positions keeps every row's logits independent of its batch mates;
+    the LM head runs only at the last real positions, never over the whole sequence."""
+    embeds = model.get_input_embeddings()(ids)
+    if primer is not None:
+        spliced = primer.to(embeds.dtype).expand(len(ids), -1, -1)
+        embeds = torch.cat([embeds[:, :layout.slot.start], spliced, embeds[:, layout.slot.stop:]], dim=1)
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    mask = (positions < lengths[:, None]).long()
+    hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions.expand_as(ids),
+                              use_cache=False).last_hidden_state
+    last = hidden[torch.arange(len(ids), device=ids.device), lengths - 1]
+    return model.get_output_embeddings()(last).float()
+
+
+def init_primer(model: torch.nn.Module, length: int, seed: int) -> torch.Tensor:
+    """Float32 [length, hidden] vectors with the embedding table's per-dimension mean and spread,
+    rescaled to the norms of random embedding rows (the reference's initialization)."""
+    table = model.get_input_embeddings().weight.detach()
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(length, table.shape[1], generator=gen).to(table.device)
+    rows = torch.randint(len(table), (length,), generator=gen).to(table.device)
+    mean, std = table.float().mean(0), table.float().std(0)
+    vectors = mean + std * noise
+    return vectors / vectors.norm(dim=1, keepdim=True) * table[rows].float().norm(dim=1, keepdim=True)
+
+
+def load_primer(path: str, model: torch.nn.Module) -> torch.Tensor:
+    if not os.path.isfile(path):
+        raise cli.UserError(f"--primer_path={path} does not exist: give the primer.safetensors of a run in results/")
+    primer = load_file(path)["primer"].float()
+    width = model.get_input_embeddings().weight.shape[1]
+    if primer.ndim != 2 or primer.shape[1] != width:
+        raise cli.UserError(f"--primer_path={path} holds vectors of shape {tuple(primer.shape)}, but this model's "
+                            f"embeddings are {width} wide: use a primer trained for --model_id")
+    return primer.to(model.device)
+
+
+def length_grouped_batches(lengths: torch.Tensor, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """Seeded batches of similar-length reviews: shuffle, sort within chunks of CHUNK_BATCHES batches, shuffle batches."""
+    rng = np.random.default_rng(seed)
+    order = torch.from_numpy(rng.permutation(len(lengths)))
+    chunks = order.split(batch_size * CHUNK_BATCHES)
+    batches = [batch for chunk in chunks for batch in chunk[lengths[chunk].argsort(stable=True)].split(batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def train(task: Task, layout: Layout, primer: torch.Tensor) -> list[dict]:
+    """Adam on the primer alone, one epoch per RATE_BY_EPOCH entry; returns the loss log, one row per step."""
+    cfg, split = task.cfg, task.train
+    primer.requires_grad_(True)
+    optimizer = torch.optim.Adam([primer], lr=cfg.RATE_BY_EPOCH[0])
+    targets = task.label_ids[split.labels.to(task.device)]
+    log, step = [], 0
+    for epoch, rate in enumerate(cfg.RATE_BY_EPOCH):
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        batches = length_grouped_batches(split.lengths, cfg.BATCH_SIZE, cfg.SEED + epoch)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{len(cfg.RATE_BY_EPOCH)} lr {rate:g}", unit="batch")
+        running, seen, start = None, 0, time.perf_counter()
+        for idx in bar:
+            ids, lengths = assemble(layout, split, idx)
+            logits = last_logits(task.model, ids.to(task.device), lengths.to(task.device), layout, primer)
+            loss = F.cross_entropy(logits, targets[idx.to(task.device)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step, seen = step + 1, seen + len(idx)
+            value = loss.item()
+            running = value if running is None else 0.98 * running + 0.02 * value
+            log.append({"step": step, "epoch": epoch + 1, "lr": rate, "loss": value})
+            bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
+    return log
+
+
+@torch.inference_mode()
+def score(task: Task, layout: Layout, primer: Optional[torch.Tensor]) -> dict:
+    """Strict score (label token is the argmax over the whole vocabulary, the reference's metric), the
+    label-restricted score (argmax over the two label tokens) and how often the answer is a label token at all."""
+    split, labels = task.test, task.label_ids
+    order = split.lengths.argsort(descending=True)  # longest first, so a batch too big for memory fails at once
+    strict = restricted = answered = 0
+    for idx in tqdm(order.split(task.cfg.SCORE_BATCH_SIZE), desc="score", unit="batch"):
+        ids, lengths = assemble(layout, split, idx)
+        logits = last_logits(task.model, ids.to(task.device), lengths.to(task.device), layout, primer)
+        truth = split.labels[idx].to(task.device)
+        answer = logits.argmax(-1)
+        strict += int((answer == labels[truth]).sum())
+        restricted += int((logits[:, labels].argmax(-1) == truth).sum())
+        answered += int(torch.isin(answer, labels).sum())
+    total = len(split)
+    return {"correct": strict, "total": total, "score": strict / total, "restricted_correct": restricted,
+            "restricted_score": restricted / total, "label_answer_share": answered / total}
+
+
+def write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def new_run_dir(results_dir: str, kind: str) -> str:
+    base = os.path.join(results_dir, f"{datetime.now():%Y%m%d-%H%M%S}-{kind}")
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    os.makedirs(path)
+    return path
+
+
+def format_table(rows: list[dict]) -> str:
+    """Ledger rows in the reference's form: Samples | Tokens | LR Schedule | Score | Correct / Total, plus the
+    label-restricted score."""
+    lines = ["| Run | Samples | Tokens | LR Schedule | Score | Correct / Total | Label-restricted |", "|---" * 7 + "|"]
+    for r in rows:
+        samples = f"{int(r['samples']):,}" if r["samples"] else "–"
+        lines.append(f"| {r['script']} | {samples} | {int(r['tokens'])} | {r['lr_schedule'] or '–'} | {100 * r['score']:.1f}% "
+                     f"| {int(r['correct']):,} / {int(r['total']):,} | {100 * r['restricted_score']:.1f}% |")
+    return "\n".join(lines)
+
+
+def record(task: Task, script: str, layout: Layout, metrics: dict, primer: Optional[torch.Tensor] = None,
+           log: Optional[list[dict]] = None) -> str:
+    """Write the run folder (config, metrics, primer, loss log), append the results.csv ledger, print the table row."""
+    cfg = task.cfg
+    run_dir = new_run_dir(cfg.RESULTS_DIR, script)
+    trained = log is not None
+    row = {"run_id": os.path.basename(run_dir), "script": script, "model_id": cfg.MODEL_ID,
+           "samples": len(task.train) if trained else 0, "tokens": layout.prompt_tokens,
+           "lr_schedule": ", ".join(f"{r:g}" for r in cfg.RATE_BY_EPOCH) if trained else "",
+           **metrics, "seed": cfg.SEED, "primer_path": cfg.PRIMER_PATH or ""}
+    write_atomic(os.path.join(run_dir, "config.json"), json.dumps({k.lower(): v for k, v in vars(cfg).items()}, indent=2))
+    write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(row, indent=2))
+    if primer is not None:
+        save_file({"primer": primer.detach().float().cpu().contiguous()}, os.path.join(run_dir, "primer.safetensors.tmp"),
+                  metadata={"model_id": cfg.MODEL_ID})
+        os.replace(os.path.join(run_dir, "primer.safetensors.tmp"), os.path.join(run_dir, "primer.safetensors"))
+    if log:
+        write_atomic(os.path.join(run_dir, "losses.csv"), pd.DataFrame(log).to_csv(index=False))
+    ledger = os.path.join(cfg.RESULTS_DIR, "results.csv")
+    rows = pd.read_csv(ledger) if os.path.exists(ledger) else pd.DataFrame()
+    write_atomic(ledger, pd.concat([rows, pd.DataFrame([row])], ignore_index=True).to_csv(index=False))
+    print(format_table([row]))
+    print(f"saved {run_dir} and a row of {ledger}")
+    return run_dir
+
+
+def score_text_prompt(cfg: SimpleNamespace, script: str, system: str, user: str) -> str:
+    """Score a hand-written prompt (system message, and user message around {review}) and record it."""
+    task = setup(cfg, with_train=False)
+    layout = make_layout(task, system, user)
+    return record(task, script, layout, score(task, layout, None))
