@@ -156,11 +156,9 @@ def load_split(cfg: SimpleNamespace, tokenizer, split: str) -> Split:
                             f"run ./prep.sh --model_id={cfg.MODEL_ID}")
     stale = {k: (meta[k], v) for k, v in want.items() if k != "model_id" and meta[k] != v}
     if stale:
-        flags = " ".join(f"--{k}={v[1]}" for k, v in stale.items() if k in ("max_review_tokens", "seed"))
-        if "limit" in stale:
-            flags += f" --{split}_limit={stale['limit'][1]}"
+        flags = "".join(f" --{split + '_' if k == 'limit' else ''}{k}={v}" for k, (_, v) in stale.items())
         raise cli.UserError(f"{path} was prepared with {', '.join(f'{k}={v[0]}' for k, v in stale.items())}: "
-                            f"run ./prep.sh{' ' + flags if flags else ''} (or match those values)")
+                            f"run ./prep.sh{flags} (or set those values back)")
     return Split(stored["tokens"], stored["offsets"], stored["labels"], meta)
 
 

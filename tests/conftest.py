@@ -12,6 +12,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub: everything they load is built here
+
 import cli  # noqa: E402
 
 # Llama 3's pre-tokenizer split, so that text pieces tokenize the same alone as inside the rendered template

@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+import harness
+import prompt_short
+
+
+@pytest.fixture(scope="module")
+def task(tiny, tmp_path_factory):
+    import cli
+    from conftest import overrides
+    return harness.setup(cli.configure(overrides(tiny, tmp_path_factory.mktemp("harness"))))
+
+
+def test_text_layout_is_the_chat_template_tokenized(task):
+    layout = harness.make_layout(task, prompt_short.SYSTEM, prompt_short.USER)
+    ids, lengths = harness.assemble(layout, task.test, torch.tensor([3]))
+    review = task.tokenizer.decode(task.test.tokens[task.test.offsets[3]:task.test.offsets[4]].tolist())
+    messages = [{"role": "system", "content": prompt_short.SYSTEM},
+                {"role": "user", "content": prompt_short.USER.replace("{review}", review)}]
+    text = task.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, date_string="26 Jul 2024")
+    assert ids[0].tolist() == task.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert lengths.tolist() == [ids.shape[1]]
+
+
+def test_primer_slot_is_the_system_message(task):
+    layout = harness.make_layout(task, None, primer_length=4)
+    decode = lambda t: task.tokenizer.decode(t.tolist())
+    assert decode(layout.prefix[:layout.slot.start]).endswith("system<|end_header_id|>\n\nToday Date: 26 Jul 2024\n\n")
+    assert decode(layout.prefix[layout.slot.stop:]) == "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+    assert decode(layout.suffix) == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert layout.slot.stop - layout.slot.start == layout.prompt_tokens == 4
+
+
+def test_assemble_right_pads_each_review_in_its_layout(task):
+    layout = harness.make_layout(task, None, primer_length=4)
+    idx = torch.tensor([5, 0, 9])
+    ids, lengths = harness.assemble(layout, task.test, idx)
+    for row, i in enumerate(idx):
+        review = task.test.tokens[task.test.offsets[i]:task.test.offsets[i + 1]].long()
+        expected = torch.cat([layout.prefix, review, layout.suffix])
+        assert lengths[row] == len(expected)
+        assert torch.equal(ids[row, :len(expected)], expected) and (ids[row, len(expected):] == 0).all()
+
+
+def test_logits_do_not_depend_on_batch_mates_or_padding(task):
+    layout = harness.make_layout(task, None, primer_length=4)
+    primer = harness.init_primer(task.model, 4, seed=1)
+    lengths = task.test.lengths
+    short, long_ = int(lengths.argmin()), int(lengths.argmax())
+    assert lengths[long_] > lengths[short] + 10  # so the short review gets real padding below
+
+    def logits(idx):
+        ids, n = harness.assemble(layout, task.test, torch.tensor(idx))
+        return harness.last_logits(task.model, ids, n, layout, primer)
+
+    alone = logits([short])[0]
+    for batch in ([short, long_], [long_, 7, short, 2], [short] * 3):
+        together = logits(batch)[batch.index(short)]
+        torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_score_matches_a_plain_full_forward(task):
+    """score() against the model's own forward pass over each unpadded sequence, full logits, one review at a time."""
+    layout = harness.make_layout(task, prompt_short.SYSTEM, prompt_short.USER)
+    metrics = harness.score(task, layout, None)
+    strict = restricted = answered = 0
+    for i in range(len(task.test)):
+        ids, _ = harness.assemble(layout, task.test, torch.tensor([i]))
+        logits = task.model(input_ids=ids).logits[0, -1]
+        label = int(task.test.labels[i])
+        strict += int(logits.argmax() == task.label_ids[label])
+        restricted += int(logits[task.label_ids].argmax() == label)
+        answered += int(logits.argmax() in task.label_ids.tolist())
+    assert (metrics["correct"], metrics["restricted_correct"]) == (strict, restricted)
+    assert metrics["label_answer_share"] == answered / len(task.test) and metrics["total"] == len(task.test)
+
+
+def test_primer_init_matches_embedding_statistics(task):
+    table = task.model.get_input_embeddings().weight
+    primer = harness.init_primer(task.model, 16, seed=0)
+    assert primer.dtype == torch.float32 and primer.shape == (16, table.shape[1])
+    assert torch.equal(primer, harness.init_primer(task.model, 16, seed=0))
+    row_norms = table.norm(dim=1)
+    assert all(torch.isclose(row_norms, n, rtol=1e-5).any() for n in primer.norm(dim=1))  # each norm is some row's
+
+
+def test_training_moves_only_the_primer_and_makes_the_model_answer_with_labels(task):
+    layout = harness.make_layout(task, None, primer_length=4)
+    primer = harness.init_primer(task.model, 4, task.cfg.SEED)
+    weights = {k: v.clone() for k, v in task.model.state_dict().items()}
+    before = harness.score(task, layout, primer)
+    log = harness.train(task, layout, primer)
+    after = harness.score(task, layout, primer)
+    assert before["label_answer_share"] < 0.1 and after["label_answer_share"] > 0.9
+    first, last = (sum(r["loss"] for r in log if r["epoch"] == e) for e in (1, 3))
+    assert last < 0.7 * first
+    assert all(torch.equal(v, weights[k]) for k, v in task.model.state_dict().items())
+    assert not any(p.requires_grad for p in task.model.parameters())
+    assert [r["lr"] for r in log][::10] == [0.1, 0.1, 0.1]  # 10 steps per epoch at the configured rates
