@@ -3,7 +3,7 @@ import ast
 import difflib
 import sys
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import config
 
@@ -48,9 +48,10 @@ def check_type(name: str, value: Any, default: Any) -> Any:
     raise UserError(f"--{name.lower()}={value!r} has the wrong type: expected {expected}, as in config.py's {name} = {default!r}")
 
 
-def configure(argv: list[str]) -> types.SimpleNamespace:
-    """config.py's constants with the --name=value overrides of argv applied."""
-    cfg = defaults()
+def configure(argv: list[str], extra: Optional[dict[str, Any]] = None) -> types.SimpleNamespace:
+    """config.py's constants, plus a script's own `extra` ones, with the --name=value overrides of argv applied."""
+    base = {**defaults(), **(extra or {})}
+    cfg = dict(base)
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise UserError(f"cannot read argument {arg!r}: write overrides as --name=value, e.g. --batch_size=8")
@@ -59,7 +60,7 @@ def configure(argv: list[str]) -> types.SimpleNamespace:
         if name not in cfg:
             close = difflib.get_close_matches(key.lower(), [k.lower() for k in cfg], n=1, cutoff=0.0)
             raise UserError(f"unknown config key --{key}: did you mean --{close[0]}? (keys are config.py's constants, in lowercase)")
-        cfg[name] = check_type(name, parse_value(text), getattr(config, name))
+        cfg[name] = check_type(name, parse_value(text), base[name])
     return types.SimpleNamespace(**cfg)
 
 
@@ -68,10 +69,10 @@ def print_config(cfg: types.SimpleNamespace) -> None:
     print("\n".join(f"{k.lower():<{width}} = {v!r}" for k, v in vars(cfg).items()), flush=True)
 
 
-def main(run: Callable[[types.SimpleNamespace], Any]) -> None:
+def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, Any]] = None) -> None:
     """Configure from sys.argv, print the config and call run(cfg); a UserError exits with one line."""
     try:
-        cfg = configure(sys.argv[1:])
+        cfg = configure(sys.argv[1:], extra)
         print_config(cfg)
         run(cfg)
     except UserError as e:

@@ -14,6 +14,7 @@ PRIMER_LENGTH = 4  # number of trained embedding vectors in the system-prompt sl
 BATCH_SIZE = 6  # training reviews per optimizer step (the reference used 6)
 SCORE_BATCH_SIZE = 32  # test reviews per forward pass when scoring (no gradients, so larger fits)
 RATE_BY_EPOCH = [1e-4, 1e-5, 1e-6, 5e-7, 1e-7]  # Adam learning rate of each epoch; its length is the number of epochs
+GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: less memory for long reviews, about 1/3 slower
 SEED = 0  # seeds the data sample, the primer's initial vectors and the batch order
 PRIMER_PATH = None  # path of a saved primer.safetensors: skip training and score that primer
 LABELS = ["1", "2"]  # answer strings for negative and positive reviews; each must be one token

@@ -75,7 +75,19 @@ def load_model(cfg: SimpleNamespace, device: torch.device) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
     dtype = resolve_dtype(cfg.DTYPE, device)
     model = cli.from_hub(AutoModelForCausalLM.from_pretrained, cfg.MODEL_ID, dtype=dtype, attn_implementation="sdpa")
-    return model.requires_grad_(False).eval().to(device)
+    return freeze(model.to(device), cfg.GRADIENT_CHECKPOINTING)
+
+
+def freeze(model: torch.nn.Module, checkpointing: bool) -> torch.nn.Module:
+    """The model in eval mode with no parameter requiring a gradient, optionally checkpointing its layers."""
+    model.requires_grad_(False).eval()
+    if checkpointing:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+        model.activation_checkpointing_enable()
+        for layer in model.modules():  # HF checkpoints only layers in training mode: flag those alone, dropout stays off
+            if isinstance(layer, GradientCheckpointingLayer):
+                layer.training = True
+    return model
 
 
 def setup(cfg: SimpleNamespace, with_train: bool = True) -> Task:
@@ -169,28 +181,34 @@ def length_grouped_batches(lengths: torch.Tensor, batch_size: int, seed: int) ->
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def train_step(task: Task, layout: Layout, primer: torch.Tensor, optimizer: torch.optim.Optimizer,
+               idx: torch.Tensor) -> torch.Tensor:
+    """One Adam step on the primer over training reviews idx; returns the batch's mean loss (a 0-dim tensor)."""
+    ids, lengths = assemble(layout, task.train, idx)
+    logits = last_logits(task.model, ids.to(task.device), lengths.to(task.device), layout, primer)
+    targets = task.label_ids[task.train.labels[idx].to(task.device)]
+    loss = F.cross_entropy(logits, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def train(task: Task, layout: Layout, primer: torch.Tensor) -> list[dict]:
     """Adam on the primer alone, one epoch per RATE_BY_EPOCH entry; returns the loss log, one row per step."""
-    cfg, split = task.cfg, task.train
+    cfg = task.cfg
     primer.requires_grad_(True)
     optimizer = torch.optim.Adam([primer], lr=cfg.RATE_BY_EPOCH[0])
-    targets = task.label_ids[split.labels.to(task.device)]
     log, step = [], 0
     for epoch, rate in enumerate(cfg.RATE_BY_EPOCH):
         for group in optimizer.param_groups:
             group["lr"] = rate
-        batches = length_grouped_batches(split.lengths, cfg.BATCH_SIZE, cfg.SEED + epoch)
+        batches = length_grouped_batches(task.train.lengths, cfg.BATCH_SIZE, cfg.SEED + epoch)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{len(cfg.RATE_BY_EPOCH)} lr {rate:g}", unit="batch")
         running, seen, start = None, 0, time.perf_counter()
         for idx in bar:
-            ids, lengths = assemble(layout, split, idx)
-            logits = last_logits(task.model, ids.to(task.device), lengths.to(task.device), layout, primer)
-            loss = F.cross_entropy(logits, targets[idx.to(task.device)])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            value = train_step(task, layout, primer, optimizer, idx).item()
             step, seen = step + 1, seen + len(idx)
-            value = loss.item()
             running = value if running is None else 0.98 * running + 0.02 * value
             log.append({"step": step, "epoch": epoch + 1, "lr": rate, "loss": value})
             bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
@@ -198,21 +216,24 @@ def train(task: Task, layout: Layout, primer: torch.Tensor) -> list[dict]:
 
 
 @torch.inference_mode()
+def score_batch(task: Task, layout: Layout, primer: Optional[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+    """Counts [strict correct, label-restricted correct, answered with a label token] over test reviews idx."""
+    ids, lengths = assemble(layout, task.test, idx)
+    logits = last_logits(task.model, ids.to(task.device), lengths.to(task.device), layout, primer)
+    truth, labels = task.test.labels[idx].to(task.device), task.label_ids
+    answer = logits.argmax(-1)
+    return torch.stack([(answer == labels[truth]).sum(), (logits[:, labels].argmax(-1) == truth).sum(),
+                        torch.isin(answer, labels).sum()])
+
+
 def score(task: Task, layout: Layout, primer: Optional[torch.Tensor]) -> dict:
     """Strict score (label token is the argmax over the whole vocabulary, the reference's metric), the
     label-restricted score (argmax over the two label tokens) and how often the answer is a label token at all."""
-    split, labels = task.test, task.label_ids
-    order = split.lengths.argsort(descending=True)  # longest first, so a batch too big for memory fails at once
-    strict = restricted = answered = 0
-    for idx in tqdm(order.split(task.cfg.SCORE_BATCH_SIZE), desc="score", unit="batch"):
-        ids, lengths = assemble(layout, split, idx)
-        logits = last_logits(task.model, ids.to(task.device), lengths.to(task.device), layout, primer)
-        truth = split.labels[idx].to(task.device)
-        answer = logits.argmax(-1)
-        strict += int((answer == labels[truth]).sum())
-        restricted += int((logits[:, labels].argmax(-1) == truth).sum())
-        answered += int(torch.isin(answer, labels).sum())
-    total = len(split)
+    order = task.test.lengths.argsort(descending=True)  # longest first, so a batch too big for memory fails at once
+    counts = sum(score_batch(task, layout, primer, idx)
+                 for idx in tqdm(order.split(task.cfg.SCORE_BATCH_SIZE), desc="score", unit="batch"))
+    strict, restricted, answered = counts.tolist()
+    total = len(task.test)
     return {"correct": strict, "total": total, "score": strict / total, "restricted_correct": restricted,
             "restricted_score": restricted / total, "label_answer_share": answered / total}
 

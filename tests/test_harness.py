@@ -98,3 +98,30 @@ def test_training_moves_only_the_primer_and_makes_the_model_answer_with_labels(t
     assert all(torch.equal(v, weights[k]) for k, v in task.model.state_dict().items())
     assert not any(p.requires_grad for p in task.model.parameters())
     assert [r["lr"] for r in log][::10] == [0.1, 0.1, 0.1]  # 10 steps per epoch at the configured rates
+
+
+def test_gradient_checkpointing_changes_memory_not_results(task):
+    """The same loss and primer gradient with and without checkpointing the layers."""
+    layout = harness.make_layout(task, None, primer_length=4)
+    ids, lengths = harness.assemble(layout, task.train, torch.arange(6))
+    targets = task.label_ids[task.train.labels[:6]]
+
+    def loss_and_grad():
+        primer = harness.init_primer(task.model, 4, seed=0).requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(harness.last_logits(task.model, ids, lengths, layout, primer), targets)
+        loss.backward()
+        return loss.detach(), primer.grad
+
+    plain = loss_and_grad()
+    harness.freeze(task.model, checkpointing=True)
+    try:
+        checkpointed = loss_and_grad()
+        calls = []
+        hook = task.model.base_model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+        loss_and_grad()
+        hook.remove()
+    finally:
+        task.model.activation_checkpointing_disable()
+        task.model.eval()
+    assert len(calls) == 2  # the first layer's MLP ran again in the backward pass: checkpointing really was on
+    torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,223 @@
+"""Throughput and model-FLOP utilization of the real training step and scoring code, against a straightforward loop.
+
+    python bench.py                                                   # MODEL_ID's weights, DATA_DIR's split if prepared
+    python bench.py --random_init=True                                # MODEL_ID's architecture (configs/), random weights
+    python bench.py --random_init=True --model_id=configs/llama-small-cpu --device=cpu
+
+FLOPs counted per sample of T real tokens (padding is never counted):
+  forward   = 2 * N * T + 2 * d * V * H + 2 * n_layers * d_attn * T^2
+              N: parameters outside the embedding table and LM head; H: positions where the LM head runs (1 for us,
+              T for the straightforward loop); the last term is QK^T and AV over the causal half of the score matrix.
+  training  = forward + backward to the inputs only: 2 * N * T + 2 * d * V * H again (no weight gradients) and twice
+              the forward attention (dQ, dK, dV and dP).
+Utilization divides achieved FLOP/s by the dense matmul throughput in DTYPE that this run measures on the same device.
+"""
+import os
+import resource
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import cli
+import data
+import harness
+
+BENCH = {
+    "RANDOM_INIT": False,  # build MODEL_ID's architecture (configs/<name>/ or a folder's config.json) with random weights
+    "STEPS": 10,  # timed batches per measurement
+    "WARMUP": 2,  # untimed batches first (allocator, kernels)
+    "BASELINE": True,  # also time the straightforward loop on the same batches
+    "REF_TRAIN": 58000 * 5,  # training samples of the reference run (58,000 reviews x 5 epochs), for the projection
+    "REF_TEST": 38000,  # test reviews of the reference run
+}
+SYNTHETIC_REVIEWS = 20000  # synthetic split size when no prepared split is used
+YELP_MEDIAN_TOKENS, YELP_SIGMA = 110, 0.85  # log-normal fit of Yelp polarity review lengths: median 110, tail past 1,000
+LLAMA3_TEMPLATE = (26, 5, 5)  # Llama 3 template tokens before the system content, between it and the review, after
+
+
+def synthetic_split(n: int, vocab: int, max_tokens: int, seed: int) -> data.Split:
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(YELP_MEDIAN_TOKENS), YELP_SIGMA, n).astype(int), 1, max_tokens)
+    offsets = torch.from_numpy(np.concatenate([[0], lengths.cumsum()]))
+    tokens = torch.from_numpy(rng.integers(0, vocab, int(lengths.sum()), dtype=np.int32))
+    return data.Split(tokens, offsets, torch.from_numpy(rng.integers(0, 2, n)), {"source": "synthetic"})
+
+
+def synthetic_layout(vocab: int, primer_length: int) -> harness.Layout:
+    before, middle, after = LLAMA3_TEMPLATE
+    prefix = torch.randint(vocab, (before + primer_length + middle,))
+    return harness.Layout(prefix, torch.randint(vocab, (after,)), slice(before, before + primer_length), primer_length)
+
+
+def random_model(cfg, device: torch.device) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    folder = cfg.MODEL_ID if os.path.isdir(cfg.MODEL_ID) else os.path.join("configs", os.path.basename(cfg.MODEL_ID))
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise cli.UserError(f"no architecture config for {cfg.MODEL_ID} in {folder}/config.json: add one, or set --model_id to a folder with one")
+    with device:
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=harness.resolve_dtype(cfg.DTYPE, device),
+                                                 attn_implementation="sdpa")
+    return harness.freeze(model, cfg.GRADIENT_CHECKPOINTING)
+
+
+def bench_task(cfg) -> tuple[harness.Task, harness.Layout]:
+    """The task to time: MODEL_ID (or its random twin) on the prepared train split, or on synthetic reviews."""
+    device = harness.resolve_device(cfg.DEVICE)
+    if cfg.RANDOM_INIT:
+        model, tokenizer = random_model(cfg, device), None
+    else:
+        tokenizer, model = data.load_tokenizer(cfg.MODEL_ID), harness.load_model(cfg, device)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    prepared = tokenizer is not None and os.path.exists(data.split_path(cfg, "train"))
+    split = data.load_split(cfg, tokenizer, "train") if prepared else synthetic_split(SYNTHETIC_REVIEWS, vocab, cfg.MAX_REVIEW_TOKENS, cfg.SEED)
+    labels = harness.label_token_ids(tokenizer, cfg.LABELS) if tokenizer else [vocab - 2, vocab - 1]
+    task = harness.Task(cfg, tokenizer, model, device, torch.tensor(labels, device=device), split, split)
+    layout = harness.make_layout(task, None, primer_length=cfg.PRIMER_LENGTH) if tokenizer else synthetic_layout(vocab, cfg.PRIMER_LENGTH)
+    print(f"model {cfg.MODEL_ID}{' (random weights)' if cfg.RANDOM_INIT else ''} on {device_name(device)}, "
+          f"{'reviews of ' + split.meta['source'] if prepared else 'synthetic Yelp-length reviews'}", flush=True)
+    return task, layout
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Dense matmul throughput of this device in dtype, TFLOP/s: the utilization's denominator."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(10):  # the best of several: the device's capability, not its worst moment
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync(device)
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * n ** 3 / best / 1e12
+
+
+def model_shape(model: torch.nn.Module) -> dict:
+    conf = model.config
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())  # a tied head is counted once here
+    body = total - embed.numel() - (0 if head is embed else head.numel())
+    head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads
+    return {"N": body, "d": conf.hidden_size, "V": embed.shape[0], "layers": conf.num_hidden_layers,
+            "d_attn": conf.num_attention_heads * head_dim}
+
+
+def batch_flops(shape: dict, real: torch.Tensor, head_at_every_token: bool, training: bool) -> float:
+    """Useful FLOPs of one batch whose rows hold `real` tokens each (see the module docstring)."""
+    real = real.double()
+    head_positions = real if head_at_every_token else torch.ones_like(real)
+    dense = 2 * shape["N"] * real + 2 * shape["d"] * shape["V"] * head_positions
+    attention = 2 * shape["layers"] * shape["d_attn"] * real ** 2
+    return float((dense * (2 if training else 1) + attention * (3 if training else 1)).sum())
+
+
+def peak_memory_gb(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 1e9:.1f} GB"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB RSS"
+
+
+def measure(name: str, step, batches: list[torch.Tensor], lengths_of, padded_of, flops_of, task, peak: float) -> dict:
+    """Run step(idx) over warm-up then timed batches; throughput, padding share, memory and utilization."""
+    device, warmup = task.device, task.cfg.WARMUP
+    for idx in batches[:warmup]:
+        step(idx)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed = batches[warmup:]
+    start = time.perf_counter()
+    for idx in timed:
+        step(idx)
+    sync(device)
+    seconds = time.perf_counter() - start
+    samples = sum(len(idx) for idx in timed)
+    real = sum(int(lengths_of(idx).sum()) for idx in timed)
+    padded = sum(padded_of(idx) for idx in timed)
+    tflops = sum(flops_of(idx) for idx in timed) / seconds / 1e12
+    return {"run": name, "samples/s": samples / seconds, "tokens/s": real / seconds, "padding": 1 - real / padded,
+            "peak memory": peak_memory_gb(device), "TFLOP/s": tflops, "MFU": tflops / peak}
+
+
+def naive_logits(task: harness.Task, layout: harness.Layout, primer: torch.Tensor, idx: torch.Tensor, pad_to: int) -> torch.Tensor:
+    """The straightforward loop: each review embedded and concatenated in Python, every row padded to the longest
+    review of the split, logits over the whole vocabulary at every position."""
+    embed, split, device = task.model.get_input_embeddings(), task.train, task.device
+    rows, lengths = [], []
+    for i in idx.tolist():
+        review = split.tokens[split.offsets[i]:split.offsets[i + 1]].long()
+        ids = [layout.prefix[:layout.slot.start], layout.prefix[layout.slot.stop:], review, layout.suffix]
+        before, middle, text, after = (embed(t.to(device)) for t in ids)
+        row = torch.cat([before, primer.to(before.dtype), middle, text, after])
+        lengths.append(len(row))
+        rows.append(F.pad(row, (0, 0, 0, pad_to - len(row))))
+    lengths = torch.tensor(lengths, device=device)
+    mask = (torch.arange(pad_to, device=device) < lengths[:, None]).long()
+    logits = task.model(inputs_embeds=torch.stack(rows), attention_mask=mask).logits
+    return logits[torch.arange(len(idx), device=device), lengths - 1].float()
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| Run | Samples/s | Real tokens/s | Padding | Peak memory | TFLOP/s | MFU |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['run']} | {r['samples/s']:,.1f} | {r['tokens/s']:,.0f} | {100 * r['padding']:.0f}% | {r['peak memory']} "
+              f"| {r['TFLOP/s']:.3g} | {100 * r['MFU']:.1f}% |")
+
+
+def run(cfg) -> None:
+    task, layout = bench_task(cfg)
+    split, device, n = task.train, task.device, cfg.WARMUP + cfg.STEPS
+    peak = matmul_tflops(device, harness.resolve_dtype(cfg.DTYPE, device))
+    print(f"dense {harness.resolve_dtype(cfg.DTYPE, device)} matmul: {peak:.3g} TFLOP/s on {device_name(device)}")
+    shape, fixed = model_shape(task.model), len(layout.prefix) + len(layout.suffix)
+    primer = harness.init_primer(task.model, cfg.PRIMER_LENGTH, cfg.SEED).requires_grad_(True)
+    optimizer = torch.optim.Adam([primer], lr=cfg.RATE_BY_EPOCH[0])
+    train_batches = harness.length_grouped_batches(split.lengths, cfg.BATCH_SIZE, cfg.SEED)[:n]
+    sample = torch.from_numpy(np.random.default_rng(cfg.SEED).permutation(len(split))[:n * cfg.SCORE_BATCH_SIZE])
+    score_batches = list(sample[split.lengths[sample].argsort(descending=True)].split(cfg.SCORE_BATCH_SIZE))
+    real = lambda idx: split.lengths[idx] + fixed
+    grouped = lambda idx: len(idx) * int(real(idx).max())
+    longest = int(split.lengths.max()) + fixed
+    to_longest = lambda idx: len(idx) * longest
+
+    def naive_train(idx):
+        loss = F.cross_entropy(naive_logits(task, layout, primer, idx, longest), task.label_ids[split.labels[idx].to(device)])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    rows = [measure("train", lambda idx: harness.train_step(task, layout, primer, optimizer, idx), train_batches, real,
+                    grouped, lambda idx: batch_flops(shape, real(idx), False, True), task, peak)]
+    if cfg.BASELINE:
+        rows.append(measure("train, straightforward loop", naive_train, train_batches, real, to_longest,
+                            lambda idx: batch_flops(shape, real(idx), True, True), task, peak))
+    rows.append(measure("score", lambda idx: harness.score_batch(task, layout, primer.detach(), idx), score_batches, real,
+                        grouped, lambda idx: batch_flops(shape, real(idx), False, False), task, peak))
+    if cfg.BASELINE:
+        with torch.inference_mode():
+            rows.append(measure("score, straightforward loop", lambda idx: naive_logits(task, layout, primer.detach(), idx, longest),
+                                score_batches, real, to_longest, lambda idx: batch_flops(shape, real(idx), True, False), task, peak))
+    print_table(rows)
+    by_name = {r["run"]: r for r in rows}
+    if cfg.BASELINE:
+        for what in ("train", "score"):
+            print(f"{what}: {by_name[what]['samples/s'] / by_name[what + ', straightforward loop']['samples/s']:.1f}x the straightforward loop")
+    minutes = (cfg.REF_TRAIN / by_name["train"]["samples/s"] + cfg.REF_TEST / by_name["score"]["samples/s"]) / 60
+    print(f"reference run ({cfg.REF_TRAIN:,} training samples, {cfg.REF_TEST:,} test reviews) projected: "
+          f"{minutes:,.1f} minutes on {device_name(device)} at batch size {cfg.BATCH_SIZE} / {cfg.SCORE_BATCH_SIZE}")
+
+
+if __name__ == "__main__":
+    cli.main(run, BENCH)

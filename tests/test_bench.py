@@ -1,0 +1,17 @@
+import re
+
+from conftest import run_script
+
+
+def test_bench_runs_the_real_code_and_prints_its_figures(tiny):
+    result = run_script("bench.py", "--random_init=True", f"--model_id={tiny.model_dir}", "--device=cpu",
+                        "--steps=2", "--warmup=1", "--batch_size=4", "--score_batch_size=8", "--max_review_tokens=64")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "random weights" in out and "synthetic Yelp-length reviews" in out
+    assert re.search(r"dense torch.float32 matmul: [\d.e+-]+ TFLOP/s", out)
+    for run in ("train", "train, straightforward loop", "score", "score, straightforward loop"):
+        assert re.search(rf"^\| {re.escape(run)} \| [\d,.]+ \| [\d,]+ \| \d+% \| [\d.]+ GB RSS \| [\d.e+-]+ \| [\d.]+% \|$", out, re.M), run
+    assert re.search(r"^train: [\d.]+x the straightforward loop$", out, re.M)
+    assert re.search(r"^score: [\d.]+x the straightforward loop$", out, re.M)
+    assert "reference run (290,000 training samples, 38,000 test reviews) projected" in out
