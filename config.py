@@ -16,5 +16,7 @@ SCORE_BATCH_SIZE = 32  # test reviews per forward pass when scoring (no gradient
 RATE_BY_EPOCH = [1e-4, 1e-5, 1e-6, 5e-7, 1e-7]  # Adam learning rate of each epoch; its length is the number of epochs
 GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: less memory for long reviews, about 1/3 slower
 SEED = 0  # seeds the data sample, the primer's initial vectors and the batch order
+CHECKPOINT_EVERY = 500  # training steps between checkpoints in the run folder (one is also saved at each epoch end)
+RESUME = None  # a run folder (results/<run id>) to continue from its last checkpoint, with that run's config
 PRIMER_PATH = None  # path of a saved primer.safetensors: skip training and score that primer
 LABELS = ["1", "2"]  # answer strings for negative and positive reviews; each must be one token

@@ -2,20 +2,24 @@
 
     python experiment.py [--name=value ...]        # e.g. --primer_length=16 --train_limit=5600 --test_limit=2400
     python experiment.py --primer_path=results/<run id>/primer.safetensors   # score a saved primer, no training
+    python experiment.py --resume=results/<run id>                            # continue an interrupted run
 """
 import cli
 import harness
 
 
 def run(cfg) -> None:
+    if cfg.RESUME:
+        cfg = harness.resumed_config(cfg.RESUME)
     task = harness.setup(cfg, with_train=cfg.PRIMER_PATH is None)
     if cfg.PRIMER_PATH:
         primer = harness.load_primer(cfg.PRIMER_PATH, task.model)
     else:
         primer = harness.init_primer(task.model, cfg.PRIMER_LENGTH, cfg.SEED)
     layout = harness.make_layout(task, None, primer_length=len(primer))
-    log = None if cfg.PRIMER_PATH else harness.train(task, layout, primer)
-    harness.record(task, "experiment", layout, harness.score(task, layout, primer), primer, log)
+    run_dir = cfg.RESUME or harness.start_run(cfg, "experiment")
+    log = None if cfg.PRIMER_PATH else harness.train(task, layout, primer, run_dir)
+    harness.record(task, "experiment", layout, harness.score(task, layout, primer), primer, log, run_dir)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The shared harness: a frozen chat model, inputs built from its chat template, primer training and scoring, results."""
 import json
 import os
+import signal
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +21,10 @@ import data
 PRIMER_SLOT = "\x00PRIMER\x00"  # stands for the primer while the chat template is rendered
 REVIEW_SLOT = "\x00REVIEW\x00"  # stands for the review likewise
 CHUNK_BATCHES = 64  # length grouping sorts reviews within chunks of this many batches
+
+
+class NonFiniteLoss(Exception):
+    """The loss of a training batch was NaN or infinite; the primer was left as it was before that batch."""
 
 
 @dataclass
@@ -183,35 +188,84 @@ def length_grouped_batches(lengths: torch.Tensor, batch_size: int, seed: int) ->
 
 def train_step(task: Task, layout: Layout, primer: torch.Tensor, optimizer: torch.optim.Optimizer,
                idx: torch.Tensor) -> torch.Tensor:
-    """One Adam step on the primer over training reviews idx; returns the batch's mean loss (a 0-dim tensor)."""
+    """One Adam step on the primer over training reviews idx; returns the batch's mean loss (a 0-dim tensor).
+    A non-finite loss raises NonFiniteLoss before anything is updated."""
     ids, lengths = assemble(layout, task.train, idx)
     logits = last_logits(task.model, ids.to(task.device), lengths.to(task.device), layout, primer)
     targets = task.label_ids[task.train.labels[idx].to(task.device)]
     loss = F.cross_entropy(logits, targets)
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"loss {loss.item()}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach()
 
 
-def train(task: Task, layout: Layout, primer: torch.Tensor) -> list[dict]:
-    """Adam on the primer alone, one epoch per RATE_BY_EPOCH entry; returns the loss log, one row per step."""
-    cfg = task.cfg
+def save_checkpoint(run_dir: str, primer: torch.Tensor, optimizer: torch.optim.Optimizer, epoch: int, batch: int,
+                    log: list[dict]) -> None:
+    """Atomically write where training stands: the next batch to run is `batch` of epoch `epoch` (0-based)."""
+    state = {"primer": primer.detach().cpu(), "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch,
+             "log": log, "torch_rng": torch.get_rng_state()}
+    path = os.path.join(run_dir, "checkpoint.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(run_dir: str, primer: torch.Tensor, optimizer: torch.optim.Optimizer) -> tuple[int, int, list[dict]]:
+    """Restore primer, optimizer and RNG from run_dir's checkpoint if there is one; (epoch, batch, log) to go on from."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.exists(path):
+        return 0, 0, []
+    state = torch.load(path, weights_only=True)
+    with torch.no_grad():
+        primer.copy_(state["primer"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    print(f"resuming {run_dir} at epoch {state['epoch'] + 1}, batch {state['batch']}", flush=True)
+    return state["epoch"], state["batch"], state["log"]
+
+
+def train(task: Task, layout: Layout, primer: torch.Tensor, run_dir: str) -> list[dict]:
+    """Adam on the primer alone, one epoch per RATE_BY_EPOCH entry, checkpointed in run_dir (and resumed from it);
+    returns the loss log, one row per step. Ctrl-C saves a checkpoint and stops with the command that resumes."""
+    cfg, rates = task.cfg, task.cfg.RATE_BY_EPOCH
     primer.requires_grad_(True)
-    optimizer = torch.optim.Adam([primer], lr=cfg.RATE_BY_EPOCH[0])
-    log, step = [], 0
-    for epoch, rate in enumerate(cfg.RATE_BY_EPOCH):
-        for group in optimizer.param_groups:
-            group["lr"] = rate
-        batches = length_grouped_batches(task.train.lengths, cfg.BATCH_SIZE, cfg.SEED + epoch)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{len(cfg.RATE_BY_EPOCH)} lr {rate:g}", unit="batch")
-        running, seen, start = None, 0, time.perf_counter()
-        for idx in bar:
-            value = train_step(task, layout, primer, optimizer, idx).item()
-            step, seen = step + 1, seen + len(idx)
-            running = value if running is None else 0.98 * running + 0.02 * value
-            log.append({"step": step, "epoch": epoch + 1, "lr": rate, "loss": value})
-            bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
+    optimizer = torch.optim.Adam([primer], lr=rates[0])
+    start_epoch, start_batch, log = load_checkpoint(run_dir, primer, optimizer)
+    last_good = primer.detach().clone()  # the last primer whose loss was finite
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))  # stop between steps, never inside one
+    try:
+        for epoch in range(start_epoch, len(rates)):
+            for group in optimizer.param_groups:
+                group["lr"] = rates[epoch]
+            batches = length_grouped_batches(task.train.lengths, cfg.BATCH_SIZE, cfg.SEED + epoch)
+            first = start_batch if epoch == start_epoch else 0
+            bar = tqdm(batches[first:], desc=f"epoch {epoch + 1}/{len(rates)} lr {rates[epoch]:g}", unit="batch",
+                       initial=first, total=len(batches))
+            running, seen, start = None, 0, time.perf_counter()
+            for b, idx in enumerate(batches[first:], start=first):
+                before = primer.detach().clone()
+                try:
+                    value = train_step(task, layout, primer, optimizer, idx).item()
+                except NonFiniteLoss as e:
+                    with torch.no_grad():
+                        primer.copy_(last_good)
+                    save_checkpoint(run_dir, primer, optimizer, epoch, b, log)
+                    print(f"training stopped at epoch {epoch + 1}, batch {b}: {e}; keeping the last good primer", flush=True)
+                    return log
+                last_good, seen = before, seen + len(idx)
+                running = value if running is None else 0.98 * running + 0.02 * value
+                log.append({"step": len(log) + 1, "epoch": epoch + 1, "lr": rates[epoch], "loss": value})
+                bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
+                if interrupted or (b + 1) % cfg.CHECKPOINT_EVERY == 0:
+                    save_checkpoint(run_dir, primer, optimizer, epoch, b + 1, log)
+                if interrupted:
+                    raise cli.UserError(f"interrupted; checkpoint saved: resume with python experiment.py --resume={run_dir}")
+            save_checkpoint(run_dir, primer, optimizer, epoch + 1, 0, log)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return log
 
 
@@ -244,14 +298,28 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def new_run_dir(results_dir: str, kind: str) -> str:
-    base = os.path.join(results_dir, f"{datetime.now():%Y%m%d-%H%M%S}-{kind}")
+def start_run(cfg: SimpleNamespace, kind: str) -> str:
+    """A new run folder, results/<time>-<kind>, holding the run's effective config."""
+    base = os.path.join(cfg.RESULTS_DIR, f"{datetime.now():%Y%m%d-%H%M%S}-{kind}")
     path, n = base, 1
     while os.path.exists(path):
         n += 1
         path = f"{base}-{n}"
     os.makedirs(path)
+    write_atomic(os.path.join(path, "config.json"), json.dumps({k.lower(): v for k, v in vars(cfg).items()}, indent=2))
     return path
+
+
+def resumed_config(run_dir: str) -> SimpleNamespace:
+    """The config a run folder was started with, to resume it."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise cli.UserError(f"--resume={run_dir} is not a run folder (no config.json): give results/<run id>")
+    with open(path) as f:
+        saved = json.load(f)
+    cfg = cli.configure([f"--{k}={v!r}" for k, v in saved.items() if k != "resume"])
+    cfg.RESUME = run_dir
+    return cfg
 
 
 def format_table(rows: list[dict]) -> str:
@@ -266,16 +334,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 def record(task: Task, script: str, layout: Layout, metrics: dict, primer: Optional[torch.Tensor] = None,
-           log: Optional[list[dict]] = None) -> str:
-    """Write the run folder (config, metrics, primer, loss log), append the results.csv ledger, print the table row."""
+           log: Optional[list[dict]] = None, run_dir: Optional[str] = None) -> str:
+    """Write the run folder (metrics, primer, loss log), append the results.csv ledger, print the table row."""
     cfg = task.cfg
-    run_dir = new_run_dir(cfg.RESULTS_DIR, script)
+    run_dir = run_dir or start_run(cfg, script)
     trained = log is not None
     row = {"run_id": os.path.basename(run_dir), "script": script, "model_id": cfg.MODEL_ID,
            "samples": len(task.train) if trained else 0, "tokens": layout.prompt_tokens,
            "lr_schedule": ", ".join(f"{r:g}" for r in cfg.RATE_BY_EPOCH) if trained else "",
            **metrics, "seed": cfg.SEED, "primer_path": cfg.PRIMER_PATH or ""}
-    write_atomic(os.path.join(run_dir, "config.json"), json.dumps({k.lower(): v for k, v in vars(cfg).items()}, indent=2))
     write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(row, indent=2))
     if primer is not None:
         save_file({"primer": primer.detach().float().cpu().contiguous()}, os.path.join(run_dir, "primer.safetensors.tmp"),

@@ -85,12 +85,12 @@ def test_primer_init_matches_embedding_statistics(task):
     assert all(torch.isclose(row_norms, n, rtol=1e-5).any() for n in primer.norm(dim=1))  # each norm is some row's
 
 
-def test_training_moves_only_the_primer_and_makes_the_model_answer_with_labels(task):
+def test_training_moves_only_the_primer_and_makes_the_model_answer_with_labels(task, tmp_path):
     layout = harness.make_layout(task, None, primer_length=4)
     primer = harness.init_primer(task.model, 4, task.cfg.SEED)
     weights = {k: v.clone() for k, v in task.model.state_dict().items()}
     before = harness.score(task, layout, primer)
-    log = harness.train(task, layout, primer)
+    log = harness.train(task, layout, primer, str(tmp_path))
     after = harness.score(task, layout, primer)
     assert before["label_answer_share"] < 0.1 and after["label_answer_share"] > 0.9
     first, last = (sum(r["loss"] for r in log if r["epoch"] == e) for e in (1, 3))
@@ -125,3 +125,18 @@ def test_gradient_checkpointing_changes_memory_not_results(task):
         task.model.eval()
     assert len(calls) == 2  # the first layer's MLP ran again in the backward pass: checkpointing really was on
     torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_primer(tiny, tmp_path, capsys):
+    import cli
+    from conftest import overrides
+    # float16 activations overflow once one Adam step of this size has moved the primer
+    cfg = cli.configure(overrides(tiny, tmp_path) + ["--dtype=float16", "--rate_by_epoch=[1e5]"])
+    task = harness.setup(cfg)
+    layout = harness.make_layout(task, None, primer_length=4)
+    primer = harness.init_primer(task.model, 4, seed=0)
+    start = primer.clone()
+    log = harness.train(task, layout, primer, str(tmp_path))
+    assert len(log) == 1 and torch.isfinite(torch.tensor(log[0]["loss"]))
+    assert torch.equal(primer, start)  # the only primer whose loss was finite
+    assert "training stopped at epoch 1, batch 1: loss nan; keeping the last good primer" in capsys.readouterr().out
