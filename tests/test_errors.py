@@ -1,0 +1,50 @@
+"""Mistakes a user can make end with one line that says what to do."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import cli
+import data
+import harness
+from conftest import overrides, run_script
+
+
+def test_missing_csvs_without_network_say_where_to_put_them(tiny, tmp_path):
+    result = run_script("prep.sh", *overrides(tiny, tmp_path), f"--csv_dir={tmp_path}/nowhere")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: no CSVs in {tmp_path}/nowhere and fetching")
+    assert "put the Yelp polarity train.csv and test.csv in" in result.stderr
+
+
+def test_unloadable_model_id_is_one_line(tmp_path):
+    with pytest.raises(cli.UserError, match="check --model_id"):
+        data.load_tokenizer(str(tmp_path / "no-such-model"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_gpu():
+    with pytest.raises(cli.UserError, match="torch sees no CUDA GPU"):
+        harness.resolve_device("cuda")
+
+
+def test_labels_must_be_single_distinct_tokens(tiny):
+    tokenizer = data.load_tokenizer(tiny.model_dir)
+    with pytest.raises(cli.UserError, match="not one: set --labels"):
+        harness.label_token_ids(tokenizer, ["negativity", "2"])
+    with pytest.raises(cli.UserError, match="same token"):
+        harness.label_token_ids(tokenizer, ["1", "1"])
+
+
+def test_primer_of_the_wrong_width_is_refused(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny.model_dir)
+    save_file({"primer": torch.zeros(4, 32)}, str(tmp_path / "primer.safetensors"))
+    with pytest.raises(cli.UserError, match=r"shape \(4, 32\), but this model's embeddings are 64 wide"):
+        harness.load_primer(str(tmp_path / "primer.safetensors"), model)
+    with pytest.raises(cli.UserError, match="does not exist"):
+        harness.load_primer(str(tmp_path / "missing.safetensors"), model)
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(cli.UserError, match="is not a run folder"):
+        harness.resumed_config(str(tmp_path))
