@@ -69,10 +69,17 @@ def print_config(cfg: types.SimpleNamespace) -> None:
     print("\n".join(f"{k.lower():<{width}} = {v!r}" for k, v in vars(cfg).items()), flush=True)
 
 
-def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, Any]] = None) -> None:
-    """Configure from sys.argv, print the config and call run(cfg); a UserError exits with one line."""
+def as_args(values: dict[str, Any]) -> list[str]:
+    """Config values as the --name=value overrides that set them."""
+    return [f"--{k.lower()}={v!r}" for k, v in values.items()]
+
+
+def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, Any]] = None,
+         parse: Optional[Callable[[list[str]], types.SimpleNamespace]] = None) -> None:
+    """Configure from sys.argv (with `parse` when the script reads more than overrides), print the config and call
+    run(cfg); a UserError exits with one line."""
     try:
-        cfg = configure(sys.argv[1:], extra)
+        cfg = parse(sys.argv[1:]) if parse else configure(sys.argv[1:], extra)
         print_config(cfg)
         run(cfg)
     except UserError as e:

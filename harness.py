@@ -17,10 +17,15 @@ from tqdm import tqdm
 
 import cli
 import data
+import plots
 
 PRIMER_SLOT = "\x00PRIMER\x00"  # stands for the primer while the chat template is rendered
 REVIEW_SLOT = "\x00REVIEW\x00"  # stands for the review likewise
 CHUNK_BATCHES = 64  # length grouping sorts reviews within chunks of this many batches
+
+
+class Interrupted(cli.UserError):
+    """Ctrl-C stopped training after a checkpoint was saved."""
 
 
 class NonFiniteLoss(Exception):
@@ -262,7 +267,7 @@ def train(task: Task, layout: Layout, primer: torch.Tensor, run_dir: str) -> lis
                 if interrupted or (b + 1) % cfg.CHECKPOINT_EVERY == 0:
                     save_checkpoint(run_dir, primer, optimizer, epoch, b + 1, log)
                 if interrupted:
-                    raise cli.UserError(f"interrupted; checkpoint saved: resume with python experiment.py --resume={run_dir}")
+                    raise Interrupted(f"interrupted; checkpoint saved: resume with python experiment.py --resume={run_dir}")
             save_checkpoint(run_dir, primer, optimizer, epoch + 1, 0, log)
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -317,7 +322,7 @@ def resumed_config(run_dir: str) -> SimpleNamespace:
         raise cli.UserError(f"--resume={run_dir} is not a run folder (no config.json): give results/<run id>")
     with open(path) as f:
         saved = json.load(f)
-    cfg = cli.configure([f"--{k}={v!r}" for k, v in saved.items() if k != "resume"])
+    cfg = cli.configure(cli.as_args({k: v for k, v in saved.items() if k != "resume"}))
     cfg.RESUME = run_dir
     return cfg
 
@@ -350,6 +355,7 @@ def record(task: Task, script: str, layout: Layout, metrics: dict, primer: Optio
         os.replace(os.path.join(run_dir, "primer.safetensors.tmp"), os.path.join(run_dir, "primer.safetensors"))
     if log:
         write_atomic(os.path.join(run_dir, "losses.csv"), pd.DataFrame(log).to_csv(index=False))
+        plots.loss_curve(run_dir)
     ledger = os.path.join(cfg.RESULTS_DIR, "results.csv")
     rows = pd.read_csv(ledger) if os.path.exists(ledger) else pd.DataFrame()
     write_atomic(ledger, pd.concat([rows, pd.DataFrame([row])], ignore_index=True).to_csv(index=False))

@@ -18,7 +18,7 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
     results = tmp_path / "results"
     (run_id,) = [d for d in os.listdir(results) if d.endswith("experiment")]
     run = results / run_id
-    assert sorted(os.listdir(run)) == ["checkpoint.pt", "config.json", "losses.csv", "metrics.json", "primer.safetensors"]
+    assert sorted(os.listdir(run)) == ["checkpoint.pt", "config.json", "loss.png", "losses.csv", "metrics.json", "primer.safetensors"]
     config = json.loads((run / "config.json").read_text())
     assert config["batch_size"] == 10 and config["model_id"] == tiny.model_dir
     metrics = json.loads((run / "metrics.json").read_text())

@@ -1,0 +1,72 @@
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import cli
+import harness
+import inspect_primer
+import sweep
+from conftest import run_script
+
+WORDS = [" great", " awful", " food"]  # one token each in the tiny vocabulary
+SCALES = [3.0, 1.0, 0.5]  # cosine ignores a vector's length; the norm column shows it
+
+
+@pytest.fixture
+def known_primer_run(cfg):
+    """A recorded run whose primer is (scaled) embedding rows of WORDS, so its nearest tokens are known exactly."""
+    task = harness.setup(cfg, with_train=False)
+    ids = [task.tokenizer(w, add_special_tokens=False)["input_ids"] for w in WORDS]
+    assert all(len(i) == 1 for i in ids)
+    table = task.model.get_input_embeddings().weight.detach()
+    primer = torch.stack([s * table[i[0]] for s, i in zip(SCALES, ids)])
+    layout = harness.make_layout(task, None, primer_length=len(primer))
+    return task, primer, harness.record(task, "experiment", layout, harness.score(task, layout, primer), primer)
+
+
+def test_nearest_tokens_and_hard_primer_through_the_command_line(known_primer_run):
+    task, primer, run_dir = known_primer_run
+    result = run_script("inspect_primer.py", run_dir, "--score_batch_size=7")  # model, data etc. come from the run
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == len(WORDS)
+    for n, (row, word, vector) in enumerate(zip(rows, WORDS, primer), 1):
+        assert row.startswith(f"| {n} | {vector.norm():.3f} | {word!r} (1.000)  ")  # itself first, at cosine 1
+        assert len(re.findall(r" \(-?\d\.\d{3}\)", row)) == inspect_primer.TOP_K
+    hard = "".join(WORDS)
+    assert f"hard primer: {hard!r}" in result.stdout
+    original = json.loads(open(os.path.join(run_dir, "metrics.json")).read())
+    assert inspect_primer.score_line("primer", original) in result.stdout
+
+    ledger = sweep.ledger_rows(task.cfg.RESULTS_DIR)
+    assert [r["script"] for r in ledger] == ["experiment", "inspect_primer"]
+    row = ledger[-1]
+    assert row["primer_path"] == os.path.join(run_dir, "primer.safetensors") and row["total"] == 60
+    config = json.loads(open(os.path.join(task.cfg.RESULTS_DIR, row["run_id"], "config.json")).read())
+    assert config["score_batch_size"] == 7 and config["model_id"] == task.cfg.MODEL_ID  # the override, and the run's own
+
+    layout = harness.make_layout(task, hard, "{review}")  # the hard primer scored as a plain text prompt
+    expected = harness.score(task, layout, None)
+    assert (row["correct"], row["restricted_correct"], row["tokens"]) == (expected["correct"], expected["restricted_correct"], len(WORDS))
+    assert inspect_primer.score_line("hard primer", expected) in result.stdout
+
+
+def test_a_folder_without_a_primer_is_a_one_line_error(cfg, tmp_path):
+    run_dir = harness.score_text_prompt(cfg, "prompt_short", "Classify.", "{review}")
+    with pytest.raises(cli.UserError, match="no primer.safetensors"):
+        inspect_primer.configure([run_dir])
+    with pytest.raises(cli.UserError, match="give a run folder first"):
+        inspect_primer.configure(["--device=cpu"])
+    with open(os.path.join(run_dir, "primer.safetensors"), "w"):
+        pass
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        f.write("{")
+    with pytest.raises(cli.UserError, match="config.json is not valid JSON"):
+        inspect_primer.configure([run_dir])
+    result = run_script("inspect_primer.py", str(tmp_path / "missing"))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == f"error: {tmp_path}/missing is not the folder of a run with a primer (no config.json, " \
+                                    f"metrics.json, primer.safetensors): give results/<run id> of an experiment.py run"

@@ -1,0 +1,94 @@
+import os
+
+import matplotlib.image
+import pandas as pd
+import pytest
+
+import cli
+import harness
+import sweep
+from conftest import overrides, run_script
+
+TWO_POINTS = [{"script": "experiment", "primer_length": 2, "rate_by_epoch": [0.1]},
+              {"script": "experiment", "primer_length": 4, "rate_by_epoch": [0.1]}]
+
+
+def assert_png(path) -> None:
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(str(path))
+    assert image.ndim == 3 and min(image.shape[:2]) > 100 and image.std() > 0  # a drawn picture, not a blank
+
+
+def ledger(out) -> pd.DataFrame:
+    return pd.DataFrame(sweep.ledger_rows(str(out / "results")))
+
+
+def test_two_point_sweep_plots_and_then_skips_what_is_done(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sweep, "GRID", TWO_POINTS)
+    cfg = cli.configure(overrides(tiny, tmp_path))
+    sweep.main(cfg)
+    out = capsys.readouterr().out
+    first = ledger(tmp_path)
+    assert first["script"].tolist() == ["experiment"] * 2 and first["tokens"].tolist() == [2, 4]
+    assert (first["lr_schedule"] == "0.1").all() and (first["samples"] == 100).all()
+    table = out[out.rindex("| Run |"):]  # the combined table printed last
+    assert table.count("| experiment | 100 | ") == 2
+    for name in ("scores.png", "losses.png", *(f"{run}/loss.png" for run in first["run_id"])):
+        assert_png(tmp_path / "results" / name)
+
+    sweep.main(cfg)  # everything is in the ledger now: nothing runs again
+    assert capsys.readouterr().out.count("already in the ledger") == 2
+    assert ledger(tmp_path).equals(first)
+    point = {k: v for k, v in TWO_POINTS[0].items() if k != "script"}
+    assert sweep.find_run("experiment", sweep.point_config(cfg, {**point, "score_batch_size": 7}))["run_id"] == first["run_id"][0]
+    assert sweep.find_run("experiment", sweep.point_config(cfg, {**point, "batch_size": 5})) is None
+
+
+def test_result_key_tells_which_runs_are_the_same(tiny, tmp_path):
+    cfg = cli.configure(overrides(tiny, tmp_path))
+    sweep.sweep(cfg, [{"script": "prompt_short"}])
+    (row,) = ledger(tmp_path).to_dict("records")
+    same = sweep.point_config(cfg, {"score_batch_size": 7, "train_limit": 50, "rate_by_epoch": [1.0]})  # no effect on a text prompt
+    assert sweep.find_run("prompt_short", same)["run_id"] == row["run_id"]
+    assert sweep.find_run("prompt_long", cfg) is None
+    assert sweep.find_run("prompt_short", sweep.point_config(cfg, {"test_limit": 50})) is None
+    assert sweep.find_run("prompt_short", sweep.point_config(cfg, {"labels": ["a", "b"]})) is None
+
+
+def test_command_line_reports_failed_points_and_goes_on(tiny, tmp_path):
+    """The default grid with a primer that does not exist: every primer point fails, the text prompts still run."""
+    result = run_script("sweep.py", *overrides(tiny, tmp_path), f"--primer_path={tmp_path}/missing.safetensors")
+    assert result.returncode == 1
+    primer_points = sum(p["script"] == "experiment" for p in sweep.GRID)
+    assert result.stdout.count("failed: UserError: --primer_path=") == primer_points
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {primer_points} of {len(sweep.GRID)} points failed")
+    assert ledger(tmp_path)["script"].tolist() == ["prompt_long", "prompt_short"]
+    table = result.stdout[result.stdout.rindex("| Run |"):]
+    assert "| prompt_long | – |" in table and "| prompt_short | – |" in table
+    for name in ("scores.png", "losses.png"):
+        assert_png(tmp_path / "results" / name)
+
+
+def test_unknown_grid_key_stops_before_anything_runs(tiny, tmp_path):
+    cfg = cli.configure(overrides(tiny, tmp_path))
+    with pytest.raises(cli.UserError, match="unknown config key --primer_lenght"):
+        sweep.sweep(cfg, [{"script": "prompt_short"}, {"script": "experiment", "primer_lenght": 8}])
+    assert not os.path.exists(tmp_path / "results")
+
+
+def test_unexpected_failure_keeps_its_traceback_and_the_sweep_goes_on(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sweep.SCRIPTS, "prompt_long", lambda cfg: 1 / 0)
+    rows, failed = sweep.sweep(cli.configure(overrides(tiny, tmp_path)), [{"script": "prompt_long"}, {"script": "prompt_short"}])
+    captured = capsys.readouterr()
+    assert "Traceback" in captured.err and "sweep 1/2: prompt_long failed: ZeroDivisionError: division by zero" in captured.out
+    assert failed == ["prompt_long"] and [r["script"] for r in rows] == ["prompt_short"]
+
+
+def test_ctrl_c_stops_the_whole_sweep(tiny, tmp_path, monkeypatch):
+    def interrupted(cfg):
+        raise harness.Interrupted("interrupted; checkpoint saved")
+    monkeypatch.setitem(sweep.SCRIPTS, "prompt_long", interrupted)
+    with pytest.raises(harness.Interrupted):
+        sweep.sweep(cli.configure(overrides(tiny, tmp_path)), [{"script": "prompt_long"}, {"script": "prompt_short"}])
+    assert not os.path.exists(tmp_path / "results" / "results.csv")  # prompt_short never ran
