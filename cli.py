@@ -1,9 +1,13 @@
-"""Command-line plumbing shared by every script: config overrides and one-line errors."""
+"""Plumbing shared by every script: config overrides, one-line errors, atomic writes."""
 import ast
+import contextlib
 import difflib
+import os
 import sys
 import types
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
+
+import torch
 
 import config
 
@@ -84,8 +88,23 @@ def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, 
         run(cfg)
     except UserError as e:
         sys.exit(f"error: {e}")
+    except torch.OutOfMemoryError as e:
+        sys.exit(f"error: {out_of_memory(cfg)} ({str(e).splitlines()[0][:120]})")
     except KeyboardInterrupt:
         sys.exit("interrupted")
+
+
+def out_of_memory(cfg: types.SimpleNamespace) -> str:
+    return (f"out of GPU memory: lower --batch_size={cfg.BATCH_SIZE} (training) or --score_batch_size={cfg.SCORE_BATCH_SIZE} "
+            f"(scoring), lower --max_review_tokens={cfg.MAX_REVIEW_TOKENS}, or set --gradient_checkpointing=True")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """A temporary path to write `path` through: renamed onto it only when the block completes, so an interrupted
+    write leaves the previous file intact and never a half-written one."""
+    yield path + ".tmp"
+    os.replace(path + ".tmp", path)
 
 
 def from_hub(load: Callable, model_id: str, **kwargs) -> Any:
@@ -94,4 +113,4 @@ def from_hub(load: Callable, model_id: str, **kwargs) -> Any:
         return load(model_id, **kwargs)
     except OSError as e:
         raise UserError(f"cannot load {model_id!r} ({str(e).splitlines()[0][:200]}): check --model_id; for a gated "
-                        f"model accept its license on huggingface.co and run `hf auth login`, or set --model_id to a local folder") from e
+                        f"model accept its license on huggingface.co and run `hf auth login`, or set --model_id to an ungated model (e.g. Qwen/Qwen2.5-0.5B-Instruct) or a local folder") from e

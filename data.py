@@ -47,7 +47,7 @@ def read_csv(path: str) -> tuple[np.ndarray, list[str], list[int]]:
     """Labels (0/1), review texts with escapes decoded, and the line numbers of the rows skipped as bad."""
     labels, texts, bad = [], [], []
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        reader = csv.reader(f)
+        reader = csv.reader(f, skipinitialspace=True)  # so stray spaces before a quoted field leave it quoted
         for row in reader:
             line = reader.line_num
             if len(row) != 2 or row[0].strip() not in ("1", "2") or not row[1].strip():
@@ -91,11 +91,10 @@ def fetch_csvs(csv_dir: str) -> None:
     os.makedirs(csv_dir, exist_ok=True)
     for split in SPLITS:
         path = os.path.join(csv_dir, f"{split}.csv")
-        with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
+        with cli.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
             writer = csv.writer(f, quoting=csv.QUOTE_ALL, lineterminator="\n")
             for row in tqdm(dataset[split], desc=f"write {path}", unit=" rows"):
                 writer.writerow([str(row["label"] + 1), row["text"].replace("\n", "\\n")])
-        os.replace(path + ".tmp", path)
 
 
 def tokenize(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -124,18 +123,19 @@ def prepare(cfg: SimpleNamespace, tokenizer) -> None:
     """Write DATA_DIR/train.pt and DATA_DIR/test.pt from the CSVs, fetching those first when absent."""
     if not all(os.path.exists(os.path.join(cfg.CSV_DIR, f"{s}.csv")) for s in SPLITS):
         fetch_csvs(cfg.CSV_DIR)
+    sources = {split: os.path.join(cfg.CSV_DIR, f"{split}.csv") for split in SPLITS}
+    rows = {split: read_csv(source) for split, source in sources.items()}  # both checked before anything is written
     os.makedirs(cfg.DATA_DIR, exist_ok=True)
-    for split in SPLITS:
-        source = os.path.join(cfg.CSV_DIR, f"{split}.csv")
-        labels, texts, bad = read_csv(source)
+    for split, source in sources.items():
+        labels, texts, bad = rows[split]
         meta = expected_meta(cfg, tokenizer, split)
         keep = balanced_sample(labels, meta["limit"], cfg.SEED)
         tokens, offsets, truncated = tokenize(tokenizer, [texts[i] for i in keep], cfg.MAX_REVIEW_TOKENS)
         meta.update(source=source, rows=len(labels), bad_rows=len(bad), count=len(keep), truncated=truncated,
                     positives=int(labels[keep].sum()))
         path = split_path(cfg, split)
-        torch.save({"tokens": tokens, "offsets": offsets, "labels": torch.from_numpy(labels[keep]), "meta": meta}, path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: an interrupted prep leaves the previous file intact
+        with cli.atomic_path(path) as tmp:
+            torch.save({"tokens": tokens, "offsets": offsets, "labels": torch.from_numpy(labels[keep]), "meta": meta}, tmp)
         print(f"{path}: {len(keep):,} of {len(labels):,} reviews ({meta['positives']:,} positive), "
               f"{len(tokens):,} tokens, {truncated:,} cut to {cfg.MAX_REVIEW_TOKENS} tokens")
 

@@ -8,6 +8,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import StrMethodFormatter  # noqa: E402
 import pandas as pd  # noqa: E402
 
+import cli  # noqa: E402
+
 SMOOTH_POINTS = 50  # a loss curve is averaged over windows of 1/SMOOTH_POINTS of its steps: batches of 6 are noisy
 
 
@@ -24,9 +26,9 @@ def loss_axis(ax: plt.Axes, ylabel: str, title: str) -> None:
 
 def save(fig: plt.Figure, path: str) -> str:
     fig.tight_layout()
-    fig.savefig(path + ".tmp", format="png", dpi=120)
+    with cli.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    os.replace(path + ".tmp", path)  # atomic, like every other result file
     return path
 
 

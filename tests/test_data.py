@@ -22,6 +22,42 @@ def test_csv_quirks_are_decoded(tmp_path):
     assert len(texts) == 120 and set(labels) == {1} and bad == [121]
 
 
+DIRTY_ROWS = [b'"3","a third label"', b'"1"', b'"2",""', b'"1","   "', b'"2","caf\xe9 au lait"', b'"label","text"']
+
+
+def test_each_kind_of_dirty_row_is_counted_reported_and_skipped(tmp_path, capsys):
+    path = tmp_path / "dirty.csv"
+    good = [b'"1","fine"', b' "2" , "  stray whitespace around both fields  "'] * 400  # whitespace is stripped, kept
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(good[:300] + DIRTY_ROWS + good[300:]) + b"\n")  # a byte-order mark first
+    labels, texts, bad = data.read_csv(str(path))
+    assert bad == list(range(301, 301 + len(DIRTY_ROWS)))  # every kind, at its own line
+    assert len(texts) == 800 and labels.tolist() == [0, 1] * 400 and texts[:2] == ["fine", "stray whitespace around both fields"]
+    assert f"skipped {len(DIRTY_ROWS)} bad rows of 806 (first at lines [301, 302, 303, 304, 305])" in capsys.readouterr().out
+
+
+def test_prep_writes_nothing_when_one_csv_is_too_dirty(tiny, tmp_path):
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    (csv_dir / "train.csv").write_bytes(open(os.path.join(tiny.csv_dir, "train.csv"), "rb").read())
+    (csv_dir / "test.csv").write_bytes(b'"1","fine"\n' * 50 + b'"x","y"\n')  # 2% bad
+    result = run_script("prep.sh", *overrides(tiny, tmp_path), f"--csv_dir={csv_dir}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (f"error: {csv_dir}/test.csv: 1 of 51 rows are not '\"1\" or \"2\",\"review\"' "
+                                                      f"(first at lines [51]); fix or replace the file")
+    assert not os.path.exists(tmp_path / "data" / "train.pt")  # train.csv was fine, but nothing is written
+
+
+def test_long_reviews_keep_their_first_tokens(tiny, tmp_path, cfg):
+    cfg.MAX_REVIEW_TOKENS = 8
+    tokenizer = data.load_tokenizer(tiny.model_dir)
+    split = data.load_split(cfg, tokenizer, "test")
+    assert split.meta["truncated"] > 0 and int(split.lengths.max()) == 8
+    full = {tuple(tokenizer(text, add_special_tokens=False)["input_ids"]) for _, text in tiny.splits["test"]}
+    for i in range(len(split)):
+        head = tuple(split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist())
+        assert any(ids[:8] == head for ids in full)
+
+
 def test_csv_with_too_many_bad_rows_is_refused(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text('"1","fine"\n"x","label"\n', encoding="utf-8")

@@ -48,3 +48,14 @@ def test_primer_of_the_wrong_width_is_refused(tiny, tmp_path):
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(cli.UserError, match="is not a run folder"):
         harness.resumed_config(str(tmp_path))
+
+
+def test_out_of_memory_names_the_knobs(cfg, monkeypatch):
+    def run(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr("sys.argv", ["experiment.py", "--batch_size=32", "--max_review_tokens=512"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(run)
+    assert exit_.value.code == ("error: out of GPU memory: lower --batch_size=32 (training) or --score_batch_size=32 "
+                                "(scoring), lower --max_review_tokens=512, or set --gradient_checkpointing=True "
+                                "(CUDA out of memory. Tried to allocate 2.00 GiB)")
