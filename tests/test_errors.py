@@ -59,3 +59,9 @@ def test_out_of_memory_names_the_knobs(cfg, monkeypatch):
     assert exit_.value.code == ("error: out of GPU memory: lower --batch_size=32 (training) or --score_batch_size=32 "
                                 "(scoring), lower --max_review_tokens=512, or set --gradient_checkpointing=True "
                                 "(CUDA out of memory. Tried to allocate 2.00 GiB)")
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["experiment.py"])
+    with pytest.raises(ZeroDivisionError):  # not turned into a one-line exit
+        cli.main(lambda cfg: 1 / 0)
