@@ -11,6 +11,8 @@ FLOPs counted per sample of T real tokens (padding is never counted):
   training  = forward + backward to the inputs only: 2 * N * T + 2 * d * V * H again (no weight gradients) and twice
               the forward attention (dQ, dK, dV and dP).
 Utilization divides achieved FLOP/s by the dense matmul throughput in DTYPE that this run measures on the same device.
+Training is also timed with the primer at the other of PRIMER_POSITION "system" and "suffix", on the same batches,
+and the suffix position's speed-up printed; its FLOPs are counted as for the full pass, so its rate is effective.
 """
 import os
 import resource
@@ -45,10 +47,22 @@ def synthetic_split(n: int, vocab: int, max_tokens: int, seed: int) -> data.Spli
     return data.Split(tokens, offsets, torch.from_numpy(rng.integers(0, 2, n)), {"source": "synthetic"})
 
 
-def synthetic_layout(vocab: int, primer_length: int) -> harness.Layout:
+def synthetic_layout(vocab: int, primer_length: int, position: str) -> harness.Layout:
+    """Random ids of Llama 3's template lengths, the primer at position (harness.make_layout's positions)."""
     before, middle, after = LLAMA3_TEMPLATE
-    prefix = torch.randint(vocab, (before + primer_length + middle,))
-    return harness.Layout(prefix, torch.randint(vocab, (after,)), slice(before, before + primer_length), primer_length)
+    ids = lambda n: torch.randint(vocab, (n,))
+    if position == "suffix":
+        return harness.Layout(ids(before + middle), ids(primer_length + after), slice(0, primer_length), primer_length, in_suffix=True)
+    start = 0 if position == "prefix" else before
+    return harness.Layout(ids(before + primer_length + middle), ids(after), slice(start, start + primer_length), primer_length)
+
+
+def bench_layout(task: harness.Task, position: str) -> harness.Layout:
+    """MODEL_ID's own layout with the primer at position, or a synthetic one when there is no tokenizer."""
+    harness.check_primer_position(position, task.cfg.GRADIENT_CHECKPOINTING)
+    if task.tokenizer is None:
+        return synthetic_layout(task.model.get_input_embeddings().weight.shape[0], task.cfg.PRIMER_LENGTH, position)
+    return harness.make_layout(task, None, primer_length=task.cfg.PRIMER_LENGTH, position=position)
 
 
 def random_model(cfg, device: torch.device) -> torch.nn.Module:
@@ -72,9 +86,9 @@ def bench_task(cfg) -> tuple[harness.Task, harness.Layout]:
     vocab = model.get_input_embeddings().weight.shape[0]
     prepared = tokenizer is not None and os.path.exists(data.split_path(cfg, "train"))
     split = data.load_split(cfg, tokenizer, "train") if prepared else synthetic_split(SYNTHETIC_REVIEWS, vocab, cfg.MAX_REVIEW_TOKENS, cfg.SEED)
-    labels = harness.label_token_ids(tokenizer, cfg.LABELS) if tokenizer else [vocab - 2, vocab - 1]
+    labels = harness.label_token_ids(tokenizer, cfg.LABELS, harness.answer_context(tokenizer, cfg.TEMPLATE_KWARGS)) if tokenizer else [vocab - 2, vocab - 1]
     task = harness.Task(cfg, tokenizer, model, device, torch.tensor(labels, device=device), split, split)
-    layout = harness.make_layout(task, None, primer_length=cfg.PRIMER_LENGTH) if tokenizer else synthetic_layout(vocab, cfg.PRIMER_LENGTH)
+    layout = bench_layout(task, cfg.PRIMER_POSITION)
     print(f"model {cfg.MODEL_ID}{' (random weights)' if cfg.RANDOM_INIT else ''} on {device_name(device)}, "
           f"{'reviews of ' + split.meta['source'] if prepared else 'synthetic Yelp-length reviews'}", flush=True)
     return task, layout
@@ -158,9 +172,7 @@ def naive_logits(task: harness.Task, layout: harness.Layout, primer: torch.Tenso
     rows, lengths = [], []
     for i in idx.tolist():
         review = split.tokens[split.offsets[i]:split.offsets[i + 1]].long()
-        ids = [layout.prefix[:layout.slot.start], layout.prefix[layout.slot.stop:], review, layout.suffix]
-        before, middle, text, after = (embed(t.to(device)) for t in ids)
-        row = torch.cat([before, primer.to(before.dtype), middle, text, after])
+        row = harness.unpadded_embeds(task.model, layout, review, primer)
         lengths.append(len(row))
         rows.append(F.pad(row, (0, 0, 0, pad_to - len(row))))
     lengths = torch.tensor(lengths, device=device)
@@ -198,8 +210,15 @@ def run(cfg) -> None:
         loss.backward()
         optimizer.step()
 
-    rows = [measure("train", lambda idx: harness.train_step(task, layout, primer, optimizer, idx), train_batches, real,
-                    grouped, lambda idx: batch_flops(shape, real(idx), False, True), task, peak)]
+    def train_row(name: str, at: harness.Layout) -> dict:
+        """train_step timed in layout `at`; FLOPs counted as for a full forward and backward pass, whatever it skips."""
+        real_at = lambda idx: split.lengths[idx] + len(at.prefix) + len(at.suffix)
+        return measure(name, lambda idx: harness.train_step(task, at, primer, optimizer, idx), train_batches, real_at,
+                       lambda idx: len(idx) * int(real_at(idx).max()), lambda idx: batch_flops(shape, real_at(idx), False, True), task, peak)
+
+    rows = [train_row("train", layout)]
+    compared = [] if cfg.GRADIENT_CHECKPOINTING else [p for p in ("system", "suffix") if p != cfg.PRIMER_POSITION]
+    rows += [train_row(f"train, primer position {p}", bench_layout(task, p)) for p in compared]  # the same batches
     if cfg.BASELINE:
         rows.append(measure("train, straightforward loop", naive_train, train_batches, real, to_longest,
                             lambda idx: batch_flops(shape, real(idx), True, True), task, peak))
@@ -214,6 +233,11 @@ def run(cfg) -> None:
     if cfg.BASELINE:
         for what in ("train", "score"):
             print(f"{what}: {by_name[what]['samples/s'] / by_name[what + ', straightforward loop']['samples/s']:.1f}x the straightforward loop")
+    if cfg.GRADIENT_CHECKPOINTING:
+        print("primer position suffix not timed: it does not combine with --gradient_checkpointing=True")
+    else:
+        train_at = {p: by_name["train" if p == cfg.PRIMER_POSITION else f"train, primer position {p}"]["samples/s"] for p in ("system", "suffix")}
+        print(f"train, primer position suffix: {train_at['suffix'] / train_at['system']:.1f}x primer position system")
     minutes = (cfg.REF_TRAIN / by_name["train"]["samples/s"] + cfg.REF_TEST / by_name["score"]["samples/s"]) / 60
     print(f"reference run ({cfg.REF_TRAIN:,} training samples, {cfg.REF_TEST:,} test reviews) projected: "
           f"{minutes:,.1f} minutes on {device_name(device)} at batch size {cfg.BATCH_SIZE} / {cfg.SCORE_BATCH_SIZE}")

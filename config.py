@@ -11,6 +11,7 @@ TRAIN_LIMIT = 56000  # training reviews: a seeded, label-balanced sample of trai
 TEST_LIMIT = 38000  # test reviews: a seeded, label-balanced sample of test.csv (38,000 is all of it)
 MAX_REVIEW_TOKENS = 1024  # reviews longer than this are cut to their first MAX_REVIEW_TOKENS tokens
 PRIMER_LENGTH = 4  # number of trained embedding vectors in the system-prompt slot
+PRIMER_POSITION = "system"  # where the primer goes: "system" message, "prefix" (before bos), "suffix" (after the review)
 BATCH_SIZE = 6  # training reviews per optimizer step (the reference used 6)
 SCORE_BATCH_SIZE = 32  # test reviews per forward pass when scoring (no gradients, so larger fits)
 RATE_BY_EPOCH = [1e-4, 1e-5, 1e-6, 5e-7, 1e-7]  # Adam learning rate of each epoch; its length is the number of epochs

@@ -3,6 +3,7 @@
     python experiment.py [--name=value ...]        # e.g. --primer_length=16 --train_limit=5600 --test_limit=2400
     python experiment.py --primer_path=results/<run id>/primer.safetensors   # score a saved primer, no training
     python experiment.py --resume=results/<run id>                            # continue an interrupted run
+    python experiment.py --primer_position=suffix                             # the primer after the review (or "prefix")
 """
 import cli
 import harness
@@ -11,12 +12,13 @@ import harness
 def run(cfg) -> None:
     if cfg.RESUME:
         cfg = harness.resumed_config(cfg.RESUME)
+    harness.check_primer_position(cfg.PRIMER_POSITION, cfg.GRADIENT_CHECKPOINTING)  # before minutes of data prep and loading
     task = harness.setup(cfg, with_train=cfg.PRIMER_PATH is None)
     if cfg.PRIMER_PATH:
         primer = harness.load_primer(cfg.PRIMER_PATH, task.model)
     else:
         primer = harness.init_primer(task.model, cfg.PRIMER_LENGTH, cfg.SEED)
-    layout = harness.make_layout(task, None, primer_length=len(primer))
+    layout = harness.make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION)
     run_dir = cfg.RESUME or harness.start_run(cfg, "experiment")
     log = None if cfg.PRIMER_PATH else harness.train(task, layout, primer, run_dir)
     harness.record(task, "experiment", layout, harness.score(task, layout, primer), primer, log, run_dir)

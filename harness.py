@@ -1,4 +1,5 @@
 """The shared harness: a frozen chat model, inputs built from its chat template, primer training and scoring, results."""
+import functools
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from jinja2.exceptions import TemplateError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -22,6 +24,9 @@ import plots
 PRIMER_SLOT = "\x00PRIMER\x00"  # stands for the primer while the chat template is rendered
 REVIEW_SLOT = "\x00REVIEW\x00"  # stands for the review likewise
 CHUNK_BATCHES = 64  # length grouping sorts reviews within chunks of this many batches
+PRIMER_POSITIONS = ("system", "prefix", "suffix")  # the values PRIMER_POSITION may take (see make_layout)
+PLAIN_ANSWER_CUE = "\nAnswer:"  # ends the prompt of a model with no chat template; the label token follows it
+SYSTEM_SEPARATOR = "\n\n"  # between system content and the user message when both share the user turn (as Gemma's template does)
 
 
 class Interrupted(cli.UserError):
@@ -49,8 +54,9 @@ class Layout:
     """Token ids around the review: prefix (primer slot included, as placeholder ids), review, suffix."""
     prefix: torch.Tensor
     suffix: torch.Tensor
-    slot: slice  # the primer's positions in the prefix; empty for a text prompt
+    slot: slice  # the primer's positions in the prefix (in the suffix when in_suffix); empty for a text prompt
     prompt_tokens: int  # tokens the prompt adds to the review: primer length, or the text prompt's own tokens
+    in_suffix: bool = False  # the slot indexes the suffix: the primer follows the review (PRIMER_POSITION "suffix")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,8 +76,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def label_token_ids(tokenizer, labels: list[str]) -> list[int]:
-    ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+def label_token_ids(tokenizer, labels: list[str], context: str = "") -> list[int]:
+    """Each label's token id where it follows `context` (the prompt's end): the tokens of context + label after those
+    of context alone, so a tokenizer that spells a text's first word differently (a leading space) gets the id the
+    model answers with."""
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+    before = encode(context)
+    ids = []
+    for label in labels:
+        whole = encode(context + label)
+        if whole[:len(before)] != before:
+            raise cli.UserError(f"label {label!r} merges with the prompt's last token {context[-12:]!r} for {tokenizer.name_or_path}: "
+                                f"set --labels to strings that tokenize apart from it")
+        ids.append(whole[len(before):])
     for label, tokens in zip(labels, ids):
         if len(tokens) != 1:
             raise cli.UserError(f"label {label!r} is {len(tokens)} tokens for {tokenizer.name_or_path}, not one: set --labels to single-token strings")
@@ -103,26 +120,77 @@ def freeze(model: torch.nn.Module, checkpointing: bool) -> torch.nn.Module:
 def setup(cfg: SimpleNamespace, with_train: bool = True) -> Task:
     device = resolve_device(cfg.DEVICE)
     tokenizer = data.load_tokenizer(cfg.MODEL_ID)
-    labels = torch.tensor(label_token_ids(tokenizer, cfg.LABELS), device=device)
+    labels = torch.tensor(label_token_ids(tokenizer, cfg.LABELS, answer_context(tokenizer, cfg.TEMPLATE_KWARGS)), device=device)
     train = data.load_split(cfg, tokenizer, "train") if with_train else None
     test = data.load_split(cfg, tokenizer, "test")
     torch.manual_seed(cfg.SEED)
     return Task(cfg, tokenizer, load_model(cfg, device), device, labels, train, test)
 
 
-def make_layout(task: Task, system: Optional[str], user: str = "{review}", primer_length: int = 0) -> Layout:
-    """The chat template rendered with `system` (or a primer of primer_length vectors) and `user` around {review}."""
-    tok = task.tokenizer
-    messages = [{"role": "system", "content": PRIMER_SLOT if primer_length else system},
-                {"role": "user", "content": user.replace("{review}", REVIEW_SLOT)}]
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **task.cfg.TEMPLATE_KWARGS)
+@functools.cache
+def say_once(message: str) -> None:
+    print(message, flush=True)
+
+
+def prompt_text(tokenizer, system: Optional[str], user: str, template_kwargs: dict) -> str:
+    """The prompt as text up to the answer: the chat template with `system` as its system message, or at the start of
+    the user turn when the template refuses or drops one; with no chat template, bos + system + user + PLAIN_ANSWER_CUE."""
+    if tokenizer.chat_template is None:
+        say_once(f"{tokenizer.name_or_path} has no chat template: the prompt is bos, the system content or primer, "
+                 f"the review and {PLAIN_ANSWER_CUE!r}")
+        return (tokenizer.bos_token or "") + (system + SYSTEM_SEPARATOR if system else "") + user + PLAIN_ANSWER_CUE
+    render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
+    if system is None:
+        return render([{"role": "user", "content": user}])
+    try:
+        text = render([{"role": "system", "content": system}, {"role": "user", "content": user}])
+        if system.strip() in text:
+            return text
+    except TemplateError:
+        pass
+    say_once(f"the chat template of {tokenizer.name_or_path} takes no system message: the system content or primer "
+             f"goes at the start of the user turn")
+    return render([{"role": "user", "content": system + SYSTEM_SEPARATOR + user}])
+
+
+def answer_context(tokenizer, template_kwargs: dict) -> str:
+    """The prompt's text after the review, which the answer follows (the same for every PRIMER_POSITION)."""
+    return prompt_text(tokenizer, None, REVIEW_SLOT, template_kwargs).split(REVIEW_SLOT)[1]
+
+
+def check_primer_position(position: str, checkpointing: bool) -> None:
+    if position not in PRIMER_POSITIONS:
+        raise cli.UserError(f"--primer_position={position!r} is not one of {', '.join(PRIMER_POSITIONS)}")
+    if position == "suffix" and checkpointing:  # HF's checkpointed layers drop the review cache that suffix runs on
+        raise cli.UserError("--primer_position=suffix does not combine with --gradient_checkpointing=True (its backward "
+                            "pass covers only the primer and the answer cue, so it needs little memory): set it to False")
+
+
+def make_layout(task: Task, system: Optional[str], user: str = "{review}", primer_length: int = 0,
+                position: str = "system") -> Layout:
+    """The prompt (prompt_text) with `system` text, or a primer of primer_length vectors, at `position`: "system" in
+    the system message, "prefix" before everything (bos included), "suffix" right after the review at the end of the
+    user turn; `user` around {review}."""
+    check_primer_position(position, task.cfg.GRADIENT_CHECKPOINTING)
+    tok, kwargs = task.tokenizer, task.cfg.TEMPLATE_KWARGS
+    content, user_text = PRIMER_SLOT if primer_length else system, user.replace("{review}", REVIEW_SLOT)
+    if position == "system":
+        text = prompt_text(tok, content, user_text, kwargs)
+    elif position == "prefix":
+        text = content + prompt_text(tok, None, user_text, kwargs)
+    else:
+        text = prompt_text(tok, None, user_text + content, kwargs)
     head, tail = text.split(REVIEW_SLOT)
     encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     if primer_length:
-        before, middle = head.split(PRIMER_SLOT)
+        in_suffix = PRIMER_SLOT in tail
+        before, after = (tail if in_suffix else head).split(PRIMER_SLOT)
         start = len(encode(before))
-        prefix = encode(before) + [0] * primer_length + encode(middle)
-        return Layout(torch.tensor(prefix), torch.tensor(encode(tail)), slice(start, start + primer_length), primer_length)
+        around = torch.tensor(encode(before) + [0] * primer_length + encode(after))
+        slot = slice(start, start + primer_length)
+        if in_suffix:
+            return Layout(torch.tensor(encode(head)), around, slot, primer_length, in_suffix=True)
+        return Layout(around, torch.tensor(encode(tail)), slot, primer_length)
     prompt_tokens = len(encode(system)) + sum(len(encode(part)) for part in user.split("{review}"))
     return Layout(torch.tensor(encode(head)), torch.tensor(encode(tail)), slice(0, 0), prompt_tokens)
 
@@ -146,7 +214,10 @@ def last_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor
     """Float32 next-token logits [B, vocab] at each row's last real position, the primer spliced into its slot.
 
     Right padding with an attention mask and explicit positions keeps every row's logits independent of its batch mates;
-    the LM head runs only at the last real positions, never over the whole sequence."""
+    the LM head runs only at the last real positions, never over the whole sequence. A primer after the review
+    runs on a cache of the rest (suffix_last_logits)."""
+    if layout.in_suffix:
+        return suffix_last_logits(model, ids, lengths, layout, primer)
     embeds = model.get_input_embeddings()(ids)
     if primer is not None:
         spliced = primer.to(embeds.dtype).expand(len(ids), -1, -1)
@@ -157,6 +228,42 @@ def last_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor
                               use_cache=False).last_hidden_state
     last = hidden[torch.arange(len(ids), device=ids.device), lengths - 1]
     return model.get_output_embeddings()(last).float()
+
+
+def suffix_last_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, layout: Layout,
+                       primer: torch.Tensor) -> torch.Tensor:
+    """last_logits for a primer after the review: prefix and review run once without gradients into a key-value
+    cache, then only the primer and the tokens after it run on that cache, so backward covers those few tokens alone.
+
+    The cached part is left-padded so every row ends at the same column and the suffix block is one dense block for
+    all rows; the mask hides the left padding and explicit positions (0.. for the review part, then on from each
+    row's own length) keep every row independent of its batch mates."""
+    suffix = layout.suffix.to(ids.device)
+    context = lengths - len(suffix)  # each row's prefix and review tokens
+    width = int(context.max())
+    columns = torch.arange(width, device=ids.device)
+    positions = columns - (width - context)[:, None]  # negative in the left padding
+    mask = (positions >= 0).long()
+    with torch.no_grad():
+        cache = model.base_model(input_ids=ids.gather(1, positions.clamp(min=0)), attention_mask=mask,
+                                 position_ids=positions.clamp(min=0), use_cache=True).past_key_values
+    embeds = model.get_input_embeddings()(suffix)
+    embeds = torch.cat([embeds[:layout.slot.start], primer.to(embeds.dtype), embeds[layout.slot.stop:]])
+    hidden = model.base_model(inputs_embeds=embeds.expand(len(ids), -1, -1), past_key_values=cache, use_cache=True,
+                              attention_mask=torch.cat([mask, mask.new_ones(len(ids), len(suffix))], dim=1),
+                              position_ids=context[:, None] + torch.arange(len(suffix), device=ids.device)).last_hidden_state
+    return model.get_output_embeddings()(hidden[:, -1]).float()
+
+
+def unpadded_embeds(model: torch.nn.Module, layout: Layout, review: torch.Tensor, primer: Optional[torch.Tensor]) -> torch.Tensor:
+    """One review's input embeddings [T, hidden] in its layout, primer in its slot, no batch and no padding: the
+    straightforward way (bench.py's baseline loop, and the reference the tests hold the batched paths to)."""
+    embed = model.get_input_embeddings()
+    rows = embed(torch.cat([layout.prefix, review, layout.suffix]).to(embed.weight.device))
+    if primer is None:
+        return rows
+    start = layout.slot.start + (len(layout.prefix) + len(review) if layout.in_suffix else 0)
+    return torch.cat([rows[:start], primer.to(rows.dtype), rows[start + len(primer):]])
 
 
 def init_primer(model: torch.nn.Module, length: int, seed: int) -> torch.Tensor:
@@ -329,11 +436,11 @@ def resumed_config(run_dir: str) -> SimpleNamespace:
 
 def format_table(rows: list[dict]) -> str:
     """Ledger rows in the reference's form: Samples | Tokens | LR Schedule | Score | Correct / Total, plus the
-    label-restricted score."""
-    lines = ["| Run | Samples | Tokens | LR Schedule | Score | Correct / Total | Label-restricted |", "|---" * 7 + "|"]
+    primer's position and the label-restricted score."""
+    lines = ["| Run | Samples | Tokens | Position | LR Schedule | Score | Correct / Total | Label-restricted |", "|---" * 8 + "|"]
     for r in rows:
         samples = f"{int(r['samples']):,}" if r["samples"] else "–"
-        lines.append(f"| {r['script']} | {samples} | {int(r['tokens'])} | {r['lr_schedule'] or '–'} | {100 * r['score']:.1f}% "
+        lines.append(f"| {r['script']} | {samples} | {int(r['tokens'])} | {r.get('primer_position') or '–'} | {r['lr_schedule'] or '–'} | {100 * r['score']:.1f}% "
                      f"| {int(r['correct']):,} / {int(r['total']):,} | {100 * r['restricted_score']:.1f}% |")
     return "\n".join(lines)
 
@@ -346,6 +453,7 @@ def record(task: Task, script: str, layout: Layout, metrics: dict, primer: Optio
     trained = log is not None
     row = {"run_id": os.path.basename(run_dir), "script": script, "model_id": cfg.MODEL_ID,
            "samples": len(task.train) if trained else 0, "tokens": layout.prompt_tokens,
+           "primer_position": cfg.PRIMER_POSITION if primer is not None else "",
            "lr_schedule": ", ".join(f"{r:g}" for r in cfg.RATE_BY_EPOCH) if trained else "",
            **metrics, "seed": cfg.SEED, "primer_path": cfg.PRIMER_PATH or ""}
     write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(row, indent=2))

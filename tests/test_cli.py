@@ -11,7 +11,7 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
     args = overrides(tiny, tmp_path)
     trained = run_script("experiment.py", *args)  # no prep first: the data is prepared on the way
     assert trained.returncode == 0, trained.stderr
-    assert "| Run | Samples | Tokens | LR Schedule | Score | Correct / Total | Label-restricted |" in trained.stdout
+    assert "| Run | Samples | Tokens | Position | LR Schedule | Score | Correct / Total | Label-restricted |" in trained.stdout
     assert "epoch 3/3" in trained.stderr and "samples_s=" in trained.stderr  # progress bars
     assert any(line.startswith("batch_size ") for line in trained.stdout.splitlines())  # the effective config
 

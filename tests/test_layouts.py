@@ -1,0 +1,178 @@
+"""Any chat model (templates without a system role, no template, labels tokenized in context) and PRIMER_POSITION."""
+import json
+import os
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cli
+import experiment
+import harness
+import prompt_short
+from conftest import overrides, run_script
+
+# Mistral-7B-Instruct-v0.2's template: user and assistant turns only, a system message raises
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+                    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+                    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+                    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+SHORT_RUN = ["--rate_by_epoch=[0.1]", "--train_limit=40", "--test_limit=20"]
+
+
+def variant(tiny, root, name: str, edit) -> str:
+    """A folder with the tiny model (same vocabulary, same weights) and its tokenizer changed by edit(tokenizer)."""
+    from transformers import AutoTokenizer
+    path = str(root / name)
+    tokenizer = AutoTokenizer.from_pretrained(tiny.model_dir)
+    edit(tokenizer)
+    tokenizer.save_pretrained(path)
+    for file in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny.model_dir, file), path)
+    return path
+
+
+def set_template(template):
+    return lambda tokenizer: setattr(tokenizer, "chat_template", template)
+
+
+def prepend_space(tokenizer):
+    """Llama 2's legacy SentencePiece habit: a space before every text piece, so "1" alone is " 1" but not after "\\n\\n"."""
+    from tokenizers import normalizers
+    tokenizer.backend_tokenizer.normalizer = normalizers.Prepend(" ")
+
+
+@pytest.fixture(scope="module")
+def models(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("variants")
+    return {"mistral": variant(tiny, root, "mistral", set_template(MISTRAL_TEMPLATE)),
+            "plain": variant(tiny, root, "plain", set_template(None)),
+            "prepend": variant(tiny, root, "prepend", prepend_space)}
+
+
+@pytest.fixture(scope="module")
+def task(tiny, tmp_path_factory):
+    return harness.setup(cli.configure(overrides(tiny, tmp_path_factory.mktemp("layouts"))))
+
+
+def task_for(tiny, tmp_path, model_dir: str) -> harness.Task:
+    harness.say_once.cache_clear()  # each test sees its own notes
+    return harness.setup(cli.configure(overrides(tiny, tmp_path) + [f"--model_id={model_dir}"]), with_train=False)
+
+
+def decode(task, ids: torch.Tensor) -> str:
+    return task.tokenizer.decode(ids.tolist())
+
+
+def review(split, i: int) -> torch.Tensor:
+    return split.tokens[split.offsets[i]:split.offsets[i + 1]].long()
+
+
+def unpadded_logits(task, layout, split, i: int, primer) -> torch.Tensor:
+    """The model's own forward over one review's unpadded embeddings, full logits, the last position's row."""
+    embeds = harness.unpadded_embeds(task.model, layout, review(split, i), primer)
+    return task.model(inputs_embeds=embeds[None]).logits[0, -1].float()
+
+
+def test_prefix_and_suffix_put_the_primer_before_bos_and_after_the_review(task):
+    prefix = harness.make_layout(task, None, primer_length=4, position="prefix")
+    assert prefix.slot == slice(0, 4) and not prefix.in_suffix
+    assert decode(task, prefix.prefix[4:]) == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+    suffix = harness.make_layout(task, None, primer_length=4, position="suffix")
+    assert suffix.slot == slice(0, 4) and suffix.in_suffix and suffix.prompt_tokens == 4
+    assert decode(task, suffix.prefix) == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+    assert decode(task, suffix.suffix[4:]) == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    with pytest.raises(cli.UserError, match="--primer_position='middle' is not one of system, prefix, suffix"):
+        harness.make_layout(task, None, primer_length=4, position="middle")
+    with pytest.raises(cli.UserError, match="does not combine with --gradient_checkpointing=True"):
+        harness.check_primer_position("suffix", checkpointing=True)
+
+
+@pytest.mark.parametrize("position", harness.PRIMER_POSITIONS)
+def test_logits_are_the_unpadded_forward_whatever_the_batch(task, position):
+    """Every row's logits equal the plain forward of that review alone, in any batch, for every position."""
+    layout = harness.make_layout(task, None, primer_length=4, position=position)
+    primer = harness.init_primer(task.model, 4, seed=1)
+    lengths = task.test.lengths
+    short, long_ = int(lengths.argmin()), int(lengths.argmax())
+    assert lengths[long_] > lengths[short] + 10  # real padding below
+    for batch in ([short], [short, long_], [long_, 7, short, 2], [short] * 3):
+        ids, n = harness.assemble(layout, task.test, torch.tensor(batch))
+        with torch.no_grad():
+            logits = harness.last_logits(task.model, ids, n, layout, primer)
+            for row, i in enumerate(batch):
+                torch.testing.assert_close(logits[row], unpadded_logits(task, layout, task.test, i, primer), atol=1e-5, rtol=1e-5)
+
+
+def test_suffix_cache_gives_the_plain_loss_and_primer_gradient(task):
+    layout = harness.make_layout(task, None, primer_length=4, position="suffix")
+    idx = task.train.lengths.argsort()[::16][:6]  # six reviews of spread lengths
+    targets = task.label_ids[task.train.labels[idx]]
+
+    def loss_and_grad(logits_of):
+        primer = harness.init_primer(task.model, 4, seed=0).requires_grad_(True)
+        loss = F.cross_entropy(logits_of(primer), targets)
+        loss.backward()
+        return loss.detach(), primer.grad
+
+    ids, lengths = harness.assemble(layout, task.train, idx)
+    cached = loss_and_grad(lambda primer: harness.last_logits(task.model, ids, lengths, layout, primer))
+    plain = loss_and_grad(lambda primer: torch.stack([unpadded_logits(task, layout, task.train, int(i), primer) for i in idx]))
+    assert cached[1].abs().sum() > 0
+    torch.testing.assert_close(cached, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_template_without_system_role_takes_the_system_content_in_the_user_turn(tiny, models, tmp_path, capsys):
+    task = task_for(tiny, tmp_path, models["mistral"])
+    layout = harness.make_layout(task, None, primer_length=4)
+    assert decode(task, layout.prefix[:layout.slot.start]) == "<|begin_of_text|>[INST] "
+    assert decode(task, layout.prefix[layout.slot.stop:]) == "\n\n" and decode(task, layout.suffix) == " [/INST]"
+    assert task.label_ids.tolist() == task.tokenizer.convert_tokens_to_ids(["1", "2"])  # right after "]"
+    text = harness.make_layout(task, prompt_short.SYSTEM, prompt_short.USER)
+    ids, _ = harness.assemble(text, task.test, torch.tensor([3]))
+    user = prompt_short.SYSTEM + "\n\n" + prompt_short.USER.replace("{review}", decode(task, review(task.test, 3)))
+    assert decode(task, ids[0]) == f"<|begin_of_text|>[INST] {user} [/INST]"
+    assert capsys.readouterr().out.count("takes no system message: the system content or primer goes at the start of the user turn") == 1
+
+
+def test_tokenizer_without_template_gets_a_plain_prompt(tiny, models, tmp_path, capsys):
+    task = task_for(tiny, tmp_path, models["plain"])
+    layout = harness.make_layout(task, None, primer_length=4)
+    assert layout.slot == slice(1, 5) and decode(task, layout.prefix[:1]) == "<|begin_of_text|>"
+    assert decode(task, layout.prefix[5:]) == "\n\n"
+    assert decode(task, layout.suffix) == "\nAnswer:"
+    text = harness.make_layout(task, "Rate it.", "Review: {review}")
+    assert decode(task, text.prefix) == "<|begin_of_text|>Rate it.\n\nReview: "
+    assert task.label_ids.tolist() == task.tokenizer.convert_tokens_to_ids(["1", "2"])
+    assert capsys.readouterr().out.count("has no chat template: the prompt is bos, the system content or primer, the review and '\\nAnswer:'") == 1
+
+
+def test_labels_are_tokenized_where_the_answer_goes(tiny, models, tmp_path):
+    task = task_for(tiny, tmp_path, models["prepend"])
+    encode = lambda s: task.tokenizer(s, add_special_tokens=False)["input_ids"]
+    assert len(encode("1")) == 2  # alone, "1" is " 1": two tokens, which the old check refused
+    assert task.label_ids.tolist() == task.tokenizer.convert_tokens_to_ids(["1", "2"])
+    with pytest.raises(cli.UserError, match="label 'great' merges with the prompt's last token 'Sentiment: '"):
+        harness.label_token_ids(task.tokenizer, ["great", "bad"], "Sentiment: ")  # " great" is one token
+
+
+def test_positions_and_any_model_through_the_command_line(tiny, models, tmp_path):
+    runs = {"prefix": [], "suffix": [f"--model_id={models['plain']}"], "system": [f"--model_id={models['mistral']}"]}
+    for position, extra in runs.items():
+        out = tmp_path / position
+        result = run_script("experiment.py", *overrides(tiny, out), *SHORT_RUN, f"--primer_position={position}", *extra)
+        assert result.returncode == 0, result.stderr
+        assert "| Run | Samples | Tokens | Position | LR Schedule |" in result.stdout
+        assert f"| experiment | 40 | 4 | {position} | 0.1 |" in result.stdout
+        (run,) = [d for d in os.listdir(out / "results") if d.endswith("experiment")]
+        assert json.loads((out / "results" / run / "config.json").read_text())["primer_position"] == position
+        assert pd.read_csv(out / "results" / "results.csv")["primer_position"].tolist() == [position]
+        note = "the system content or primer goes at the start of the user turn" if position == "system" else "has no chat template"
+        assert (note in result.stdout) == (position != "prefix")
+    wrong = cli.configure(overrides(tiny, tmp_path / "wrong") + ["--primer_position=middle"])
+    with pytest.raises(cli.UserError, match="--primer_position='middle' is not one of system, prefix, suffix"):
+        experiment.run(wrong)
+    assert not os.path.exists(wrong.DATA_DIR)  # refused before preparing data or loading the model
