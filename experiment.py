@@ -3,6 +3,7 @@
     python experiment.py [--name=value ...]        # e.g. --primer_length=16 --train_limit=5600 --test_limit=2400
     python experiment.py --primer_path=results/<run id>/primer.safetensors   # score a saved primer, no training
     python experiment.py --resume=results/<run id>                            # continue an interrupted run
+    python experiment.py --val_limit=2000 --keep_best=True --primer_init=labels   # validate each epoch, keep the best
 """
 import cli
 import harness
@@ -15,7 +16,7 @@ def run(cfg) -> None:
     if cfg.PRIMER_PATH:
         primer = harness.load_primer(cfg.PRIMER_PATH, task.model)
     else:
-        primer = harness.init_primer(task.model, cfg.PRIMER_LENGTH, cfg.SEED)
+        primer = harness.initial_primer(task, cfg.PRIMER_INIT, cfg.PRIMER_LENGTH, cfg.SEED)
     layout = harness.make_layout(task, None, primer_length=len(primer))
     run_dir = cfg.RESUME or harness.start_run(cfg, "experiment")
     log = None if cfg.PRIMER_PATH else harness.train(task, layout, primer, run_dir)
