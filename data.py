@@ -32,6 +32,14 @@ class Split:
     def lengths(self) -> torch.Tensor:
         return self.offsets[1:] - self.offsets[:-1]
 
+    def subset(self, idx: torch.Tensor) -> "Split":
+        """Reviews idx (in that order) as a Split of their own."""
+        lengths = self.lengths[idx]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        positions = torch.repeat_interleave(self.offsets[idx] - offsets[:-1], lengths) + torch.arange(int(offsets[-1]))
+        labels = self.labels[idx]
+        return Split(self.tokens[positions], offsets, labels, {**self.meta, "count": len(idx), "positives": int(labels.sum())})
+
 
 def load_tokenizer(model_id: str):
     from transformers import AutoTokenizer

@@ -4,6 +4,7 @@
     python experiment.py --primer_path=results/<run id>/primer.safetensors   # score a saved primer, no training
     python experiment.py --resume=results/<run id>                            # continue an interrupted run
     python experiment.py --primer_position=suffix                             # the primer after the review (or "prefix")
+    python experiment.py --val_limit=2000 --keep_best=True --primer_init=labels   # validate each epoch, keep the best
 """
 import cli
 import harness
@@ -17,7 +18,7 @@ def run(cfg) -> None:
     if cfg.PRIMER_PATH:
         primer = harness.load_primer(cfg.PRIMER_PATH, task.model)
     else:
-        primer = harness.init_primer(task.model, cfg.PRIMER_LENGTH, cfg.SEED)
+        primer = harness.initial_primer(task, cfg.PRIMER_INIT, cfg.PRIMER_LENGTH, cfg.SEED)
     layout = harness.make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION)
     run_dir = cfg.RESUME or harness.start_run(cfg, "experiment")
     log = None if cfg.PRIMER_PATH else harness.train(task, layout, primer, run_dir)

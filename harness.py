@@ -1,6 +1,7 @@
 """The shared harness: a frozen chat model, inputs built from its chat template, primer training and scoring, results."""
 import functools
 import json
+import math
 import os
 import signal
 import time
@@ -47,6 +48,7 @@ class Task:
     label_ids: torch.Tensor  # token id of LABELS[0] and LABELS[1], on device
     train: Optional[data.Split]
     test: data.Split
+    val: Optional[data.Split] = None  # VAL_LIMIT reviews held out of the training sample, scored after each epoch
 
 
 @dataclass
@@ -121,10 +123,27 @@ def setup(cfg: SimpleNamespace, with_train: bool = True) -> Task:
     device = resolve_device(cfg.DEVICE)
     tokenizer = data.load_tokenizer(cfg.MODEL_ID)
     labels = torch.tensor(label_token_ids(tokenizer, cfg.LABELS, answer_context(tokenizer, cfg.TEMPLATE_KWARGS)), device=device)
-    train = data.load_split(cfg, tokenizer, "train") if with_train else None
+    train, val = hold_out(data.load_split(cfg, tokenizer, "train"), cfg) if with_train else (None, None)
     test = data.load_split(cfg, tokenizer, "test")
     torch.manual_seed(cfg.SEED)
-    return Task(cfg, tokenizer, load_model(cfg, device), device, labels, train, test)
+    return Task(cfg, tokenizer, load_model(cfg, device), device, labels, train, test, val)
+
+
+def hold_out(train: data.Split, cfg: SimpleNamespace) -> tuple[data.Split, Optional[data.Split]]:
+    """The reviews to train on and the VAL_LIMIT validation reviews held out of them (seeded, label-balanced),
+    or all of them and None when VAL_LIMIT is 0."""
+    if cfg.KEEP_BEST and not cfg.VAL_LIMIT:
+        raise cli.UserError("--keep_best=True picks the best epoch on validation reviews, but --val_limit is 0: "
+                            "set --val_limit (e.g. --val_limit=1000) or --keep_best=False")
+    if not cfg.VAL_LIMIT:
+        return train, None
+    if not 0 < cfg.VAL_LIMIT < len(train):
+        raise cli.UserError(f"--val_limit={cfg.VAL_LIMIT} must be between 1 and {len(train) - 1}: validation reviews are "
+                            f"held out of the {len(train):,} training reviews (--train_limit), and some must be left to train on")
+    held = torch.from_numpy(data.balanced_sample(train.labels.numpy(), cfg.VAL_LIMIT, cfg.SEED))
+    rest = torch.ones(len(train), dtype=torch.bool)
+    rest[held] = False
+    return train.subset(rest.nonzero().squeeze(1)), train.subset(held)
 
 
 @functools.cache
@@ -278,6 +297,33 @@ def init_primer(model: torch.nn.Module, length: int, seed: int) -> torch.Tensor:
     return vectors / vectors.norm(dim=1, keepdim=True) * table[rows].float().norm(dim=1, keepdim=True)
 
 
+def initial_primer(task: Task, init: str, length: int, seed: int) -> torch.Tensor:
+    """Float32 [length, hidden] starting vectors on the model's device, as PRIMER_INIT says: "random" (init_primer),
+    or the embeddings of the tokens of primer_init_tokens."""
+    if init == "random":
+        return init_primer(task.model, length, seed)
+    table = task.model.get_input_embeddings().weight.detach()
+    return table[primer_init_tokens(task, init, length, seed).to(table.device)].float()
+
+
+def primer_init_tokens(task: Task, init: str, length: int, seed: int) -> torch.Tensor:
+    """Token ids [length] whose embeddings start the primer, cycled to length: "vocab" seeded random ordinary tokens
+    (no special or added ones, which may be untrained), "labels" the label tokens, "text:<words>" that text's tokens."""
+    tok = task.tokenizer
+    if init == "vocab":
+        ordinary = torch.tensor(sorted(set(range(len(tok))) - set(tok.added_tokens_decoder)))
+        ids = ordinary[torch.randperm(len(ordinary), generator=torch.Generator().manual_seed(seed))[:length]].tolist()
+    elif init == "labels":
+        ids = task.label_ids.tolist()
+    elif init.startswith("text:"):
+        ids = tok(init[len("text:"):], add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise cli.UserError(f"--primer_init={init!r} has no text: write the words after 'text:', e.g. --primer_init='text:Classify the review'")
+    else:
+        raise cli.UserError(f"--primer_init={init!r} is not one of 'random', 'vocab', 'labels', 'text:<words>'")
+    return torch.tensor(ids).repeat(-(-length // len(ids)))[:length]
+
+
 def load_primer(path: str, model: torch.nn.Module) -> torch.Tensor:
     if not os.path.isfile(path):
         raise cli.UserError(f"--primer_path={path} does not exist: give the primer.safetensors of a run in results/")
@@ -315,27 +361,30 @@ def train_step(task: Task, layout: Layout, primer: torch.Tensor, optimizer: torc
 
 
 def save_checkpoint(run_dir: str, primer: torch.Tensor, optimizer: torch.optim.Optimizer, epoch: int, batch: int,
-                    log: list[dict]) -> None:
+                    log: list[dict], validation: dict) -> None:
     """Atomically write where training stands: the next batch to run is `batch` of epoch `epoch` (0-based)."""
     state = {"primer": primer.detach().cpu(), "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch,
-             "log": log, "torch_rng": torch.get_rng_state()}
+             "log": log, "validation": validation, "torch_rng": torch.get_rng_state()}
     path = os.path.join(run_dir, "checkpoint.pt")
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(run_dir: str, primer: torch.Tensor, optimizer: torch.optim.Optimizer) -> tuple[int, int, list[dict]]:
-    """Restore primer, optimizer and RNG from run_dir's checkpoint if there is one; (epoch, batch, log) to go on from."""
+def load_checkpoint(run_dir: str, primer: torch.Tensor,
+                    optimizer: torch.optim.Optimizer) -> tuple[int, int, list[dict], dict]:
+    """Restore primer, optimizer and RNG from run_dir's checkpoint if there is one; (epoch, batch, log, validation)
+    to go on from, validation being {"rows": one score row per epoch, "best_primer": the best epoch's primer}."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.exists(path):
-        return 0, 0, []
+        return 0, 0, [], {"rows": [], "best_primer": None}
     state = torch.load(path, weights_only=True)
     with torch.no_grad():
         primer.copy_(state["primer"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     print(f"resuming {run_dir} at epoch {state['epoch'] + 1}, batch {state['batch']}", flush=True)
-    return state["epoch"], state["batch"], state["log"]
+    validation = state.get("validation", {"rows": [], "best_primer": None})  # checkpoints from before VAL_LIMIT have none
+    return state["epoch"], state["batch"], state["log"], validation
 
 
 def train(task: Task, layout: Layout, primer: torch.Tensor, run_dir: str) -> list[dict]:
@@ -344,7 +393,7 @@ def train(task: Task, layout: Layout, primer: torch.Tensor, run_dir: str) -> lis
     cfg, rates = task.cfg, task.cfg.RATE_BY_EPOCH
     primer.requires_grad_(True)
     optimizer = torch.optim.Adam([primer], lr=rates[0])
-    start_epoch, start_batch, log = load_checkpoint(run_dir, primer, optimizer)
+    start_epoch, start_batch, log, validation = load_checkpoint(run_dir, primer, optimizer)
     last_good = primer.detach().clone()  # the last primer whose loss was finite
     interrupted = []
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))  # stop between steps, never inside one
@@ -364,44 +413,107 @@ def train(task: Task, layout: Layout, primer: torch.Tensor, run_dir: str) -> lis
                 except NonFiniteLoss as e:
                     with torch.no_grad():
                         primer.copy_(last_good)
-                    save_checkpoint(run_dir, primer, optimizer, epoch, b, log)
+                    save_checkpoint(run_dir, primer, optimizer, epoch, b, log, validation)
                     print(f"training stopped at epoch {epoch + 1}, batch {b}: {e}; keeping the last good primer", flush=True)
+                    keep_best(task, primer, validation)
                     return log
                 last_good, seen = before, seen + len(idx)
                 running = value if running is None else 0.98 * running + 0.02 * value
                 log.append({"step": len(log) + 1, "epoch": epoch + 1, "lr": rates[epoch], "loss": value})
                 bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
                 if interrupted or (b + 1) % cfg.CHECKPOINT_EVERY == 0:
-                    save_checkpoint(run_dir, primer, optimizer, epoch, b + 1, log)
+                    save_checkpoint(run_dir, primer, optimizer, epoch, b + 1, log, validation)
                 if interrupted:
                     raise Interrupted(f"interrupted; checkpoint saved: resume with python experiment.py --resume={run_dir}")
-            save_checkpoint(run_dir, primer, optimizer, epoch + 1, 0, log)
+            if task.val is not None:
+                validate(task, layout, primer, epoch, validation, run_dir)
+            save_checkpoint(run_dir, primer, optimizer, epoch + 1, 0, log, validation)
     finally:
         signal.signal(signal.SIGINT, previous)
+    keep_best(task, primer, validation)
     return log
 
 
+def validate(task: Task, layout: Layout, primer: torch.Tensor, epoch: int, validation: dict, run_dir: str) -> None:
+    """Score the validation reviews after epoch `epoch` (0-based), print the scores, add them to validation["rows"]
+    and run_dir/validation.csv (rewritten every epoch, to follow a long run), and copy the primer if it is the best."""
+    row = {"epoch": epoch + 1, **score(task, layout, primer, task.val)}
+    validation["rows"].append(row)
+    best = best_validation(validation["rows"])
+    if best is row:
+        validation["best_primer"] = primer.detach().cpu().clone()
+    write_atomic(os.path.join(run_dir, "validation.csv"), pd.DataFrame(validation["rows"]).to_csv(index=False))
+    print(f"epoch {epoch + 1}/{len(task.cfg.RATE_BY_EPOCH)} validation: score {format_score(row, 'score')} "
+          f"({row['correct']:,} / {row['total']:,}), label-restricted {format_score(row, 'restricted')}; "
+          f"best epoch so far {best['epoch']}", flush=True)
+
+
+def best_validation(rows: list[dict]) -> Optional[dict]:
+    """The validation row of the best epoch: most strict answers right, then most label-restricted ones right,
+    then the earliest; None without rows."""
+    return max(rows, key=lambda r: (r["correct"], r["restricted_correct"]), default=None)
+
+
+def keep_best(task: Task, primer: torch.Tensor, validation: dict) -> None:
+    """With KEEP_BEST, put the primer of the best validation epoch in place of the last one."""
+    best = best_validation(validation["rows"])
+    if task.cfg.KEEP_BEST and best is not None:
+        with torch.no_grad():
+            primer.copy_(validation["best_primer"])
+        print(f"keeping the primer of epoch {best['epoch']}, the best on the validation reviews", flush=True)
+
+
+def best_epoch(run_dir: str) -> Optional[int]:
+    """The best epoch on the validation reviews by run_dir's validation.csv; None when the run validated none."""
+    path = os.path.join(run_dir, "validation.csv")
+    return int(best_validation(pd.read_csv(path).to_dict("records"))["epoch"]) if os.path.exists(path) else None
+
+
 @torch.inference_mode()
-def score_batch(task: Task, layout: Layout, primer: Optional[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
-    """Counts [strict correct, label-restricted correct, answered with a label token] over test reviews idx."""
-    ids, lengths = assemble(layout, task.test, idx)
+def score_batch(task: Task, layout: Layout, primer: Optional[torch.Tensor], idx: torch.Tensor,
+                split: Optional[data.Split] = None) -> torch.Tensor:
+    """Counts [strict correct, label-restricted correct, answered with a label token] over reviews idx of split
+    (the test split unless given)."""
+    split = task.test if split is None else split
+    ids, lengths = assemble(layout, split, idx)
     logits = last_logits(task.model, ids.to(task.device), lengths.to(task.device), layout, primer)
-    truth, labels = task.test.labels[idx].to(task.device), task.label_ids
+    truth, labels = split.labels[idx].to(task.device), task.label_ids
     answer = logits.argmax(-1)
     return torch.stack([(answer == labels[truth]).sum(), (logits[:, labels].argmax(-1) == truth).sum(),
                         torch.isin(answer, labels).sum()])
 
 
-def score(task: Task, layout: Layout, primer: Optional[torch.Tensor]) -> dict:
+def score(task: Task, layout: Layout, primer: Optional[torch.Tensor], split: Optional[data.Split] = None) -> dict:
     """Strict score (label token is the argmax over the whole vocabulary, the reference's metric), the
-    label-restricted score (argmax over the two label tokens) and how often the answer is a label token at all."""
-    order = task.test.lengths.argsort(descending=True)  # longest first, so a batch too big for memory fails at once
-    counts = sum(score_batch(task, layout, primer, idx)
+    label-restricted score (argmax over the two label tokens), their 95% Wilson intervals (_low, _high) and how
+    often the answer is a label token at all, over split (the test split unless given)."""
+    split = task.test if split is None else split
+    order = split.lengths.argsort(descending=True)  # longest first, so a batch too big for memory fails at once
+    counts = sum(score_batch(task, layout, primer, idx, split)
                  for idx in tqdm(order.split(task.cfg.SCORE_BATCH_SIZE), desc="score", unit="batch"))
     strict, restricted, answered = counts.tolist()
-    total = len(task.test)
+    total = len(split)
+    score_low, score_high = wilson_interval(strict, total)
+    restricted_low, restricted_high = wilson_interval(restricted, total)
     return {"correct": strict, "total": total, "score": strict / total, "restricted_correct": restricted,
-            "restricted_score": restricted / total, "label_answer_share": answered / total}
+            "restricted_score": restricted / total, "label_answer_share": answered / total, "score_low": score_low,
+            "score_high": score_high, "restricted_low": restricted_low, "restricted_high": restricted_high}
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (low, high) of the share correct / total, 95% for z = 1.96: unlike the normal
+    approximation it stays inside [0, 1] and is sound for shares near 0 or 1 and for small totals."""
+    p, z2 = correct / total, z * z / total
+    center = (p + z2 / 2) / (1 + z2)
+    half = z * math.sqrt(p * (1 - p) / total + z2 / (4 * total)) / (1 + z2)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def format_score(row: dict, name: str) -> str:
+    """Score `name` ("score" or "restricted") of a metrics row as a percentage with its 95% Wilson interval's
+    half-width in points, e.g. "95.9% ±0.2" (the interval is asymmetric: its bounds are in the ledger)."""
+    share = row["score"] if name == "score" else row["restricted_score"]
+    return f"{100 * share:.1f}% ±{50 * (row[name + '_high'] - row[name + '_low']):.1f}"
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -436,12 +548,17 @@ def resumed_config(run_dir: str) -> SimpleNamespace:
 
 def format_table(rows: list[dict]) -> str:
     """Ledger rows in the reference's form: Samples | Tokens | LR Schedule | Score | Correct / Total, plus the
-    primer's position and the label-restricted score."""
-    lines = ["| Run | Samples | Tokens | Position | LR Schedule | Score | Correct / Total | Label-restricted |", "|---" * 8 + "|"]
+    primer's position, the label-restricted score, each score with its 95% interval's half-width, then the research
+    knobs and best epoch."""
+    lines = ["| Run | Samples | Tokens | Position | LR Schedule | Score | Correct / Total | Label-restricted | Primer init "
+             "| Val reviews | Best epoch | Keep best |", "|---" * 12 + "|"]
     for r in rows:
         samples = f"{int(r['samples']):,}" if r["samples"] else "–"
-        lines.append(f"| {r['script']} | {samples} | {int(r['tokens'])} | {r.get('primer_position') or '–'} | {r['lr_schedule'] or '–'} | {100 * r['score']:.1f}% "
-                     f"| {int(r['correct']):,} / {int(r['total']):,} | {100 * r['restricted_score']:.1f}% |")
+        lines.append(f"| {r['script']} | {samples} | {int(r['tokens'])} | {r.get('primer_position') or '–'} "
+                     f"| {r['lr_schedule'] or '–'} | {format_score(r, 'score')} "
+                     f"| {int(r['correct']):,} / {int(r['total']):,} | {format_score(r, 'restricted')} "
+                     f"| {r['primer_init'] or '–'} | {int(r['val_limit']) or '–'} | {r['best_epoch'] or '–'} "
+                     f"| {'yes' if r['keep_best'] else '–'} |")
     return "\n".join(lines)
 
 
@@ -455,7 +572,9 @@ def record(task: Task, script: str, layout: Layout, metrics: dict, primer: Optio
            "samples": len(task.train) if trained else 0, "tokens": layout.prompt_tokens,
            "primer_position": cfg.PRIMER_POSITION if primer is not None else "",
            "lr_schedule": ", ".join(f"{r:g}" for r in cfg.RATE_BY_EPOCH) if trained else "",
-           **metrics, "seed": cfg.SEED, "primer_path": cfg.PRIMER_PATH or ""}
+           **metrics, "seed": cfg.SEED, "primer_path": cfg.PRIMER_PATH or "",
+           "primer_init": cfg.PRIMER_INIT if trained else "", "val_limit": cfg.VAL_LIMIT if trained else 0,
+           "keep_best": cfg.KEEP_BEST if trained else False, "best_epoch": best_epoch(run_dir)}
     write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(row, indent=2))
     if primer is not None:
         save_file({"primer": primer.detach().float().cpu().contiguous()}, os.path.join(run_dir, "primer.safetensors.tmp"),

@@ -31,7 +31,8 @@ GRID += [{"script": "prompt_long"}, {"script": "prompt_short"}]
 
 # where files live, how scoring is batched and how training saves memory and progress change no result
 IGNORED_KEYS = {"RESULTS_DIR", "DATA_DIR", "SCORE_BATCH_SIZE", "GRADIENT_CHECKPOINTING", "CHECKPOINT_EVERY"}
-TRAINING_KEYS = {"TRAIN_LIMIT", "BATCH_SIZE", "PRIMER_LENGTH", "RATE_BY_EPOCH", "PRIMER_PATH"}  # a text prompt uses none
+TRAINING_KEYS = {"TRAIN_LIMIT", "BATCH_SIZE", "PRIMER_LENGTH", "RATE_BY_EPOCH", "PRIMER_PATH", "PRIMER_POSITION",
+                 "PRIMER_INIT", "VAL_LIMIT", "KEEP_BEST"}  # a text prompt uses none
 
 
 def text_prompt(module) -> Callable[[SimpleNamespace], str]:
@@ -57,7 +58,7 @@ def ledger_rows(results_dir: str) -> list[dict]:
     path = os.path.join(results_dir, "results.csv")
     if not os.path.exists(path):
         return []
-    text = {c: str for c in ("run_id", "script", "model_id", "lr_schedule", "primer_path")}  # "1e-05" stays a schedule
+    text = {c: str for c in ("run_id", "script", "model_id", "lr_schedule", "primer_path", "primer_position", "primer_init")}  # "1e-05" stays a schedule
     return pd.read_csv(path, dtype=text, keep_default_na=False).to_dict("records")  # and "" stays "", not NaN
 
 

@@ -1,4 +1,4 @@
-"""Interrupted training resumes to exactly the primer and scores of an uninterrupted run (CPU, same seed)."""
+"""Interrupted training resumes to exactly the primer, validation log and scores of an uninterrupted run (CPU, same seed)."""
 import glob
 import json
 import os
@@ -12,23 +12,26 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, overrides, run_script
 
-SLOW = ["--batch_size=2", "--checkpoint_every=5", "--rate_by_epoch=[0.1, 0.1, 0.1, 0.1, 0.1, 0.1]"]  # 300 steps
+SLOW = ["--batch_size=2", "--checkpoint_every=5", "--rate_by_epoch=[0.1, 0.1, 0.1, 0.1, 0.1, 0.1]"]  # 240 steps
+VALIDATED = ["--val_limit=20", "--keep_best=True"]  # 20 of the 100 reviews scored after each epoch, the best primer kept
 
 
-def interrupt(args: list[str], results: str, sig: int) -> subprocess.CompletedProcess:
-    """Start a training run, send sig as soon as its first checkpoint exists, and wait for it to end."""
+def interrupt(args: list[str], results: str, sig: int, after: str) -> subprocess.CompletedProcess:
+    """Start a training run, send sig as soon as the run folder holds the file `after`, and wait for it to end."""
     proc = subprocess.Popen([sys.executable, "experiment.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    while not glob.glob(f"{results}/*/checkpoint.pt") and proc.poll() is None:
+    while not glob.glob(f"{results}/*/{after}") and proc.poll() is None:
         time.sleep(0.005)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def finished_run(results: str) -> tuple[torch.Tensor, dict]:
+def finished_run(results: str) -> tuple[torch.Tensor, torch.Tensor, dict, str]:
+    """The saved (best) primer, the last epoch's primer, the metrics and the validation log of a finished run."""
     (run,) = glob.glob(f"{results}/*-experiment")
-    return load_file(f"{run}/primer.safetensors")["primer"], json.load(open(f"{run}/metrics.json"))
+    return (load_file(f"{run}/primer.safetensors")["primer"], torch.load(f"{run}/checkpoint.pt", weights_only=True)["primer"],
+            json.load(open(f"{run}/metrics.json")), open(f"{run}/validation.csv").read())
 
 
 def test_killed_and_interrupted_runs_resume_bitwise(tiny, tmp_path):
@@ -36,11 +39,12 @@ def test_killed_and_interrupted_runs_resume_bitwise(tiny, tmp_path):
     runs = {}
     for name in ("straight", "killed", "ctrl_c"):
         runs[name] = str(tmp_path / name)
-        args = [*base, *SLOW, f"--results_dir={runs[name]}"]
+        args = [*base, *SLOW, *VALIDATED, f"--results_dir={runs[name]}"]
         if name == "straight":
             assert run_script("experiment.py", *args).returncode == 0
             continue
-        stopped = interrupt(args, runs[name], signal.SIGKILL if name == "killed" else signal.SIGINT)
+        # killed once the first epoch's validation is logged, so the resumed run must carry it on from the checkpoint
+        stopped = interrupt(args, runs[name], *((signal.SIGKILL, "validation.csv") if name == "killed" else (signal.SIGINT, "checkpoint.pt")))
         assert stopped.returncode != 0, "the run ended before it could be interrupted"
         (run,) = glob.glob(f"{runs[name]}/*-experiment")
         state = torch.load(f"{run}/checkpoint.pt", weights_only=True)
@@ -51,9 +55,11 @@ def test_killed_and_interrupted_runs_resume_bitwise(tiny, tmp_path):
         resumed = run_script("experiment.py", f"--resume={run}")
         assert resumed.returncode == 0, resumed.stderr
         assert f"resuming {run} at epoch" in resumed.stdout
-    primer, metrics = finished_run(runs["straight"])
+    primer, last, metrics, validation = finished_run(runs["straight"])
+    assert len(validation.splitlines()) == 7  # a header and one row per epoch
     for name in ("killed", "ctrl_c"):
-        other_primer, other_metrics = finished_run(runs[name])
-        assert torch.equal(other_primer, primer), name
-        assert {k: other_metrics[k] for k in ("correct", "restricted_correct", "total")} == \
-               {k: metrics[k] for k in ("correct", "restricted_correct", "total")}
+        other_primer, other_last, other_metrics, other_validation = finished_run(runs[name])
+        assert torch.equal(other_primer, primer) and torch.equal(other_last, last), name
+        assert other_validation == validation, name
+        keys = ("correct", "restricted_correct", "total", "best_epoch")
+        assert {k: other_metrics[k] for k in keys} == {k: metrics[k] for k in keys}

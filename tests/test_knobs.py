@@ -1,0 +1,143 @@
+"""The research knobs: PRIMER_INIT, VAL_LIMIT with KEEP_BEST, and the Wilson intervals on every score."""
+import json
+import os
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cli
+import harness
+from conftest import overrides, run_script
+
+TINY_RUN = ["--train_limit=40", "--test_limit=20"]  # 4 batches of 10 per epoch, 20 test reviews
+TEXT = "text:great food"  # three tokens for the tiny tokenizer
+
+
+@pytest.fixture(scope="module")
+def task(tiny, tmp_path_factory):
+    return harness.setup(cli.configure(overrides(tiny, tmp_path_factory.mktemp("knobs")) + TINY_RUN))
+
+
+def test_wilson_interval_known_values():
+    low, high = harness.wilson_interval(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    assert harness.wilson_interval(0, 10) == (0.0, pytest.approx(0.2775, abs=1e-4))
+    assert harness.wilson_interval(10, 10) == (pytest.approx(0.7225, abs=1e-4), 1.0)
+    low, high = harness.wilson_interval(36442, 38000)  # the reference's best row: 95.9% ±0.2
+    assert high - low == pytest.approx(0.004, abs=1e-4)
+    assert harness.wilson_interval(81, 90, z=2.576)[0] < harness.wilson_interval(81, 90)[0]  # 99% is wider than 95%
+
+
+def test_format_score_prints_the_half_width():
+    row = {"score": 0.959, "score_low": 0.957, "score_high": 0.961, "restricted_score": 0.5, "restricted_low": 0.404,
+           "restricted_high": 0.596}
+    assert harness.format_score(row, "score") == "95.9% ±0.2"
+    assert harness.format_score(row, "restricted") == "50.0% ±9.6"
+
+
+def test_primer_inits_are_the_embeddings_they_name(task):
+    table = task.model.get_input_embeddings().weight
+    start = lambda init, length=5, seed=0: harness.initial_primer(task, init, length, seed)
+    assert torch.equal(start("random"), harness.init_primer(task.model, 5, 0))  # the reference's, unchanged
+
+    vocab = start("vocab")
+    tokens = harness.primer_init_tokens(task, "vocab", 5, 0)
+    assert torch.equal(vocab, table[tokens]) and len(set(tokens.tolist())) == 5
+    assert not set(tokens.tolist()) & set(task.tokenizer.added_tokens_decoder)  # no special tokens
+    assert torch.equal(vocab, start("vocab")) and not torch.equal(vocab, start("vocab", seed=1))
+
+    l0, l1 = table[task.label_ids]
+    assert torch.equal(start("labels"), torch.stack([l0, l1, l0, l1, l0]))
+
+    words = task.tokenizer("great food", add_special_tokens=False)["input_ids"]
+    assert 1 < len(words) < 5
+    assert torch.equal(start(TEXT), table[(words * 5)[:5]])  # cycled
+    assert torch.equal(start(TEXT, length=1), table[words[:1]])  # cut
+
+    for init in ("random", "vocab", "labels", TEXT):
+        primer = start(init)
+        assert primer.dtype == torch.float32 and primer.shape == (5, table.shape[1]) and primer.device == task.device
+        assert not primer.requires_grad and primer.data_ptr() != table.data_ptr()
+
+
+@pytest.mark.parametrize("init, message", [("zeros", "is not one of 'random', 'vocab', 'labels', 'text:<words>'"),
+                                           ("text:", "has no text")])
+def test_bad_primer_init_is_refused(task, init, message):
+    with pytest.raises(cli.UserError, match=message):
+        harness.initial_primer(task, init, 4, 0)
+
+
+@pytest.mark.parametrize("init", ["vocab", "labels", TEXT])
+def test_each_primer_init_runs_through_the_command_line(tiny, tmp_path_factory, task, init):
+    """At learning rate 0 Adam leaves the primer as it started, so the saved primer is the initial one."""
+    out = tmp_path_factory.getbasetemp() / "knob_inits"  # one data folder for the three runs
+    result = run_script("experiment.py", *overrides(tiny, out), *TINY_RUN, "--rate_by_epoch=[0.0]", f"--primer_init={init}")
+    assert result.returncode == 0, result.stderr
+    ledger = pd.read_csv(out / "results" / "results.csv")
+    run = out / "results" / ledger["run_id"].iloc[-1]
+    assert ledger["primer_init"].iloc[-1] == init and json.loads((run / "config.json").read_text())["primer_init"] == init
+    assert f"| {init} |" in result.stdout  # the table's column
+    assert torch.equal(load_file(str(run / "primer.safetensors"))["primer"], harness.initial_primer(task, init, 4, 0))
+
+
+def test_validation_reviews_are_held_out_balanced_and_seeded(task):
+    cfg = cli.configure(["--val_limit=10"])
+    train, val = harness.hold_out(task.train, cfg)
+    assert (len(train), len(val)) == (30, 10) and val.labels.sum() == 5
+    reviews = lambda split: sorted(tuple(split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist()) for i in range(len(split)))
+    assert sorted(reviews(train) + reviews(val)) == reviews(task.train)  # every review in exactly one of them
+    assert reviews(harness.hold_out(task.train, cfg)[1]) == reviews(val)
+    assert reviews(harness.hold_out(task.train, cli.configure(["--val_limit=10", "--seed=1"]))[1]) != reviews(val)
+    unchanged, none = harness.hold_out(task.train, cli.configure([]))
+    assert unchanged is task.train and none is None  # VAL_LIMIT=0: the reference
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--val_limit=40"], "--val_limit=40 must be between 1 and 39: validation reviews are held out of the 40 training"),
+    (["--keep_best=True"], "--keep_best=True picks the best epoch on validation reviews, but --val_limit is 0"),
+])
+def test_bad_validation_settings_are_refused(task, args, message):
+    with pytest.raises(cli.UserError, match=message.replace("(", r"\(")):
+        harness.hold_out(task.train, cli.configure(args))
+
+
+def test_validation_run_keeps_the_best_epoch(tiny, tmp_path):
+    rates = [0.1, 0.1, 0.1]
+    args = [*overrides(tiny, tmp_path), *TINY_RUN, f"--rate_by_epoch={rates}", "--val_limit=10", "--keep_best=True"]
+    result = run_script("experiment.py", *args)
+    assert result.returncode == 0, result.stderr
+    (run_id,) = [d for d in os.listdir(tmp_path / "results") if d.endswith("experiment")]
+    run = tmp_path / "results" / run_id
+    validation = pd.read_csv(run / "validation.csv")
+    assert validation["epoch"].tolist() == [1, 2, 3] and (validation["total"] == 10).all()
+    for row in validation.itertuples():
+        assert f"epoch {row.epoch}/3 validation: score {100 * row.score:.1f}% ±" in result.stdout
+        assert row.score_low <= row.score <= row.score_high and row.restricted_low <= row.restricted_score <= row.restricted_high
+    best = validation.sort_values(["correct", "restricted_correct", "epoch"], ascending=[False, False, True]).iloc[0]
+    best = {k: int(best[k]) for k in ("epoch", "correct", "restricted_correct")}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_epoch"] == best["epoch"] and metrics["samples"] == 30 and metrics["total"] == 20
+    assert metrics["best_epoch"] < 3, "this schedule no longer makes an earlier epoch best: pick one that does"
+    assert f"keeping the primer of epoch {best['epoch']}, the best on the validation reviews" in result.stdout
+
+    # the saved and scored primer is the best epoch's: a run cut to that many epochs ends with it, bitwise
+    saved = load_file(str(run / "primer.safetensors"))["primer"]
+    last = torch.load(run / "checkpoint.pt", weights_only=True)["primer"]
+    assert not torch.equal(saved, last)
+    cut = cli.configure([*args, f"--rate_by_epoch={rates[:metrics['best_epoch']]}", "--keep_best=False"])
+    cut_task = harness.setup(cut)
+    layout = harness.make_layout(cut_task, None, primer_length=4)
+    primer = harness.initial_primer(cut_task, cut.PRIMER_INIT, cut.PRIMER_LENGTH, cut.SEED)
+    os.makedirs(tmp_path / "cut")
+    harness.train(cut_task, layout, primer, str(tmp_path / "cut"))
+    assert torch.equal(primer.detach(), saved)
+    on_val = harness.score(cut_task, layout, primer, cut_task.val)
+    assert (on_val["correct"], on_val["restricted_correct"]) == (best["correct"], best["restricted_correct"])
+
+    ledger = pd.read_csv(tmp_path / "results" / "results.csv").iloc[0]
+    assert (ledger["val_limit"], ledger["keep_best"], ledger["best_epoch"], ledger["primer_init"]) == (10, True, best["epoch"], "random")
+    assert ledger["score_low"] <= ledger["score"] <= ledger["score_high"]
+    assert ledger["restricted_low"] <= ledger["restricted_score"] <= ledger["restricted_high"]
+    assert f"| {harness.format_score(metrics, 'score')} | {metrics['correct']} / 20 |" in result.stdout
