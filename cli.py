@@ -6,6 +6,7 @@ import types
 from typing import Any, Callable, Optional
 
 import config
+import parallel
 
 
 class UserError(Exception):
@@ -70,9 +71,11 @@ def print_config(cfg: types.SimpleNamespace) -> None:
 
 
 def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, Any]] = None) -> None:
-    """Configure from sys.argv, print the config and call run(cfg); a UserError exits with one line."""
+    """Configure from sys.argv, join the other processes when accelerate launched several, print the config and
+    call run(cfg); a UserError exits with one line."""
     try:
         cfg = configure(sys.argv[1:], extra)
+        parallel.start(cfg.DEVICE)
         print_config(cfg)
         run(cfg)
     except UserError as e:
