@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 import config
+import parallel
 
 
 class UserError(Exception):
@@ -81,9 +82,10 @@ def as_args(values: dict[str, Any]) -> list[str]:
 def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, Any]] = None,
          parse: Optional[Callable[[list[str]], types.SimpleNamespace]] = None) -> None:
     """Configure from sys.argv (with `parse` when the script reads more than overrides), print the config and call
-    run(cfg); a UserError exits with one line."""
+    run(cfg); joins the other processes when accelerate launched several; a UserError exits with one line."""
     try:
         cfg = parse(sys.argv[1:]) if parse else configure(sys.argv[1:], extra)
+        parallel.start(cfg.DEVICE)
         print_config(cfg)
         run(cfg)
     except UserError as e:

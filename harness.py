@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import parallel
 import plots
 
 PRIMER_SLOT = "\x00PRIMER\x00"  # stands for the primer while the chat template is rendered
@@ -62,6 +63,12 @@ class Layout:
 
 
 def resolve_device(name: str) -> torch.device:
+    if parallel.started():  # each process has a device of its own, which DEVICE may name only by its type
+        mine = parallel.device()
+        if name not in ("auto", mine.type):
+            raise cli.UserError(f"--device={name}, but under accelerate launch this process runs on {mine}: "
+                                f"use --device=auto (each process then takes its own GPU) or --device={mine.type}")
+        return mine
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -123,8 +130,9 @@ def setup(cfg: SimpleNamespace, with_train: bool = True) -> Task:
     device = resolve_device(cfg.DEVICE)
     tokenizer = data.load_tokenizer(cfg.MODEL_ID)
     labels = torch.tensor(label_token_ids(tokenizer, cfg.LABELS, answer_context(tokenizer, cfg.TEMPLATE_KWARGS)), device=device)
-    train, val = hold_out(data.load_split(cfg, tokenizer, "train"), cfg) if with_train else (None, None)
-    test = data.load_split(cfg, tokenizer, "test")
+    with parallel.local_main_first():  # under accelerate one process per machine prepares missing data
+        train, val = hold_out(data.load_split(cfg, tokenizer, "train"), cfg) if with_train else (None, None)
+        test = data.load_split(cfg, tokenizer, "test")
     torch.manual_seed(cfg.SEED)
     return Task(cfg, tokenizer, load_model(cfg, device), device, labels, train, test, val)
 
@@ -344,30 +352,42 @@ def length_grouped_batches(lengths: torch.Tensor, batch_size: int, seed: int) ->
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def shard_loss(task: Task, layout: Layout, primer: torch.Tensor, shard: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """This process's part of the mean cross-entropy over a batch of batch_size reviews, shard being its share of
+    them (all of them on one process): summed over processes, the parts make the batch mean. An empty shard gives a
+    zero whose gradient is zero, so that its process still joins the gradient sum."""
+    if not len(shard):
+        return primer.sum() * 0.0
+    ids, lengths = assemble(layout, task.train, shard)
+    logits = last_logits(task.model, ids.to(task.device), lengths.to(task.device), layout, primer)
+    targets = task.label_ids[task.train.labels[shard].to(task.device)]
+    return F.cross_entropy(logits, targets) * (len(shard) / batch_size)
+
+
 def train_step(task: Task, layout: Layout, primer: torch.Tensor, optimizer: torch.optim.Optimizer,
                idx: torch.Tensor) -> torch.Tensor:
     """One Adam step on the primer over training reviews idx; returns the batch's mean loss (a 0-dim tensor).
-    A non-finite loss raises NonFiniteLoss before anything is updated."""
-    ids, lengths = assemble(layout, task.train, idx)
-    logits = last_logits(task.model, ids.to(task.device), lengths.to(task.device), layout, primer)
-    targets = task.label_ids[task.train.labels[idx].to(task.device)]
-    loss = F.cross_entropy(logits, targets)
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"loss {loss.item()}")
+    A non-finite loss raises NonFiniteLoss before anything is updated. Under accelerate idx is the global batch:
+    each process runs its shard, and the summed gradient is the one of the mean over idx on every process."""
+    loss = shard_loss(task, layout, primer, parallel.shard(idx), len(idx))
+    total = parallel.sum_across(loss.detach())  # every process sees the same loss, so all of them stop on a NaN
+    if not torch.isfinite(total):
+        raise NonFiniteLoss(f"loss {total.item()}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    primer.grad = parallel.sum_across(primer.grad)  # same gradient, same Adam step: the primer stays identical everywhere
     optimizer.step()
-    return loss.detach()
+    return total
 
 
+@parallel.main_writes
 def save_checkpoint(run_dir: str, primer: torch.Tensor, optimizer: torch.optim.Optimizer, epoch: int, batch: int,
                     log: list[dict], validation: dict) -> None:
     """Atomically write where training stands: the next batch to run is `batch` of epoch `epoch` (0-based)."""
     state = {"primer": primer.detach().cpu(), "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch,
              "log": log, "validation": validation, "torch_rng": torch.get_rng_state()}
-    path = os.path.join(run_dir, "checkpoint.pt")
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with cli.atomic_path(os.path.join(run_dir, "checkpoint.pt")) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(run_dir: str, primer: torch.Tensor,
@@ -404,9 +424,9 @@ def train(task: Task, layout: Layout, primer: torch.Tensor, run_dir: str) -> lis
             batches = length_grouped_batches(task.train.lengths, cfg.BATCH_SIZE, cfg.SEED + epoch)
             first = start_batch if epoch == start_epoch else 0
             bar = tqdm(batches[first:], desc=f"epoch {epoch + 1}/{len(rates)} lr {rates[epoch]:g}", unit="batch",
-                       initial=first, total=len(batches))
+                       initial=first, total=len(batches), disable=not parallel.is_main())
             running, seen, start = None, 0, time.perf_counter()
-            for b, idx in enumerate(batches[first:], start=first):
+            for b, idx in enumerate(bar, start=first):
                 before = primer.detach().clone()
                 try:
                     value = train_step(task, layout, primer, optimizer, idx).item()
@@ -421,10 +441,11 @@ def train(task: Task, layout: Layout, primer: torch.Tensor, run_dir: str) -> lis
                 running = value if running is None else 0.98 * running + 0.02 * value
                 log.append({"step": len(log) + 1, "epoch": epoch + 1, "lr": rates[epoch], "loss": value})
                 bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
-                if interrupted or (b + 1) % cfg.CHECKPOINT_EVERY == 0:
+                stop = parallel.anyone(bool(interrupted))  # under accelerate all processes stop after the same step
+                if stop or (b + 1) % cfg.CHECKPOINT_EVERY == 0:
                     save_checkpoint(run_dir, primer, optimizer, epoch, b + 1, log, validation)
-                if interrupted:
-                    raise Interrupted(f"interrupted; checkpoint saved: resume with python experiment.py --resume={run_dir}")
+                if stop:
+                    raise Interrupted(f"interrupted; checkpoint saved: resume with {parallel.launch_command()} experiment.py --resume={run_dir}")
             if task.val is not None:
                 validate(task, layout, primer, epoch, validation, run_dir)
             save_checkpoint(run_dir, primer, optimizer, epoch + 1, 0, log, validation)
@@ -442,7 +463,8 @@ def validate(task: Task, layout: Layout, primer: torch.Tensor, epoch: int, valid
     best = best_validation(validation["rows"])
     if best is row:
         validation["best_primer"] = primer.detach().cpu().clone()
-    write_atomic(os.path.join(run_dir, "validation.csv"), pd.DataFrame(validation["rows"]).to_csv(index=False))
+    if parallel.is_main():
+        write_atomic(os.path.join(run_dir, "validation.csv"), pd.DataFrame(validation["rows"]).to_csv(index=False))
     print(f"epoch {epoch + 1}/{len(task.cfg.RATE_BY_EPOCH)} validation: score {format_score(row, 'score')} "
           f"({row['correct']:,} / {row['total']:,}), label-restricted {format_score(row, 'restricted')}; "
           f"best epoch so far {best['epoch']}", flush=True)
@@ -486,12 +508,15 @@ def score_batch(task: Task, layout: Layout, primer: Optional[torch.Tensor], idx:
 def score(task: Task, layout: Layout, primer: Optional[torch.Tensor], split: Optional[data.Split] = None) -> dict:
     """Strict score (label token is the argmax over the whole vocabulary, the reference's metric), the
     label-restricted score (argmax over the two label tokens), their 95% Wilson intervals (_low, _high) and how
-    often the answer is a label token at all, over split (the test split unless given)."""
+    often the answer is a label token at all, over split (the test split unless given). Under accelerate each
+    process scores its share of the split and the counts are summed."""
     split = task.test if split is None else split
     order = split.lengths.argsort(descending=True)  # longest first, so a batch too big for memory fails at once
-    counts = sum(score_batch(task, layout, primer, idx, split)
-                 for idx in tqdm(order.split(task.cfg.SCORE_BATCH_SIZE), desc="score", unit="batch"))
-    strict, restricted, answered = counts.tolist()
+    batches = parallel.shard(order).split(task.cfg.SCORE_BATCH_SIZE)
+    counts = sum((score_batch(task, layout, primer, idx, split) for idx in tqdm(batches, desc="score", unit="batch",
+                                                                                disable=not parallel.is_main())),
+                 torch.zeros(3, dtype=torch.long, device=task.device))
+    strict, restricted, answered = parallel.sum_across(counts).tolist()
     total = len(split)
     score_low, score_high = wilson_interval(strict, total)
     restricted_low, restricted_high = wilson_interval(restricted, total)
@@ -517,13 +542,14 @@ def format_score(row: dict, name: str) -> str:
 
 
 def write_atomic(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
+    with cli.atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(path + ".tmp", path)
 
 
+@parallel.made_by_main
 def start_run(cfg: SimpleNamespace, kind: str) -> str:
-    """A new run folder, results/<time>-<kind>, holding the run's effective config."""
+    """A new run folder, results/<time>-<kind>, holding the run's effective config (under accelerate the main
+    process makes it and every process gets its path)."""
     base = os.path.join(cfg.RESULTS_DIR, f"{datetime.now():%Y%m%d-%H%M%S}-{kind}")
     path, n = base, 1
     while os.path.exists(path):
@@ -567,6 +593,8 @@ def record(task: Task, script: str, layout: Layout, metrics: dict, primer: Optio
     """Write the run folder (metrics, primer, loss log), append the results.csv ledger, print the table row."""
     cfg = task.cfg
     run_dir = run_dir or start_run(cfg, script)
+    if not parallel.is_main():
+        return run_dir  # under accelerate the main process alone writes the run folder and the ledger
     trained = log is not None
     row = {"run_id": os.path.basename(run_dir), "script": script, "model_id": cfg.MODEL_ID,
            "samples": len(task.train) if trained else 0, "tokens": layout.prompt_tokens,
@@ -577,9 +605,8 @@ def record(task: Task, script: str, layout: Layout, metrics: dict, primer: Optio
            "keep_best": cfg.KEEP_BEST if trained else False, "best_epoch": best_epoch(run_dir)}
     write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(row, indent=2))
     if primer is not None:
-        save_file({"primer": primer.detach().float().cpu().contiguous()}, os.path.join(run_dir, "primer.safetensors.tmp"),
-                  metadata={"model_id": cfg.MODEL_ID})
-        os.replace(os.path.join(run_dir, "primer.safetensors.tmp"), os.path.join(run_dir, "primer.safetensors"))
+        with cli.atomic_path(os.path.join(run_dir, "primer.safetensors")) as tmp:
+            save_file({"primer": primer.detach().float().cpu().contiguous()}, tmp, metadata={"model_id": cfg.MODEL_ID})
     if log:
         write_atomic(os.path.join(run_dir, "losses.csv"), pd.DataFrame(log).to_csv(index=False))
         plots.loss_curve(run_dir)
