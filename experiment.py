@@ -16,7 +16,7 @@ def run(cfg) -> None:
     harness.check_primer_position(cfg.PRIMER_POSITION, cfg.GRADIENT_CHECKPOINTING)  # before minutes of data prep and loading
     task = harness.setup(cfg, with_train=cfg.PRIMER_PATH is None)
     if cfg.PRIMER_PATH:
-        primer = harness.load_primer(cfg.PRIMER_PATH, task.model)
+        primer = harness.load_primer(cfg.PRIMER_PATH, task.model, cfg.PRIMER_POSITION)
     else:
         primer = harness.initial_primer(task, cfg.PRIMER_INIT, cfg.PRIMER_LENGTH, cfg.SEED)
     layout = harness.make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION)

@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from jinja2.exceptions import TemplateError
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import cli
@@ -332,14 +333,22 @@ def primer_init_tokens(task: Task, init: str, length: int, seed: int) -> torch.T
     return torch.tensor(ids).repeat(-(-length // len(ids)))[:length]
 
 
-def load_primer(path: str, model: torch.nn.Module) -> torch.Tensor:
+def load_primer(path: str, model: torch.nn.Module, position: str) -> torch.Tensor:
+    """A saved primer, checked against the model's width; a note when it was trained at another PRIMER_POSITION."""
     if not os.path.isfile(path):
         raise cli.UserError(f"--primer_path={path} does not exist: give the primer.safetensors of a run in results/")
-    primer = load_file(path)["primer"].float()
+    try:
+        with safe_open(path, "pt") as f:
+            primer, trained_at = f.get_tensor("primer").float(), (f.metadata() or {}).get("primer_position", position)
+    except Exception as e:  # not safetensors, or no "primer" tensor in it
+        raise cli.UserError(f"--primer_path={path} is not a primer file ({type(e).__name__}): give the "
+                            f"primer.safetensors of a run in results/") from e
     width = model.get_input_embeddings().weight.shape[1]
     if primer.ndim != 2 or primer.shape[1] != width:
         raise cli.UserError(f"--primer_path={path} holds vectors of shape {tuple(primer.shape)}, but this model's "
                             f"embeddings are {width} wide: use a primer trained for --model_id")
+    if trained_at != position:
+        print(f"note: {path} was trained at --primer_position={trained_at} and is scored at {position}", flush=True)
     return primer.to(model.device)
 
 
@@ -606,7 +615,8 @@ def record(task: Task, script: str, layout: Layout, metrics: dict, primer: Optio
     write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(row, indent=2))
     if primer is not None:
         with cli.atomic_path(os.path.join(run_dir, "primer.safetensors")) as tmp:
-            save_file({"primer": primer.detach().float().cpu().contiguous()}, tmp, metadata={"model_id": cfg.MODEL_ID})
+            save_file({"primer": primer.detach().float().cpu().contiguous()}, tmp,
+                      metadata={"model_id": cfg.MODEL_ID, "primer_position": cfg.PRIMER_POSITION})
     if log:
         write_atomic(os.path.join(run_dir, "losses.csv"), pd.DataFrame(log).to_csv(index=False))
         plots.loss_curve(run_dir)

@@ -86,12 +86,12 @@ def ratio(hard: float, original: float) -> str:
 def inspect(cfg: SimpleNamespace) -> None:
     original = read_json(os.path.join(os.path.dirname(cfg.PRIMER_PATH), "metrics.json"))
     task = harness.setup(cfg, with_train=False)
-    primer = harness.load_primer(cfg.PRIMER_PATH, task.model)
+    primer = harness.load_primer(cfg.PRIMER_PATH, task.model, cfg.PRIMER_POSITION)
     cosine, ids = nearest_tokens(task, primer)
     print(token_table(task, primer, cosine, ids))
     hard = task.tokenizer.decode(ids[:, 0].tolist())
     print(f"hard primer: {hard!r}")
-    layout = harness.make_layout(task, hard, "{review}")  # the primer's layout, text in the system slot
+    layout = harness.make_layout(task, hard, "{review}", position=cfg.PRIMER_POSITION)  # the text where the primer was
     metrics = harness.score(task, layout, None)
     harness.record(task, "inspect_primer", layout, metrics)
     print(score_line("primer", original))

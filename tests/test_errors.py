@@ -35,14 +35,21 @@ def test_labels_must_be_single_distinct_tokens(tiny):
         harness.label_token_ids(tokenizer, ["1", "1"])
 
 
-def test_primer_of_the_wrong_width_is_refused(tiny, tmp_path):
+def test_primer_of_the_wrong_width_or_kind_is_refused(tiny, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny.model_dir)
     save_file({"primer": torch.zeros(4, 32)}, str(tmp_path / "primer.safetensors"))
     with pytest.raises(cli.UserError, match=r"shape \(4, 32\), but this model's embeddings are 64 wide"):
-        harness.load_primer(str(tmp_path / "primer.safetensors"), model)
+        harness.load_primer(str(tmp_path / "primer.safetensors"), model, "system")
     with pytest.raises(cli.UserError, match="does not exist"):
-        harness.load_primer(str(tmp_path / "missing.safetensors"), model)
+        harness.load_primer(str(tmp_path / "missing.safetensors"), model, "system")
+    (tmp_path / "notes.txt").write_text("not a primer")
+    with pytest.raises(cli.UserError, match="is not a primer file"):
+        harness.load_primer(str(tmp_path / "notes.txt"), model, "system")
+    save_file({"primer": torch.zeros(4, 64)}, str(tmp_path / "suffix.safetensors"), metadata={"primer_position": "suffix"})
+    assert harness.load_primer(str(tmp_path / "suffix.safetensors"), model, "suffix").shape == (4, 64)
+    harness.load_primer(str(tmp_path / "suffix.safetensors"), model, "system")
+    assert "was trained at --primer_position=suffix and is scored at system" in capsys.readouterr().out
 
 
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
