@@ -168,7 +168,7 @@ def measure(name: str, step, batches: list[torch.Tensor], lengths_of, padded_of,
 def naive_logits(task: harness.Task, layout: harness.Layout, primer: torch.Tensor, idx: torch.Tensor, pad_to: int) -> torch.Tensor:
     """The straightforward loop: each review embedded and concatenated in Python, every row padded to the longest
     review of the split, logits over the whole vocabulary at every position."""
-    embed, split, device = task.model.get_input_embeddings(), task.train, task.device
+    split, device = task.train, task.device
     rows, lengths = [], []
     for i in idx.tolist():
         review = split.tokens[split.offsets[i]:split.offsets[i + 1]].long()

@@ -569,14 +569,30 @@ def start_run(cfg: SimpleNamespace, kind: str) -> str:
     return path
 
 
-def resumed_config(run_dir: str) -> SimpleNamespace:
-    """The config a run folder was started with, to resume it."""
+def run_config(run_dir: str, overrides: list[str] = ()) -> SimpleNamespace:
+    """The config run_dir was started with (its config.json, less keys config.py no longer has), overrides on top."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
+        raise cli.UserError(f"{run_dir} is not a run folder (no config.json): give results/<run id>")
+    known = cli.defaults()
+    saved = {k: v for k, v in read_json(path).items() if k.upper() in known and k != "resume"}
+    return cli.configure(cli.as_args(saved) + list(overrides))
+
+
+def read_json(path: str) -> dict:
+    """A run folder's JSON file; a one-line error when it is damaged."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise cli.UserError(f"{path} is not valid JSON ({e}): give the folder of a finished run") from e
+
+
+def resumed_config(run_dir: str) -> SimpleNamespace:
+    """The config a run folder was started with, to resume it."""
+    if not os.path.isfile(os.path.join(run_dir, "config.json")):
         raise cli.UserError(f"--resume={run_dir} is not a run folder (no config.json): give results/<run id>")
-    with open(path) as f:
-        saved = json.load(f)
-    cfg = cli.configure(cli.as_args({k: v for k, v in saved.items() if k != "resume"}))
+    cfg = run_config(run_dir)
     cfg.RESUME = run_dir
     return cfg
 

@@ -7,7 +7,6 @@ The run's config.json supplies the config (model, data, labels, ...); overrides 
 primer, each vector's nearest token decoded together to text, goes into the system message and is scored like a
 text prompt; its result goes to the ledger as script inspect_primer, with the inspected primer as its primer_path.
 """
-import json
 import os
 from types import SimpleNamespace
 
@@ -18,14 +17,6 @@ import cli
 import harness
 
 TOP_K = 5  # nearest tokens shown per vector
-
-
-def read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError as e:
-        raise cli.UserError(f"{path} is not valid JSON ({e}): give the folder of a finished run") from e
 
 
 def configure(argv: list[str]) -> SimpleNamespace:
@@ -40,9 +31,7 @@ def configure(argv: list[str]) -> SimpleNamespace:
                             f"give results/<run id> of an experiment.py run")
     if any(arg.startswith("--primer_path=") for arg in overrides):
         raise cli.UserError("the run folder names the primer: drop --primer_path")
-    known = cli.defaults()  # keys config.py no longer has are left out
-    saved_args = cli.as_args({k: v for k, v in read_json(files["config.json"]).items() if k.upper() in known})
-    return cli.configure(saved_args + overrides + [f"--primer_path={files['primer.safetensors']!r}"])
+    return harness.run_config(run_dir, overrides + [f"--primer_path={files['primer.safetensors']!r}"])
 
 
 @torch.inference_mode()
@@ -84,7 +73,7 @@ def ratio(hard: float, original: float) -> str:
 
 
 def inspect(cfg: SimpleNamespace) -> None:
-    original = read_json(os.path.join(os.path.dirname(cfg.PRIMER_PATH), "metrics.json"))
+    original = harness.read_json(os.path.join(os.path.dirname(cfg.PRIMER_PATH), "metrics.json"))
     task = harness.setup(cfg, with_train=False)
     primer = harness.load_primer(cfg.PRIMER_PATH, task.model, cfg.PRIMER_POSITION)
     cosine, ids = nearest_tokens(task, primer)

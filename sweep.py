@@ -67,10 +67,8 @@ def find_run(script: str, cfg: SimpleNamespace) -> Optional[dict]:
     want = result_key(script, vars(cfg))
     for row in reversed(ledger_rows(cfg.RESULTS_DIR)):
         path = os.path.join(cfg.RESULTS_DIR, row["run_id"], "config.json")
-        if row["script"] == script and os.path.exists(path):
-            with open(path) as f:
-                if result_key(script, json.load(f)) == want:
-                    return row
+        if row["script"] == script and os.path.exists(path) and result_key(script, harness.read_json(path)) == want:
+            return row
     return None
 
 
