@@ -33,6 +33,7 @@ BENCH = {
     "BASELINE": True,  # also time the straightforward loop on the same batches
     "REF_TRAIN": 58000 * 5,  # training samples of the reference run (58,000 reviews x 5 epochs), for the projection
     "REF_TEST": 38000,  # test reviews of the reference run
+    "INVARIANCE": 148,  # reviews scored alone and in batches of SCORE_BATCH_SIZE, to count the answers batching changes
 }
 SYNTHETIC_REVIEWS = 20000  # synthetic split size when no prepared split is used
 YELP_MEDIAN_TOKENS, YELP_SIGMA = 110, 0.85  # log-normal fit of Yelp polarity review lengths: median 110, tail past 1,000
@@ -181,6 +182,24 @@ def naive_logits(task: harness.Task, layout: harness.Layout, primer: torch.Tenso
     return logits[torch.arange(len(idx), device=device), lengths - 1].float()
 
 
+@torch.inference_mode()
+def batch_invariance(task: harness.Task, layout: harness.Layout, primer: torch.Tensor, n: int) -> str:
+    """How scoring reviews in batches of SCORE_BATCH_SIZE, padded to the longest, moves their logits and answers
+    from scoring each review alone: bitwise equal in float32 on the CPU, not in every dtype and kernel."""
+    def logits(idx: torch.Tensor) -> torch.Tensor:
+        ids, lengths = harness.assemble(layout, task.train, idx)
+        return harness.last_logits(task.model, ids.to(task.device), lengths.to(task.device), layout, primer)
+    idx = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(task.cfg.SEED))[:n]
+    alone = torch.cat([logits(i[None]) for i in idx])
+    batched = torch.cat([logits(b) for b in idx.split(task.cfg.SCORE_BATCH_SIZE)])
+    labels = task.label_ids
+    changed = (alone.argmax(-1) != batched.argmax(-1)).sum()
+    changed_label = (alone[:, labels].argmax(-1) != batched[:, labels].argmax(-1)).sum()
+    return (f"batch size 1 vs {task.cfg.SCORE_BATCH_SIZE}: {changed} of {n} answers over the vocabulary and {changed_label} "
+            f"between the labels change; logits move by at most {(alone - batched).abs().max():.3g} "
+            f"(label logit gap median {(alone[:, labels[0]] - alone[:, labels[1]]).abs().median():.3g})")
+
+
 def print_table(rows: list[dict]) -> None:
     print("| Run | Samples/s | Real tokens/s | Padding | Peak memory | TFLOP/s | MFU |\n|---|---|---|---|---|---|---|")
     for r in rows:
@@ -222,13 +241,15 @@ def run(cfg) -> None:
     if cfg.BASELINE:
         rows.append(measure("train, straightforward loop", naive_train, train_batches, real, to_longest,
                             lambda idx: batch_flops(shape, real(idx), True, True), task, peak))
-    rows.append(measure("score", lambda idx: harness.score_batch(task, layout, primer.detach(), idx), score_batches, real,
+    rows.append(measure("score", lambda idx: harness.predict_batch(task, layout, primer.detach(), idx), score_batches, real,
                         grouped, lambda idx: batch_flops(shape, real(idx), False, False), task, peak))
     if cfg.BASELINE:
         with torch.inference_mode():
             rows.append(measure("score, straightforward loop", lambda idx: naive_logits(task, layout, primer.detach(), idx, longest),
                                 score_batches, real, to_longest, lambda idx: batch_flops(shape, real(idx), True, False), task, peak))
     print_table(rows)
+    if cfg.INVARIANCE:
+        print(batch_invariance(task, layout, primer.detach(), cfg.INVARIANCE))
     by_name = {r["run"]: r for r in rows}
     if cfg.BASELINE:
         for what in ("train", "score"):

@@ -2,6 +2,7 @@
 import ast
 import contextlib
 import difflib
+import json
 import os
 import sys
 import types
@@ -11,6 +12,10 @@ import torch
 
 import config
 import parallel
+
+
+# settings that cannot change a run's result, so a resumed run may take new values for them
+RESUMABLE = {"DEVICE", "SCORE_BATCH_SIZE", "CHECKPOINT_EVERY", "GRADIENT_CHECKPOINTING", "RESULTS_DIR", "DATA_DIR"}
 
 
 class UserError(Exception):
@@ -54,19 +59,49 @@ def check_type(name: str, value: Any, default: Any) -> Any:
 
 
 def configure(argv: list[str], extra: Optional[dict[str, Any]] = None) -> types.SimpleNamespace:
-    """config.py's constants, plus a script's own `extra` ones, with the --name=value overrides of argv applied."""
+    """config.py's constants, plus a script's own `extra` ones, with the --name=value overrides of argv applied.
+    With --resume=<run folder> the base is that run's config, and only RESUMABLE keys may be overridden."""
     base = {**defaults(), **(extra or {})}
-    cfg = dict(base)
+    given = {}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise UserError(f"cannot read argument {arg!r}: write overrides as --name=value, e.g. --batch_size=8")
         key, text = arg[2:].split("=", 1)
         name = key.upper()
-        if name not in cfg:
-            close = difflib.get_close_matches(key.lower(), [k.lower() for k in cfg], n=1, cutoff=0.0)
+        if name not in base:
+            close = difflib.get_close_matches(key.lower(), [k.lower() for k in base], n=1, cutoff=0.0)
             raise UserError(f"unknown config key --{key}: did you mean --{close[0]}? (keys are config.py's constants, in lowercase)")
-        cfg[name] = check_type(name, parse_value(text), base[name])
-    return types.SimpleNamespace(**cfg)
+        given[name] = check_type(name, parse_value(text), base[name])
+    if given.get("RESUME"):
+        fixed = sorted(set(given) - RESUMABLE - {"RESUME"})
+        if fixed:
+            raise UserError(f"a resumed run keeps its config: {', '.join('--' + k.lower() for k in fixed)} cannot change "
+                            f"on --resume (only {', '.join('--' + k.lower() for k in sorted(RESUMABLE))} can); start a new run instead")
+        base = {**base, **saved_config(given["RESUME"], base)}
+    return types.SimpleNamespace(**{**base, **given})
+
+
+def saved_config(run_dir: str, base: dict[str, Any]) -> dict[str, Any]:
+    """The config run_dir was started with (its config.json), less keys that `base` no longer has and RESUME."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir} is not a run folder (no config.json): give results/<run id>")
+    saved = {k.upper(): v for k, v in read_json(path).items() if k.upper() in base and k != "resume"}
+    return {k: check_type(k, v, base[k]) for k, v in saved.items()}
+
+
+def run_config(run_dir: str, overrides: list[str] = ()) -> types.SimpleNamespace:
+    """The config run_dir was started with, overrides on top."""
+    return configure(as_args(saved_config(run_dir, defaults())) + list(overrides))
+
+
+def read_json(path: str) -> dict:
+    """A run folder's JSON file; a one-line error when it is damaged."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}): give the folder of a finished run") from e
 
 
 def print_config(cfg: types.SimpleNamespace) -> None:

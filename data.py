@@ -13,7 +13,7 @@ from tqdm import tqdm
 import cli
 
 SPLITS = ("train", "test")
-HF_DATASET = "fancyzhx/yelp_review_polarity"  # the public copy `datasets` fetches when the CSVs are absent
+HF_DATASET = ("fancyzhx/yelp_polarity", "plain_text")  # the hub copy `datasets` fetches when the CSVs are absent
 MAX_BAD_SHARE = 0.01  # more bad rows than this and prep refuses the file
 
 
@@ -89,20 +89,20 @@ def balanced_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
 
 
 def fetch_csvs(csv_dir: str) -> None:
-    """Download Yelp polarity through `datasets` and write it as the public CSVs."""
+    """Download Yelp polarity through `datasets` and write it back as the public CSVs."""
     try:
         import datasets
-        dataset = datasets.load_dataset(HF_DATASET)
+        dataset = datasets.load_dataset(*HF_DATASET)
     except Exception as e:
-        raise cli.UserError(f"no CSVs in {csv_dir} and fetching {HF_DATASET} failed ({type(e).__name__}); "
+        raise cli.UserError(f"no CSVs in {csv_dir} and fetching {HF_DATASET[0]} failed ({type(e).__name__}); "
                             f"put the Yelp polarity train.csv and test.csv in {csv_dir} or set --csv_dir") from e
     os.makedirs(csv_dir, exist_ok=True)
     for split in SPLITS:
         path = os.path.join(csv_dir, f"{split}.csv")
         with cli.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f, quoting=csv.QUOTE_ALL, lineterminator="\n")
             for row in tqdm(dataset[split], desc=f"write {path}", unit=" rows"):
-                writer.writerow([str(row["label"] + 1), row["text"].replace("\n", "\\n")])
+                # the hub's text is the CSV field as it was, quotes still doubled and newlines still backslash-n
+                f.write(f'"{row["label"] + 1}","{row["text"]}"\n')
 
 
 def tokenize(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -6,13 +6,15 @@
     python experiment.py --primer_position=suffix                             # the primer after the review (or "prefix")
     python experiment.py --val_limit=2000 --keep_best=True --primer_init=labels   # validate each epoch, keep the best
 """
+import os
+
 import cli
 import harness
 
 
 def run(cfg) -> None:
-    if cfg.RESUME:
-        cfg = harness.resumed_config(cfg.RESUME)
+    if cfg.RESUME and os.path.exists(os.path.join(cfg.RESUME, "metrics.json")):
+        raise cli.UserError(f"{cfg.RESUME} has finished: its scores are in {cfg.RESUME}/metrics.json and its row in the ledger")
     harness.check_primer_position(cfg.PRIMER_POSITION, cfg.GRADIENT_CHECKPOINTING)  # before minutes of data prep and loading
     task = harness.setup(cfg, with_train=cfg.PRIMER_PATH is None)
     if cfg.PRIMER_PATH:
@@ -21,8 +23,8 @@ def run(cfg) -> None:
         primer = harness.initial_primer(task, cfg.PRIMER_INIT, cfg.PRIMER_LENGTH, cfg.SEED)
     layout = harness.make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION)
     run_dir = cfg.RESUME or harness.start_run(cfg, "experiment")
-    log = None if cfg.PRIMER_PATH else harness.train(task, layout, primer, run_dir)
-    harness.record(task, "experiment", layout, harness.score(task, layout, primer), primer, log, run_dir)
+    log, status = (None, "finished") if cfg.PRIMER_PATH else harness.train(task, layout, primer, run_dir)
+    harness.record(task, "experiment", layout, harness.predict(task, layout, primer), primer, log, run_dir, status)
 
 
 if __name__ == "__main__":

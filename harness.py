@@ -1,9 +1,13 @@
 """The shared harness: a frozen chat model, inputs built from its chat template, primer training and scoring, results."""
 import functools
+import itertools
 import json
 import math
 import os
+import platform
+import re
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +25,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import ledger
 import parallel
 import plots
 
@@ -61,6 +66,18 @@ class Layout:
     slot: slice  # the primer's positions in the prefix (in the suffix when in_suffix); empty for a text prompt
     prompt_tokens: int  # tokens the prompt adds to the review: primer length, or the text prompt's own tokens
     in_suffix: bool = False  # the slot indexes the suffix: the primer follows the review (PRIMER_POSITION "suffix")
+    joins: tuple[str, str] = ("", "")  # prompt text glued to the review on each side, tokenized together with it
+    tokenizer: object = None  # needed only when joins are not empty
+
+    def review_ids(self, reviews: list[list[int]]) -> list[list[int]]:
+        """The ids of each review with the text joined to it: where a prompt's text runs into the review with no
+        special token between them, a BPE tokenizer merges across the seam ("!" + "\\n" is one token "!\\n"), so
+        that text is tokenized with the review, as the tokenizer would tokenize the whole prompt."""
+        if self.joins == ("", ""):
+            return reviews
+        texts = self.tokenizer.batch_decode(reviews, clean_up_tokenization_spaces=False)
+        head, tail = self.joins
+        return self.tokenizer([head + t + tail for t in texts], add_special_tokens=False)["input_ids"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,6 +145,7 @@ def freeze(model: torch.nn.Module, checkpointing: bool) -> torch.nn.Module:
 
 
 def setup(cfg: SimpleNamespace, with_train: bool = True) -> Task:
+    ledger.check(cfg.RESULTS_DIR)  # a damaged ledger is found before the work, not after it
     device = resolve_device(cfg.DEVICE)
     tokenizer = data.load_tokenizer(cfg.MODEL_ID)
     labels = torch.tensor(label_token_ids(tokenizer, cfg.LABELS, answer_context(tokenizer, cfg.TEMPLATE_KWARGS)), device=device)
@@ -198,7 +216,8 @@ def make_layout(task: Task, system: Optional[str], user: str = "{review}", prime
                 position: str = "system") -> Layout:
     """The prompt (prompt_text) with `system` text, or a primer of primer_length vectors, at `position`: "system" in
     the system message, "prefix" before everything (bos included), "suffix" right after the review at the end of the
-    user turn; `user` around {review}."""
+    user turn; `user` around {review}. The ids equal the tokenizer's own ids of the whole prompt text, but for the
+    primer's placeholder ids."""
     check_primer_position(position, task.cfg.GRADIENT_CHECKPOINTING)
     tok, kwargs = task.tokenizer, task.cfg.TEMPLATE_KWARGS
     content, user_text = PRIMER_SLOT if primer_length else system, user.replace("{review}", REVIEW_SLOT)
@@ -209,32 +228,38 @@ def make_layout(task: Task, system: Optional[str], user: str = "{review}", prime
     else:
         text = prompt_text(tok, None, user_text + content, kwargs)
     head, tail = text.split(REVIEW_SLOT)
-    encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]
-    if primer_length:
-        in_suffix = PRIMER_SLOT in tail
-        before, after = (tail if in_suffix else head).split(PRIMER_SLOT)
-        start = len(encode(before))
-        around = torch.tensor(encode(before) + [0] * primer_length + encode(after))
-        slot = slice(start, start + primer_length)
-        if in_suffix:
-            return Layout(torch.tensor(encode(head)), around, slot, primer_length, in_suffix=True)
-        return Layout(around, torch.tensor(encode(tail)), slot, primer_length)
-    prompt_tokens = len(encode(system)) + sum(len(encode(part)) for part in user.split("{review}"))
-    return Layout(torch.tensor(encode(head)), torch.tensor(encode(tail)), slice(0, 0), prompt_tokens)
+    seams = [re.escape(t) for t in (PRIMER_SLOT, *tok.added_tokens_encoder)]  # text is tokenized apart across these
+    seam = re.compile("|".join(sorted(seams, key=len, reverse=True)))
+    head_end = max((m.end() for m in seam.finditer(head)), default=0)
+    tail_start = next((m.start() for m in seam.finditer(tail)), len(tail))
+    prefix, head_slot = encode_around_slot(tok, head[:head_end], primer_length)
+    suffix, tail_slot = encode_around_slot(tok, tail[tail_start:], primer_length)
+    in_suffix = tail_slot is not None
+    if system is not None:
+        encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+        prompt_tokens = len(encode(system)) + sum(len(encode(part)) for part in user.split("{review}"))
+    else:
+        prompt_tokens = primer_length
+    return Layout(prefix, suffix, (tail_slot if in_suffix else head_slot) or slice(0, 0), prompt_tokens, in_suffix,
+                  (head[head_end:], tail[:tail_start]), tok)
+
+
+def encode_around_slot(tokenizer, text: str, primer_length: int) -> tuple[torch.Tensor, Optional[slice]]:
+    """The ids of text with primer_length placeholder ids where the primer slot is, and the slot (None if absent)."""
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+    if PRIMER_SLOT not in text:
+        return torch.tensor(encode(text), dtype=torch.long), None
+    before, after = text.split(PRIMER_SLOT)
+    start = len(encode(before))
+    return torch.tensor(encode(before) + [0] * primer_length + encode(after)), slice(start, start + primer_length)
 
 
 def assemble(layout: Layout, split: data.Split, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input ids [B, L] of reviews idx in their layout, and each row's real length [B]."""
-    starts, n = split.offsets[idx], split.lengths[idx]
-    p, s = len(layout.prefix), len(layout.suffix)
-    lengths = p + n + s
-    ids = torch.zeros(len(idx), int(lengths.max()), dtype=torch.long)
-    ids[:, :p] = layout.prefix
-    col = torch.arange(int(n.max()))
-    review = split.tokens[(starts[:, None] + col).clamp(max=len(split.tokens) - 1)].long()
-    ids[:, p:p + len(col)] = torch.where(col < n[:, None], review, 0)
-    ids.scatter_(1, (p + n)[:, None] + torch.arange(s), layout.suffix.expand(len(idx), s))
-    return ids, lengths
+    reviews = layout.review_ids([split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist() for i in idx.tolist()])
+    rows = [torch.cat([layout.prefix, torch.tensor(r, dtype=torch.long), layout.suffix]) for r in reviews]
+    lengths = torch.tensor([len(r) for r in rows])
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), lengths
 
 
 def last_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, layout: Layout,
@@ -254,8 +279,7 @@ def last_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor
     mask = (positions < lengths[:, None]).long()
     hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions.expand_as(ids),
                               use_cache=False).last_hidden_state
-    last = hidden[torch.arange(len(ids), device=ids.device), lengths - 1]
-    return model.get_output_embeddings()(last).float()
+    return float32_logits(model, hidden[torch.arange(len(ids), device=ids.device), lengths - 1])
 
 
 def suffix_last_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, layout: Layout,
@@ -280,13 +304,22 @@ def suffix_last_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch
     hidden = model.base_model(inputs_embeds=embeds.expand(len(ids), -1, -1), past_key_values=cache, use_cache=True,
                               attention_mask=torch.cat([mask, mask.new_ones(len(ids), len(suffix))], dim=1),
                               position_ids=context[:, None] + torch.arange(len(suffix), device=ids.device)).last_hidden_state
-    return model.get_output_embeddings()(hidden[:, -1]).float()
+    return float32_logits(model, hidden[:, -1])
+
+
+def float32_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head in float32 on hidden states [B, hidden]: in bfloat16 logits step by about 0.1 at Llama's
+    magnitudes, so close label logits would tie and argmax would take the first."""
+    head = model.get_output_embeddings()
+    bias = None if head.bias is None else head.bias.float()
+    return F.linear(hidden.float(), head.weight.float(), bias)
 
 
 def unpadded_embeds(model: torch.nn.Module, layout: Layout, review: torch.Tensor, primer: Optional[torch.Tensor]) -> torch.Tensor:
     """One review's input embeddings [T, hidden] in its layout, primer in its slot, no batch and no padding: the
     straightforward way (bench.py's baseline loop, and the reference the tests hold the batched paths to)."""
     embed = model.get_input_embeddings()
+    review = torch.tensor(layout.review_ids([review.tolist()])[0], dtype=torch.long)
     rows = embed(torch.cat([layout.prefix, review, layout.suffix]).to(embed.weight.device))
     if primer is None:
         return rows
@@ -416,14 +449,16 @@ def load_checkpoint(run_dir: str, primer: torch.Tensor,
     return state["epoch"], state["batch"], state["log"], validation
 
 
-def train(task: Task, layout: Layout, primer: torch.Tensor, run_dir: str) -> list[dict]:
+def train(task: Task, layout: Layout, primer: torch.Tensor, run_dir: str) -> tuple[list[dict], str]:
     """Adam on the primer alone, one epoch per RATE_BY_EPOCH entry, checkpointed in run_dir (and resumed from it);
-    returns the loss log, one row per step. Ctrl-C saves a checkpoint and stops with the command that resumes."""
+    returns the loss log, one row per step with the training seconds so far, and the status: "finished", or why
+    training stopped early. Ctrl-C saves a checkpoint and stops with the command that resumes."""
     cfg, rates = task.cfg, task.cfg.RATE_BY_EPOCH
     primer.requires_grad_(True)
     optimizer = torch.optim.Adam([primer], lr=rates[0])
     start_epoch, start_batch, log, validation = load_checkpoint(run_dir, primer, optimizer)
     last_good = primer.detach().clone()  # the last primer whose loss was finite
+    clock = time.perf_counter() - (log[-1]["seconds"] if log else 0.0)  # a resumed run counts its earlier seconds
     interrupted = []
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))  # stop between steps, never inside one
     try:
@@ -445,23 +480,34 @@ def train(task: Task, layout: Layout, primer: torch.Tensor, run_dir: str) -> lis
                     save_checkpoint(run_dir, primer, optimizer, epoch, b, log, validation)
                     print(f"training stopped at epoch {epoch + 1}, batch {b}: {e}; keeping the last good primer", flush=True)
                     keep_best(task, primer, validation)
-                    return log
+                    return log, f"stopped early at epoch {epoch + 1}, batch {b}: non-finite {e}"
                 last_good, seen = before, seen + len(idx)
                 running = value if running is None else 0.98 * running + 0.02 * value
-                log.append({"step": len(log) + 1, "epoch": epoch + 1, "lr": rates[epoch], "loss": value})
+                log.append({"step": len(log) + 1, "epoch": epoch + 1, "lr": rates[epoch], "loss": value,
+                            "seconds": time.perf_counter() - clock})
                 bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
                 stop = parallel.anyone(bool(interrupted))  # under accelerate all processes stop after the same step
                 if stop or (b + 1) % cfg.CHECKPOINT_EVERY == 0:
                     save_checkpoint(run_dir, primer, optimizer, epoch, b + 1, log, validation)
                 if stop:
-                    raise Interrupted(f"interrupted; checkpoint saved: resume with {parallel.launch_command()} experiment.py --resume={run_dir}")
+                    raise Interrupted(resume_hint(run_dir))
             if task.val is not None:
-                validate(task, layout, primer, epoch, validation, run_dir)
+                save_checkpoint(run_dir, primer, optimizer, epoch, len(batches), log, validation)
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # validation stops at once: resume redoes it
+                try:
+                    validate(task, layout, primer, epoch, validation, run_dir)
+                except KeyboardInterrupt:
+                    raise Interrupted(resume_hint(run_dir)) from None
+                signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
             save_checkpoint(run_dir, primer, optimizer, epoch + 1, 0, log, validation)
     finally:
         signal.signal(signal.SIGINT, previous)
     keep_best(task, primer, validation)
-    return log
+    return log, "finished"
+
+
+def resume_hint(run_dir: str) -> str:
+    return f"interrupted; checkpoint saved: resume with {parallel.launch_command()} experiment.py --resume={run_dir}"
 
 
 def validate(task: Task, layout: Layout, primer: torch.Tensor, epoch: int, validation: dict, run_dir: str) -> None:
@@ -474,8 +520,8 @@ def validate(task: Task, layout: Layout, primer: torch.Tensor, epoch: int, valid
         validation["best_primer"] = primer.detach().cpu().clone()
     if parallel.is_main():
         write_atomic(os.path.join(run_dir, "validation.csv"), pd.DataFrame(validation["rows"]).to_csv(index=False))
-    print(f"epoch {epoch + 1}/{len(task.cfg.RATE_BY_EPOCH)} validation: score {format_score(row, 'score')} "
-          f"({row['correct']:,} / {row['total']:,}), label-restricted {format_score(row, 'restricted')}; "
+    print(f"epoch {epoch + 1}/{len(task.cfg.RATE_BY_EPOCH)} validation: score {ledger.format_score(row, 'score')} "
+          f"({row['correct']:,} / {row['total']:,}), label-restricted {ledger.format_score(row, 'restricted')}; "
           f"best epoch so far {best['epoch']}", flush=True)
 
 
@@ -501,37 +547,52 @@ def best_epoch(run_dir: str) -> Optional[int]:
 
 
 @torch.inference_mode()
-def score_batch(task: Task, layout: Layout, primer: Optional[torch.Tensor], idx: torch.Tensor,
-                split: Optional[data.Split] = None) -> torch.Tensor:
-    """Counts [strict correct, label-restricted correct, answered with a label token] over reviews idx of split
-    (the test split unless given)."""
+def predict_batch(task: Task, layout: Layout, primer: Optional[torch.Tensor], idx: torch.Tensor,
+                  split: Optional[data.Split] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The answer (argmax token over the whole vocabulary) [B] and the log-probabilities of the two label tokens
+    [B, 2] at each of reviews idx of split (the test split unless given)."""
     split = task.test if split is None else split
     ids, lengths = assemble(layout, split, idx)
     logits = last_logits(task.model, ids.to(task.device), lengths.to(task.device), layout, primer)
-    truth, labels = split.labels[idx].to(task.device), task.label_ids
-    answer = logits.argmax(-1)
-    return torch.stack([(answer == labels[truth]).sum(), (logits[:, labels].argmax(-1) == truth).sum(),
-                        torch.isin(answer, labels).sum()])
+    return logits.argmax(-1), logits.log_softmax(-1)[:, task.label_ids]
 
 
-def score(task: Task, layout: Layout, primer: Optional[torch.Tensor], split: Optional[data.Split] = None) -> dict:
-    """Strict score (label token is the argmax over the whole vocabulary, the reference's metric), the
-    label-restricted score (argmax over the two label tokens), their 95% Wilson intervals (_low, _high) and how
-    often the answer is a label token at all, over split (the test split unless given). Under accelerate each
-    process scores its share of the split and the counts are summed."""
-    split = task.test if split is None else split
+def predict(task: Task, layout: Layout, primer: Optional[torch.Tensor], split: Optional[data.Split] = None) -> dict:
+    """Per review of split (the test split unless given), in its order: "label" (0 negative, 1 positive), "answer"
+    (the argmax token over the whole vocabulary), "logprobs" ([n, 2], of the two label tokens); and "seconds" taken.
+    Under accelerate each process predicts its share of the split and the shares are summed into place."""
+    split, start = task.test if split is None else split, time.perf_counter()
     order = split.lengths.argsort(descending=True)  # longest first, so a batch too big for memory fails at once
-    batches = parallel.shard(order).split(task.cfg.SCORE_BATCH_SIZE)
-    counts = sum((score_batch(task, layout, primer, idx, split) for idx in tqdm(batches, desc="score", unit="batch",
-                                                                                disable=not parallel.is_main())),
-                 torch.zeros(3, dtype=torch.long, device=task.device))
-    strict, restricted, answered = parallel.sum_across(counts).tolist()
-    total = len(split)
+    answers = torch.zeros(len(split), dtype=torch.long, device=task.device)
+    logprobs = torch.zeros(len(split), 2, device=task.device)
+    for idx in tqdm(parallel.shard(order).split(task.cfg.SCORE_BATCH_SIZE), desc="score", unit="batch",
+                    disable=not parallel.is_main()):
+        answers[idx], logprobs[idx] = predict_batch(task, layout, primer, idx, split)
+    return {"label": split.labels.clone(), "answer": parallel.sum_across(answers).cpu(),
+            "logprobs": parallel.sum_across(logprobs).cpu(), "seconds": time.perf_counter() - start}
+
+
+def metrics(task: Task, predictions: dict) -> dict:
+    """Strict score (label token is the argmax over the whole vocabulary, the reference's metric), the
+    label-restricted score (the right label's log-probability is the larger), their 95% Wilson intervals (_low,
+    _high), how often the answer is a label token at all, and the seconds scoring took."""
+    label_ids = task.label_ids.cpu()
+    truth = predictions["label"]
+    strict = int((predictions["answer"] == label_ids[truth]).sum())
+    restricted = int((predictions["logprobs"].argmax(-1) == truth).sum())
+    answered = int(torch.isin(predictions["answer"], label_ids).sum())
+    total = len(truth)
     score_low, score_high = wilson_interval(strict, total)
     restricted_low, restricted_high = wilson_interval(restricted, total)
     return {"correct": strict, "total": total, "score": strict / total, "restricted_correct": restricted,
             "restricted_score": restricted / total, "label_answer_share": answered / total, "score_low": score_low,
-            "score_high": score_high, "restricted_low": restricted_low, "restricted_high": restricted_high}
+            "score_high": score_high, "restricted_low": restricted_low, "restricted_high": restricted_high,
+            "score_seconds": round(predictions["seconds"], 1)}
+
+
+def score(task: Task, layout: Layout, primer: Optional[torch.Tensor], split: Optional[data.Split] = None) -> dict:
+    """metrics() of predict()."""
+    return metrics(task, predict(task, layout, primer, split))
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -541,13 +602,6 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     center = (p + z2 / 2) / (1 + z2)
     half = z * math.sqrt(p * (1 - p) / total + z2 / (4 * total)) / (1 + z2)
     return max(0.0, center - half), min(1.0, center + half)
-
-
-def format_score(row: dict, name: str) -> str:
-    """Score `name` ("score" or "restricted") of a metrics row as a percentage with its 95% Wilson interval's
-    half-width in points, e.g. "95.9% ±0.2" (the interval is asymmetric: its bounds are in the ledger)."""
-    share = row["score"] if name == "score" else row["restricted_score"]
-    return f"{100 * share:.1f}% ±{50 * (row[name + '_high'] - row[name + '_low']):.1f}"
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -560,75 +614,40 @@ def start_run(cfg: SimpleNamespace, kind: str) -> str:
     """A new run folder, results/<time>-<kind>, holding the run's effective config (under accelerate the main
     process makes it and every process gets its path)."""
     base = os.path.join(cfg.RESULTS_DIR, f"{datetime.now():%Y%m%d-%H%M%S}-{kind}")
-    path, n = base, 1
-    while os.path.exists(path):
-        n += 1
-        path = f"{base}-{n}"
-    os.makedirs(path)
+    for n in itertools.count(1):
+        path = base if n == 1 else f"{base}-{n}"
+        try:
+            os.makedirs(path)  # fails if another run made it first: two runs in one second get two folders
+            break
+        except FileExistsError:
+            continue
     write_atomic(os.path.join(path, "config.json"), json.dumps({k.lower(): v for k, v in vars(cfg).items()}, indent=2))
     return path
 
 
-def run_config(run_dir: str, overrides: list[str] = ()) -> SimpleNamespace:
-    """The config run_dir was started with (its config.json, less keys config.py no longer has), overrides on top."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        raise cli.UserError(f"{run_dir} is not a run folder (no config.json): give results/<run id>")
-    known = cli.defaults()
-    saved = {k: v for k, v in read_json(path).items() if k.upper() in known and k != "resume"}
-    return cli.configure(cli.as_args(saved) + list(overrides))
-
-
-def read_json(path: str) -> dict:
-    """A run folder's JSON file; a one-line error when it is damaged."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError as e:
-        raise cli.UserError(f"{path} is not valid JSON ({e}): give the folder of a finished run") from e
-
-
-def resumed_config(run_dir: str) -> SimpleNamespace:
-    """The config a run folder was started with, to resume it."""
-    if not os.path.isfile(os.path.join(run_dir, "config.json")):
-        raise cli.UserError(f"--resume={run_dir} is not a run folder (no config.json): give results/<run id>")
-    cfg = run_config(run_dir)
-    cfg.RESUME = run_dir
-    return cfg
-
-
-def format_table(rows: list[dict]) -> str:
-    """Ledger rows in the reference's form: Samples | Tokens | LR Schedule | Score | Correct / Total, plus the
-    primer's position, the label-restricted score, each score with its 95% interval's half-width, then the research
-    knobs and best epoch."""
-    lines = ["| Run | Samples | Tokens | Position | LR Schedule | Score | Correct / Total | Label-restricted | Primer init "
-             "| Val reviews | Best epoch | Keep best |", "|---" * 12 + "|"]
-    for r in rows:
-        samples = f"{int(r['samples']):,}" if r["samples"] else "–"
-        lines.append(f"| {r['script']} | {samples} | {int(r['tokens'])} | {r.get('primer_position') or '–'} "
-                     f"| {r['lr_schedule'] or '–'} | {format_score(r, 'score')} "
-                     f"| {int(r['correct']):,} / {int(r['total']):,} | {format_score(r, 'restricted')} "
-                     f"| {r['primer_init'] or '–'} | {int(r['val_limit']) or '–'} | {r['best_epoch'] or '–'} "
-                     f"| {'yes' if r['keep_best'] else '–'} |")
-    return "\n".join(lines)
-
-
-def record(task: Task, script: str, layout: Layout, metrics: dict, primer: Optional[torch.Tensor] = None,
-           log: Optional[list[dict]] = None, run_dir: Optional[str] = None) -> str:
-    """Write the run folder (metrics, primer, loss log), append the results.csv ledger, print the table row."""
+def record(task: Task, script: str, layout: Layout, predictions: dict, primer: Optional[torch.Tensor] = None,
+           log: Optional[list[dict]] = None, run_dir: Optional[str] = None, status: str = "finished") -> dict:
+    """Write the run folder (metrics, per-review predictions, environment, primer, loss log), append a row to the
+    results.csv ledger, print the row; returns the row."""
     cfg = task.cfg
     run_dir = run_dir or start_run(cfg, script)
+    scores = metrics(task, predictions)
     if not parallel.is_main():
-        return run_dir  # under accelerate the main process alone writes the run folder and the ledger
+        return scores  # under accelerate the main process alone writes the run folder and the ledger
     trained = log is not None
-    row = {"run_id": os.path.basename(run_dir), "script": script, "model_id": cfg.MODEL_ID,
-           "samples": len(task.train) if trained else 0, "tokens": layout.prompt_tokens,
+    kind = "trained primer" if trained else "saved primer" if primer is not None else "text prompt"
+    row = {"run_id": os.path.basename(run_dir), "script": script, "kind": kind, "status": status,
+           "model_id": cfg.MODEL_ID, "samples": len(task.train) if trained else 0, "tokens": layout.prompt_tokens,
            "primer_position": cfg.PRIMER_POSITION if primer is not None else "",
            "lr_schedule": ", ".join(f"{r:g}" for r in cfg.RATE_BY_EPOCH) if trained else "",
-           **metrics, "seed": cfg.SEED, "primer_path": cfg.PRIMER_PATH or "",
+           **scores, "seed": cfg.SEED, "primer_path": cfg.PRIMER_PATH or "",
            "primer_init": cfg.PRIMER_INIT if trained else "", "val_limit": cfg.VAL_LIMIT if trained else 0,
-           "keep_best": cfg.KEEP_BEST if trained else False, "best_epoch": best_epoch(run_dir)}
+           "keep_best": cfg.KEEP_BEST if trained else False, "best_epoch": best_epoch(run_dir),
+           "train_seconds": round(log[-1]["seconds"], 1) if log else 0.0}
     write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(row, indent=2))
+    write_atomic(os.path.join(run_dir, "environment.json"), json.dumps(environment(task), indent=2))
+    with cli.atomic_path(os.path.join(run_dir, "predictions.safetensors")) as tmp:
+        save_file({**{k: v.contiguous() for k, v in predictions.items() if k != "seconds"}, "label_ids": task.label_ids.cpu()}, tmp)
     if primer is not None:
         with cli.atomic_path(os.path.join(run_dir, "primer.safetensors")) as tmp:
             save_file({"primer": primer.detach().float().cpu().contiguous()}, tmp,
@@ -636,16 +655,28 @@ def record(task: Task, script: str, layout: Layout, metrics: dict, primer: Optio
     if log:
         write_atomic(os.path.join(run_dir, "losses.csv"), pd.DataFrame(log).to_csv(index=False))
         plots.loss_curve(run_dir)
-    ledger = os.path.join(cfg.RESULTS_DIR, "results.csv")
-    rows = pd.read_csv(ledger) if os.path.exists(ledger) else pd.DataFrame()
-    write_atomic(ledger, pd.concat([rows, pd.DataFrame([row])], ignore_index=True).to_csv(index=False))
-    print(format_table([row]))
-    print(f"saved {run_dir} and a row of {ledger}")
-    return run_dir
+    ledger.append(cfg.RESULTS_DIR, row)
+    print(ledger.format_table([row]))
+    print(f"saved {run_dir} and a row of {ledger.path(cfg.RESULTS_DIR)}")
+    return row
 
 
-def score_text_prompt(cfg: SimpleNamespace, script: str, system: str, user: str) -> str:
+def environment(task: Task) -> dict:
+    """What the config cannot say about a run: the code's commit, the libraries, the device and dtype it resolved."""
+    import transformers
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                capture_output=True, text=True).stdout.strip() or None
+    except OSError:  # no git installed
+        commit = None
+    gpu = torch.cuda.get_device_name(task.device) if task.device.type == "cuda" else None
+    return {"git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": str(task.device), "gpu": gpu,
+            "dtype": str(next(task.model.parameters()).dtype).removeprefix("torch."), "processes": parallel.world_size()}
+
+
+def score_text_prompt(cfg: SimpleNamespace, script: str, system: str, user: str) -> dict:
     """Score a hand-written prompt (system message, and user message around {review}) and record it."""
     task = setup(cfg, with_train=False)
     layout = make_layout(task, system, user)
-    return record(task, script, layout, score(task, layout, None))
+    return record(task, script, layout, predict(task, layout, None))

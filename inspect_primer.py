@@ -31,7 +31,7 @@ def configure(argv: list[str]) -> SimpleNamespace:
                             f"give results/<run id> of an experiment.py run")
     if any(arg.startswith("--primer_path=") for arg in overrides):
         raise cli.UserError("the run folder names the primer: drop --primer_path")
-    return harness.run_config(run_dir, overrides + [f"--primer_path={files['primer.safetensors']!r}"])
+    return cli.run_config(run_dir, overrides + [f"--primer_path={files['primer.safetensors']!r}"])
 
 
 @torch.inference_mode()
@@ -73,7 +73,7 @@ def ratio(hard: float, original: float) -> str:
 
 
 def inspect(cfg: SimpleNamespace) -> None:
-    original = harness.read_json(os.path.join(os.path.dirname(cfg.PRIMER_PATH), "metrics.json"))
+    original = cli.read_json(os.path.join(os.path.dirname(cfg.PRIMER_PATH), "metrics.json"))
     task = harness.setup(cfg, with_train=False)
     primer = harness.load_primer(cfg.PRIMER_PATH, task.model, cfg.PRIMER_POSITION)
     cosine, ids = nearest_tokens(task, primer)
@@ -81,8 +81,7 @@ def inspect(cfg: SimpleNamespace) -> None:
     hard = task.tokenizer.decode(ids[:, 0].tolist())
     print(f"hard primer: {hard!r}")
     layout = harness.make_layout(task, hard, "{review}", position=cfg.PRIMER_POSITION)  # the text where the primer was
-    metrics = harness.score(task, layout, None)
-    harness.record(task, "inspect_primer", layout, metrics)
+    metrics = harness.record(task, "inspect_primer", layout, harness.predict(task, layout, None))
     print(score_line("primer", original))
     print(score_line("hard primer", metrics))
     print(f"hard / primer: score {ratio(metrics['score'], original['score'])}, "

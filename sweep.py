@@ -13,11 +13,11 @@ import traceback
 from types import SimpleNamespace
 from typing import Callable, Optional
 
-import pandas as pd
 
 import cli
 import experiment
 import harness
+import ledger
 import plots
 import prompt_long
 import prompt_short
@@ -29,8 +29,7 @@ GRID = [{"script": "experiment", "primer_length": length, "rate_by_epoch": rates
         for rates in ([1e-5], [1e-4, 1e-5, 1e-6]) for length in (4, 8, 16)]
 GRID += [{"script": "prompt_long"}, {"script": "prompt_short"}]
 
-# where files live, how scoring is batched and how training saves memory and progress change no result
-IGNORED_KEYS = {"RESULTS_DIR", "DATA_DIR", "SCORE_BATCH_SIZE", "GRADIENT_CHECKPOINTING", "CHECKPOINT_EVERY"}
+IGNORED_KEYS = cli.RESUMABLE - {"DEVICE"}  # what a resume may change, but for the device (CPU and GPU differ)
 TRAINING_KEYS = {"TRAIN_LIMIT", "BATCH_SIZE", "PRIMER_LENGTH", "RATE_BY_EPOCH", "PRIMER_PATH", "PRIMER_POSITION",
                  "PRIMER_INIT", "VAL_LIMIT", "KEEP_BEST"}  # a text prompt uses none
 
@@ -54,20 +53,12 @@ def result_key(script: str, config: dict) -> str:
     return json.dumps([script, {k.upper(): v for k, v in config.items() if k.upper() not in ignored}], sort_keys=True)
 
 
-def ledger_rows(results_dir: str) -> list[dict]:
-    path = os.path.join(results_dir, "results.csv")
-    if not os.path.exists(path):
-        return []
-    text = {c: str for c in ("run_id", "script", "model_id", "lr_schedule", "primer_path", "primer_position", "primer_init")}  # "1e-05" stays a schedule
-    return pd.read_csv(path, dtype=text, keep_default_na=False).to_dict("records")  # and "" stays "", not NaN
-
-
 def find_run(script: str, cfg: SimpleNamespace) -> Optional[dict]:
     """The latest ledger row of a run of `script` whose saved config gives the same result key as cfg, or None."""
     want = result_key(script, vars(cfg))
-    for row in reversed(ledger_rows(cfg.RESULTS_DIR)):
+    for row in reversed(ledger.rows(cfg.RESULTS_DIR)):
         path = os.path.join(cfg.RESULTS_DIR, row["run_id"], "config.json")
-        if row["script"] == script and os.path.exists(path) and result_key(script, harness.read_json(path)) == want:
+        if row["script"] == script and os.path.exists(path) and result_key(script, cli.read_json(path)) == want:
             return row
     return None
 
@@ -109,7 +100,7 @@ def sweep(cfg: SimpleNamespace, grid: list[dict]) -> tuple[list[dict], list[str]
 
 def main(cfg: SimpleNamespace) -> None:
     rows, failed = sweep(cfg, GRID)
-    print(harness.format_table(rows))
+    print(ledger.format_table(rows))
     if rows:
         for path in (plots.score_plot(rows, os.path.join(cfg.RESULTS_DIR, "scores.png")),
                      plots.losses_plot(rows, cfg.RESULTS_DIR, os.path.join(cfg.RESULTS_DIR, "losses.png"))):

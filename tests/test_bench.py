@@ -5,7 +5,7 @@ from conftest import run_script
 
 def test_bench_runs_the_real_code_and_prints_its_figures(tiny):
     result = run_script("bench.py", "--random_init=True", f"--model_id={tiny.model_dir}", "--device=cpu",
-                        "--steps=2", "--warmup=1", "--batch_size=4", "--score_batch_size=8", "--max_review_tokens=64")
+                        "--steps=2", "--warmup=1", "--batch_size=4", "--score_batch_size=8", "--max_review_tokens=64", "--invariance=16")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "random weights" in out and "synthetic Yelp-length reviews" in out
@@ -15,4 +15,7 @@ def test_bench_runs_the_real_code_and_prints_its_figures(tiny):
     assert re.search(r"^train: [\d.]+x the straightforward loop$", out, re.M)
     assert re.search(r"^score: [\d.]+x the straightforward loop$", out, re.M)
     assert re.search(r"^train, primer position suffix: [\d.]+x primer position system$", out, re.M)
+    moved = re.search(r"^batch size 1 vs 8: 0 of 16 answers over the vocabulary and 0 between the labels change; "
+                      r"logits move by at most ([\d.e+-]+) ", out, re.M)
+    assert moved and float(moved.group(1)) < 1e-5
     assert "reference run (290,000 training samples, 38,000 test reviews) projected" in out

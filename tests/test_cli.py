@@ -2,6 +2,7 @@ import json
 import os
 
 import pandas as pd
+import pytest
 from safetensors.torch import load_file
 
 from conftest import overrides, run_script
@@ -11,14 +12,15 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
     args = overrides(tiny, tmp_path)
     trained = run_script("experiment.py", *args)  # no prep first: the data is prepared on the way
     assert trained.returncode == 0, trained.stderr
-    assert "| Run | Samples | Tokens | Position | LR Schedule | Score | Correct / Total | Label-restricted |" in trained.stdout
+    assert "| Run | Kind | Samples | Tokens | Position | LR Schedule | Score | Correct / Total | Label-restricted |" in trained.stdout
     assert "epoch 3/3" in trained.stderr and "samples_s=" in trained.stderr  # progress bars
     assert any(line.startswith("batch_size ") for line in trained.stdout.splitlines())  # the effective config
 
     results = tmp_path / "results"
     (run_id,) = [d for d in os.listdir(results) if d.endswith("experiment")]
     run = results / run_id
-    assert sorted(os.listdir(run)) == ["checkpoint.pt", "config.json", "loss.png", "losses.csv", "metrics.json", "primer.safetensors"]
+    assert sorted(os.listdir(run)) == ["checkpoint.pt", "config.json", "environment.json", "loss.png", "losses.csv", "metrics.json",
+                                 "predictions.safetensors", "primer.safetensors"]
     config = json.loads((run / "config.json").read_text())
     assert config["batch_size"] == 10 and config["model_id"] == tiny.model_dir
     metrics = json.loads((run / "metrics.json").read_text())
@@ -41,3 +43,36 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
     assert ledger.loc[0, "run_id"] == run_id and (ledger["total"] == 60).all()
     assert ledger.loc[2, "tokens"] > ledger.loc[3, "tokens"] > 4  # the long prompt is longer than the short one
     assert len(os.listdir(results)) == 5  # four run folders and the ledger
+    assert ledger["kind"].tolist() == ["trained primer", "saved primer", "text prompt", "text prompt"]
+    assert (ledger["status"] == "finished").all() and ledger.loc[0, "train_seconds"] > 0 and (ledger["score_seconds"] > 0).all()
+    assert ledger.loc[1, "train_seconds"] == 0 and ledger["seed"].dtype == int
+
+    again = run_script("experiment.py", f"--resume={run}")
+    assert again.returncode == 1 and again.stderr.strip().splitlines()[-1] == (
+        f"error: {run} has finished: its scores are in {run}/metrics.json and its row in the ledger")
+    assert len(pd.read_csv(results / "results.csv")) == 4
+
+    environment = json.loads((run / "environment.json").read_text())
+    assert environment["device"] == "cpu" and environment["dtype"] == "float32" and len(environment["git_commit"]) == 40
+    predictions = load_file(str(run / "predictions.safetensors"))
+    strict = predictions["answer"] == predictions["label_ids"][predictions["label"]]
+    restricted = predictions["logprobs"].argmax(-1) == predictions["label"]
+    assert (int(strict.sum()), int(restricted.sum())) == (metrics["correct"], metrics["restricted_correct"])
+    assert predictions["label"].sum() == 30 and (predictions["logprobs"] <= 0).all()
+    text_run = results / ledger.loc[2, "run_id"]
+    compared = run_script("compare.py", str(run), str(text_run))
+    assert compared.returncode == 0, compared.stderr
+    other = load_file(str(text_run / "predictions.safetensors"))
+    other_restricted = other["logprobs"].argmax(-1) == other["label"]
+    only_a, only_b = int((restricted & ~other_restricted).sum()), int((other_restricted & ~restricted).sum())
+    assert (f"| label-restricted | {100 * metrics['restricted_score']:.1f}% ({metrics['restricted_correct']}) "
+            f"| {100 * ledger.loc[2, 'restricted_score']:.1f}% ({ledger.loc[2, 'restricted_correct']}) | {only_a} | {only_b} | ") in compared.stdout
+    refused = run_script("compare.py", str(run), str(tmp_path))
+    assert refused.returncode == 1 and refused.stderr.strip() == f"error: {tmp_path} has no predictions.safetensors: give the folder of a finished run"
+
+
+def test_mcnemar_exact_known_values():
+    import compare
+    assert compare.mcnemar_exact(10, 2) == pytest.approx(0.0385742, rel=1e-5)  # 2 * P(X <= 2), X ~ Bin(12, 1/2)
+    assert compare.mcnemar_exact(3, 3) == 1.0 and compare.mcnemar_exact(0, 0) == 1.0
+    assert compare.mcnemar_exact(0, 20) == pytest.approx(2 / 2 ** 20)

@@ -109,3 +109,34 @@ def test_load_split_refuses_other_tokenizer_stale_config_and_pickles(tiny, tmp_p
         pickle.dump({"meta": os.system}, f)  # a crafted pickle that would call a function if unpickled
     with pytest.raises(cli.UserError, match="not a file prep wrote"):
         data.load_split(cfg, tokenizer, "test")
+
+
+PUBLIC_LINES = ['"2","Said ""wow"", then left.\\n\\nGreat!"', '"1","Caf\u00e9 na\u00efve \u2014 \u201csmart\u201d quotes, \u00fcber-bad."',
+                '"2","A backslash-n at the end\\n"', '"1","Line one.\\nLine two ""quoted"" here?"'] * 30
+
+
+def test_fetched_reviews_equal_the_public_csv_token_for_token(tiny, tmp_path, monkeypatch):
+    import datasets
+    public = tmp_path / "public"
+    public.mkdir()
+    for split in data.SPLITS:
+        (public / f"{split}.csv").write_text("".join(line + "\n" for line in PUBLIC_LINES), encoding="utf-8")
+    # the hub's rows keep the raw CSV field (its loader takes line[5:-2].strip()) and labels 0/1
+    hub_rows = [{"label": int(line[1]) - 1, "text": line[5:-1].strip()} for line in PUBLIC_LINES]
+
+    def load_dataset(path, name=None, **kwargs):
+        if (path, name) != ("fancyzhx/yelp_polarity", "plain_text"):
+            raise FileNotFoundError(f"Dataset '{path}' doesn't exist on the Hub")
+        return {split: hub_rows for split in data.SPLITS}
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    tokenizer = data.load_tokenizer(tiny.model_dir)
+    stored = {}
+    for source in ("public", "fetched"):
+        cfg = cli.configure(overrides(tiny, tmp_path / source) + [f"--csv_dir={tmp_path / source}", "--train_limit=100", "--test_limit=100"])
+        data.prepare(cfg, tokenizer)
+        stored[source] = torch.load(tmp_path / source / "data" / "train.pt", weights_only=True)
+    assert stored["fetched"]["meta"]["bad_rows"] == 0
+    for key in ("tokens", "offsets", "labels"):
+        assert torch.equal(stored["fetched"][key], stored["public"][key])
+    texts = data.read_csv(str(tmp_path / "fetched" / "train.csv"))[1]
+    assert texts[:2] == ['Said "wow", then left.\n\nGreat!', "Caf\u00e9 na\u00efve \u2014 \u201csmart\u201d quotes, \u00fcber-bad."]

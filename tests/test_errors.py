@@ -54,7 +54,7 @@ def test_primer_of_the_wrong_width_or_kind_is_refused(tiny, tmp_path, capsys):
 
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(cli.UserError, match="is not a run folder"):
-        harness.resumed_config(str(tmp_path))
+        cli.configure([f"--resume={tmp_path}"])
 
 
 def test_out_of_memory_names_the_knobs(cfg, monkeypatch):

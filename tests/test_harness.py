@@ -1,7 +1,11 @@
+import copy
+import json
+
 import pytest
 import torch
 
 import harness
+import ledger
 import prompt_short
 
 
@@ -27,7 +31,8 @@ def test_primer_slot_is_the_system_message(task):
     layout = harness.make_layout(task, None, primer_length=4)
     decode = lambda t: task.tokenizer.decode(t.tolist())
     assert decode(layout.prefix[:layout.slot.start]).endswith("system<|end_header_id|>\n\nToday Date: 26 Jul 2024\n\n")
-    assert decode(layout.prefix[layout.slot.stop:]) == "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+    assert decode(layout.prefix[layout.slot.stop:]) == "<|eot_id|><|start_header_id|>user<|end_header_id|>"
+    assert layout.joins == ("\n\n", "")  # tokenized with the review: no special token between them
     assert decode(layout.suffix) == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     assert layout.slot.stop - layout.slot.start == layout.prompt_tokens == 4
 
@@ -37,7 +42,8 @@ def test_assemble_right_pads_each_review_in_its_layout(task):
     idx = torch.tensor([5, 0, 9])
     ids, lengths = harness.assemble(layout, task.test, idx)
     for row, i in enumerate(idx):
-        review = task.test.tokens[task.test.offsets[i]:task.test.offsets[i + 1]].long()
+        review = task.tokenizer("\n\n" + task.tokenizer.decode(task.test.tokens[task.test.offsets[i]:task.test.offsets[i + 1]]),
+                                add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         expected = torch.cat([layout.prefix, review, layout.suffix])
         assert lengths[row] == len(expected)
         assert torch.equal(ids[row, :len(expected)], expected) and (ids[row, len(expected):] == 0).all()
@@ -90,7 +96,7 @@ def test_training_moves_only_the_primer_and_makes_the_model_answer_with_labels(t
     primer = harness.init_primer(task.model, 4, task.cfg.SEED)
     weights = {k: v.clone() for k, v in task.model.state_dict().items()}
     before = harness.score(task, layout, primer)
-    log = harness.train(task, layout, primer, str(tmp_path))
+    log, status = harness.train(task, layout, primer, str(tmp_path))
     after = harness.score(task, layout, primer)
     assert before["label_answer_share"] < 0.1 and after["label_answer_share"] > 0.9
     first, last = (sum(r["loss"] for r in log if r["epoch"] == e) for e in (1, 3))
@@ -136,7 +142,32 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_primer(tiny, tmp
     layout = harness.make_layout(task, None, primer_length=4)
     primer = harness.init_primer(task.model, 4, seed=0)
     start = primer.clone()
-    log = harness.train(task, layout, primer, str(tmp_path))
+    log, status = harness.train(task, layout, primer, str(tmp_path))
     assert len(log) == 1 and torch.isfinite(torch.tensor(log[0]["loss"]))
     assert torch.equal(primer, start)  # the only primer whose loss was finite
     assert "training stopped at epoch 1, batch 1: loss nan; keeping the last good primer" in capsys.readouterr().out
+    assert status == "stopped early at epoch 1, batch 1: non-finite loss nan"
+    run_dir = harness.start_run(cfg, "experiment")
+    harness.record(task, "experiment", layout, harness.predict(task, layout, primer), primer, log, run_dir, status)
+    (row,) = ledger.rows(cfg.RESULTS_DIR)
+    assert row["status"] == status and json.load(open(f"{run_dir}/metrics.json"))["status"] == status
+    assert f"| {status} |" in capsys.readouterr().out
+
+
+def test_answers_are_read_from_float32_logits_in_a_bfloat16_model(task):
+    """Two label logits that tie in bfloat16 (its step is 0.25 at 50) but not in float32 pick the right label."""
+    model = copy.deepcopy(task.model).to(torch.bfloat16)
+    layout = harness.make_layout(task, None, primer_length=0)
+    ids, lengths = harness.assemble(layout, task.test, torch.tensor([0]))
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids).last_hidden_state[0, -1]
+        one, two = task.label_ids.tolist()
+        head = model.get_output_embeddings().weight
+        head[one] = (hidden.float() * 50 / hidden.float().square().sum()).to(torch.bfloat16)  # logit about 50
+        head[two] = head[one]
+        j = int(hidden.float().abs().argmax())
+        head[two, j] = torch.nextafter(head[one, j], head[one, j] + hidden[j].sign())  # one bfloat16 step up the logit
+        in_bf16 = model.get_output_embeddings()(hidden)[[one, two]]
+        logits = harness.last_logits(model, ids, lengths, layout, None)[0, [one, two]]
+    assert in_bf16[0] == in_bf16[1], "the case no longer ties in bfloat16: pick another magnitude"
+    assert logits.dtype == torch.float32 and logits[1] > logits[0]

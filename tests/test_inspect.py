@@ -7,6 +7,7 @@ import torch
 
 import cli
 import harness
+import ledger
 import inspect_primer
 import sweep
 from conftest import run_script
@@ -24,7 +25,8 @@ def known_primer_run(cfg):
     table = task.model.get_input_embeddings().weight.detach()
     primer = torch.stack([s * table[i[0]] for s, i in zip(SCALES, ids)])
     layout = harness.make_layout(task, None, primer_length=len(primer))
-    return task, primer, harness.record(task, "experiment", layout, harness.score(task, layout, primer), primer)
+    row = harness.record(task, "experiment", layout, harness.predict(task, layout, primer), primer)
+    return task, primer, os.path.join(cfg.RESULTS_DIR, row["run_id"])
 
 
 def test_nearest_tokens_and_hard_primer_through_the_command_line(known_primer_run):
@@ -41,9 +43,9 @@ def test_nearest_tokens_and_hard_primer_through_the_command_line(known_primer_ru
     original = json.loads(open(os.path.join(run_dir, "metrics.json")).read())
     assert inspect_primer.score_line("primer", original) in result.stdout
 
-    ledger = sweep.ledger_rows(task.cfg.RESULTS_DIR)
-    assert [r["script"] for r in ledger] == ["experiment", "inspect_primer"]
-    row = ledger[-1]
+    rows = ledger.rows(task.cfg.RESULTS_DIR)
+    assert [r["script"] for r in rows] == ["experiment", "inspect_primer"]
+    row = rows[-1]
     assert row["primer_path"] == os.path.join(run_dir, "primer.safetensors") and row["total"] == 60
     config = json.loads(open(os.path.join(task.cfg.RESULTS_DIR, row["run_id"], "config.json")).read())
     assert config["score_batch_size"] == 7 and config["model_id"] == task.cfg.MODEL_ID  # the override, and the run's own

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 import cli
 import harness
+import ledger
 from conftest import overrides, run_script
 
 TINY_RUN = ["--train_limit=40", "--test_limit=20"]  # 4 batches of 10 per epoch, 20 test reviews
@@ -33,8 +34,8 @@ def test_wilson_interval_known_values():
 def test_format_score_prints_the_half_width():
     row = {"score": 0.959, "score_low": 0.957, "score_high": 0.961, "restricted_score": 0.5, "restricted_low": 0.404,
            "restricted_high": 0.596}
-    assert harness.format_score(row, "score") == "95.9% ±0.2"
-    assert harness.format_score(row, "restricted") == "50.0% ±9.6"
+    assert ledger.format_score(row, "score") == "95.9% ±0.2"
+    assert ledger.format_score(row, "restricted") == "50.0% ±9.6"
 
 
 def test_primer_inits_are_the_embeddings_they_name(task):
@@ -140,4 +141,4 @@ def test_validation_run_keeps_the_best_epoch(tiny, tmp_path):
     assert (ledger["val_limit"], ledger["keep_best"], ledger["best_epoch"], ledger["primer_init"]) == (10, True, best["epoch"], "random")
     assert ledger["score_low"] <= ledger["score"] <= ledger["score_high"]
     assert ledger["restricted_low"] <= ledger["restricted_score"] <= ledger["restricted_high"]
-    assert f"| {harness.format_score(metrics, 'score')} | {metrics['correct']} / 20 |" in result.stdout
+    assert f"| {ledger.format_score(metrics, 'score')} | {metrics['correct']} / 20 |" in result.stdout

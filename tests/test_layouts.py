@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 import cli
 import experiment
+import data
 import harness
+import prompt_long
 import prompt_short
 from conftest import overrides, run_script
 
@@ -80,10 +82,10 @@ def unpadded_logits(task, layout, split, i: int, primer) -> torch.Tensor:
 def test_prefix_and_suffix_put_the_primer_before_bos_and_after_the_review(task):
     prefix = harness.make_layout(task, None, primer_length=4, position="prefix")
     assert prefix.slot == slice(0, 4) and not prefix.in_suffix
-    assert decode(task, prefix.prefix[4:]) == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+    assert decode(task, prefix.prefix[4:]) == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>"
     suffix = harness.make_layout(task, None, primer_length=4, position="suffix")
     assert suffix.slot == slice(0, 4) and suffix.in_suffix and suffix.prompt_tokens == 4
-    assert decode(task, suffix.prefix) == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+    assert decode(task, suffix.prefix) == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>"
     assert decode(task, suffix.suffix[4:]) == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     with pytest.raises(cli.UserError, match="--primer_position='middle' is not one of system, prefix, suffix"):
         harness.make_layout(task, None, primer_length=4, position="middle")
@@ -129,7 +131,7 @@ def test_template_without_system_role_takes_the_system_content_in_the_user_turn(
     task = task_for(tiny, tmp_path, models["mistral"])
     layout = harness.make_layout(task, None, primer_length=4)
     assert decode(task, layout.prefix[:layout.slot.start]) == "<|begin_of_text|>[INST] "
-    assert decode(task, layout.prefix[layout.slot.stop:]) == "\n\n" and decode(task, layout.suffix) == " [/INST]"
+    assert layout.joins == ("\n\n", " [/INST]") and len(layout.prefix) == layout.slot.stop and not len(layout.suffix)
     assert task.label_ids.tolist() == task.tokenizer.convert_tokens_to_ids(["1", "2"])  # right after "]"
     text = harness.make_layout(task, prompt_short.SYSTEM, prompt_short.USER)
     ids, _ = harness.assemble(text, task.test, torch.tensor([3]))
@@ -142,10 +144,9 @@ def test_tokenizer_without_template_gets_a_plain_prompt(tiny, models, tmp_path, 
     task = task_for(tiny, tmp_path, models["plain"])
     layout = harness.make_layout(task, None, primer_length=4)
     assert layout.slot == slice(1, 5) and decode(task, layout.prefix[:1]) == "<|begin_of_text|>"
-    assert decode(task, layout.prefix[5:]) == "\n\n"
-    assert decode(task, layout.suffix) == "\nAnswer:"
+    assert layout.joins == ("\n\n", "\nAnswer:") and len(layout.prefix) == 5 and not len(layout.suffix)
     text = harness.make_layout(task, "Rate it.", "Review: {review}")
-    assert decode(task, text.prefix) == "<|begin_of_text|>Rate it.\n\nReview: "
+    assert decode(task, text.prefix) == "<|begin_of_text|>" and text.joins == ("Rate it.\n\nReview: ", "\nAnswer:")
     assert task.label_ids.tolist() == task.tokenizer.convert_tokens_to_ids(["1", "2"])
     assert capsys.readouterr().out.count("has no chat template: the prompt is bos, the system content or primer, the review and '\\nAnswer:'") == 1
 
@@ -165,8 +166,8 @@ def test_positions_and_any_model_through_the_command_line(tiny, models, tmp_path
         out = tmp_path / position
         result = run_script("experiment.py", *overrides(tiny, out), *SHORT_RUN, f"--primer_position={position}", *extra)
         assert result.returncode == 0, result.stderr
-        assert "| Run | Samples | Tokens | Position | LR Schedule |" in result.stdout
-        assert f"| experiment | 40 | 4 | {position} | 0.1 |" in result.stdout
+        assert "| Run | Kind | Samples | Tokens | Position | LR Schedule |" in result.stdout
+        assert f"-experiment | trained primer | 40 | 4 | {position} | 0.1 |" in result.stdout
         (run,) = [d for d in os.listdir(out / "results") if d.endswith("experiment")]
         assert json.loads((out / "results" / run / "config.json").read_text())["primer_position"] == position
         assert pd.read_csv(out / "results" / "results.csv")["primer_position"].tolist() == [position]
@@ -176,3 +177,49 @@ def test_positions_and_any_model_through_the_command_line(tiny, models, tmp_path
     with pytest.raises(cli.UserError, match="--primer_position='middle' is not one of system, prefix, suffix"):
         experiment.run(wrong)
     assert not os.path.exists(wrong.DATA_DIR)  # refused before preparing data or loading the model
+
+
+SEAM_REVIEWS = ["Loved it!", "Fine food.", "Would I go back?", "So good!!", "meh"]  # BPE merges "!\n", ".\n", "?\n"
+
+
+@pytest.fixture(scope="module")
+def seam_task(tiny, tmp_path_factory):
+    """A task whose tokenizer has Llama 3's split pattern and merges across the review's end, as a real one has."""
+    from conftest import build_tokenizer
+    endings = ["\n```\n\n# Classification", "\n```\n\n# Output", "\nAnswer:"]
+    corpus = [r + e for r in SEAM_REVIEWS for e in endings] * 50 + [t for _, t in tiny.splits["train"]]
+    tokenizer = build_tokenizer(corpus, str(tmp_path_factory.mktemp("seams")))
+    assert all(len(tokenizer(r + "\n", add_special_tokens=False)["input_ids"]) < len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1
+               for r in SEAM_REVIEWS[:3])  # "!\n", ".\n" and "?\n" are single tokens
+    cfg = cli.configure(overrides(tiny, tmp_path_factory.mktemp("seam_cfg")))
+    tokens, offsets, _ = data.tokenize(tokenizer, SEAM_REVIEWS, 100)
+    split = data.Split(tokens, offsets, torch.zeros(len(SEAM_REVIEWS), dtype=torch.long), {})
+    return harness.Task(cfg, tokenizer, None, torch.device("cpu"), torch.tensor([0, 1]), None, split)
+
+
+@pytest.mark.parametrize("template", ["llama3", "mistral", "none"])
+def test_every_layout_is_the_tokenizers_own_tokenization_of_its_text(seam_task, template):
+    """Wherever the prompt is text, the ids equal tokenizer(whole prompt text); only the primer slot is spliced."""
+    tok, primer = seam_task.tokenizer, "\x01"  # the primer's place in the expected text, tokenized on each side
+    tok.chat_template = {"llama3": tok.chat_template, "mistral": MISTRAL_TEMPLATE, "none": None}[template]
+    harness.say_once.cache_clear()
+    encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    layouts = {("system", prompt_short.SYSTEM, prompt_short.USER), ("system", prompt_long.SYSTEM, prompt_long.USER),
+               ("system", None, "{review}"), ("prefix", None, "{review}"), ("suffix", None, "{review}")}
+    for position, system, user in layouts:
+        layout = harness.make_layout(seam_task, system, user, primer_length=0 if system else 4, position=position)
+        for i, review in enumerate(SEAM_REVIEWS):
+            ids, _ = harness.assemble(layout, seam_task.test, torch.tensor([i]))
+            content = user.replace("{review}", review)
+            if position == "prefix":
+                text = primer + harness.prompt_text(tok, None, content, seam_task.cfg.TEMPLATE_KWARGS)
+            elif position == "suffix":
+                text = harness.prompt_text(tok, None, content + primer, seam_task.cfg.TEMPLATE_KWARGS)
+            else:
+                text = harness.prompt_text(tok, system or primer, content, seam_task.cfg.TEMPLATE_KWARGS)
+            if system:
+                assert ids[0].tolist() == encode(text), (template, system, review)
+                continue
+            before, after = text.split(primer)
+            start = len(encode(before))
+            assert ids[0, :start].tolist() == encode(before) and ids[0, start + 4:].tolist() == encode(after), (template, position, review)

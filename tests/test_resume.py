@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -63,3 +64,50 @@ def test_killed_and_interrupted_runs_resume_bitwise(tiny, tmp_path):
         assert other_validation == validation, name
         keys = ("correct", "restricted_correct", "total", "best_epoch")
         assert {k: other_metrics[k] for k in keys} == {k: metrics[k] for k in keys}
+
+
+def test_ctrl_c_while_validating_stops_and_resumes_to_the_same_primer(tiny, tmp_path, monkeypatch):
+    import cli
+    import harness
+    cfg = cli.configure(overrides(tiny, tmp_path) + ["--train_limit=40", "--val_limit=10", "--rate_by_epoch=[0.1, 0.1]"])
+    task = harness.setup(cfg)
+    layout = harness.make_layout(task, None, primer_length=4)
+    straight = harness.initial_primer(task, cfg.PRIMER_INIT, 4, cfg.SEED)
+    os.makedirs(tmp_path / "straight")
+    harness.train(task, layout, straight, str(tmp_path / "straight"))
+
+    validate = harness.validate
+    def ctrl_c_in_second_epoch(task, layout, primer, epoch, *rest):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        validate(task, layout, primer, epoch, *rest)
+    monkeypatch.setattr(harness, "validate", ctrl_c_in_second_epoch)
+    run = str(tmp_path / "stopped")
+    os.makedirs(run)
+    primer = harness.initial_primer(task, cfg.PRIMER_INIT, 4, cfg.SEED)
+    with pytest.raises(harness.Interrupted, match=f"resume with python experiment.py --resume={run}"):
+        harness.train(task, layout, primer, run)
+    state = torch.load(f"{run}/checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["batch"], len(state["validation"]["rows"])) == (1, 3, 1)  # before the second validation
+    monkeypatch.setattr(harness, "validate", validate)
+    primer = harness.initial_primer(task, cfg.PRIMER_INIT, 4, cfg.SEED)
+    log, status = harness.train(task, layout, primer, run)
+    assert status == "finished" and torch.equal(primer.detach(), straight.detach())
+    assert len(open(f"{run}/validation.csv").read().splitlines()) == 3  # a header and both epochs
+
+
+def test_resume_takes_only_overrides_that_cannot_change_the_result(tiny, tmp_path, monkeypatch, capsys):
+    import cli
+    import harness
+    run = harness.start_run(cli.configure(overrides(tiny, tmp_path) + ["--score_batch_size=64"]), "experiment")
+    monkeypatch.setattr("sys.argv", ["experiment.py", f"--resume={run}", "--score_batch_size=8", "--checkpoint_every=7"])
+    resumed = []
+    cli.main(resumed.append)
+    (cfg,) = resumed
+    assert (cfg.SCORE_BATCH_SIZE, cfg.CHECKPOINT_EVERY, cfg.BATCH_SIZE, cfg.RESUME) == (8, 7, 10, run)
+    printed = capsys.readouterr().out
+    assert "score_batch_size       = 8" in printed and "batch_size             = 10" in printed
+    with pytest.raises(cli.UserError, match=r"a resumed run keeps its config: --batch_size, --seed cannot change on "
+                                            r"--resume \(only --checkpoint_every, --data_dir, --device, --gradient_checkpointing, "
+                                            r"--results_dir, --score_batch_size can\); start a new run instead"):
+        cli.configure([f"--resume={run}", "--seed=1", "--batch_size=3", "--device=cpu"])

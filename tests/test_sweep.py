@@ -6,6 +6,7 @@ import pytest
 
 import cli
 import harness
+import ledger
 import sweep
 from conftest import overrides, run_script
 
@@ -20,8 +21,8 @@ def assert_png(path) -> None:
     assert image.ndim == 3 and min(image.shape[:2]) > 100 and image.std() > 0  # a drawn picture, not a blank
 
 
-def ledger(out) -> pd.DataFrame:
-    return pd.DataFrame(sweep.ledger_rows(str(out / "results")))
+def ledger_frame(out) -> pd.DataFrame:
+    return pd.DataFrame(ledger.rows(str(out / "results")))
 
 
 def test_two_point_sweep_plots_and_then_skips_what_is_done(tiny, tmp_path, monkeypatch, capsys):
@@ -29,17 +30,17 @@ def test_two_point_sweep_plots_and_then_skips_what_is_done(tiny, tmp_path, monke
     cfg = cli.configure(overrides(tiny, tmp_path))
     sweep.main(cfg)
     out = capsys.readouterr().out
-    first = ledger(tmp_path)
+    first = ledger_frame(tmp_path)
     assert first["script"].tolist() == ["experiment"] * 2 and first["tokens"].tolist() == [2, 4]
     assert (first["lr_schedule"] == "0.1").all() and (first["samples"] == 100).all()
     table = out[out.rindex("| Run |"):]  # the combined table printed last
-    assert table.count("| experiment | 100 | ") == 2
+    assert table.count("-experiment | trained primer | 100 | ") == 2
     for name in ("scores.png", "losses.png", *(f"{run}/loss.png" for run in first["run_id"])):
         assert_png(tmp_path / "results" / name)
 
     sweep.main(cfg)  # everything is in the ledger now: nothing runs again
     assert capsys.readouterr().out.count("already in the ledger") == 2
-    assert ledger(tmp_path).equals(first)
+    assert ledger_frame(tmp_path).equals(first)
     point = {k: v for k, v in TWO_POINTS[0].items() if k != "script"}
     assert sweep.find_run("experiment", sweep.point_config(cfg, {**point, "score_batch_size": 7}))["run_id"] == first["run_id"][0]
     assert sweep.find_run("experiment", sweep.point_config(cfg, {**point, "batch_size": 5})) is None
@@ -48,7 +49,7 @@ def test_two_point_sweep_plots_and_then_skips_what_is_done(tiny, tmp_path, monke
 def test_result_key_tells_which_runs_are_the_same(tiny, tmp_path):
     cfg = cli.configure(overrides(tiny, tmp_path))
     sweep.sweep(cfg, [{"script": "prompt_short"}])
-    (row,) = ledger(tmp_path).to_dict("records")
+    (row,) = ledger_frame(tmp_path).to_dict("records")
     same = sweep.point_config(cfg, {"score_batch_size": 7, "train_limit": 50, "rate_by_epoch": [1.0]})  # no effect on a text prompt
     assert sweep.find_run("prompt_short", same)["run_id"] == row["run_id"]
     assert sweep.find_run("prompt_long", cfg) is None
@@ -63,9 +64,9 @@ def test_command_line_reports_failed_points_and_goes_on(tiny, tmp_path):
     primer_points = sum(p["script"] == "experiment" for p in sweep.GRID)
     assert result.stdout.count("failed: UserError: --primer_path=") == primer_points
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {primer_points} of {len(sweep.GRID)} points failed")
-    assert ledger(tmp_path)["script"].tolist() == ["prompt_long", "prompt_short"]
+    assert ledger_frame(tmp_path)["script"].tolist() == ["prompt_long", "prompt_short"]
     table = result.stdout[result.stdout.rindex("| Run |"):]
-    assert "| prompt_long | – |" in table and "| prompt_short | – |" in table
+    assert "-prompt_long | text prompt | – |" in table and "-prompt_short | text prompt | – |" in table
     for name in ("scores.png", "losses.png"):
         assert_png(tmp_path / "results" / name)
 

@@ -1,0 +1,63 @@
+"""The results ledger: rows appended under a lock by concurrent runs, damage found before a run starts."""
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+import cli
+import ledger
+from conftest import ROOT, overrides, run_script
+
+WRITER = """
+import sys, time, types
+import harness, ledger
+results, start_at, rows = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+cfg = types.SimpleNamespace(RESULTS_DIR=results, SEED=0)
+time.sleep(max(0.0, start_at - time.time()))
+run_dir = harness.start_run(cfg, "race")
+for i in range(rows):
+    ledger.append(results, {"run_id": run_dir.rsplit("/", 1)[1], "script": "race", "correct": i, "status": "finished"})
+"""
+
+
+def test_concurrent_runs_get_their_own_folders_and_keep_every_row(tmp_path):
+    processes, rows = 6, 30
+    start_at = time.time() + 6  # after every process has imported torch, so all start in the same second
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(start_at), str(rows)], cwd=ROOT)
+             for _ in range(processes)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * processes
+    folders = [d for d in os.listdir(tmp_path) if d.endswith("-race") or "-race-" in d]
+    assert len(folders) == processes and all(os.path.isfile(tmp_path / d / "config.json") for d in folders)
+    ledger.check(str(tmp_path))
+    table = ledger.rows(str(tmp_path))
+    assert len(table) == processes * rows
+    assert sorted(r["run_id"] for r in table) == sorted(folders * rows)
+    assert all(sorted(r["correct"] for r in table if r["run_id"] == d) == list(range(rows)) for d in folders)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (b'x,y\n', "line 3 has 2 fields, not 27: fix that line or move the file aside"),
+    (b'r,s,caf\xe9' + b',' * 24 + b'\n', "line 3 has bytes that are not UTF-8"),
+    (b'r,s,k,finished,m\n', "line 3 has 5 fields, not 27"),
+    (b'r,s,' + b',' * 24, "line 3 is cut short (no line end)"),
+])
+def test_a_damaged_ledger_is_one_line_before_any_work(tmp_path, damage, message):
+    ledger.append(str(tmp_path), {"run_id": "good", "status": "finished"})
+    with open(ledger.path(str(tmp_path)), "ab") as f:
+        f.write(damage)
+    with pytest.raises(cli.UserError, match=re.escape(message)):
+        ledger.check(str(tmp_path))
+
+
+def test_an_old_or_damaged_ledger_stops_a_run_at_its_start(tiny, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "results.csv").write_text("run_id,script,samples\nold,experiment,100\n")
+    result = run_script("experiment.py", *overrides(tiny, tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (f"error: {results}/results.csv has other columns than this version "
+                                                      f"writes: move it aside (mv {results}/results.csv {results}/results.csv.old)")
+    assert os.listdir(results) == ["results.csv"] and not os.path.exists(tmp_path / "data")  # no run, no data prep
