@@ -24,7 +24,12 @@ import torch.nn.functional as F
 
 import cli
 import data
-import harness
+import frozen
+import layouts
+import primers
+import runs
+import scoring
+import training
 
 BENCH = {
     "RANDOM_INIT": False,  # build MODEL_ID's architecture (configs/<name>/ or a folder's config.json) with random weights
@@ -48,22 +53,22 @@ def synthetic_split(n: int, vocab: int, max_tokens: int, seed: int) -> data.Spli
     return data.Split(tokens, offsets, torch.from_numpy(rng.integers(0, 2, n)), {"source": "synthetic"})
 
 
-def synthetic_layout(vocab: int, primer_length: int, position: str) -> harness.Layout:
-    """Random ids of Llama 3's template lengths, the primer at position (harness.make_layout's positions)."""
+def synthetic_layout(vocab: int, primer_length: int, position: str) -> layouts.Layout:
+    """Random ids of Llama 3's template lengths, the primer at position (layouts.make_layout's positions)."""
     before, middle, after = LLAMA3_TEMPLATE
     ids = lambda n: torch.randint(vocab, (n,))
     if position == "suffix":
-        return harness.Layout(ids(before + middle), ids(primer_length + after), slice(0, primer_length), primer_length, in_suffix=True)
+        return layouts.Layout(ids(before + middle), ids(primer_length + after), slice(0, primer_length), primer_length, in_suffix=True)
     start = 0 if position == "prefix" else before
-    return harness.Layout(ids(before + primer_length + middle), ids(after), slice(start, start + primer_length), primer_length)
+    return layouts.Layout(ids(before + primer_length + middle), ids(after), slice(start, start + primer_length), primer_length)
 
 
-def bench_layout(task: harness.Task, position: str) -> harness.Layout:
+def bench_layout(task: runs.Task, position: str) -> layouts.Layout:
     """MODEL_ID's own layout with the primer at position, or a synthetic one when there is no tokenizer."""
-    harness.check_primer_position(position, task.cfg.GRADIENT_CHECKPOINTING)
+    layouts.check_primer_position(position, task.cfg.GRADIENT_CHECKPOINTING)
     if task.tokenizer is None:
         return synthetic_layout(task.model.get_input_embeddings().weight.shape[0], task.cfg.PRIMER_LENGTH, position)
-    return harness.make_layout(task, None, primer_length=task.cfg.PRIMER_LENGTH, position=position)
+    return layouts.make_layout(task, None, primer_length=task.cfg.PRIMER_LENGTH, position=position)
 
 
 def random_model(cfg, device: torch.device) -> torch.nn.Module:
@@ -72,23 +77,23 @@ def random_model(cfg, device: torch.device) -> torch.nn.Module:
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise cli.UserError(f"no architecture config for {cfg.MODEL_ID} in {folder}/config.json: add one, or set --model_id to a folder with one")
     with device:
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=harness.resolve_dtype(cfg.DTYPE, device),
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=frozen.resolve_dtype(cfg.DTYPE, device),
                                                  attn_implementation="sdpa")
-    return harness.freeze(model, cfg.GRADIENT_CHECKPOINTING)
+    return frozen.freeze(model, cfg.GRADIENT_CHECKPOINTING)
 
 
-def bench_task(cfg) -> tuple[harness.Task, harness.Layout]:
+def bench_task(cfg) -> tuple[runs.Task, layouts.Layout]:
     """The task to time: MODEL_ID (or its random twin) on the prepared train split, or on synthetic reviews."""
-    device = harness.resolve_device(cfg.DEVICE)
+    device = frozen.resolve_device(cfg.DEVICE)
     if cfg.RANDOM_INIT:
         model, tokenizer = random_model(cfg, device), None
     else:
-        tokenizer, model = data.load_tokenizer(cfg.MODEL_ID), harness.load_model(cfg, device)
+        tokenizer, model = data.load_tokenizer(cfg.MODEL_ID), frozen.load_model(cfg, device)
     vocab = model.get_input_embeddings().weight.shape[0]
     prepared = tokenizer is not None and os.path.exists(data.split_path(cfg, "train"))
     split = data.load_split(cfg, tokenizer, "train") if prepared else synthetic_split(SYNTHETIC_REVIEWS, vocab, cfg.MAX_REVIEW_TOKENS, cfg.SEED)
-    labels = harness.label_token_ids(tokenizer, cfg.LABELS, harness.answer_context(tokenizer, cfg.TEMPLATE_KWARGS)) if tokenizer else [vocab - 2, vocab - 1]
-    task = harness.Task(cfg, tokenizer, model, device, torch.tensor(labels, device=device), split, split)
+    labels = layouts.label_token_ids(tokenizer, cfg.LABELS, layouts.answer_context(tokenizer, cfg.TEMPLATE_KWARGS)) if tokenizer else [vocab - 2, vocab - 1]
+    task = runs.Task(cfg, tokenizer, model, device, torch.tensor(labels, device=device), split, split)
     layout = bench_layout(task, cfg.PRIMER_POSITION)
     print(f"model {cfg.MODEL_ID}{' (random weights)' if cfg.RANDOM_INIT else ''} on {device_name(device)}, "
           f"{'reviews of ' + split.meta['source'] if prepared else 'synthetic Yelp-length reviews'}", flush=True)
@@ -166,14 +171,14 @@ def measure(name: str, step, batches: list[torch.Tensor], lengths_of, padded_of,
             "peak memory": peak_memory_gb(device), "TFLOP/s": tflops, "MFU": tflops / peak}
 
 
-def naive_logits(task: harness.Task, layout: harness.Layout, primer: torch.Tensor, idx: torch.Tensor, pad_to: int) -> torch.Tensor:
+def naive_logits(task: runs.Task, layout: layouts.Layout, primer: torch.Tensor, idx: torch.Tensor, pad_to: int) -> torch.Tensor:
     """The straightforward loop: each review embedded and concatenated in Python, every row padded to the longest
     review of the split, logits over the whole vocabulary at every position."""
     split, device = task.train, task.device
     rows, lengths = [], []
     for i in idx.tolist():
         review = split.tokens[split.offsets[i]:split.offsets[i + 1]].long()
-        row = harness.unpadded_embeds(task.model, layout, review, primer)
+        row = frozen.unpadded_embeds(task.model, layout, review, primer)
         lengths.append(len(row))
         rows.append(F.pad(row, (0, 0, 0, pad_to - len(row))))
     lengths = torch.tensor(lengths, device=device)
@@ -183,12 +188,12 @@ def naive_logits(task: harness.Task, layout: harness.Layout, primer: torch.Tenso
 
 
 @torch.inference_mode()
-def batch_invariance(task: harness.Task, layout: harness.Layout, primer: torch.Tensor, n: int) -> str:
+def batch_invariance(task: runs.Task, layout: layouts.Layout, primer: torch.Tensor, n: int) -> str:
     """How scoring reviews in batches of SCORE_BATCH_SIZE, padded to the longest, moves their logits and answers
     from scoring each review alone: bitwise equal in float32 on the CPU, not in every dtype and kernel."""
     def logits(idx: torch.Tensor) -> torch.Tensor:
-        ids, lengths = harness.assemble(layout, task.train, idx)
-        return harness.last_logits(task.model, ids.to(task.device), lengths.to(task.device), layout, primer)
+        ids, lengths = layouts.assemble(layout, task.train, idx)
+        return frozen.forward(task.model, ids.to(task.device), lengths.to(task.device), layout, primer).logits
     idx = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(task.cfg.SEED))[:n]
     alone = torch.cat([logits(i[None]) for i in idx])
     batched = torch.cat([logits(b) for b in idx.split(task.cfg.SCORE_BATCH_SIZE)])
@@ -210,12 +215,12 @@ def print_table(rows: list[dict]) -> None:
 def run(cfg) -> None:
     task, layout = bench_task(cfg)
     split, device, n = task.train, task.device, cfg.WARMUP + cfg.STEPS
-    peak = matmul_tflops(device, harness.resolve_dtype(cfg.DTYPE, device))
-    print(f"dense {harness.resolve_dtype(cfg.DTYPE, device)} matmul: {peak:.3g} TFLOP/s on {device_name(device)}")
+    peak = matmul_tflops(device, frozen.resolve_dtype(cfg.DTYPE, device))
+    print(f"dense {frozen.resolve_dtype(cfg.DTYPE, device)} matmul: {peak:.3g} TFLOP/s on {device_name(device)}")
     shape, fixed = model_shape(task.model), len(layout.prefix) + len(layout.suffix)
-    primer = harness.init_primer(task.model, cfg.PRIMER_LENGTH, cfg.SEED).requires_grad_(True)
+    primer = primers.init_primer(task.model, cfg.PRIMER_LENGTH, cfg.SEED).requires_grad_(True)
     optimizer = torch.optim.Adam([primer], lr=cfg.RATE_BY_EPOCH[0])
-    train_batches = harness.length_grouped_batches(split.lengths, cfg.BATCH_SIZE, cfg.SEED)[:n]
+    train_batches = training.length_grouped_batches(split.lengths, cfg.BATCH_SIZE, cfg.SEED)[:n]
     sample = torch.from_numpy(np.random.default_rng(cfg.SEED).permutation(len(split))[:n * cfg.SCORE_BATCH_SIZE])
     score_batches = list(sample[split.lengths[sample].argsort(descending=True)].split(cfg.SCORE_BATCH_SIZE))
     real = lambda idx: split.lengths[idx] + fixed
@@ -229,10 +234,10 @@ def run(cfg) -> None:
         loss.backward()
         optimizer.step()
 
-    def train_row(name: str, at: harness.Layout) -> dict:
+    def train_row(name: str, at: layouts.Layout) -> dict:
         """train_step timed in layout `at`; FLOPs counted as for a full forward and backward pass, whatever it skips."""
         real_at = lambda idx: split.lengths[idx] + len(at.prefix) + len(at.suffix)
-        return measure(name, lambda idx: harness.train_step(task, at, primer, optimizer, idx), train_batches, real_at,
+        return measure(name, lambda idx: training.train_step([primer], optimizer, primers.loss_of(task, at, primer), idx), train_batches, real_at,
                        lambda idx: len(idx) * int(real_at(idx).max()), lambda idx: batch_flops(shape, real_at(idx), False, True), task, peak)
 
     rows = [train_row("train", layout)]
@@ -241,7 +246,7 @@ def run(cfg) -> None:
     if cfg.BASELINE:
         rows.append(measure("train, straightforward loop", naive_train, train_batches, real, to_longest,
                             lambda idx: batch_flops(shape, real(idx), True, True), task, peak))
-    rows.append(measure("score", lambda idx: harness.predict_batch(task, layout, primer.detach(), idx), score_batches, real,
+    rows.append(measure("score", lambda idx: scoring.predict_batch(task, layout, primer.detach(), idx), score_batches, real,
                         grouped, lambda idx: batch_flops(shape, real(idx), False, False), task, peak))
     if cfg.BASELINE:
         with torch.inference_mode():

@@ -9,22 +9,34 @@
 import os
 
 import cli
-import harness
+import primers
+import runs
+import scoring
+import training
+from layouts import check_primer_position, make_layout
+
+
+def train_primer(task, layout, primer, run_dir: str) -> tuple[list[dict], str]:
+    """The primer alone trained on the label token's cross-entropy, validated after each epoch when VAL_LIMIT is set."""
+    evaluate = (lambda: scoring.score(task, layout, primer, task.val)) if task.val is not None else None
+    return training.train(task, {"primer": primer}, primers.loss_of(task, layout, primer), run_dir, evaluate)
 
 
 def run(cfg) -> None:
     if cfg.RESUME and os.path.exists(os.path.join(cfg.RESUME, "metrics.json")):
         raise cli.UserError(f"{cfg.RESUME} has finished: its scores are in {cfg.RESUME}/metrics.json and its row in the ledger")
-    harness.check_primer_position(cfg.PRIMER_POSITION, cfg.GRADIENT_CHECKPOINTING)  # before minutes of data prep and loading
-    task = harness.setup(cfg, with_train=cfg.PRIMER_PATH is None)
+    check_primer_position(cfg.PRIMER_POSITION, cfg.GRADIENT_CHECKPOINTING)  # before minutes of data prep and loading
+    task = runs.setup(cfg, with_train=cfg.PRIMER_PATH is None)
     if cfg.PRIMER_PATH:
-        primer = harness.load_primer(cfg.PRIMER_PATH, task.model, cfg.PRIMER_POSITION)
+        primer = primers.load_primer(cfg.PRIMER_PATH, task.model, cfg.PRIMER_POSITION)
     else:
-        primer = harness.initial_primer(task, cfg.PRIMER_INIT, cfg.PRIMER_LENGTH, cfg.SEED)
-    layout = harness.make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION)
-    run_dir = cfg.RESUME or harness.start_run(cfg, "experiment")
-    log, status = (None, "finished") if cfg.PRIMER_PATH else harness.train(task, layout, primer, run_dir)
-    harness.record(task, "experiment", layout, harness.predict(task, layout, primer), primer, log, run_dir, status)
+        primer = primers.initial_primer(task, cfg.PRIMER_INIT, cfg.PRIMER_LENGTH, cfg.SEED)
+    layout = make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION)
+    run_dir = cfg.RESUME or runs.start_run(cfg, "experiment")
+    log, status = (None, "finished") if cfg.PRIMER_PATH else train_primer(task, layout, primer, run_dir)
+    primers.save_primer(run_dir, primer, cfg.MODEL_ID, cfg.PRIMER_POSITION)
+    runs.record(task, "experiment", "primer" if log is not None else "saved primer", len(primer),
+                scoring.predict(task, layout, primer), run_dir, log, primer.numel(), status)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import cli
-import harness
+import layouts
+import primers
+import runs
+import scoring
 
 TOP_K = 5  # nearest tokens shown per vector
 
@@ -35,7 +38,7 @@ def configure(argv: list[str]) -> SimpleNamespace:
 
 
 @torch.inference_mode()
-def nearest_tokens(task: harness.Task, primer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_tokens(task: runs.Task, primer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarities and ids [length, TOP_K] of each vector's nearest tokens in the input embedding table.
     Special tokens are left out, since text in the system message cannot hold them, and so are padding rows past
     the tokenizer's vocabulary."""
@@ -53,7 +56,7 @@ def token_text(tokenizer, token_id: int) -> str:
     return tokenizer.convert_ids_to_tokens(token_id) if "\ufffd" in text else text
 
 
-def token_table(task: harness.Task, primer: torch.Tensor, cosine: torch.Tensor, ids: torch.Tensor) -> str:
+def token_table(task: runs.Task, primer: torch.Tensor, cosine: torch.Tensor, ids: torch.Tensor) -> str:
     norms = task.model.get_input_embeddings().weight.float().norm(dim=1)
     lines = [f"embedding rows: norm {norms.min():.3f} to {norms.max():.3f}, median {norms.median():.3f}",
              "| Vector | Norm | Nearest tokens (cosine) |", "|---|---|---|"]
@@ -74,14 +77,14 @@ def ratio(hard: float, original: float) -> str:
 
 def inspect(cfg: SimpleNamespace) -> None:
     original = cli.read_json(os.path.join(os.path.dirname(cfg.PRIMER_PATH), "metrics.json"))
-    task = harness.setup(cfg, with_train=False)
-    primer = harness.load_primer(cfg.PRIMER_PATH, task.model, cfg.PRIMER_POSITION)
+    task = runs.setup(cfg, with_train=False)
+    primer = primers.load_primer(cfg.PRIMER_PATH, task.model, cfg.PRIMER_POSITION)
     cosine, ids = nearest_tokens(task, primer)
     print(token_table(task, primer, cosine, ids))
     hard = task.tokenizer.decode(ids[:, 0].tolist())
     print(f"hard primer: {hard!r}")
-    layout = harness.make_layout(task, hard, "{review}", position=cfg.PRIMER_POSITION)  # the text where the primer was
-    metrics = harness.record(task, "inspect_primer", layout, harness.predict(task, layout, None))
+    layout = layouts.make_layout(task, hard, "{review}", position=cfg.PRIMER_POSITION)  # the text where the primer was
+    metrics = runs.record(task, "inspect_primer", "hard primer", layout.prompt_tokens, scoring.predict(task, layout))
     print(score_line("primer", original))
     print(score_line("hard primer", metrics))
     print(f"hard / primer: score {ratio(metrics['score'], original['score'])}, "

@@ -1,69 +1,86 @@
 """The results ledger, RESULTS_DIR/results.csv: one row per run, appended under a lock, checked before a run starts."""
+import contextlib
 import csv
 import fcntl
 import os
+from typing import Iterator
 
 import pandas as pd
 
 import cli
 
-COLUMNS = ["run_id", "script", "kind", "status", "model_id", "samples", "tokens", "primer_position", "lr_schedule",
-           "correct", "total", "score", "restricted_correct", "restricted_score", "label_answer_share", "score_low",
-           "score_high", "restricted_low", "restricted_high", "seed", "primer_path", "primer_init", "val_limit",
-           "keep_best", "best_epoch", "train_seconds", "score_seconds"]
-TEXT_COLUMNS = ["run_id", "script", "kind", "status", "model_id", "lr_schedule", "primer_position", "primer_path",
-                "primer_init"]  # read as text: "1e-05" stays a schedule and "" stays "", not NaN
+COLUMNS = ["run_id", "method", "script", "status", "model_id", "samples", "trainable_params", "tokens", "correct",
+           "total", "score", "restricted_correct", "restricted_score", "label_answer_share", "score_low", "score_high",
+           "restricted_low", "restricted_high", "seed", "best_epoch", "train_seconds", "score_seconds"]
+TEXT_COLUMNS = ["run_id", "method", "script", "status", "model_id"]  # read as text, so "" stays "", not NaN
 
 
 def path(results_dir: str) -> str:
     return os.path.join(results_dir, "results.csv")
 
 
-def check(results_dir: str) -> None:
-    """A one-line error if the ledger cannot take a row: so a damaged file is found before the work, not after."""
-    ledger = path(results_dir)
-    if not os.path.exists(ledger):
-        return
+@contextlib.contextmanager
+def locked(results_dir: str) -> Iterator[None]:
+    """Every write of the ledger holds this lock, a file of its own, so a ledger replaced by rename stays locked."""
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, ".results.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def read_lines(ledger: str) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of a ledger; a one-line error naming the first damaged line."""
     fix = f"fix that line or move the file aside (mv {ledger} {ledger}.old)"
     with open(ledger, "rb") as f:
-        lines = f.read().split(b"\n")
-    for number, line in enumerate(lines, 1):
+        raw = f.read()
+    for number, line in enumerate(raw.split(b"\n"), 1):
         try:
             line.decode("utf-8")
         except UnicodeDecodeError:
             raise cli.UserError(f"{ledger} line {number} has bytes that are not UTF-8: {fix}") from None
-    with open(ledger, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is not None and header != COLUMNS:
-            raise cli.UserError(f"{ledger} has other columns than this version writes: move it aside (mv {ledger} {ledger}.old)")
-        for row in reader:
-            if len(row) != len(COLUMNS):
-                raise cli.UserError(f"{ledger} line {reader.line_num} has {len(row)} fields, not {len(COLUMNS)}: {fix}")
-    if lines[-1]:
-        raise cli.UserError(f"{ledger} line {len(lines)} is cut short (no line end): {fix}")
+    if raw and not raw.endswith(b"\n"):
+        last = raw.count(b"\n") + 1
+        raise cli.UserError(f"{ledger} line {last} is cut short (no line end): {fix}")
+    rows = list(csv.reader(raw.decode("utf-8").splitlines()))
+    header = rows[0] if rows else COLUMNS
+    if "run_id" not in header:
+        raise cli.UserError(f"{ledger} is not a ledger (no run_id column): move it aside (mv {ledger} {ledger}.old)")
+    for number, row in enumerate(rows[1:], 2):
+        if len(row) != len(header):
+            raise cli.UserError(f"{ledger} line {number} has {len(row)} fields, not {len(header)}: {fix}")
+    return header, rows[1:]
+
+
+def check(results_dir: str) -> None:
+    """A one-line error if the ledger cannot take a row: so a damaged file is found before the work, not after."""
+    if os.path.exists(path(results_dir)):
+        read_lines(path(results_dir))
 
 
 def append(results_dir: str, row: dict) -> None:
-    """Add one row at the end under an exclusive lock, so runs that finish together all keep theirs; rows already
-    there are never rewritten."""
-    os.makedirs(results_dir, exist_ok=True)
-    with open(path(results_dir), "a", encoding="utf-8", newline="") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        writer = csv.writer(f, lineterminator="\n")
-        if os.fstat(f.fileno()).st_size == 0:
-            writer.writerow(COLUMNS)
-        writer.writerow(["" if row.get(c) is None else row[c] for c in COLUMNS])
-        f.flush()
-        os.fsync(f.fileno())
-        fcntl.flock(f, fcntl.LOCK_UN)
+    """Add one row at the end under the lock, so runs that finish together all keep theirs. Rows already there are
+    never rewritten, but for a ledger of an older version, whose columns gain this version's once (their text kept)."""
+    ledger = path(results_dir)
+    with locked(results_dir):
+        header, rows = read_lines(ledger) if os.path.exists(ledger) else (COLUMNS, [])
+        if not os.path.exists(ledger) or header[:len(COLUMNS)] != COLUMNS:
+            columns = COLUMNS + [c for c in header if c not in COLUMNS]
+            with cli.atomic_path(ledger) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+                writer = csv.writer(f, lineterminator="\n")
+                writer.writerows([columns] + [[dict(zip(header, r)).get(c, "") for c in columns] for r in rows])
+            header = columns
+        with open(ledger, "a", encoding="utf-8", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerow(["" if row.get(c) is None else row[c] for c in header])
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def rows(results_dir: str) -> list[dict]:
-    """Every ledger row, in order."""
+    """Every ledger row, in order, with this version's columns (empty where an older ledger lacks one)."""
     if not os.path.exists(path(results_dir)):
         return []
-    return pd.read_csv(path(results_dir), dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False).to_dict("records")
+    table = pd.read_csv(path(results_dir), dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False)
+    return table.reindex(columns=list(dict.fromkeys(COLUMNS + list(table.columns))), fill_value="").to_dict("records")
 
 
 def format_score(row: dict, name: str) -> str:
@@ -74,16 +91,13 @@ def format_score(row: dict, name: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Ledger rows in the reference's form: Samples | Tokens | LR Schedule | Score | Correct / Total, plus the run,
-    what kind of run it was, the primer's position, the label-restricted score, the research knobs and the status."""
-    lines = ["| Run | Kind | Samples | Tokens | Position | LR Schedule | Score | Correct / Total | Label-restricted "
-             "| Primer init | Val reviews | Best epoch | Keep best | Status |", "|---" * 14 + "|"]
+    """Ledger rows in the reference's form (Train reviews | Tokens | Score | Correct / Total) with the run, its
+    method, trainable parameters, the label-restricted score, the best validation epoch and the status."""
+    lines = ["| Run | Method | Train reviews | Params | Tokens | Score | Correct / Total | Label-restricted "
+             "| Best epoch | Status |", "|---" * 10 + "|"]
+    count = lambda value: f"{int(value):,}" if value not in ("", None) and value == value and int(value) else "–"
     for r in rows:
-        samples = f"{int(r['samples']):,}" if r["samples"] else "–"
-        best = "–" if pd.isna(r["best_epoch"]) else int(r["best_epoch"])
-        lines.append(f"| {r['run_id']} | {r['kind']} | {samples} | {int(r['tokens'])} | {r['primer_position'] or '–'} "
-                     f"| {r['lr_schedule'] or '–'} | {format_score(r, 'score')} "
-                     f"| {int(r['correct']):,} / {int(r['total']):,} | {format_score(r, 'restricted')} "
-                     f"| {r['primer_init'] or '–'} | {int(r['val_limit']) or '–'} | {best} "
-                     f"| {'yes' if r['keep_best'] else '–'} | {r['status']} |")
+        lines.append(f"| {r['run_id']} | {r['method'] or r['script']} | {count(r['samples'])} | {count(r['trainable_params'])} "
+                     f"| {int(r['tokens'])} | {format_score(r, 'score')} | {int(r['correct']):,} / {int(r['total']):,} "
+                     f"| {format_score(r, 'restricted')} | {count(r['best_epoch'])} | {r['status'] or '–'} |")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Baseline: a long hand-written prompt (about 80 tokens) with two worked examples, scored on the test split."""
 import cli
-import harness
+import runs
 
 SYSTEM = """Classify the given text as either negative (`1`) or positive (`2`). Write nothing else, only the digit.
 
@@ -13,4 +13,4 @@ Output: 2"""
 USER = "# Your task\n```\n{review}\n```\n\n# Output"
 
 if __name__ == "__main__":
-    cli.main(lambda cfg: harness.score_text_prompt(cfg, "prompt_long", SYSTEM, USER))
+    cli.main(lambda cfg: runs.score_text_prompt(cfg, "prompt_long", SYSTEM, USER))

@@ -1,9 +1,9 @@
 """Baseline: a short hand-written prompt (about 35 tokens), scored on the test split."""
 import cli
-import harness
+import runs
 
 SYSTEM = "Classify the given text as either negative (`1`) or positive (`2`). Write nothing else."
 USER = "```\n{review}\n```\n\n# Classification"
 
 if __name__ == "__main__":
-    cli.main(lambda cfg: harness.score_text_prompt(cfg, "prompt_short", SYSTEM, USER))
+    cli.main(lambda cfg: runs.score_text_prompt(cfg, "prompt_short", SYSTEM, USER))

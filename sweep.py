@@ -16,7 +16,8 @@ from typing import Callable, Optional
 
 import cli
 import experiment
-import harness
+import runs
+import training
 import ledger
 import plots
 import prompt_long
@@ -36,7 +37,7 @@ TRAINING_KEYS = {"TRAIN_LIMIT", "BATCH_SIZE", "PRIMER_LENGTH", "RATE_BY_EPOCH", 
 
 def text_prompt(module) -> Callable[[SimpleNamespace], str]:
     """What `python prompt_long.py` (or prompt_short.py) runs."""
-    return lambda cfg: harness.score_text_prompt(cfg, module.__name__, module.SYSTEM, module.USER)
+    return lambda cfg: runs.score_text_prompt(cfg, module.__name__, module.SYSTEM, module.USER)
 
 
 SCRIPTS = {"experiment": experiment.run, "prompt_long": text_prompt(prompt_long), "prompt_short": text_prompt(prompt_short)}
@@ -86,7 +87,7 @@ def sweep(cfg: SimpleNamespace, grid: list[dict]) -> tuple[list[dict], list[str]
         print(f"sweep {i}/{len(grid)}: {name}", flush=True)
         try:
             SCRIPTS[script](point_cfg)
-        except harness.Interrupted:  # Ctrl-C stops the sweep, not just this point
+        except training.Interrupted:  # Ctrl-C stops the sweep, not just this point
             raise
         except Exception as e:  # one bad point must not cost the rest of the grid
             if not isinstance(e, cli.UserError):
@@ -98,9 +99,16 @@ def sweep(cfg: SimpleNamespace, grid: list[dict]) -> tuple[list[dict], list[str]
     return rows, failed
 
 
+def with_schedule(row: dict, results_dir: str) -> dict:
+    """A ledger row with its run's LR schedule, by which the figures group trained primers."""
+    config = cli.read_json(os.path.join(results_dir, row["run_id"], "config.json"))
+    return {**row, "lr_schedule": ", ".join(f"{r:g}" for r in config["rate_by_epoch"]) if row["samples"] else ""}
+
+
 def main(cfg: SimpleNamespace) -> None:
     rows, failed = sweep(cfg, GRID)
     print(ledger.format_table(rows))
+    rows = [with_schedule(row, cfg.RESULTS_DIR) for row in rows]
     if rows:
         for path in (plots.score_plot(rows, os.path.join(cfg.RESULTS_DIR, "scores.png")),
                      plots.losses_plot(rows, cfg.RESULTS_DIR, os.path.join(cfg.RESULTS_DIR, "losses.png"))):

@@ -5,7 +5,9 @@ from safetensors.torch import save_file
 
 import cli
 import data
-import harness
+import frozen
+import layouts
+import primers
 from conftest import overrides, run_script
 
 
@@ -24,15 +26,15 @@ def test_unloadable_model_id_is_one_line(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_gpu():
     with pytest.raises(cli.UserError, match="torch sees no CUDA GPU"):
-        harness.resolve_device("cuda")
+        frozen.resolve_device("cuda")
 
 
 def test_labels_must_be_single_distinct_tokens(tiny):
     tokenizer = data.load_tokenizer(tiny.model_dir)
     with pytest.raises(cli.UserError, match="not one: set --labels"):
-        harness.label_token_ids(tokenizer, ["negativity", "2"])
+        layouts.label_token_ids(tokenizer, ["negativity", "2"])
     with pytest.raises(cli.UserError, match="same token"):
-        harness.label_token_ids(tokenizer, ["1", "1"])
+        layouts.label_token_ids(tokenizer, ["1", "1"])
 
 
 def test_primer_of_the_wrong_width_or_kind_is_refused(tiny, tmp_path, capsys):
@@ -40,15 +42,15 @@ def test_primer_of_the_wrong_width_or_kind_is_refused(tiny, tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(tiny.model_dir)
     save_file({"primer": torch.zeros(4, 32)}, str(tmp_path / "primer.safetensors"))
     with pytest.raises(cli.UserError, match=r"shape \(4, 32\), but this model's embeddings are 64 wide"):
-        harness.load_primer(str(tmp_path / "primer.safetensors"), model, "system")
+        primers.load_primer(str(tmp_path / "primer.safetensors"), model, "system")
     with pytest.raises(cli.UserError, match="does not exist"):
-        harness.load_primer(str(tmp_path / "missing.safetensors"), model, "system")
+        primers.load_primer(str(tmp_path / "missing.safetensors"), model, "system")
     (tmp_path / "notes.txt").write_text("not a primer")
     with pytest.raises(cli.UserError, match="is not a primer file"):
-        harness.load_primer(str(tmp_path / "notes.txt"), model, "system")
+        primers.load_primer(str(tmp_path / "notes.txt"), model, "system")
     save_file({"primer": torch.zeros(4, 64)}, str(tmp_path / "suffix.safetensors"), metadata={"primer_position": "suffix"})
-    assert harness.load_primer(str(tmp_path / "suffix.safetensors"), model, "suffix").shape == (4, 64)
-    harness.load_primer(str(tmp_path / "suffix.safetensors"), model, "system")
+    assert primers.load_primer(str(tmp_path / "suffix.safetensors"), model, "suffix").shape == (4, 64)
+    primers.load_primer(str(tmp_path / "suffix.safetensors"), model, "system")
     assert "was trained at --primer_position=suffix and is scored at system" in capsys.readouterr().out
 
 

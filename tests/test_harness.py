@@ -4,7 +4,13 @@ import json
 import pytest
 import torch
 
-import harness
+import experiment
+import frozen
+import layouts
+import primers
+import runs
+import scoring
+import training
 import ledger
 import prompt_short
 
@@ -13,12 +19,12 @@ import prompt_short
 def task(tiny, tmp_path_factory):
     import cli
     from conftest import overrides
-    return harness.setup(cli.configure(overrides(tiny, tmp_path_factory.mktemp("harness"))))
+    return runs.setup(cli.configure(overrides(tiny, tmp_path_factory.mktemp("harness"))))
 
 
 def test_text_layout_is_the_chat_template_tokenized(task):
-    layout = harness.make_layout(task, prompt_short.SYSTEM, prompt_short.USER)
-    ids, lengths = harness.assemble(layout, task.test, torch.tensor([3]))
+    layout = layouts.make_layout(task, prompt_short.SYSTEM, prompt_short.USER)
+    ids, lengths = layouts.assemble(layout, task.test, torch.tensor([3]))
     review = task.tokenizer.decode(task.test.tokens[task.test.offsets[3]:task.test.offsets[4]].tolist())
     messages = [{"role": "system", "content": prompt_short.SYSTEM},
                 {"role": "user", "content": prompt_short.USER.replace("{review}", review)}]
@@ -28,7 +34,7 @@ def test_text_layout_is_the_chat_template_tokenized(task):
 
 
 def test_primer_slot_is_the_system_message(task):
-    layout = harness.make_layout(task, None, primer_length=4)
+    layout = layouts.make_layout(task, None, primer_length=4)
     decode = lambda t: task.tokenizer.decode(t.tolist())
     assert decode(layout.prefix[:layout.slot.start]).endswith("system<|end_header_id|>\n\nToday Date: 26 Jul 2024\n\n")
     assert decode(layout.prefix[layout.slot.stop:]) == "<|eot_id|><|start_header_id|>user<|end_header_id|>"
@@ -38,9 +44,9 @@ def test_primer_slot_is_the_system_message(task):
 
 
 def test_assemble_right_pads_each_review_in_its_layout(task):
-    layout = harness.make_layout(task, None, primer_length=4)
+    layout = layouts.make_layout(task, None, primer_length=4)
     idx = torch.tensor([5, 0, 9])
-    ids, lengths = harness.assemble(layout, task.test, idx)
+    ids, lengths = layouts.assemble(layout, task.test, idx)
     for row, i in enumerate(idx):
         review = task.tokenizer("\n\n" + task.tokenizer.decode(task.test.tokens[task.test.offsets[i]:task.test.offsets[i + 1]]),
                                 add_special_tokens=False, return_tensors="pt")["input_ids"][0]
@@ -50,15 +56,15 @@ def test_assemble_right_pads_each_review_in_its_layout(task):
 
 
 def test_logits_do_not_depend_on_batch_mates_or_padding(task):
-    layout = harness.make_layout(task, None, primer_length=4)
-    primer = harness.init_primer(task.model, 4, seed=1)
+    layout = layouts.make_layout(task, None, primer_length=4)
+    primer = primers.init_primer(task.model, 4, seed=1)
     lengths = task.test.lengths
     short, long_ = int(lengths.argmin()), int(lengths.argmax())
     assert lengths[long_] > lengths[short] + 10  # so the short review gets real padding below
 
     def logits(idx):
-        ids, n = harness.assemble(layout, task.test, torch.tensor(idx))
-        return harness.last_logits(task.model, ids, n, layout, primer)
+        ids, n = layouts.assemble(layout, task.test, torch.tensor(idx))
+        return frozen.forward(task.model, ids, n, layout, primer).logits
 
     alone = logits([short])[0]
     for batch in ([short, long_], [long_, 7, short, 2], [short] * 3):
@@ -68,11 +74,11 @@ def test_logits_do_not_depend_on_batch_mates_or_padding(task):
 
 def test_score_matches_a_plain_full_forward(task):
     """score() against the model's own forward pass over each unpadded sequence, full logits, one review at a time."""
-    layout = harness.make_layout(task, prompt_short.SYSTEM, prompt_short.USER)
-    metrics = harness.score(task, layout, None)
+    layout = layouts.make_layout(task, prompt_short.SYSTEM, prompt_short.USER)
+    metrics = scoring.score(task, layout, None)
     strict = restricted = answered = 0
     for i in range(len(task.test)):
-        ids, _ = harness.assemble(layout, task.test, torch.tensor([i]))
+        ids, _ = layouts.assemble(layout, task.test, torch.tensor([i]))
         logits = task.model(input_ids=ids).logits[0, -1]
         label = int(task.test.labels[i])
         strict += int(logits.argmax() == task.label_ids[label])
@@ -84,20 +90,20 @@ def test_score_matches_a_plain_full_forward(task):
 
 def test_primer_init_matches_embedding_statistics(task):
     table = task.model.get_input_embeddings().weight
-    primer = harness.init_primer(task.model, 16, seed=0)
+    primer = primers.init_primer(task.model, 16, seed=0)
     assert primer.dtype == torch.float32 and primer.shape == (16, table.shape[1])
-    assert torch.equal(primer, harness.init_primer(task.model, 16, seed=0))
+    assert torch.equal(primer, primers.init_primer(task.model, 16, seed=0))
     row_norms = table.norm(dim=1)
     assert all(torch.isclose(row_norms, n, rtol=1e-5).any() for n in primer.norm(dim=1))  # each norm is some row's
 
 
 def test_training_moves_only_the_primer_and_makes_the_model_answer_with_labels(task, tmp_path):
-    layout = harness.make_layout(task, None, primer_length=4)
-    primer = harness.init_primer(task.model, 4, task.cfg.SEED)
+    layout = layouts.make_layout(task, None, primer_length=4)
+    primer = primers.init_primer(task.model, 4, task.cfg.SEED)
     weights = {k: v.clone() for k, v in task.model.state_dict().items()}
-    before = harness.score(task, layout, primer)
-    log, status = harness.train(task, layout, primer, str(tmp_path))
-    after = harness.score(task, layout, primer)
+    before = scoring.score(task, layout, primer)
+    log, status = experiment.train_primer(task, layout, primer, str(tmp_path))
+    after = scoring.score(task, layout, primer)
     assert before["label_answer_share"] < 0.1 and after["label_answer_share"] > 0.9
     first, last = (sum(r["loss"] for r in log if r["epoch"] == e) for e in (1, 3))
     assert last < 0.7 * first
@@ -108,18 +114,18 @@ def test_training_moves_only_the_primer_and_makes_the_model_answer_with_labels(t
 
 def test_gradient_checkpointing_changes_memory_not_results(task):
     """The same loss and primer gradient with and without checkpointing the layers."""
-    layout = harness.make_layout(task, None, primer_length=4)
-    ids, lengths = harness.assemble(layout, task.train, torch.arange(6))
+    layout = layouts.make_layout(task, None, primer_length=4)
+    ids, lengths = layouts.assemble(layout, task.train, torch.arange(6))
     targets = task.label_ids[task.train.labels[:6]]
 
     def loss_and_grad():
-        primer = harness.init_primer(task.model, 4, seed=0).requires_grad_(True)
-        loss = torch.nn.functional.cross_entropy(harness.last_logits(task.model, ids, lengths, layout, primer), targets)
+        primer = primers.init_primer(task.model, 4, seed=0).requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(frozen.forward(task.model, ids, lengths, layout, primer).logits, targets)
         loss.backward()
         return loss.detach(), primer.grad
 
     plain = loss_and_grad()
-    harness.freeze(task.model, checkpointing=True)
+    frozen.freeze(task.model, checkpointing=True)
     try:
         checkpointed = loss_and_grad()
         calls = []
@@ -138,17 +144,17 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_primer(tiny, tmp
     from conftest import overrides
     # float16 activations overflow once one Adam step of this size has moved the primer
     cfg = cli.configure(overrides(tiny, tmp_path) + ["--dtype=float16", "--rate_by_epoch=[1e5]"])
-    task = harness.setup(cfg)
-    layout = harness.make_layout(task, None, primer_length=4)
-    primer = harness.init_primer(task.model, 4, seed=0)
+    task = runs.setup(cfg)
+    layout = layouts.make_layout(task, None, primer_length=4)
+    primer = primers.init_primer(task.model, 4, seed=0)
     start = primer.clone()
-    log, status = harness.train(task, layout, primer, str(tmp_path))
+    log, status = experiment.train_primer(task, layout, primer, str(tmp_path))
     assert len(log) == 1 and torch.isfinite(torch.tensor(log[0]["loss"]))
     assert torch.equal(primer, start)  # the only primer whose loss was finite
     assert "training stopped at epoch 1, batch 1: loss nan; keeping the last good primer" in capsys.readouterr().out
     assert status == "stopped early at epoch 1, batch 1: non-finite loss nan"
-    run_dir = harness.start_run(cfg, "experiment")
-    harness.record(task, "experiment", layout, harness.predict(task, layout, primer), primer, log, run_dir, status)
+    run_dir = runs.start_run(cfg, "experiment")
+    runs.record(task, "experiment", "primer", 4, scoring.predict(task, layout, primer), run_dir, log, primer.numel(), status)
     (row,) = ledger.rows(cfg.RESULTS_DIR)
     assert row["status"] == status and json.load(open(f"{run_dir}/metrics.json"))["status"] == status
     assert f"| {status} |" in capsys.readouterr().out
@@ -157,8 +163,8 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_primer(tiny, tmp
 def test_answers_are_read_from_float32_logits_in_a_bfloat16_model(task):
     """Two label logits that tie in bfloat16 (its step is 0.25 at 50) but not in float32 pick the right label."""
     model = copy.deepcopy(task.model).to(torch.bfloat16)
-    layout = harness.make_layout(task, None, primer_length=0)
-    ids, lengths = harness.assemble(layout, task.test, torch.tensor([0]))
+    layout = layouts.make_layout(task, None, primer_length=0)
+    ids, lengths = layouts.assemble(layout, task.test, torch.tensor([0]))
     with torch.no_grad():
         hidden = model.base_model(input_ids=ids).last_hidden_state[0, -1]
         one, two = task.label_ids.tolist()
@@ -168,6 +174,6 @@ def test_answers_are_read_from_float32_logits_in_a_bfloat16_model(task):
         j = int(hidden.float().abs().argmax())
         head[two, j] = torch.nextafter(head[one, j], head[one, j] + hidden[j].sign())  # one bfloat16 step up the logit
         in_bf16 = model.get_output_embeddings()(hidden)[[one, two]]
-        logits = harness.last_logits(model, ids, lengths, layout, None)[0, [one, two]]
+        logits = frozen.forward(model, ids, lengths, layout, None).logits[0, [one, two]]
     assert in_bf16[0] == in_bf16[1], "the case no longer ties in bfloat16: pick another magnitude"
     assert logits.dtype == torch.float32 and logits[1] > logits[0]

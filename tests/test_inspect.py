@@ -6,7 +6,10 @@ import pytest
 import torch
 
 import cli
-import harness
+import layouts
+import primers
+import runs
+import scoring
 import ledger
 import inspect_primer
 import sweep
@@ -19,13 +22,15 @@ SCALES = [3.0, 1.0, 0.5]  # cosine ignores a vector's length; the norm column sh
 @pytest.fixture
 def known_primer_run(cfg):
     """A recorded run whose primer is (scaled) embedding rows of WORDS, so its nearest tokens are known exactly."""
-    task = harness.setup(cfg, with_train=False)
+    task = runs.setup(cfg, with_train=False)
     ids = [task.tokenizer(w, add_special_tokens=False)["input_ids"] for w in WORDS]
     assert all(len(i) == 1 for i in ids)
     table = task.model.get_input_embeddings().weight.detach()
     primer = torch.stack([s * table[i[0]] for s, i in zip(SCALES, ids)])
-    layout = harness.make_layout(task, None, primer_length=len(primer))
-    row = harness.record(task, "experiment", layout, harness.predict(task, layout, primer), primer)
+    layout = layouts.make_layout(task, None, primer_length=len(primer))
+    run_dir = runs.start_run(cfg, "experiment")
+    primers.save_primer(run_dir, primer, cfg.MODEL_ID, cfg.PRIMER_POSITION)
+    row = runs.record(task, "experiment", "primer", len(primer), scoring.predict(task, layout, primer), run_dir)
     return task, primer, os.path.join(cfg.RESULTS_DIR, row["run_id"])
 
 
@@ -46,18 +51,19 @@ def test_nearest_tokens_and_hard_primer_through_the_command_line(known_primer_ru
     rows = ledger.rows(task.cfg.RESULTS_DIR)
     assert [r["script"] for r in rows] == ["experiment", "inspect_primer"]
     row = rows[-1]
-    assert row["primer_path"] == os.path.join(run_dir, "primer.safetensors") and row["total"] == 60
+    assert row["method"] == "hard primer" and row["total"] == 60
     config = json.loads(open(os.path.join(task.cfg.RESULTS_DIR, row["run_id"], "config.json")).read())
+    assert config["primer_path"] == os.path.join(run_dir, "primer.safetensors")
     assert config["score_batch_size"] == 7 and config["model_id"] == task.cfg.MODEL_ID  # the override, and the run's own
 
-    layout = harness.make_layout(task, hard, "{review}")  # the hard primer scored as a plain text prompt
-    expected = harness.score(task, layout, None)
+    layout = layouts.make_layout(task, hard, "{review}")  # the hard primer scored as a plain text prompt
+    expected = scoring.score(task, layout, None)
     assert (row["correct"], row["restricted_correct"], row["tokens"]) == (expected["correct"], expected["restricted_correct"], len(WORDS))
     assert inspect_primer.score_line("hard primer", expected) in result.stdout
 
 
 def test_a_folder_without_a_primer_is_a_one_line_error(cfg, tmp_path):
-    run_dir = harness.score_text_prompt(cfg, "prompt_short", "Classify.", "{review}")
+    run_dir = os.path.join(cfg.RESULTS_DIR, runs.score_text_prompt(cfg, "prompt_short", "Classify.", "{review}")["run_id"])
     with pytest.raises(cli.UserError, match="no primer.safetensors"):
         inspect_primer.configure([run_dir])
     with pytest.raises(cli.UserError, match="give a run folder first"):

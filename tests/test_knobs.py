@@ -8,7 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 import cli
-import harness
+import experiment
+import layouts
+import primers
+import runs
+import scoring
+import training
 import ledger
 from conftest import overrides, run_script
 
@@ -18,17 +23,17 @@ TEXT = "text:great food"  # three tokens for the tiny tokenizer
 
 @pytest.fixture(scope="module")
 def task(tiny, tmp_path_factory):
-    return harness.setup(cli.configure(overrides(tiny, tmp_path_factory.mktemp("knobs")) + TINY_RUN))
+    return runs.setup(cli.configure(overrides(tiny, tmp_path_factory.mktemp("knobs")) + TINY_RUN))
 
 
 def test_wilson_interval_known_values():
-    low, high = harness.wilson_interval(50, 100)
+    low, high = scoring.wilson_interval(50, 100)
     assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
-    assert harness.wilson_interval(0, 10) == (0.0, pytest.approx(0.2775, abs=1e-4))
-    assert harness.wilson_interval(10, 10) == (pytest.approx(0.7225, abs=1e-4), 1.0)
-    low, high = harness.wilson_interval(36442, 38000)  # the reference's best row: 95.9% ±0.2
+    assert scoring.wilson_interval(0, 10) == (0.0, pytest.approx(0.2775, abs=1e-4))
+    assert scoring.wilson_interval(10, 10) == (pytest.approx(0.7225, abs=1e-4), 1.0)
+    low, high = scoring.wilson_interval(36442, 38000)  # the reference's best row: 95.9% ±0.2
     assert high - low == pytest.approx(0.004, abs=1e-4)
-    assert harness.wilson_interval(81, 90, z=2.576)[0] < harness.wilson_interval(81, 90)[0]  # 99% is wider than 95%
+    assert scoring.wilson_interval(81, 90, z=2.576)[0] < scoring.wilson_interval(81, 90)[0]  # 99% is wider than 95%
 
 
 def test_format_score_prints_the_half_width():
@@ -40,11 +45,11 @@ def test_format_score_prints_the_half_width():
 
 def test_primer_inits_are_the_embeddings_they_name(task):
     table = task.model.get_input_embeddings().weight
-    start = lambda init, length=5, seed=0: harness.initial_primer(task, init, length, seed)
-    assert torch.equal(start("random"), harness.init_primer(task.model, 5, 0))  # the reference's, unchanged
+    start = lambda init, length=5, seed=0: primers.initial_primer(task, init, length, seed)
+    assert torch.equal(start("random"), primers.init_primer(task.model, 5, 0))  # the reference's, unchanged
 
     vocab = start("vocab")
-    tokens = harness.primer_init_tokens(task, "vocab", 5, 0)
+    tokens = primers.primer_init_tokens(task, "vocab", 5, 0)
     assert torch.equal(vocab, table[tokens]) and len(set(tokens.tolist())) == 5
     assert not set(tokens.tolist()) & set(task.tokenizer.added_tokens_decoder)  # no special tokens
     assert torch.equal(vocab, start("vocab")) and not torch.equal(vocab, start("vocab", seed=1))
@@ -67,7 +72,7 @@ def test_primer_inits_are_the_embeddings_they_name(task):
                                            ("text:", "has no text")])
 def test_bad_primer_init_is_refused(task, init, message):
     with pytest.raises(cli.UserError, match=message):
-        harness.initial_primer(task, init, 4, 0)
+        primers.initial_primer(task, init, 4, 0)
 
 
 @pytest.mark.parametrize("init", ["vocab", "labels", TEXT])
@@ -80,18 +85,18 @@ def test_each_primer_init_runs_through_the_command_line(tiny, tmp_path_factory, 
     run = out / "results" / ledger["run_id"].iloc[-1]
     assert ledger["primer_init"].iloc[-1] == init and json.loads((run / "config.json").read_text())["primer_init"] == init
     assert f"| {init} |" in result.stdout  # the table's column
-    assert torch.equal(load_file(str(run / "primer.safetensors"))["primer"], harness.initial_primer(task, init, 4, 0))
+    assert torch.equal(load_file(str(run / "primer.safetensors"))["primer"], primers.initial_primer(task, init, 4, 0))
 
 
 def test_validation_reviews_are_held_out_balanced_and_seeded(task):
     cfg = cli.configure(["--val_limit=10"])
-    train, val = harness.hold_out(task.train, cfg)
+    train, val = runs.hold_out(task.train, cfg)
     assert (len(train), len(val)) == (30, 10) and val.labels.sum() == 5
     reviews = lambda split: sorted(tuple(split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist()) for i in range(len(split)))
     assert sorted(reviews(train) + reviews(val)) == reviews(task.train)  # every review in exactly one of them
-    assert reviews(harness.hold_out(task.train, cfg)[1]) == reviews(val)
-    assert reviews(harness.hold_out(task.train, cli.configure(["--val_limit=10", "--seed=1"]))[1]) != reviews(val)
-    unchanged, none = harness.hold_out(task.train, cli.configure([]))
+    assert reviews(runs.hold_out(task.train, cfg)[1]) == reviews(val)
+    assert reviews(runs.hold_out(task.train, cli.configure(["--val_limit=10", "--seed=1"]))[1]) != reviews(val)
+    unchanged, none = runs.hold_out(task.train, cli.configure([]))
     assert unchanged is task.train and none is None  # VAL_LIMIT=0: the reference
 
 
@@ -101,7 +106,7 @@ def test_validation_reviews_are_held_out_balanced_and_seeded(task):
 ])
 def test_bad_validation_settings_are_refused(task, args, message):
     with pytest.raises(cli.UserError, match=message.replace("(", r"\(")):
-        harness.hold_out(task.train, cli.configure(args))
+        runs.hold_out(task.train, cli.configure(args))
 
 
 def test_validation_run_keeps_the_best_epoch(tiny, tmp_path):
@@ -125,16 +130,16 @@ def test_validation_run_keeps_the_best_epoch(tiny, tmp_path):
 
     # the saved and scored primer is the best epoch's: a run cut to that many epochs ends with it, bitwise
     saved = load_file(str(run / "primer.safetensors"))["primer"]
-    last = torch.load(run / "checkpoint.pt", weights_only=True)["primer"]
+    last = torch.load(run / "checkpoint.pt", weights_only=True)["params"]["primer"]
     assert not torch.equal(saved, last)
     cut = cli.configure([*args, f"--rate_by_epoch={rates[:metrics['best_epoch']]}", "--keep_best=False"])
-    cut_task = harness.setup(cut)
-    layout = harness.make_layout(cut_task, None, primer_length=4)
-    primer = harness.initial_primer(cut_task, cut.PRIMER_INIT, cut.PRIMER_LENGTH, cut.SEED)
+    cut_task = runs.setup(cut)
+    layout = layouts.make_layout(cut_task, None, primer_length=4)
+    primer = primers.initial_primer(cut_task, cut.PRIMER_INIT, cut.PRIMER_LENGTH, cut.SEED)
     os.makedirs(tmp_path / "cut")
-    harness.train(cut_task, layout, primer, str(tmp_path / "cut"))
+    experiment.train_primer(cut_task, layout, primer, str(tmp_path / "cut"))
     assert torch.equal(primer.detach(), saved)
-    on_val = harness.score(cut_task, layout, primer, cut_task.val)
+    on_val = scoring.score(cut_task, layout, primer, cut_task.val)
     assert (on_val["correct"], on_val["restricted_correct"]) == (best["correct"], best["restricted_correct"])
 
     ledger = pd.read_csv(tmp_path / "results" / "results.csv").iloc[0]

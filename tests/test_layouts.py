@@ -11,7 +11,10 @@ import torch.nn.functional as F
 import cli
 import experiment
 import data
-import harness
+import frozen
+import layouts
+import primers
+import runs
 import prompt_long
 import prompt_short
 from conftest import overrides, run_script
@@ -57,12 +60,12 @@ def models(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def task(tiny, tmp_path_factory):
-    return harness.setup(cli.configure(overrides(tiny, tmp_path_factory.mktemp("layouts"))))
+    return runs.setup(cli.configure(overrides(tiny, tmp_path_factory.mktemp("layouts"))))
 
 
-def task_for(tiny, tmp_path, model_dir: str) -> harness.Task:
-    harness.say_once.cache_clear()  # each test sees its own notes
-    return harness.setup(cli.configure(overrides(tiny, tmp_path) + [f"--model_id={model_dir}"]), with_train=False)
+def task_for(tiny, tmp_path, model_dir: str) -> runs.Task:
+    layouts.say_once.cache_clear()  # each test sees its own notes
+    return runs.setup(cli.configure(overrides(tiny, tmp_path) + [f"--model_id={model_dir}"]), with_train=False)
 
 
 def decode(task, ids: torch.Tensor) -> str:
@@ -75,53 +78,53 @@ def review(split, i: int) -> torch.Tensor:
 
 def unpadded_logits(task, layout, split, i: int, primer) -> torch.Tensor:
     """The model's own forward over one review's unpadded embeddings, full logits, the last position's row."""
-    embeds = harness.unpadded_embeds(task.model, layout, review(split, i), primer)
+    embeds = frozen.unpadded_embeds(task.model, layout, review(split, i), primer)
     return task.model(inputs_embeds=embeds[None]).logits[0, -1].float()
 
 
 def test_prefix_and_suffix_put_the_primer_before_bos_and_after_the_review(task):
-    prefix = harness.make_layout(task, None, primer_length=4, position="prefix")
+    prefix = layouts.make_layout(task, None, primer_length=4, position="prefix")
     assert prefix.slot == slice(0, 4) and not prefix.in_suffix
     assert decode(task, prefix.prefix[4:]) == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>"
-    suffix = harness.make_layout(task, None, primer_length=4, position="suffix")
+    suffix = layouts.make_layout(task, None, primer_length=4, position="suffix")
     assert suffix.slot == slice(0, 4) and suffix.in_suffix and suffix.prompt_tokens == 4
     assert decode(task, suffix.prefix) == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>"
     assert decode(task, suffix.suffix[4:]) == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     with pytest.raises(cli.UserError, match="--primer_position='middle' is not one of system, prefix, suffix"):
-        harness.make_layout(task, None, primer_length=4, position="middle")
+        layouts.make_layout(task, None, primer_length=4, position="middle")
     with pytest.raises(cli.UserError, match="does not combine with --gradient_checkpointing=True"):
-        harness.check_primer_position("suffix", checkpointing=True)
+        layouts.check_primer_position("suffix", checkpointing=True)
 
 
-@pytest.mark.parametrize("position", harness.PRIMER_POSITIONS)
+@pytest.mark.parametrize("position", layouts.PRIMER_POSITIONS)
 def test_logits_are_the_unpadded_forward_whatever_the_batch(task, position):
     """Every row's logits equal the plain forward of that review alone, in any batch, for every position."""
-    layout = harness.make_layout(task, None, primer_length=4, position=position)
-    primer = harness.init_primer(task.model, 4, seed=1)
+    layout = layouts.make_layout(task, None, primer_length=4, position=position)
+    primer = primers.init_primer(task.model, 4, seed=1)
     lengths = task.test.lengths
     short, long_ = int(lengths.argmin()), int(lengths.argmax())
     assert lengths[long_] > lengths[short] + 10  # real padding below
     for batch in ([short], [short, long_], [long_, 7, short, 2], [short] * 3):
-        ids, n = harness.assemble(layout, task.test, torch.tensor(batch))
+        ids, n = layouts.assemble(layout, task.test, torch.tensor(batch))
         with torch.no_grad():
-            logits = harness.last_logits(task.model, ids, n, layout, primer)
+            logits = frozen.forward(task.model, ids, n, layout, primer).logits
             for row, i in enumerate(batch):
                 torch.testing.assert_close(logits[row], unpadded_logits(task, layout, task.test, i, primer), atol=1e-5, rtol=1e-5)
 
 
 def test_suffix_cache_gives_the_plain_loss_and_primer_gradient(task):
-    layout = harness.make_layout(task, None, primer_length=4, position="suffix")
+    layout = layouts.make_layout(task, None, primer_length=4, position="suffix")
     idx = task.train.lengths.argsort()[::16][:6]  # six reviews of spread lengths
     targets = task.label_ids[task.train.labels[idx]]
 
     def loss_and_grad(logits_of):
-        primer = harness.init_primer(task.model, 4, seed=0).requires_grad_(True)
+        primer = primers.init_primer(task.model, 4, seed=0).requires_grad_(True)
         loss = F.cross_entropy(logits_of(primer), targets)
         loss.backward()
         return loss.detach(), primer.grad
 
-    ids, lengths = harness.assemble(layout, task.train, idx)
-    cached = loss_and_grad(lambda primer: harness.last_logits(task.model, ids, lengths, layout, primer))
+    ids, lengths = layouts.assemble(layout, task.train, idx)
+    cached = loss_and_grad(lambda primer: frozen.forward(task.model, ids, lengths, layout, primer).logits)
     plain = loss_and_grad(lambda primer: torch.stack([unpadded_logits(task, layout, task.train, int(i), primer) for i in idx]))
     assert cached[1].abs().sum() > 0
     torch.testing.assert_close(cached, plain, atol=1e-6, rtol=1e-5)
@@ -129,12 +132,12 @@ def test_suffix_cache_gives_the_plain_loss_and_primer_gradient(task):
 
 def test_template_without_system_role_takes_the_system_content_in_the_user_turn(tiny, models, tmp_path, capsys):
     task = task_for(tiny, tmp_path, models["mistral"])
-    layout = harness.make_layout(task, None, primer_length=4)
+    layout = layouts.make_layout(task, None, primer_length=4)
     assert decode(task, layout.prefix[:layout.slot.start]) == "<|begin_of_text|>[INST] "
     assert layout.joins == ("\n\n", " [/INST]") and len(layout.prefix) == layout.slot.stop and not len(layout.suffix)
     assert task.label_ids.tolist() == task.tokenizer.convert_tokens_to_ids(["1", "2"])  # right after "]"
-    text = harness.make_layout(task, prompt_short.SYSTEM, prompt_short.USER)
-    ids, _ = harness.assemble(text, task.test, torch.tensor([3]))
+    text = layouts.make_layout(task, prompt_short.SYSTEM, prompt_short.USER)
+    ids, _ = layouts.assemble(text, task.test, torch.tensor([3]))
     user = prompt_short.SYSTEM + "\n\n" + prompt_short.USER.replace("{review}", decode(task, review(task.test, 3)))
     assert decode(task, ids[0]) == f"<|begin_of_text|>[INST] {user} [/INST]"
     assert capsys.readouterr().out.count("takes no system message: the system content or primer goes at the start of the user turn") == 1
@@ -142,10 +145,10 @@ def test_template_without_system_role_takes_the_system_content_in_the_user_turn(
 
 def test_tokenizer_without_template_gets_a_plain_prompt(tiny, models, tmp_path, capsys):
     task = task_for(tiny, tmp_path, models["plain"])
-    layout = harness.make_layout(task, None, primer_length=4)
+    layout = layouts.make_layout(task, None, primer_length=4)
     assert layout.slot == slice(1, 5) and decode(task, layout.prefix[:1]) == "<|begin_of_text|>"
     assert layout.joins == ("\n\n", "\nAnswer:") and len(layout.prefix) == 5 and not len(layout.suffix)
-    text = harness.make_layout(task, "Rate it.", "Review: {review}")
+    text = layouts.make_layout(task, "Rate it.", "Review: {review}")
     assert decode(task, text.prefix) == "<|begin_of_text|>" and text.joins == ("Rate it.\n\nReview: ", "\nAnswer:")
     assert task.label_ids.tolist() == task.tokenizer.convert_tokens_to_ids(["1", "2"])
     assert capsys.readouterr().out.count("has no chat template: the prompt is bos, the system content or primer, the review and '\\nAnswer:'") == 1
@@ -157,7 +160,7 @@ def test_labels_are_tokenized_where_the_answer_goes(tiny, models, tmp_path):
     assert len(encode("1")) == 2  # alone, "1" is " 1": two tokens, which the old check refused
     assert task.label_ids.tolist() == task.tokenizer.convert_tokens_to_ids(["1", "2"])
     with pytest.raises(cli.UserError, match="label 'great' merges with the prompt's last token 'Sentiment: '"):
-        harness.label_token_ids(task.tokenizer, ["great", "bad"], "Sentiment: ")  # " great" is one token
+        layouts.label_token_ids(task.tokenizer, ["great", "bad"], "Sentiment: ")  # " great" is one token
 
 
 def test_positions_and_any_model_through_the_command_line(tiny, models, tmp_path):
@@ -194,7 +197,7 @@ def seam_task(tiny, tmp_path_factory):
     cfg = cli.configure(overrides(tiny, tmp_path_factory.mktemp("seam_cfg")))
     tokens, offsets, _ = data.tokenize(tokenizer, SEAM_REVIEWS, 100)
     split = data.Split(tokens, offsets, torch.zeros(len(SEAM_REVIEWS), dtype=torch.long), {})
-    return harness.Task(cfg, tokenizer, None, torch.device("cpu"), torch.tensor([0, 1]), None, split)
+    return runs.Task(cfg, tokenizer, None, torch.device("cpu"), torch.tensor([0, 1]), None, split)
 
 
 @pytest.mark.parametrize("template", ["llama3", "mistral", "none"])
@@ -202,21 +205,21 @@ def test_every_layout_is_the_tokenizers_own_tokenization_of_its_text(seam_task, 
     """Wherever the prompt is text, the ids equal tokenizer(whole prompt text); only the primer slot is spliced."""
     tok, primer = seam_task.tokenizer, "\x01"  # the primer's place in the expected text, tokenized on each side
     tok.chat_template = {"llama3": tok.chat_template, "mistral": MISTRAL_TEMPLATE, "none": None}[template]
-    harness.say_once.cache_clear()
+    layouts.say_once.cache_clear()
     encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     layouts = {("system", prompt_short.SYSTEM, prompt_short.USER), ("system", prompt_long.SYSTEM, prompt_long.USER),
                ("system", None, "{review}"), ("prefix", None, "{review}"), ("suffix", None, "{review}")}
     for position, system, user in layouts:
-        layout = harness.make_layout(seam_task, system, user, primer_length=0 if system else 4, position=position)
+        layout = layouts.make_layout(seam_task, system, user, primer_length=0 if system else 4, position=position)
         for i, review in enumerate(SEAM_REVIEWS):
-            ids, _ = harness.assemble(layout, seam_task.test, torch.tensor([i]))
+            ids, _ = layouts.assemble(layout, seam_task.test, torch.tensor([i]))
             content = user.replace("{review}", review)
             if position == "prefix":
-                text = primer + harness.prompt_text(tok, None, content, seam_task.cfg.TEMPLATE_KWARGS)
+                text = primer + layouts.prompt_text(tok, None, content, seam_task.cfg.TEMPLATE_KWARGS)
             elif position == "suffix":
-                text = harness.prompt_text(tok, None, content + primer, seam_task.cfg.TEMPLATE_KWARGS)
+                text = layouts.prompt_text(tok, None, content + primer, seam_task.cfg.TEMPLATE_KWARGS)
             else:
-                text = harness.prompt_text(tok, system or primer, content, seam_task.cfg.TEMPLATE_KWARGS)
+                text = layouts.prompt_text(tok, system or primer, content, seam_task.cfg.TEMPLATE_KWARGS)
             if system:
                 assert ids[0].tolist() == encode(text), (template, system, review)
                 continue

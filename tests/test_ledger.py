@@ -13,11 +13,11 @@ from conftest import ROOT, overrides, run_script
 
 WRITER = """
 import sys, time, types
-import harness, ledger
+import ledger, runs
 results, start_at, rows = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 cfg = types.SimpleNamespace(RESULTS_DIR=results, SEED=0)
 time.sleep(max(0.0, start_at - time.time()))
-run_dir = harness.start_run(cfg, "race")
+run_dir = runs.start_run(cfg, "race")
 for i in range(rows):
     ledger.append(results, {"run_id": run_dir.rsplit("/", 1)[1], "script": "race", "correct": i, "status": "finished"})
 """
@@ -38,11 +38,14 @@ def test_concurrent_runs_get_their_own_folders_and_keep_every_row(tmp_path):
     assert all(sorted(r["correct"] for r in table if r["run_id"] == d) == list(range(rows)) for d in folders)
 
 
+WIDTH = len(ledger.COLUMNS)
+
+
 @pytest.mark.parametrize("damage, message", [
-    (b'x,y\n', "line 3 has 2 fields, not 27: fix that line or move the file aside"),
-    (b'r,s,caf\xe9' + b',' * 24 + b'\n', "line 3 has bytes that are not UTF-8"),
-    (b'r,s,k,finished,m\n', "line 3 has 5 fields, not 27"),
-    (b'r,s,' + b',' * 24, "line 3 is cut short (no line end)"),
+    (b'x,y\n', f"line 3 has 2 fields, not {WIDTH}: fix that line or move the file aside"),
+    (b'r,s,caf\xe9' + b',' * (WIDTH - 3) + b'\n', "line 3 has bytes that are not UTF-8"),
+    (b'r,s,k,finished,m\n', f"line 3 has 5 fields, not {WIDTH}"),
+    (b'r,s,' + b',' * (WIDTH - 3), "line 3 is cut short (no line end)"),
 ])
 def test_a_damaged_ledger_is_one_line_before_any_work(tmp_path, damage, message):
     ledger.append(str(tmp_path), {"run_id": "good", "status": "finished"})
@@ -52,12 +55,33 @@ def test_a_damaged_ledger_is_one_line_before_any_work(tmp_path, damage, message)
         ledger.check(str(tmp_path))
 
 
-def test_an_old_or_damaged_ledger_stops_a_run_at_its_start(tiny, tmp_path):
+OLD = ("run_id,script,kind,status,model_id,samples,tokens,primer_position,lr_schedule,correct,total,score,"
+       "restricted_correct,restricted_score,label_answer_share,score_low,score_high,restricted_low,restricted_high,seed,"
+       "primer_path,primer_init,val_limit,keep_best,best_epoch,train_seconds,score_seconds\n"
+       "20261130-060000-experiment,experiment,trained primer,finished,m,100,4,system,1e-05,50,60,0.8333333333333334,55,"
+       "0.9166666666666666,1.0,0.7,0.9,0.8,0.96,0,,random,0,False,,12.5,1.5\n")
+
+
+def test_an_older_ledger_still_reads_and_takes_new_rows_with_its_text_kept(tmp_path):
+    path = ledger.path(str(tmp_path))
+    with open(path, "w") as f:
+        f.write(OLD)
+    ledger.check(str(tmp_path))
+    ledger.append(str(tmp_path), {"run_id": "new", "method": "text prompt", "correct": 7, "status": "finished"})
+    header, *lines = open(path).read().splitlines()
+    assert header.split(",")[:WIDTH] == ledger.COLUMNS and "lr_schedule" in header and len(lines) == 2
+    old = dict(zip(header.split(","), lines[0].split(",")))
+    assert (old["lr_schedule"], old["score"], old["seed"], old["method"]) == ("1e-05", "0.8333333333333334", "0", "")
+    first, second = ledger.rows(str(tmp_path))
+    assert (first["script"], first["correct"], second["method"], second["correct"]) == ("experiment", 50, "text prompt", 7)
+
+
+def test_a_file_that_is_no_ledger_stops_a_run_at_its_start(tiny, tmp_path):
     results = tmp_path / "results"
     results.mkdir()
-    (results / "results.csv").write_text("run_id,script,samples\nold,experiment,100\n")
+    (results / "results.csv").write_text("name,score\nold,0.5\n")
     result = run_script("experiment.py", *overrides(tiny, tmp_path))
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (f"error: {results}/results.csv has other columns than this version "
-                                                      f"writes: move it aside (mv {results}/results.csv {results}/results.csv.old)")
+    assert result.stderr.strip().splitlines()[-1] == (f"error: {results}/results.csv is not a ledger (no run_id column): "
+                                                      f"move it aside (mv {results}/results.csv {results}/results.csv.old)")
     assert os.listdir(results) == ["results.csv"] and not os.path.exists(tmp_path / "data")  # no run, no data prep

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 
 import cli
 import experiment
-import harness
+import layouts
+import primers
+import runs
 import prompt_short
 from conftest import ROOT, overrides
 
@@ -60,12 +62,12 @@ def only_run(results: str) -> str:
 
 
 def test_shard_losses_and_gradients_sum_to_the_batch_mean(cfg):
-    task = harness.setup(cfg)
-    layout = harness.make_layout(task, None, primer_length=4)
-    primer = harness.init_primer(task.model, 4, cfg.SEED).requires_grad_(True)
+    task = runs.setup(cfg)
+    layout = layouts.make_layout(task, None, primer_length=4)
+    primer = primers.init_primer(task.model, 4, cfg.SEED).requires_grad_(True)
 
     def loss_and_grad(shards: list[torch.Tensor], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        losses = [harness.shard_loss(task, layout, primer, shard, batch_size) for shard in shards]
+        losses = [primers.loss_of(task, layout, primer)(shard, batch_size) for shard in shards]
         return sum(l.detach() for l in losses), torch.autograd.grad(sum(losses), primer)[0]
 
     idx = torch.tensor([4, 17, 2])
@@ -111,7 +113,7 @@ def test_two_processes_score_a_text_prompt_like_one(tiny, tmp_path):
     parallel = str(tmp_path / "parallel")
     launch(tmp_path, "prompt_short.py", *args, f"--results_dir={parallel}")
     single = str(tmp_path / "single")
-    harness.score_text_prompt(cli.configure([*args, f"--results_dir={single}"]), "prompt_short", prompt_short.SYSTEM,
+    runs.score_text_prompt(cli.configure([*args, f"--results_dir={single}"]), "prompt_short", prompt_short.SYSTEM,
                               prompt_short.USER)
     metrics = json.load(open(f"{only_run(parallel)}/metrics.json"))
     expected = json.load(open(f"{only_run(single)}/metrics.json"))

@@ -31,7 +31,7 @@ def interrupt(args: list[str], results: str, sig: int, after: str) -> subprocess
 def finished_run(results: str) -> tuple[torch.Tensor, torch.Tensor, dict, str]:
     """The saved (best) primer, the last epoch's primer, the metrics and the validation log of a finished run."""
     (run,) = glob.glob(f"{results}/*-experiment")
-    return (load_file(f"{run}/primer.safetensors")["primer"], torch.load(f"{run}/checkpoint.pt", weights_only=True)["primer"],
+    return (load_file(f"{run}/primer.safetensors")["primer"], torch.load(f"{run}/checkpoint.pt", weights_only=True)["params"]["primer"],
             json.load(open(f"{run}/metrics.json")), open(f"{run}/validation.csv").read())
 
 
@@ -68,38 +68,42 @@ def test_killed_and_interrupted_runs_resume_bitwise(tiny, tmp_path):
 
 def test_ctrl_c_while_validating_stops_and_resumes_to_the_same_primer(tiny, tmp_path, monkeypatch):
     import cli
-    import harness
+    import experiment
+    import layouts
+    import primers
+    import runs
+    import training
     cfg = cli.configure(overrides(tiny, tmp_path) + ["--train_limit=40", "--val_limit=10", "--rate_by_epoch=[0.1, 0.1]"])
-    task = harness.setup(cfg)
-    layout = harness.make_layout(task, None, primer_length=4)
-    straight = harness.initial_primer(task, cfg.PRIMER_INIT, 4, cfg.SEED)
+    task = runs.setup(cfg)
+    layout = layouts.make_layout(task, None, primer_length=4)
+    straight = primers.initial_primer(task, cfg.PRIMER_INIT, 4, cfg.SEED)
     os.makedirs(tmp_path / "straight")
-    harness.train(task, layout, straight, str(tmp_path / "straight"))
+    experiment.train_primer(task, layout, straight, str(tmp_path / "straight"))
 
-    validate = harness.validate
-    def ctrl_c_in_second_epoch(task, layout, primer, epoch, *rest):
-        if epoch == 1:
+    validate = training.validate
+    def ctrl_c_in_second_epoch(task, params, evaluate, progress, run_dir):
+        if progress.epoch == 1:
             raise KeyboardInterrupt
-        validate(task, layout, primer, epoch, *rest)
-    monkeypatch.setattr(harness, "validate", ctrl_c_in_second_epoch)
+        validate(task, params, evaluate, progress, run_dir)
+    monkeypatch.setattr(training, "validate", ctrl_c_in_second_epoch)
     run = str(tmp_path / "stopped")
     os.makedirs(run)
-    primer = harness.initial_primer(task, cfg.PRIMER_INIT, 4, cfg.SEED)
-    with pytest.raises(harness.Interrupted, match=f"resume with python experiment.py --resume={run}"):
-        harness.train(task, layout, primer, run)
+    primer = primers.initial_primer(task, cfg.PRIMER_INIT, 4, cfg.SEED)
+    with pytest.raises(training.Interrupted, match=f"resume with python experiment.py --resume={run}"):
+        experiment.train_primer(task, layout, primer, run)
     state = torch.load(f"{run}/checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["batch"], len(state["validation"]["rows"])) == (1, 3, 1)  # before the second validation
-    monkeypatch.setattr(harness, "validate", validate)
-    primer = harness.initial_primer(task, cfg.PRIMER_INIT, 4, cfg.SEED)
-    log, status = harness.train(task, layout, primer, run)
+    monkeypatch.setattr(training, "validate", validate)
+    primer = primers.initial_primer(task, cfg.PRIMER_INIT, 4, cfg.SEED)
+    log, status = experiment.train_primer(task, layout, primer, run)
     assert status == "finished" and torch.equal(primer.detach(), straight.detach())
     assert len(open(f"{run}/validation.csv").read().splitlines()) == 3  # a header and both epochs
 
 
 def test_resume_takes_only_overrides_that_cannot_change_the_result(tiny, tmp_path, monkeypatch, capsys):
     import cli
-    import harness
-    run = harness.start_run(cli.configure(overrides(tiny, tmp_path) + ["--score_batch_size=64"]), "experiment")
+    import runs
+    run = runs.start_run(cli.configure(overrides(tiny, tmp_path) + ["--score_batch_size=64"]), "experiment")
     monkeypatch.setattr("sys.argv", ["experiment.py", f"--resume={run}", "--score_batch_size=8", "--checkpoint_every=7"])
     resumed = []
     cli.main(resumed.append)

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 import cli
-import harness
+import training
 import ledger
 import sweep
 from conftest import overrides, run_script
@@ -88,8 +88,8 @@ def test_unexpected_failure_keeps_its_traceback_and_the_sweep_goes_on(tiny, tmp_
 
 def test_ctrl_c_stops_the_whole_sweep(tiny, tmp_path, monkeypatch):
     def interrupted(cfg):
-        raise harness.Interrupted("interrupted; checkpoint saved")
+        raise training.Interrupted("interrupted; checkpoint saved")
     monkeypatch.setitem(sweep.SCRIPTS, "prompt_long", interrupted)
-    with pytest.raises(harness.Interrupted):
+    with pytest.raises(training.Interrupted):
         sweep.sweep(cli.configure(overrides(tiny, tmp_path)), [{"script": "prompt_long"}, {"script": "prompt_short"}])
     assert not os.path.exists(tmp_path / "results" / "results.csv")  # prompt_short never ran

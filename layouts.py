@@ -1,0 +1,149 @@
+"""The prompt around a review, built from the model's own chat template: text, or a slot for embeddings."""
+import functools
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from jinja2.exceptions import TemplateError
+
+import cli
+import data
+
+PRIMER_SLOT = "\x00PRIMER\x00"  # stands for the primer while the chat template is rendered
+REVIEW_SLOT = "\x00REVIEW\x00"  # stands for the review likewise
+PRIMER_POSITIONS = ("system", "prefix", "suffix")  # the values PRIMER_POSITION may take (see make_layout)
+PLAIN_ANSWER_CUE = "\nAnswer:"  # ends the prompt of a model with no chat template; the label token follows it
+SYSTEM_SEPARATOR = "\n\n"  # between system content and the user message when both share the user turn (as Gemma's template does)
+
+
+@dataclass
+class Layout:
+    """Token ids around the review: prefix (primer slot included, as placeholder ids), review, suffix."""
+    prefix: torch.Tensor
+    suffix: torch.Tensor
+    slot: slice  # the primer's positions in the prefix (in the suffix when in_suffix); empty for a text prompt
+    prompt_tokens: int  # tokens the prompt adds to the review: primer length, or the text prompt's own tokens
+    in_suffix: bool = False  # the slot indexes the suffix: the primer follows the review (PRIMER_POSITION "suffix")
+    joins: tuple[str, str] = ("", "")  # prompt text glued to the review on each side, tokenized together with it
+    tokenizer: object = None  # needed only when joins are not empty
+
+    def review_ids(self, reviews: list[list[int]]) -> list[list[int]]:
+        """The ids of each review with the text joined to it: where a prompt's text runs into the review with no
+        special token between them, a BPE tokenizer merges across the seam ("!" + "\\n" is one token "!\\n"), so
+        that text is tokenized with the review, as the tokenizer would tokenize the whole prompt."""
+        if self.joins == ("", ""):
+            return reviews
+        texts = self.tokenizer.batch_decode(reviews, clean_up_tokenization_spaces=False)
+        head, tail = self.joins
+        return self.tokenizer([head + t + tail for t in texts], add_special_tokens=False)["input_ids"]
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def label_token_ids(tokenizer, labels: list[str], context: str = "") -> list[int]:
+    """Each label's token id where it follows `context` (the prompt's end): the tokens of context + label after those
+    of context alone, so a tokenizer that spells a text's first word differently (a leading space) gets the id the
+    model answers with."""
+    before = encode(tokenizer, context)
+    ids = []
+    for label in labels:
+        whole = encode(tokenizer, context + label)
+        if whole[:len(before)] != before:
+            raise cli.UserError(f"label {label!r} merges with the prompt's last token {context[-12:]!r} for {tokenizer.name_or_path}: "
+                                f"set --labels to strings that tokenize apart from it")
+        ids.append(whole[len(before):])
+    for label, tokens in zip(labels, ids):
+        if len(tokens) != 1:
+            raise cli.UserError(f"label {label!r} is {len(tokens)} tokens for {tokenizer.name_or_path}, not one: set --labels to single-token strings")
+    if ids[0] == ids[1]:
+        raise cli.UserError(f"labels {labels} are the same token: set --labels to two different strings")
+    return [t[0] for t in ids]
+
+
+@functools.cache
+def say_once(message: str) -> None:
+    print(message, flush=True)
+
+
+def prompt_text(tokenizer, system: Optional[str], user: str, template_kwargs: dict) -> str:
+    """The prompt as text up to the answer: the chat template with `system` as its system message, or at the start of
+    the user turn when the template refuses or drops one; with no chat template, bos + system + user + PLAIN_ANSWER_CUE."""
+    if tokenizer.chat_template is None:
+        say_once(f"{tokenizer.name_or_path} has no chat template: the prompt is bos, the system content or primer, "
+                 f"the review and {PLAIN_ANSWER_CUE!r}")
+        return (tokenizer.bos_token or "") + (system + SYSTEM_SEPARATOR if system else "") + user + PLAIN_ANSWER_CUE
+    render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
+    if system is None:
+        return render([{"role": "user", "content": user}])
+    try:
+        text = render([{"role": "system", "content": system}, {"role": "user", "content": user}])
+        if system.strip() in text:
+            return text
+    except TemplateError:
+        pass
+    say_once(f"the chat template of {tokenizer.name_or_path} takes no system message: the system content or primer "
+             f"goes at the start of the user turn")
+    return render([{"role": "user", "content": system + SYSTEM_SEPARATOR + user}])
+
+
+def answer_context(tokenizer, template_kwargs: dict) -> str:
+    """The prompt's text after the review, which the answer follows (the same for every PRIMER_POSITION)."""
+    return prompt_text(tokenizer, None, REVIEW_SLOT, template_kwargs).split(REVIEW_SLOT)[1]
+
+
+def check_primer_position(position: str, checkpointing: bool) -> None:
+    if position not in PRIMER_POSITIONS:
+        raise cli.UserError(f"--primer_position={position!r} is not one of {', '.join(PRIMER_POSITIONS)}")
+    if position == "suffix" and checkpointing:  # HF's checkpointed layers drop the review cache that suffix runs on
+        raise cli.UserError("--primer_position=suffix does not combine with --gradient_checkpointing=True (its backward "
+                            "pass covers only the primer and the answer cue, so it needs little memory): set it to False")
+
+
+def make_layout(task, system: Optional[str], user: str = "{review}", primer_length: int = 0,
+                position: str = "system") -> Layout:
+    """The prompt (prompt_text) with `system` text, or a slot of primer_length embeddings, at `position`: "system" in
+    the system message, "prefix" before everything (bos included), "suffix" right after the review at the end of the
+    user turn; `user` around {review}. The ids equal the tokenizer's own ids of the whole prompt text, but for the
+    slot's placeholder ids."""
+    check_primer_position(position, task.cfg.GRADIENT_CHECKPOINTING)
+    tok, kwargs = task.tokenizer, task.cfg.TEMPLATE_KWARGS
+    content, user_text = PRIMER_SLOT if primer_length else system, user.replace("{review}", REVIEW_SLOT)
+    if position == "system":
+        text = prompt_text(tok, content, user_text, kwargs)
+    elif position == "prefix":
+        text = content + prompt_text(tok, None, user_text, kwargs)
+    else:
+        text = prompt_text(tok, None, user_text + content, kwargs)
+    head, tail = text.split(REVIEW_SLOT)
+    seams = [re.escape(t) for t in (PRIMER_SLOT, *tok.added_tokens_encoder)]  # text is tokenized apart across these
+    seam = re.compile("|".join(sorted(seams, key=len, reverse=True)))
+    head_end = max((m.end() for m in seam.finditer(head)), default=0)
+    tail_start = next((m.start() for m in seam.finditer(tail)), len(tail))
+    prefix, head_slot = encode_around_slot(tok, head[:head_end], primer_length)
+    suffix, tail_slot = encode_around_slot(tok, tail[tail_start:], primer_length)
+    in_suffix = tail_slot is not None
+    if system is not None:
+        prompt_tokens = len(encode(tok, system)) + sum(len(encode(tok, part)) for part in user.split("{review}"))
+    else:
+        prompt_tokens = primer_length
+    return Layout(prefix, suffix, (tail_slot if in_suffix else head_slot) or slice(0, 0), prompt_tokens, in_suffix,
+                  (head[head_end:], tail[:tail_start]), tok)
+
+
+def encode_around_slot(tokenizer, text: str, primer_length: int) -> tuple[torch.Tensor, Optional[slice]]:
+    """The ids of text with primer_length placeholder ids where the primer slot is, and the slot (None if absent)."""
+    if PRIMER_SLOT not in text:
+        return torch.tensor(encode(tokenizer, text), dtype=torch.long), None
+    before, after = (encode(tokenizer, part) for part in text.split(PRIMER_SLOT))
+    return torch.tensor(before + [0] * primer_length + after), slice(len(before), len(before) + primer_length)
+
+
+def assemble(layout: Layout, split: data.Split, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids [B, L] of reviews idx in their layout, and each row's real length [B]."""
+    reviews = layout.review_ids([split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist() for i in idx.tolist()])
+    rows = [torch.cat([layout.prefix, torch.tensor(r, dtype=torch.long), layout.suffix]) for r in reviews]
+    lengths = torch.tensor([len(r) for r in rows])
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), lengths

@@ -1,0 +1,87 @@
+"""The primer method's own pieces: its starting vectors, its loss, and its file."""
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import cli
+import frozen
+from layouts import Layout, assemble, encode
+
+
+def init_primer(model: torch.nn.Module, length: int, seed: int) -> torch.Tensor:
+    """Float32 [length, hidden] vectors with the embedding table's per-dimension mean and spread,
+    rescaled to the norms of random embedding rows (the reference's initialization)."""
+    table = model.get_input_embeddings().weight.detach()
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(length, table.shape[1], generator=gen).to(table.device)
+    rows = torch.randint(len(table), (length,), generator=gen).to(table.device)
+    mean, std = table.float().mean(0), table.float().std(0)
+    vectors = mean + std * noise
+    return vectors / vectors.norm(dim=1, keepdim=True) * table[rows].float().norm(dim=1, keepdim=True)
+
+
+def initial_primer(task, init: str, length: int, seed: int) -> torch.Tensor:
+    """Float32 [length, hidden] starting vectors on the model's device, as PRIMER_INIT says: "random" (init_primer),
+    or the embeddings of the tokens of primer_init_tokens."""
+    if init == "random":
+        return init_primer(task.model, length, seed)
+    table = task.model.get_input_embeddings().weight.detach()
+    return table[primer_init_tokens(task, init, length, seed).to(table.device)].float()
+
+
+def primer_init_tokens(task, init: str, length: int, seed: int) -> torch.Tensor:
+    """Token ids [length] whose embeddings start the primer, cycled to length: "vocab" seeded random ordinary tokens
+    (no special or added ones, which may be untrained), "labels" the label tokens, "text:<words>" that text's tokens."""
+    tok = task.tokenizer
+    if init == "vocab":
+        ordinary = torch.tensor(sorted(set(range(len(tok))) - set(tok.added_tokens_decoder)))
+        ids = ordinary[torch.randperm(len(ordinary), generator=torch.Generator().manual_seed(seed))[:length]].tolist()
+    elif init == "labels":
+        ids = task.label_ids.tolist()
+    elif init.startswith("text:"):
+        ids = encode(tok, init[len("text:"):])
+        if not ids:
+            raise cli.UserError(f"--primer_init={init!r} has no text: write the words after 'text:', e.g. --primer_init='text:Classify the review'")
+    else:
+        raise cli.UserError(f"--primer_init={init!r} is not one of 'random', 'vocab', 'labels', 'text:<words>'")
+    return torch.tensor(ids).repeat(-(-length // len(ids)))[:length]
+
+
+def loss_of(task, layout: Layout, primer: torch.Tensor):
+    """training.LossOf for a primer in layout: the cross-entropy of the label token at the answer position."""
+    def shard_loss(shard: torch.Tensor, batch_size: int) -> torch.Tensor:
+        if not len(shard):  # an empty shard's zero still joins the gradient sum under accelerate
+            return primer.sum() * 0.0
+        ids, lengths = assemble(layout, task.train, shard)
+        logits = frozen.forward(task.model, ids.to(task.device), lengths.to(task.device), layout, primer).logits
+        targets = task.label_ids[task.train.labels[shard].to(task.device)]
+        return F.cross_entropy(logits, targets) * (len(shard) / batch_size)
+    return shard_loss
+
+
+def save_primer(run_dir: str, primer: torch.Tensor, model_id: str, position: str) -> None:
+    with cli.atomic_path(os.path.join(run_dir, "primer.safetensors")) as tmp:
+        save_file({"primer": primer.detach().float().cpu().contiguous()}, tmp,
+                  metadata={"model_id": model_id, "primer_position": position})
+
+
+def load_primer(path: str, model: torch.nn.Module, position: str) -> torch.Tensor:
+    """A saved primer, checked against the model's width; a note when it was trained at another PRIMER_POSITION."""
+    if not os.path.isfile(path):
+        raise cli.UserError(f"--primer_path={path} does not exist: give the primer.safetensors of a run in results/")
+    try:
+        with safe_open(path, "pt") as f:
+            primer, trained_at = f.get_tensor("primer").float(), (f.metadata() or {}).get("primer_position", position)
+    except Exception as e:  # not safetensors, or no "primer" tensor in it
+        raise cli.UserError(f"--primer_path={path} is not a primer file ({type(e).__name__}): give the "
+                            f"primer.safetensors of a run in results/") from e
+    width = model.get_input_embeddings().weight.shape[1]
+    if primer.ndim != 2 or primer.shape[1] != width:
+        raise cli.UserError(f"--primer_path={path} holds vectors of shape {tuple(primer.shape)}, but this model's "
+                            f"embeddings are {width} wide: use a primer trained for --model_id")
+    if trained_at != position:
+        print(f"note: {path} was trained at --primer_position={trained_at} and is scored at {position}", flush=True)
+    return primer.to(model.device)

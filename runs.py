@@ -1,0 +1,133 @@
+"""A run from start to record: the task (config, frozen model, data), the run folder, and the ledger row."""
+import itertools
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime
+from types import SimpleNamespace
+from typing import Optional
+
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+
+import cli
+import data
+import ledger
+import parallel
+import plots
+import scoring
+from layouts import answer_context, label_token_ids, make_layout
+from frozen import load_model, resolve_device
+from training import best_epoch
+
+
+@dataclass
+class Task:
+    """Everything a run needs: the config, the frozen model and tokenizer, the label tokens and the data."""
+    cfg: SimpleNamespace
+    tokenizer: object
+    model: torch.nn.Module
+    device: torch.device
+    label_ids: torch.Tensor  # token id of LABELS[0] and LABELS[1], on device
+    train: Optional[data.Split]
+    test: data.Split
+    val: Optional[data.Split] = None  # VAL_LIMIT reviews held out of the training sample, scored after each epoch
+
+
+def setup(cfg: SimpleNamespace, with_train: bool = True) -> Task:
+    ledger.check(cfg.RESULTS_DIR)  # a damaged ledger is found before the work, not after it
+    device = resolve_device(cfg.DEVICE)
+    tokenizer = data.load_tokenizer(cfg.MODEL_ID)
+    labels = torch.tensor(label_token_ids(tokenizer, cfg.LABELS, answer_context(tokenizer, cfg.TEMPLATE_KWARGS)), device=device)
+    with parallel.local_main_first():  # under accelerate one process per machine prepares missing data
+        train, val = hold_out(data.load_split(cfg, tokenizer, "train"), cfg) if with_train else (None, None)
+        test = data.load_split(cfg, tokenizer, "test")
+    torch.manual_seed(cfg.SEED)
+    return Task(cfg, tokenizer, load_model(cfg, device), device, labels, train, test, val)
+
+
+def hold_out(train: data.Split, cfg: SimpleNamespace) -> tuple[data.Split, Optional[data.Split]]:
+    """The reviews to train on and the VAL_LIMIT validation reviews held out of them (seeded, label-balanced),
+    or all of them and None when VAL_LIMIT is 0."""
+    if cfg.KEEP_BEST and not cfg.VAL_LIMIT:
+        raise cli.UserError("--keep_best=True picks the best epoch on validation reviews, but --val_limit is 0: "
+                            "set --val_limit (e.g. --val_limit=1000) or --keep_best=False")
+    if not cfg.VAL_LIMIT:
+        return train, None
+    if not 0 < cfg.VAL_LIMIT < len(train):
+        raise cli.UserError(f"--val_limit={cfg.VAL_LIMIT} must be between 1 and {len(train) - 1}: validation reviews are "
+                            f"held out of the {len(train):,} training reviews (--train_limit), and some must be left to train on")
+    held = torch.from_numpy(data.balanced_sample(train.labels.numpy(), cfg.VAL_LIMIT, cfg.SEED))
+    rest = torch.ones(len(train), dtype=torch.bool)
+    rest[held] = False
+    return train.subset(rest.nonzero().squeeze(1)), train.subset(held)
+
+
+def write_atomic(path: str, text: str) -> None:
+    with cli.atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+@parallel.made_by_main
+def start_run(cfg: SimpleNamespace, script: str) -> str:
+    """A new run folder, results/<time>-<script>, holding the run's effective config (under accelerate the main
+    process makes it and every process gets its path)."""
+    base = os.path.join(cfg.RESULTS_DIR, f"{datetime.now():%Y%m%d-%H%M%S}-{script}")
+    for n in itertools.count(1):
+        path = base if n == 1 else f"{base}-{n}"
+        try:
+            os.makedirs(path)  # fails if another run made it first: two runs in one second get two folders
+            break
+        except FileExistsError:
+            continue
+    write_atomic(os.path.join(path, "config.json"), json.dumps({k.lower(): v for k, v in vars(cfg).items()}, indent=2))
+    return path
+
+
+def record(task: Task, script: str, method: str, prompt_tokens: int, predictions: dict, run_dir: Optional[str] = None,
+           log: Optional[list[dict]] = None, trainable_params: int = 0, status: str = "finished") -> dict:
+    """Write the run folder (metrics, per-review predictions, environment, loss log) and append its row to the
+    results.csv ledger; prints and returns the row. A method saves its own artifacts in run_dir first."""
+    cfg = task.cfg
+    run_dir = run_dir or start_run(cfg, script)
+    row = {"run_id": os.path.basename(run_dir), "method": method, "script": script, "status": status,
+           "model_id": cfg.MODEL_ID, "samples": len(task.train) if log is not None else 0,
+           "trainable_params": trainable_params, "tokens": prompt_tokens, **scoring.metrics(task.label_ids, predictions),
+           "seed": cfg.SEED, "best_epoch": best_epoch(run_dir), "train_seconds": round(log[-1]["seconds"], 1) if log else 0.0}
+    if not parallel.is_main():
+        return row  # under accelerate the main process alone writes the run folder and the ledger
+    write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(row, indent=2))
+    write_atomic(os.path.join(run_dir, "environment.json"), json.dumps(environment(task), indent=2))
+    with cli.atomic_path(os.path.join(run_dir, "predictions.safetensors")) as tmp:
+        save_file({**{k: v.contiguous() for k, v in predictions.items() if k != "seconds"}, "label_ids": task.label_ids.cpu()}, tmp)
+    if log:
+        write_atomic(os.path.join(run_dir, "losses.csv"), pd.DataFrame(log).to_csv(index=False))
+        plots.loss_curve(run_dir)
+    ledger.append(cfg.RESULTS_DIR, row)
+    print(ledger.format_table([row]))
+    print(f"saved {run_dir} and a row of {ledger.path(cfg.RESULTS_DIR)}")
+    return row
+
+
+def environment(task: Task) -> dict:
+    """What the config cannot say about a run: the code's commit, the libraries, the device and dtype it resolved."""
+    import transformers
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                capture_output=True, text=True).stdout.strip() or None
+    except OSError:  # no git installed
+        commit = None
+    gpu = torch.cuda.get_device_name(task.device) if task.device.type == "cuda" else None
+    return {"git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": str(task.device), "gpu": gpu,
+            "dtype": str(next(task.model.parameters()).dtype).removeprefix("torch."), "processes": parallel.world_size()}
+
+
+def score_text_prompt(cfg: SimpleNamespace, script: str, system: str, user: str) -> dict:
+    """Score a hand-written prompt (system message, and user message around {review}) and record it."""
+    task = setup(cfg, with_train=False)
+    layout = make_layout(task, system, user)
+    return record(task, script, "text prompt", layout.prompt_tokens, scoring.predict(task, layout))

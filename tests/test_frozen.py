@@ -1,0 +1,96 @@
+"""The one forward pass: a primer per row, steering vectors, hidden states, and a peft-wrapped model."""
+import copy
+
+import pytest
+import torch
+
+import cli
+import frozen
+import layouts
+import primers
+import runs
+from conftest import overrides
+
+BATCHES = ([0], [0, 5], [5, 2, 0, 9])  # review 0 alone and among longer and shorter batch mates
+
+
+@pytest.fixture(scope="module")
+def task(tiny, tmp_path_factory):
+    return runs.setup(cli.configure(overrides(tiny, tmp_path_factory.mktemp("frozen"))), with_train=False)
+
+
+def outputs(task, layout, idx, **inputs) -> frozen.Output:
+    ids, lengths = layouts.assemble(layout, task.test, torch.tensor(idx))
+    with torch.no_grad():
+        return frozen.forward(task.model, ids, lengths, layout, **inputs)
+
+
+def assert_row_independent(task, layout, make_inputs, layers=()):
+    """Every output of review 0 is the same in each batch of BATCHES (make_inputs(idx) gives its inputs)."""
+    alone = outputs(task, layout, [0], layers=layers, **make_inputs([0]))
+    for idx in BATCHES[1:]:
+        together = outputs(task, layout, idx, layers=layers, **make_inputs(idx))
+        row = idx.index(0)
+        torch.testing.assert_close(together.logits[row], alone.logits[0], atol=1e-5, rtol=1e-5)
+        for l in layers:
+            torch.testing.assert_close(together.last[l][row], alone.last[l][0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(together.mean[l][row], alone.mean[l][0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("position", layouts.PRIMER_POSITIONS)
+def test_a_primer_per_row_is_each_rows_own_primer(task, position):
+    layout = layouts.make_layout(task, None, primer_length=3, position=position)
+    per_review = torch.stack([primers.init_primer(task.model, 3, seed=i) for i in range(10)])
+    assert_row_independent(task, layout, lambda idx: {"primer": per_review[idx]})
+    for i in (0, 5):  # a row's output is that of its primer given to the whole batch
+        shared = outputs(task, layout, [i, 2], primer=per_review[i])
+        torch.testing.assert_close(outputs(task, layout, [i, 2], primer=per_review[[i, 2]]).logits[0], shared.logits[0],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_hidden_states_are_the_models_own_at_the_last_and_over_the_review(task):
+    layout = layouts.make_layout(task, "Classify.", "Review: {review}")
+    assert_row_independent(task, layout, lambda idx: {}, layers=(0, 1, 2))
+    ids, lengths = layouts.assemble(layout, task.test, torch.tensor([3]))
+    out = outputs(task, layout, [3], layers=(0, 1))
+    with torch.no_grad():
+        states = task.model(input_ids=ids, output_hidden_states=True).hidden_states
+    review = slice(len(layout.prefix), int(lengths[0]) - len(layout.suffix))
+    for l in (0, 1):
+        torch.testing.assert_close(out.last[l][0], states[l][0, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.mean[l][0], states[l][0, review].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_steering_adds_where_it_is_told_and_nowhere_else(task):
+    layout = layouts.make_layout(task, None)
+    vector = torch.randn(task.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for after_review in (False, True):
+        steer = frozen.Steer(vector, layers=(1,), coefficient=4.0, after_review=after_review)
+        assert_row_independent(task, layout, lambda idx: {"steer": steer}, layers=(1,))
+    plain = outputs(task, layout, [0, 5], layers=(1, 2))
+    late = outputs(task, layout, [0, 5], layers=(1, 2), steer=frozen.Steer(vector, (1,), 4.0, after_review=True))
+    everywhere = outputs(task, layout, [0, 5], layers=(1, 2), steer=frozen.Steer(vector, (1,), 4.0))
+    torch.testing.assert_close(late.mean[1], plain.mean[1])  # the review's positions are left alone
+    torch.testing.assert_close(late.last[1], plain.last[1] + 4.0 * vector)  # the answer position is steered
+    torch.testing.assert_close(everywhere.mean[1], plain.mean[1] + 4.0 * vector)
+    assert not torch.allclose(late.logits, plain.logits)
+    torch.testing.assert_close(outputs(task, layout, [0, 5], steer=frozen.Steer(vector, (1,), 0.0)).logits, plain.logits)
+
+
+def test_the_forward_reaches_a_peft_wrapped_decoder(task):
+    from peft import LoraConfig, get_peft_model
+    layout = layouts.make_layout(task, None, primer_length=2)
+    primer = primers.init_primer(task.model, 2, seed=0)
+    wrapped = get_peft_model(copy.deepcopy(task.model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    ids, lengths = layouts.assemble(layout, task.test, torch.tensor([0, 5]))
+    with torch.no_grad():
+        base = frozen.forward(task.model, ids, lengths, layout, primer).logits
+        torch.testing.assert_close(frozen.forward(wrapped, ids, lengths, layout, primer).logits, base)  # LoRA B starts at 0
+    lora = [p for n, p in wrapped.named_parameters() if "lora_B" in n]
+    with torch.no_grad():
+        for p in lora:
+            p.normal_(0, 0.5)
+    logits = frozen.forward(wrapped, ids, lengths, layout, primer).logits
+    assert not torch.allclose(logits, base)
+    logits.logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)

@@ -1,0 +1,207 @@
+"""One training loop for any trainable tensors (a primer, a steering vector, LoRA weights) and any loss on a batch:
+Adam with per-epoch rates, length-grouped batches, checkpoints and bitwise resume, Ctrl-C, non-finite-loss rollback,
+per-epoch validation and keep-best, data-parallel under accelerate launch."""
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+import cli
+import ledger
+import parallel
+
+CHUNK_BATCHES = 64  # length grouping sorts reviews within chunks of this many batches
+
+# (this process's share of a batch of training reviews, the batch's size) -> its part of the batch's mean loss
+LossOf = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+class Interrupted(cli.UserError):
+    """Ctrl-C stopped training after a checkpoint was saved."""
+
+
+class NonFiniteLoss(Exception):
+    """The loss of a training batch was NaN or infinite; nothing was updated."""
+
+
+@dataclass
+class Progress:
+    """Where training stands: the next batch to run is `batch` of epoch `epoch` (0-based)."""
+    epoch: int = 0
+    batch: int = 0
+    log: list = field(default_factory=list)  # one row per step: step, epoch, lr, loss, training seconds so far
+    validation: dict = field(default_factory=lambda: {"rows": [], "best": None})  # per-epoch scores, best epoch's tensors
+    last_good: dict = field(default_factory=dict)  # the tensors whose loss was last finite (not checkpointed)
+
+
+def length_grouped_batches(lengths: torch.Tensor, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """Seeded batches of similar-length reviews: shuffle, sort within chunks of CHUNK_BATCHES batches, shuffle batches."""
+    rng = np.random.default_rng(seed)
+    order = torch.from_numpy(rng.permutation(len(lengths)))
+    chunks = order.split(batch_size * CHUNK_BATCHES)
+    batches = [batch for chunk in chunks for batch in chunk[lengths[chunk].argsort(stable=True)].split(batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def train_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, loss_of: LossOf,
+               idx: torch.Tensor) -> torch.Tensor:
+    """One Adam step over training reviews idx; returns the batch's mean loss (a 0-dim tensor). A non-finite loss
+    raises NonFiniteLoss before anything is updated. Under accelerate idx is the global batch: each process runs its
+    shard, and the summed gradients are those of the mean over idx on every process."""
+    loss = loss_of(parallel.shard(idx), len(idx))
+    total = parallel.sum_across(loss.detach())  # every process sees the same loss, so all of them stop on a NaN
+    if not torch.isfinite(total):
+        raise NonFiniteLoss(f"loss {total.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for p in params:  # same gradient, same Adam step: the tensors stay identical on every process
+        p.grad = parallel.sum_across(p.grad if p.grad is not None else torch.zeros_like(p))
+    optimizer.step()
+    return total
+
+
+def snapshot(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in params.items()}
+
+
+def restore(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(values[name])
+
+
+@parallel.main_writes
+def save_checkpoint(run_dir: str, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, progress: Progress) -> None:
+    state = {"params": {name: p.detach().cpu() for name, p in params.items()}, "optimizer": optimizer.state_dict(),
+             "epoch": progress.epoch, "batch": progress.batch, "log": progress.log, "validation": progress.validation,
+             "torch_rng": torch.get_rng_state()}
+    with cli.atomic_path(os.path.join(run_dir, "checkpoint.pt")) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(run_dir: str, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> Progress:
+    """Restore the tensors, optimizer and RNG from run_dir's checkpoint if there is one; where to go on from."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.exists(path):
+        return Progress(last_good=snapshot(params))
+    state = torch.load(path, weights_only=True)
+    restore(params, state["params"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    print(f"resuming {run_dir} at epoch {state['epoch'] + 1}, batch {state['batch']}", flush=True)
+    return Progress(state["epoch"], state["batch"], state["log"], state["validation"], snapshot(params))
+
+
+def train(task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir: str,
+          evaluate: Optional[Callable[[], dict]] = None, script: str = "experiment.py") -> tuple[list[dict], str]:
+    """Adam on `params` alone, one epoch per RATE_BY_EPOCH entry over task.train, checkpointed in run_dir (and
+    resumed from it), `evaluate()` (a scores row on validation reviews) after each epoch; returns the loss log and
+    the status: "finished", or why training stopped early. Ctrl-C saves a checkpoint and says how to resume `script`."""
+    for p in params.values():
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(list(params.values()), lr=task.cfg.RATE_BY_EPOCH[0])
+    progress = load_checkpoint(run_dir, params, optimizer)
+    clock = time.perf_counter() - (progress.log[-1]["seconds"] if progress.log else 0.0)  # counts earlier sessions
+    stop = []
+    on_ctrl_c = lambda *_: stop.append(True)  # training stops between two steps, never inside one
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        while progress.epoch < len(task.cfg.RATE_BY_EPOCH):
+            status = train_epoch(task, params, loss_of, optimizer, progress, run_dir, clock, stop, script)
+            if status:
+                keep_best(task, params, progress.validation)
+                return progress.log, status
+            if evaluate is not None:
+                save_checkpoint(run_dir, params, optimizer, progress)  # validating again is all a resume needs
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # validation stops at once
+                try:
+                    validate(task, params, evaluate, progress, run_dir)
+                except KeyboardInterrupt:
+                    raise Interrupted(resume_hint(run_dir, script)) from None
+                signal.signal(signal.SIGINT, on_ctrl_c)
+            progress.epoch, progress.batch = progress.epoch + 1, 0
+            save_checkpoint(run_dir, params, optimizer, progress)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    keep_best(task, params, progress.validation)
+    return progress.log, "finished"
+
+
+def train_epoch(task, params: dict[str, torch.Tensor], loss_of: LossOf, optimizer: torch.optim.Optimizer,
+                progress: Progress, run_dir: str, clock: float, stop: list, script: str) -> Optional[str]:
+    """The rest of progress.epoch, step by step; why training must stop early, or None."""
+    cfg, rate = task.cfg, task.cfg.RATE_BY_EPOCH[progress.epoch]
+    for group in optimizer.param_groups:
+        group["lr"] = rate
+    batches = length_grouped_batches(task.train.lengths, cfg.BATCH_SIZE, cfg.SEED + progress.epoch)
+    bar = tqdm(batches[progress.batch:], desc=f"epoch {progress.epoch + 1}/{len(cfg.RATE_BY_EPOCH)} lr {rate:g}",
+               unit="batch", initial=progress.batch, total=len(batches), disable=not parallel.is_main())
+    running, seen, start = None, 0, time.perf_counter()
+    for idx in bar:
+        before = snapshot(params)
+        try:
+            value = train_step(list(params.values()), optimizer, loss_of, idx).item()
+        except NonFiniteLoss as e:
+            restore(params, progress.last_good)
+            save_checkpoint(run_dir, params, optimizer, progress)
+            where = f"epoch {progress.epoch + 1}, batch {progress.batch}"
+            print(f"training stopped at {where}: {e}; keeping the last good {', '.join(params)}", flush=True)
+            return f"stopped early at {where}: non-finite {e}"
+        progress.last_good, progress.batch, seen = before, progress.batch + 1, seen + len(idx)
+        running = value if running is None else 0.98 * running + 0.02 * value
+        progress.log.append({"step": len(progress.log) + 1, "epoch": progress.epoch + 1, "lr": rate, "loss": value,
+                             "seconds": time.perf_counter() - clock})
+        bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
+        halt = parallel.anyone(bool(stop))  # under accelerate all processes stop after the same step
+        if halt or progress.batch % cfg.CHECKPOINT_EVERY == 0:
+            save_checkpoint(run_dir, params, optimizer, progress)
+        if halt:
+            raise Interrupted(resume_hint(run_dir, script))
+    return None
+
+
+def resume_hint(run_dir: str, script: str) -> str:
+    return f"interrupted; checkpoint saved: resume with {parallel.launch_command()} {script} --resume={run_dir}"
+
+
+def validate(task, params: dict[str, torch.Tensor], evaluate: Callable[[], dict], progress: Progress, run_dir: str) -> None:
+    """Score the validation reviews after progress.epoch, print the scores, add them to the validation rows and
+    run_dir/validation.csv (rewritten every epoch, to follow a long run), and copy the tensors if they are the best."""
+    validation = progress.validation
+    row = {"epoch": progress.epoch + 1, **evaluate()}
+    validation["rows"].append(row)
+    best = best_validation(validation["rows"])
+    if best is row:
+        validation["best"] = {name: p.cpu() for name, p in snapshot(params).items()}
+    if parallel.is_main():
+        with cli.atomic_path(os.path.join(run_dir, "validation.csv")) as tmp:
+            pd.DataFrame(validation["rows"]).to_csv(tmp, index=False)
+    print(f"epoch {progress.epoch + 1}/{len(task.cfg.RATE_BY_EPOCH)} validation: score {ledger.format_score(row, 'score')} "
+          f"({row['correct']:,} / {row['total']:,}), label-restricted {ledger.format_score(row, 'restricted')}; "
+          f"best epoch so far {best['epoch']}", flush=True)
+
+
+def best_validation(rows: list[dict]) -> Optional[dict]:
+    """The validation row of the best epoch: most strict answers right, then most label-restricted ones right,
+    then the earliest; None without rows."""
+    return max(rows, key=lambda r: (r["correct"], r["restricted_correct"]), default=None)
+
+
+def keep_best(task, params: dict[str, torch.Tensor], validation: dict) -> None:
+    """With KEEP_BEST, put the tensors of the best validation epoch in place of the last ones."""
+    best = best_validation(validation["rows"])
+    if task.cfg.KEEP_BEST and best is not None:
+        restore(params, validation["best"])
+        print(f"keeping the {', '.join(params)} of epoch {best['epoch']}, the best on the validation reviews", flush=True)
+
+
+def best_epoch(run_dir: str) -> Optional[int]:
+    """The best epoch on the validation reviews by run_dir's validation.csv; None when the run validated none."""
+    path = os.path.join(run_dir, "validation.csv")
+    return int(best_validation(pd.read_csv(path).to_dict("records"))["epoch"]) if os.path.exists(path) else None
