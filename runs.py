@@ -96,7 +96,8 @@ def record(task: Task, script: str, method: str, prompt_tokens: int, predictions
     row = {"run_id": os.path.basename(run_dir), "method": method, "script": script, "status": status,
            "model_id": cfg.MODEL_ID, "samples": len(task.train) if log is not None else 0,
            "trainable_params": trainable_params, "tokens": prompt_tokens, **scoring.metrics(task.label_ids, predictions),
-           "seed": cfg.SEED, "best_epoch": best_epoch(run_dir), "train_seconds": round(log[-1]["seconds"], 1) if log else 0.0}
+           "seed": cfg.SEED, "best_epoch": best_epoch(run_dir),
+           "train_seconds": round(log[-1]["seconds"], 1) if log else 0.0, "score_seconds": round(predictions["seconds"], 1)}
     if not parallel.is_main():
         return row  # under accelerate the main process alone writes the run folder and the ledger
     write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(row, indent=2))

@@ -42,7 +42,7 @@ def predict(task, layout: Layout, primer: Optional[torch.Tensor] = None, split: 
 def metrics(label_ids: torch.Tensor, predictions: dict) -> dict:
     """Strict score (the label token is the argmax over the whole vocabulary, the reference's metric), the
     label-restricted score (the right label's log-probability is the larger), their 95% Wilson intervals (_low,
-    _high), how often the answer is a label token at all, and the seconds scoring took."""
+    _high), and how often the answer is a label token at all."""
     label_ids, truth = label_ids.cpu(), predictions["label"]
     strict = int((predictions["answer"] == label_ids[truth]).sum())
     restricted = int((predictions["logprobs"].argmax(-1) == truth).sum())
@@ -52,8 +52,7 @@ def metrics(label_ids: torch.Tensor, predictions: dict) -> dict:
     restricted_low, restricted_high = wilson_interval(restricted, total)
     return {"correct": strict, "total": total, "score": strict / total, "restricted_correct": restricted,
             "restricted_score": restricted / total, "label_answer_share": answered / total, "score_low": score_low,
-            "score_high": score_high, "restricted_low": restricted_low, "restricted_high": restricted_high,
-            "score_seconds": round(predictions["seconds"], 1)}
+            "score_high": score_high, "restricted_low": restricted_low, "restricted_high": restricted_high}
 
 
 def score(task, layout: Layout, primer: Optional[torch.Tensor] = None, split: Optional[data.Split] = None,

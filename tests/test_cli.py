@@ -12,7 +12,7 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
     args = overrides(tiny, tmp_path)
     trained = run_script("experiment.py", *args)  # no prep first: the data is prepared on the way
     assert trained.returncode == 0, trained.stderr
-    assert "| Run | Kind | Samples | Tokens | Position | LR Schedule | Score | Correct / Total | Label-restricted |" in trained.stdout
+    assert "| Run | Method | Train reviews | Params | Tokens | Score | Correct / Total | Label-restricted | Best epoch | Status |" in trained.stdout
     assert "epoch 3/3" in trained.stderr and "samples_s=" in trained.stderr  # progress bars
     assert any(line.startswith("batch_size ") for line in trained.stdout.splitlines())  # the effective config
 
@@ -43,7 +43,8 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
     assert ledger.loc[0, "run_id"] == run_id and (ledger["total"] == 60).all()
     assert ledger.loc[2, "tokens"] > ledger.loc[3, "tokens"] > 4  # the long prompt is longer than the short one
     assert len(os.listdir(results)) == 5  # four run folders and the ledger
-    assert ledger["kind"].tolist() == ["trained primer", "saved primer", "text prompt", "text prompt"]
+    assert ledger["method"].tolist() == ["primer", "saved primer", "text prompt", "text prompt"]
+    assert ledger["trainable_params"].tolist() == [4 * 64, 4 * 64, 0, 0]
     assert (ledger["status"] == "finished").all() and ledger.loc[0, "train_seconds"] > 0 and (ledger["score_seconds"] > 0).all()
     assert ledger.loc[1, "train_seconds"] == 0 and ledger["seed"].dtype == int
 

@@ -38,7 +38,7 @@ def test_nearest_tokens_and_hard_primer_through_the_command_line(known_primer_ru
     task, primer, run_dir = known_primer_run
     result = run_script("inspect_primer.py", run_dir, "--score_batch_size=7")  # model, data etc. come from the run
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    rows = [line for line in result.stdout.splitlines() if re.match(r"\| \d+ \| [\d.]+ \| ", line)]
     assert len(rows) == len(WORDS)
     for n, (row, word, vector) in enumerate(zip(rows, WORDS, primer), 1):
         assert row.startswith(f"| {n} | {vector.norm():.3f} | {word!r} (1.000)  ")  # itself first, at cosine 1

@@ -169,11 +169,10 @@ def test_positions_and_any_model_through_the_command_line(tiny, models, tmp_path
         out = tmp_path / position
         result = run_script("experiment.py", *overrides(tiny, out), *SHORT_RUN, f"--primer_position={position}", *extra)
         assert result.returncode == 0, result.stderr
-        assert "| Run | Kind | Samples | Tokens | Position | LR Schedule |" in result.stdout
-        assert f"-experiment | trained primer | 40 | 4 | {position} | 0.1 |" in result.stdout
+        assert "| Run | Method | Train reviews | Params | Tokens |" in result.stdout
+        assert "-experiment | primer | 40 | 256 | 4 |" in result.stdout
         (run,) = [d for d in os.listdir(out / "results") if d.endswith("experiment")]
         assert json.loads((out / "results" / run / "config.json").read_text())["primer_position"] == position
-        assert pd.read_csv(out / "results" / "results.csv")["primer_position"].tolist() == [position]
         note = "the system content or primer goes at the start of the user turn" if position == "system" else "has no chat template"
         assert (note in result.stdout) == (position != "prefix")
     wrong = cli.configure(overrides(tiny, tmp_path / "wrong") + ["--primer_position=middle"])
@@ -207,9 +206,9 @@ def test_every_layout_is_the_tokenizers_own_tokenization_of_its_text(seam_task, 
     tok.chat_template = {"llama3": tok.chat_template, "mistral": MISTRAL_TEMPLATE, "none": None}[template]
     layouts.say_once.cache_clear()
     encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]
-    layouts = {("system", prompt_short.SYSTEM, prompt_short.USER), ("system", prompt_long.SYSTEM, prompt_long.USER),
+    cases = {("system", prompt_short.SYSTEM, prompt_short.USER), ("system", prompt_long.SYSTEM, prompt_long.USER),
                ("system", None, "{review}"), ("prefix", None, "{review}"), ("suffix", None, "{review}")}
-    for position, system, user in layouts:
+    for position, system, user in cases:
         layout = layouts.make_layout(seam_task, system, user, primer_length=0 if system else 4, position=position)
         for i, review in enumerate(SEAM_REVIEWS):
             ids, _ = layouts.assemble(layout, seam_task.test, torch.tensor([i]))

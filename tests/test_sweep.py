@@ -32,9 +32,9 @@ def test_two_point_sweep_plots_and_then_skips_what_is_done(tiny, tmp_path, monke
     out = capsys.readouterr().out
     first = ledger_frame(tmp_path)
     assert first["script"].tolist() == ["experiment"] * 2 and first["tokens"].tolist() == [2, 4]
-    assert (first["lr_schedule"] == "0.1").all() and (first["samples"] == 100).all()
+    assert (first["samples"] == 100).all() and (first["method"] == "primer").all()
     table = out[out.rindex("| Run |"):]  # the combined table printed last
-    assert table.count("-experiment | trained primer | 100 | ") == 2
+    assert table.count("-experiment | primer | 100 | ") == 2
     for name in ("scores.png", "losses.png", *(f"{run}/loss.png" for run in first["run_id"])):
         assert_png(tmp_path / "results" / name)
 
@@ -66,7 +66,7 @@ def test_command_line_reports_failed_points_and_goes_on(tiny, tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {primer_points} of {len(sweep.GRID)} points failed")
     assert ledger_frame(tmp_path)["script"].tolist() == ["prompt_long", "prompt_short"]
     table = result.stdout[result.stdout.rindex("| Run |"):]
-    assert "-prompt_long | text prompt | – |" in table and "-prompt_short | text prompt | – |" in table
+    assert "-prompt_long | text prompt | – | – |" in table and "-prompt_short | text prompt | – | – |" in table
     for name in ("scores.png", "losses.png"):
         assert_png(tmp_path / "results" / name)
 
