@@ -575,7 +575,7 @@ def predict(task: Task, layout: Layout, primer: Optional[torch.Tensor], split: O
 def metrics(task: Task, predictions: dict) -> dict:
     """Strict score (label token is the argmax over the whole vocabulary, the reference's metric), the
     label-restricted score (the right label's log-probability is the larger), their 95% Wilson intervals (_low,
-    _high), how often the answer is a label token at all, and the seconds scoring took."""
+    _high), and how often the answer is a label token at all."""
     label_ids = task.label_ids.cpu()
     truth = predictions["label"]
     strict = int((predictions["answer"] == label_ids[truth]).sum())
@@ -586,8 +586,7 @@ def metrics(task: Task, predictions: dict) -> dict:
     restricted_low, restricted_high = wilson_interval(restricted, total)
     return {"correct": strict, "total": total, "score": strict / total, "restricted_correct": restricted,
             "restricted_score": restricted / total, "label_answer_share": answered / total, "score_low": score_low,
-            "score_high": score_high, "restricted_low": restricted_low, "restricted_high": restricted_high,
-            "score_seconds": round(predictions["seconds"], 1)}
+            "score_high": score_high, "restricted_low": restricted_low, "restricted_high": restricted_high}
 
 
 def score(task: Task, layout: Layout, primer: Optional[torch.Tensor], split: Optional[data.Split] = None) -> dict:
@@ -643,7 +642,7 @@ def record(task: Task, script: str, layout: Layout, predictions: dict, primer: O
            **scores, "seed": cfg.SEED, "primer_path": cfg.PRIMER_PATH or "",
            "primer_init": cfg.PRIMER_INIT if trained else "", "val_limit": cfg.VAL_LIMIT if trained else 0,
            "keep_best": cfg.KEEP_BEST if trained else False, "best_epoch": best_epoch(run_dir),
-           "train_seconds": round(log[-1]["seconds"], 1) if log else 0.0}
+           "train_seconds": round(log[-1]["seconds"], 1) if log else 0.0, "score_seconds": round(predictions["seconds"], 1)}
     write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(row, indent=2))
     write_atomic(os.path.join(run_dir, "environment.json"), json.dumps(environment(task), indent=2))
     with cli.atomic_path(os.path.join(run_dir, "predictions.safetensors")) as tmp:

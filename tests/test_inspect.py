@@ -57,7 +57,7 @@ def test_nearest_tokens_and_hard_primer_through_the_command_line(known_primer_ru
 
 
 def test_a_folder_without_a_primer_is_a_one_line_error(cfg, tmp_path):
-    run_dir = harness.score_text_prompt(cfg, "prompt_short", "Classify.", "{review}")
+    run_dir = os.path.join(cfg.RESULTS_DIR, harness.score_text_prompt(cfg, "prompt_short", "Classify.", "{review}")["run_id"])
     with pytest.raises(cli.UserError, match="no primer.safetensors"):
         inspect_primer.configure([run_dir])
     with pytest.raises(cli.UserError, match="give a run folder first"):

@@ -137,8 +137,8 @@ def test_validation_run_keeps_the_best_epoch(tiny, tmp_path):
     on_val = harness.score(cut_task, layout, primer, cut_task.val)
     assert (on_val["correct"], on_val["restricted_correct"]) == (best["correct"], best["restricted_correct"])
 
-    ledger = pd.read_csv(tmp_path / "results" / "results.csv").iloc[0]
-    assert (ledger["val_limit"], ledger["keep_best"], ledger["best_epoch"], ledger["primer_init"]) == (10, True, best["epoch"], "random")
-    assert ledger["score_low"] <= ledger["score"] <= ledger["score_high"]
-    assert ledger["restricted_low"] <= ledger["restricted_score"] <= ledger["restricted_high"]
+    row = pd.read_csv(tmp_path / "results" / "results.csv").iloc[0]
+    assert (row["val_limit"], row["keep_best"], row["best_epoch"], row["primer_init"]) == (10, True, best["epoch"], "random")
+    assert row["score_low"] <= row["score"] <= row["score_high"]
+    assert row["restricted_low"] <= row["restricted_score"] <= row["restricted_high"]
     assert f"| {ledger.format_score(metrics, 'score')} | {metrics['correct']} / 20 |" in result.stdout
