@@ -163,7 +163,7 @@ def from_hub(load: Callable, model_id: str, **kwargs) -> Any:
     if os.path.isdir(model_id):
         try:
             return load(model_id, **kwargs)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # transformers raises either for a folder without the files it needs
             raise UserError(f"the folder --model_id={model_id} holds no model ({first_line(e)}): give a folder that "
                             f"save_pretrained wrote") from e
     if not is_hub_id(model_id):

@@ -65,6 +65,6 @@ def test_a_space_instead_of_equals_shows_the_override_to_write():
 def test_shell_args_read_back_as_the_same_config():
     values = {"CSV_DIR": "my data", "DATA_DIR": "123", "MODEL_ID": "a/b", "RATE_BY_EPOCH": [0.1, 1e-5], "SEED": 3}
     line = cli.shell_args(values)
-    assert line.startswith("'--csv_dir=my data' --data_dir=") and " --model_id=a/b " in line
+    assert line.startswith("'--csv_dir=my data' '--data_dir=") and " --model_id=a/b " in line  # quoted only where needed
     cfg = cli.configure(shlex.split(line))
     assert {k: getattr(cfg, k) for k in values} == values
