@@ -59,7 +59,9 @@ def test_result_key_tells_which_runs_are_the_same(tiny, tmp_path):
 
 def test_command_line_reports_failed_points_and_goes_on(tiny, tmp_path):
     """The default grid with a primer that does not exist: every primer point fails, the text prompts still run."""
-    result = run_script("sweep.py", *overrides(tiny, tmp_path), f"--primer_path={tmp_path}/missing.safetensors")
+    grid_keys = {f"--{key}=" for point in sweep.GRID for key in point}  # the grid's own values: not overridable
+    args = [arg for arg in overrides(tiny, tmp_path) if not arg.startswith(tuple(grid_keys))]
+    result = run_script("sweep.py", *args, f"--primer_path={tmp_path}/missing.safetensors")
     assert result.returncode == 1
     primer_points = sum(p["script"] == "experiment" for p in sweep.GRID)
     assert result.stdout.count("failed: UserError: --primer_path=") == primer_points
