@@ -2,9 +2,13 @@
 import ast
 import contextlib
 import difflib
+import functools
+import io
 import json
 import os
+import shlex
 import sys
+import tokenize
 import types
 from typing import Any, Callable, Iterator, Optional
 
@@ -12,6 +16,9 @@ import torch
 
 import config
 import parallel
+
+HUB_TIMEOUT = 10  # seconds to wait for huggingface.co's answer before calling it unreachable
+OFFLINE = "HF_HUB_OFFLINE is set"  # why the hub is not asked when the user turned it off
 
 
 # settings that cannot change a run's result, so a resumed run may take new values for them
@@ -63,14 +70,18 @@ def configure(argv: list[str], extra: Optional[dict[str, Any]] = None) -> types.
     With --resume=<run folder> the base is that run's config, and only RESUMABLE keys may be overridden."""
     base = {**defaults(), **(extra or {})}
     given = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise UserError(f"cannot read argument {arg!r}: write overrides as --name=value, e.g. --batch_size=8")
-        key, text = arg[2:].split("=", 1)
+    for i, arg in enumerate(argv):
+        key, eq, text = arg[2:].partition("=")
         name = key.upper()
+        if not arg.startswith("--"):
+            raise UserError(f"cannot read argument {arg!r}: write overrides as --name=value, e.g. --batch_size=8")
         if name not in base:
             close = difflib.get_close_matches(key.lower(), [k.lower() for k in base], n=1, cutoff=0.0)
             raise UserError(f"unknown config key --{key}: did you mean --{close[0]}? (keys are config.py's constants, in lowercase)")
+        if not eq:
+            follows = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            value = argv[i + 1] if follows else "True" if isinstance(base[name], bool) else "<value>"
+            raise UserError(f"write --{key}={value}, with '=' and no space (see --help)")
         given[name] = check_type(name, parse_value(text), base[name])
     if given.get("RESUME"):
         fixed = sorted(set(given) - RESUMABLE - {"RESUME"})
@@ -104,6 +115,34 @@ def read_json(path: str) -> dict:
         raise UserError(f"{path} is not valid JSON ({e}): give the folder of a finished run") from e
 
 
+def setting_comments(path: str) -> dict[str, str]:
+    """The comment closing the line that sets each uppercase constant of a Python file (and each uppercase key of a
+    module-level dict, like bench.py's BENCH): --help shows these, so config.py's comments are its documentation."""
+    with open(path) as f:
+        source = f.read()
+    comments = {t.start[0]: t.string.lstrip("# ") for t in tokenize.generate_tokens(io.StringIO(source).readline)
+                if t.type == tokenize.COMMENT}
+    found = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id.isupper():
+            found[node.targets[0].id] = comments.get(node.end_lineno, "")
+            if isinstance(node.value, ast.Dict):
+                found.update({k.value: comments.get(v.end_lineno, "") for k, v in zip(node.value.keys, node.value.values)
+                              if isinstance(k, ast.Constant) and str(k.value).isupper()})
+    return found
+
+
+def usage(script: types.ModuleType, extra: Optional[dict[str, Any]] = None) -> str:
+    """--help: the script's docstring, then every setting it reads with its default and its comment."""
+    notes = {**setting_comments(config.__file__), **(setting_comments(script.__file__) if extra else {})}
+    lines = [(script.__doc__ or "").strip(), "",
+             "settings: override any as --name=value (a Python literal of the default's type); defaults from config.py"
+             + (f" and {os.path.basename(script.__file__)}" if extra else "")]
+    for name, value in {**defaults(), **(extra or {})}.items():
+        lines += [f"  --{name.lower()}={value!r}", f"        {notes.get(name, '')}"]
+    return "\n".join(lines)
+
+
 def print_config(cfg: types.SimpleNamespace) -> None:
     width = max(map(len, vars(cfg)))
     print("\n".join(f"{k.lower():<{width}} = {v!r}" for k, v in vars(cfg).items()), flush=True)
@@ -114,10 +153,19 @@ def as_args(values: dict[str, Any]) -> list[str]:
     return [f"--{k.lower()}={v!r}" for k, v in values.items()]
 
 
+def shell_args(values: dict[str, Any]) -> str:
+    """Config values as overrides to paste into a shell: a value written plainly where it reads back as itself."""
+    return " ".join(shlex.quote(f"--{k.lower()}={v if parse_value(str(v)) == v else repr(v)}") for k, v in values.items())
+
+
 def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, Any]] = None,
          parse: Optional[Callable[[list[str]], types.SimpleNamespace]] = None) -> None:
     """Configure from sys.argv (with `parse` when the script reads more than overrides), print the config and call
-    run(cfg); joins the other processes when accelerate launched several; a UserError exits with one line."""
+    run(cfg); joins the other processes when accelerate launched several; a UserError exits with one line.
+    -h or --help prints usage() instead."""
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(usage(sys.modules["__main__"], extra))
+        return
     try:
         cfg = parse(sys.argv[1:]) if parse else configure(sys.argv[1:], extra)
         parallel.start(cfg.DEVICE)
@@ -145,9 +193,83 @@ def atomic_path(path: str) -> Iterator[str]:
 
 
 def from_hub(load: Callable, model_id: str, **kwargs) -> Any:
-    """load(model_id) with a one-line answer when the id is wrong, gated or unreachable."""
+    """load(model_id, **kwargs) of a local folder or a Hugging Face hub id. When it cannot load, one line says first
+    what is wrong (no such folder, no network, offline mode, an unknown id, a gated model) and what to do."""
+    if os.path.isdir(model_id):
+        try:
+            return load(model_id, **kwargs)
+        except (OSError, ValueError) as e:  # transformers raises either for a folder without the files it needs
+            raise UserError(f"the folder --model_id={model_id} holds no model ({first_line(e)}): give a folder that "
+                            f"save_pretrained wrote") from e
+    if not is_hub_id(model_id):
+        raise UserError(f"--model_id={model_id}: no such folder (in {os.getcwd()}), nor an id of the form owner/name: "
+                        f"give a local model folder or a Hugging Face id")
+    unreachable = hub_unreachable(model_id)
     try:
-        return load(model_id, **kwargs)
+        return load(model_id, local_files_only=unreachable is not None, **kwargs)
     except OSError as e:
-        raise UserError(f"cannot load {model_id!r} ({str(e).splitlines()[0][:200]}): check --model_id; for a gated "
-                        f"model accept its license on huggingface.co and run `hf auth login`, or set --model_id to an ungated model (e.g. Qwen/Qwen2.5-0.5B-Instruct) or a local folder") from e
+        raise UserError(hub_failure(model_id, e, unreachable)) from e
+
+
+def is_hub_id(model_id: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        return False
+    return True
+
+
+@functools.cache  # the tokenizer and the model come from the same place: ask once
+def hub_unreachable(model_id: str) -> Optional[str]:
+    """Why the hub cannot be asked for model_id now (offline mode, no network), or None when it can. One quick request
+    decides, where a download would retry for about 50 s before failing; an id the hub does not know is an error."""
+    from huggingface_hub import constants, model_info
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    if constants.is_offline_mode():
+        return OFFLINE
+    try:
+        model_info(model_id, timeout=HUB_TIMEOUT)
+    except GatedRepoError:
+        return None  # the hub answered; the download says whether this machine may read it
+    except RepositoryNotFoundError as e:
+        raise UserError(not_on_hub(model_id)) from e
+    except HfHubHTTPError:
+        return None  # the hub answered; a download that fails says why
+    except Exception as e:  # no answer at all (no network, DNS, proxy, timeout), in the HTTP client's own error types
+        why = f"cannot reach {constants.ENDPOINT} ({type(e).__name__}: {first_line(e)})"
+        print(f"{why}: looking for {model_id} in the local Hugging Face cache only (HF_HUB_OFFLINE=1 skips this "
+              f"check)", flush=True)
+        return why
+    return None
+
+
+def hub_failure(model_id: str, error: OSError, unreachable: Optional[str]) -> str:
+    """One line on why hub id model_id did not load, led by what is wrong."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    causes = []
+    while error is not None:
+        causes.append(error)
+        error = error.__cause__ or error.__context__
+    local = "set --model_id to a local model folder (python tiny.py builds a tiny one)"
+    if unreachable == OFFLINE:
+        return (f"{model_id} is neither a folder here nor in the local Hugging Face cache, and HF_HUB_OFFLINE is set: "
+                f"unset it to download the model, or {local}")
+    if unreachable:
+        return f"{unreachable}, and {model_id} is not in the local Hugging Face cache: connect to the network, or {local}"
+    if any(isinstance(e, GatedRepoError) for e in causes):
+        return (f"{model_id} is gated and this machine has no access: accept its license on "
+                f"https://huggingface.co/{model_id} and run `hf auth login`, or set --model_id to an ungated model "
+                f"(e.g. Qwen/Qwen2.5-0.5B-Instruct) or a local folder")
+    if any(isinstance(e, RepositoryNotFoundError) for e in causes):
+        return not_on_hub(model_id)
+    return f"cannot load {model_id} ({first_line(causes[0])}): check --model_id"
+
+
+def not_on_hub(model_id: str) -> str:
+    return (f"no folder {model_id} here and no model {model_id} on huggingface.co: check --model_id "
+            f"(a private model needs `hf auth login`)")
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [""])[0][:200]

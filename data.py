@@ -123,6 +123,12 @@ def expected_meta(cfg: SimpleNamespace, tokenizer, split: str) -> dict:
             "max_review_tokens": cfg.MAX_REVIEW_TOKENS, "seed": cfg.SEED}
 
 
+def prep_command(cfg: SimpleNamespace) -> str:
+    """The ./prep.sh line that prepares the data cfg needs: every setting expected_meta checks, and where the files are."""
+    keys = ("MODEL_ID", "CSV_DIR", "DATA_DIR", "TRAIN_LIMIT", "TEST_LIMIT", "MAX_REVIEW_TOKENS", "SEED")
+    return "./prep.sh " + cli.shell_args({k: getattr(cfg, k) for k in keys})
+
+
 def split_path(cfg: SimpleNamespace, split: str) -> str:
     return os.path.join(cfg.DATA_DIR, f"{split}.pt")
 
@@ -160,13 +166,11 @@ def load_split(cfg: SimpleNamespace, tokenizer, split: str) -> Split:
         raise cli.UserError(f"{path} is not a file prep wrote ({type(e).__name__}); delete it and run ./prep.sh") from e
     meta, want = stored["meta"], expected_meta(cfg, tokenizer, split)
     if meta["vocab_fingerprint"] != want["vocab_fingerprint"]:
-        raise cli.UserError(f"{path} was tokenized for {meta['model_id']}, not for {cfg.MODEL_ID}: "
-                            f"run ./prep.sh --model_id={cfg.MODEL_ID}")
+        raise cli.UserError(f"{path} was tokenized for {meta['model_id']}, not for {cfg.MODEL_ID}: run {prep_command(cfg)}")
     stale = {k: (meta[k], v) for k, v in want.items() if k != "model_id" and meta[k] != v}
     if stale:
-        flags = "".join(f" --{split + '_' if k == 'limit' else ''}{k}={v}" for k, (_, v) in stale.items())
         raise cli.UserError(f"{path} was prepared with {', '.join(f'{k}={v[0]}' for k, v in stale.items())}: "
-                            f"run ./prep.sh{flags} (or set those values back)")
+                            f"run {prep_command(cfg)} (or set those values back)")
     return Split(stored["tokens"], stored["offsets"], stored["labels"], meta)
 
 

@@ -32,50 +32,62 @@ def save(fig: plt.Figure, path: str) -> str:
     return path
 
 
+def mark_epochs(ax: plt.Axes, log: pd.DataFrame, color: str) -> None:
+    """A dotted line where each epoch after the first starts, as its learning rate changes there."""
+    for step in log.groupby("epoch")["step"].min().iloc[1:]:
+        ax.axvline(step - 0.5, color=color, ls=":", lw=1)
+
+
 def loss_curve(run_dir: str) -> str:
     """Write run_dir/loss.png from run_dir/losses.csv: each step's loss, its running mean, the epoch boundaries."""
     log = pd.read_csv(os.path.join(run_dir, "losses.csv"))
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(log["step"], log["loss"], lw=0.5, alpha=0.4, label="per step")
     ax.plot(log["step"], smooth(log["loss"]), label="running mean")
-    for step in log.groupby("epoch")["step"].min().iloc[1:]:
-        ax.axvline(step - 0.5, color="grey", ls=":", lw=1)
+    mark_epochs(ax, log, "grey")
     loss_axis(ax, "cross-entropy loss", os.path.basename(os.path.normpath(run_dir)))
     ax.legend()
     return save(fig, os.path.join(run_dir, "loss.png"))
 
 
 def score_plot(rows: list[dict], path: str) -> str:
-    """Strict and label-restricted test score against primer length, one line per LR schedule; text prompts as
-    horizontal reference lines."""
-    primers = pd.DataFrame([r for r in rows if r["script"] == "experiment"], columns=["tokens", "lr_schedule", "score", "restricted_score"])
+    """Strict and label-restricted test score against primer length, one line per LR schedule, with error bars of
+    their 95% Wilson intervals; text prompts as horizontal reference lines in a band of their interval."""
+    columns = ["tokens", "lr_schedule", "score", "score_low", "score_high", "restricted_score", "restricted_low", "restricted_high"]
+    primers = pd.DataFrame([r for r in rows if r["script"] == "experiment"], columns=columns)
     prompts = [r for r in rows if r["script"] != "experiment"]
     lengths = sorted(primers["tokens"].unique())
     schedules = primers["lr_schedule"].nunique()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    for ax, metric, title in zip(axes, ("score", "restricted_score"), ("Score (argmax over the vocabulary)", "Label-restricted (argmax over the labels)")):
+    for ax, (metric, interval), title in zip(axes, (("score", "score"), ("restricted_score", "restricted")),
+                                             ("Score (argmax over the vocabulary)", "Label-restricted (argmax over the labels)")):
         for schedule, runs in primers.groupby("lr_schedule", sort=False):
             runs = runs.sort_values("tokens")
-            ax.plot(runs["tokens"], 100 * runs[metric], marker="o", label=f"primer, lr {schedule}")
+            share, low, high = 100 * runs[metric], 100 * runs[f"{interval}_low"], 100 * runs[f"{interval}_high"]
+            ax.errorbar(runs["tokens"], share, yerr=[share - low, high - share], marker="o", capsize=3,
+                        label=f"primer, lr {schedule}")
         for i, r in enumerate(prompts):
-            ax.axhline(100 * r[metric], color=f"C{schedules + i}", ls="--", label=f"{r['script']} ({int(r['tokens'])} tokens)")
+            color = f"C{schedules + i}"
+            ax.axhline(100 * r[metric], color=color, ls="--", label=f"{r['script']} ({int(r['tokens'])} tokens)")
+            ax.axhspan(100 * r[f"{interval}_low"], 100 * r[f"{interval}_high"], color=color, alpha=0.15, lw=0)
         if lengths:  # primer lengths double from point to point
             ax.set_xscale("log", base=2)
             ax.set_xticks(lengths, [str(int(t)) for t in lengths])
         ax.set(title=title, xlabel="primer length (vectors)", ylim=(0, 100))
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("test reviews right (%)")
+    axes[0].set_ylabel("test reviews right (%), 95% interval")
     return save(fig, path)
 
 
 def losses_plot(rows: list[dict], results_dir: str, path: str) -> str:
-    """Running-mean training loss against step, one line per trained run."""
+    """Running-mean training loss against step, one line per trained run, its epoch boundaries dotted in its color."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in rows:
         losses = os.path.join(results_dir, r["run_id"], "losses.csv")
         if os.path.exists(losses):  # text prompts and re-scored primers have no training
             log = pd.read_csv(losses)
-            ax.plot(log["step"], smooth(log["loss"]), label=f"{int(r['tokens'])} tokens, lr {r['lr_schedule']}")
+            (line,) = ax.plot(log["step"], smooth(log["loss"]), label=f"{int(r['tokens'])} tokens, lr {r['lr_schedule']}")
+            mark_epochs(ax, log, line.get_color())
     loss_axis(ax, "cross-entropy loss (running mean)", "Training loss")
     if ax.lines:
         ax.legend(fontsize=8)

@@ -2,6 +2,9 @@
 
     python sweep.py [--name=value ...]     # overrides apply to every point, e.g. --train_limit=5600 --test_limit=2400
 
+Overriding a key that a point of GRID sets is an error, not a new value for that axis (the point's value would win):
+edit GRID to sweep other values.
+
 Each point runs in this process through the same code as its script. A point is already done when the ledger
 (RESULTS_DIR/results.csv) has a row of the same script whose run folder's config.json equals the point's config on
 every key that can change the result: all keys but IGNORED_KEYS, and for a text prompt also TRAINING_KEYS. A point
@@ -105,6 +108,20 @@ def with_schedule(row: dict, results_dir: str) -> dict:
     return {**row, "lr_schedule": ", ".join(f"{r:g}" for r in config["rate_by_epoch"]) if row["samples"] else ""}
 
 
+def configure(argv: list[str]) -> SimpleNamespace:
+    """The sweep's config from its command line. Overriding a key that a point of GRID sets is an error, since
+    the point's own value would win: such a key is changed in GRID."""
+    cfg = cli.configure(argv)
+    for arg in argv:
+        key = arg[2:].split("=")[0].lower()
+        values = [repr(p[key]) for p in GRID if key in p]
+        if values:
+            raise cli.UserError(f"{arg} would be ignored: sweep.py's GRID sets {key} for its points "
+                                f"({', '.join(dict.fromkeys(values))}); edit GRID in sweep.py to sweep other values, "
+                                f"or run python experiment.py {arg} for one run")
+    return cfg
+
+
 def main(cfg: SimpleNamespace) -> None:
     rows, failed = sweep(cfg, GRID)
     print(ledger.format_table(rows))
@@ -118,4 +135,4 @@ def main(cfg: SimpleNamespace) -> None:
 
 
 if __name__ == "__main__":
-    cli.main(main)
+    cli.main(main, parse=configure)

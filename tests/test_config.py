@@ -1,6 +1,11 @@
+import shlex
+
 import pytest
 
+import bench
 import cli
+import config
+import experiment
 from conftest import run_script
 
 
@@ -36,3 +41,30 @@ def test_command_line_error_is_one_line_and_nonzero():
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["error: unknown config key --batchsize: did you mean --batch_size? "
                                                   "(keys are config.py's constants, in lowercase)"]
+
+
+def test_help_prints_the_purpose_and_every_setting_with_its_default_and_comment():
+    result = run_script("experiment.py", "--help")
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith(experiment.__doc__.strip() + "\n")
+    assert "  --primer_length=4\n        number of trained embedding vectors in the system-prompt slot\n" in result.stdout
+    comments = cli.setting_comments(config.__file__)
+    for name, value in cli.defaults().items():
+        assert comments[name], f"config.py's {name} has no comment"
+        assert f"  --{name.lower()}={value!r}\n        {comments[name]}\n" in result.stdout
+    assert "  --steps=10\n        timed batches per measurement" in cli.usage(bench, bench.BENCH)  # a script's own constants
+
+
+def test_a_space_instead_of_equals_shows_the_override_to_write():
+    with pytest.raises(cli.UserError, match="^write --primer_length=8, with '=' and no space"):
+        cli.configure(["--primer_length", "8"])
+    with pytest.raises(cli.UserError, match="^write --keep_best=True,"):
+        cli.configure(["--keep_best", "--seed=1"])
+
+
+def test_shell_args_read_back_as_the_same_config():
+    values = {"CSV_DIR": "my data", "DATA_DIR": "123", "MODEL_ID": "a/b", "RATE_BY_EPOCH": [0.1, 1e-5], "SEED": 3}
+    line = cli.shell_args(values)
+    assert line.startswith("'--csv_dir=my data' '--data_dir=") and " --model_id=a/b " in line  # quoted only where needed
+    cfg = cli.configure(shlex.split(line))
+    assert {k: getattr(cfg, k) for k in values} == values

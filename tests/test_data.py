@@ -1,5 +1,6 @@
 import os
 import pickle
+import shlex
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ import torch
 
 import cli
 import data
-from conftest import overrides, run_script, write_yelp_csv
+from conftest import overrides, run_script
+from tiny import write_yelp_csv
 
 
 def test_csv_quirks_are_decoded(tmp_path):
@@ -99,11 +101,16 @@ def test_load_split_refuses_other_tokenizer_stale_config_and_pickles(tiny, tmp_p
     path = tmp_path / "data" / "test.pt"
     stored = torch.load(path, weights_only=True)
     cfg.TEST_LIMIT = 50
-    with pytest.raises(cli.UserError, match=r"prepared with limit=60: run ./prep.sh --test_limit=50"):
+    with pytest.raises(cli.UserError, match=r"prepared with limit=60: run \./prep\.sh ") as error:
         data.load_split(cfg, tokenizer, "test")
+    command = str(error.value).split("run ")[1].removesuffix(" (or set those values back)")
+    assert command == (f"./prep.sh --model_id={tiny.model_dir} --csv_dir={tiny.csv_dir} --data_dir={tmp_path}/data "
+                       f"--train_limit=100 --test_limit=50 --max_review_tokens=1024 --seed=0")  # the user's other flags kept
+    data.prepare(cli.configure(shlex.split(command)[1:]), tokenizer)  # the command as printed, as prep.sh reads it
+    assert len(data.load_split(cfg, tokenizer, "test")) == 50 and len(data.load_split(cfg, tokenizer, "train")) == 100
     stored["meta"].update(model_id="other/model", vocab_fingerprint="0" * 16)
     torch.save(stored, path)
-    with pytest.raises(cli.UserError, match=f"tokenized for other/model, not for {tiny.model_dir}"):
+    with pytest.raises(cli.UserError, match=f"tokenized for other/model, not for {tiny.model_dir}: run {command}$"):
         data.load_split(cfg, tokenizer, "test")
     with open(path, "wb") as f:
         pickle.dump({"meta": os.system}, f)  # a crafted pickle that would call a function if unpickled

@@ -5,8 +5,10 @@ import pandas as pd
 import pytest
 
 import cli
+import scoring
 import training
 import ledger
+import plots
 import sweep
 from conftest import overrides, run_script
 
@@ -59,7 +61,9 @@ def test_result_key_tells_which_runs_are_the_same(tiny, tmp_path):
 
 def test_command_line_reports_failed_points_and_goes_on(tiny, tmp_path):
     """The default grid with a primer that does not exist: every primer point fails, the text prompts still run."""
-    result = run_script("sweep.py", *overrides(tiny, tmp_path), f"--primer_path={tmp_path}/missing.safetensors")
+    grid_keys = {f"--{key}=" for point in sweep.GRID for key in point}  # the grid's own values: not overridable
+    args = [arg for arg in overrides(tiny, tmp_path) if not arg.startswith(tuple(grid_keys))]
+    result = run_script("sweep.py", *args, f"--primer_path={tmp_path}/missing.safetensors")
     assert result.returncode == 1
     primer_points = sum(p["script"] == "experiment" for p in sweep.GRID)
     assert result.stdout.count("failed: UserError: --primer_path=") == primer_points
@@ -93,3 +97,52 @@ def test_ctrl_c_stops_the_whole_sweep(tiny, tmp_path, monkeypatch):
     with pytest.raises(training.Interrupted):
         sweep.sweep(cli.configure(overrides(tiny, tmp_path)), [{"script": "prompt_long"}, {"script": "prompt_short"}])
     assert not os.path.exists(tmp_path / "results" / "results.csv")  # prompt_short never ran
+
+
+def test_an_override_of_a_grid_key_is_refused_naming_the_grid():
+    result = run_script("sweep.py", "--train_limit=100", "--primer_length=32", "--rate_by_epoch=[0.1]")
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "error: --primer_length=32 would be ignored: sweep.py's GRID sets primer_length for its points (4, 8, 16); "
+        "edit GRID in sweep.py to sweep other values, or run python experiment.py --primer_length=32 for one run"]
+    with pytest.raises(cli.UserError, match=r"GRID sets rate_by_epoch for its points \(\[1e-05\], \[0.0001, 1e-05, 1e-06\]\)"):
+        sweep.configure(["--rate_by_epoch=[0.1]"])
+    assert sweep.configure(["--train_limit=100"]).TRAIN_LIMIT == 100
+
+
+def drawn_figure(monkeypatch, draw):
+    """The figure that draw() saves."""
+    figures = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
+    draw()
+    return figures[0]
+
+
+def test_scores_figure_draws_the_wilson_intervals(monkeypatch):
+    def row(script, tokens, correct, total=200):
+        low, high = scoring.wilson_interval(correct, total)
+        rlow, rhigh = scoring.wilson_interval(correct + 10, total)
+        return {"script": script, "tokens": tokens, "lr_schedule": "0.1", "score": correct / total, "score_low": low,
+                "score_high": high, "restricted_score": (correct + 10) / total, "restricted_low": rlow, "restricted_high": rhigh}
+    rows = [row("experiment", 4, 150), row("experiment", 8, 170), row("prompt_short", 30, 110)]
+    fig = drawn_figure(monkeypatch, lambda: plots.score_plot(rows, "unused.png"))
+    for ax, name in zip(fig.axes, ("score", "restricted")):
+        (bars,) = ax.containers  # one schedule: one line with error bars
+        spans = [list(segment[:, 1]) for segment in bars.lines[2][0].get_segments()]  # each bar's (low, high)
+        assert sum(spans, []) == pytest.approx([100 * r[f"{name}_{end}"] for r in rows[:2] for end in ("low", "high")])
+        (band,) = ax.patches  # the text prompt's interval
+        prompt = rows[2]
+        assert (band.get_y(), band.get_y() + band.get_height()) == pytest.approx((100 * prompt[f"{name}_low"],
+                                                                                 100 * prompt[f"{name}_high"]))
+
+
+def test_losses_figure_marks_each_runs_epoch_boundaries(tmp_path, monkeypatch):
+    for run, steps_per_epoch in (("a", 5), ("b", 3)):
+        (tmp_path / run).mkdir()
+        epochs = [e for e in (1, 2, 3) for _ in range(steps_per_epoch)]
+        pd.DataFrame({"step": range(1, len(epochs) + 1), "epoch": epochs, "loss": 1.0}).to_csv(tmp_path / run / "losses.csv")
+    rows = [{"run_id": run, "tokens": 4, "lr_schedule": "0.1, 0.1, 0.1"} for run in ("a", "b")]
+    fig = drawn_figure(monkeypatch, lambda: plots.losses_plot(rows, str(tmp_path), "unused.png"))
+    curves = [line for line in fig.axes[0].lines if line.get_linestyle() == "-"]
+    marks = [(line.get_xdata()[0], line.get_color()) for line in fig.axes[0].lines if line.get_linestyle() == ":"]
+    assert marks == [(5.5, curves[0].get_color()), (10.5, curves[0].get_color()),
+                     (3.5, curves[1].get_color()), (6.5, curves[1].get_color())]
