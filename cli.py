@@ -109,10 +109,20 @@ def atomic_path(path: str) -> Iterator[str]:
     os.replace(path + ".tmp", path)
 
 
-def from_hub(load: Callable, model_id: str, **kwargs) -> Any:
-    """load(model_id) with a one-line answer when the id is wrong, gated or unreachable."""
+def gguf_source(model_id: str, gguf_file: Optional[str]) -> tuple[str, dict]:
+    """The folder or hub id to load from and the from_pretrained keywords that name its GGUF file, if any: a model_id
+    ending in .gguf is that file (transformers reads GGUF only through a folder plus a file name)."""
+    if model_id.endswith(".gguf"):
+        folder, gguf_file = os.path.split(model_id)
+        return folder or ".", {"gguf_file": gguf_file}
+    return model_id, {"gguf_file": gguf_file} if gguf_file else {}
+
+
+def from_hub(load: Callable, model_id: str, gguf_file: Optional[str] = None, **kwargs) -> Any:
+    """load(model_id) with a one-line answer when the id is wrong, gated or unreachable; GGUF as gguf_source says."""
+    source, gguf = gguf_source(model_id, gguf_file)
     try:
-        return load(model_id, **kwargs)
+        return load(source, **gguf, **kwargs)
     except OSError as e:
         raise UserError(f"cannot load {model_id!r} ({str(e).splitlines()[0][:200]}): check --model_id; for a gated "
                         f"model accept its license on huggingface.co and run `hf auth login`, or set --model_id to an ungated model (e.g. Qwen/Qwen2.5-0.5B-Instruct) or a local folder") from e

@@ -6,6 +6,8 @@
     python experiment.py --primer_position=suffix                             # the primer after the review (or "prefix")
     python experiment.py --val_limit=2000 --keep_best=True --primer_init=labels   # validate each epoch, keep the best
 """
+import time
+
 import cli
 import harness
 
@@ -21,8 +23,11 @@ def run(cfg) -> None:
         primer = harness.initial_primer(task, cfg.PRIMER_INIT, cfg.PRIMER_LENGTH, cfg.SEED)
     layout = harness.make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION)
     run_dir = cfg.RESUME or harness.start_run(cfg, "experiment")
+    start = time.perf_counter()
     log = None if cfg.PRIMER_PATH else harness.train(task, layout, primer, run_dir)
-    harness.record(task, "experiment", layout, harness.score(task, layout, primer), primer, log, run_dir)
+    train_seconds = time.perf_counter() - start  # this process's share when resumed
+    harness.record(task, "experiment", layout, {**harness.score(task, layout, primer), "train_seconds": train_seconds},
+                   primer, log, run_dir)
 
 
 if __name__ == "__main__":

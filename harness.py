@@ -30,6 +30,9 @@ CHUNK_BATCHES = 64  # length grouping sorts reviews within chunks of this many b
 PRIMER_POSITIONS = ("system", "prefix", "suffix")  # the values PRIMER_POSITION may take (see make_layout)
 PLAIN_ANSWER_CUE = "\nAnswer:"  # ends the prompt of a model with no chat template; the label token follows it
 SYSTEM_SEPARATOR = "\n\n"  # between system content and the user message when both share the user turn (as Gemma's template does)
+RATE_SCALES = ("embedding", "absolute")  # the values RATE_SCALE may take (see train)
+STALL_MOVE = 0.1  # a primer that moved less than this many embedding stds per coordinate (RMS) barely trained
+STALL_LOSS = 0.9  # as did one whose loss ended above this share of where it started
 
 
 class Interrupted(cli.UserError):
@@ -111,7 +114,7 @@ def load_model(cfg: SimpleNamespace, device: torch.device) -> torch.nn.Module:
     """The frozen model: eval mode, no parameter ever requires a gradient."""
     from transformers import AutoModelForCausalLM
     dtype = resolve_dtype(cfg.DTYPE, device)
-    model = cli.from_hub(AutoModelForCausalLM.from_pretrained, cfg.MODEL_ID, dtype=dtype, attn_implementation="sdpa")
+    model = cli.from_hub(AutoModelForCausalLM.from_pretrained, cfg.MODEL_ID, cfg.GGUF_FILE, dtype=dtype, attn_implementation="sdpa")
     return freeze(model.to(device), cfg.GRADIENT_CHECKPOINTING)
 
 
@@ -129,7 +132,7 @@ def freeze(model: torch.nn.Module, checkpointing: bool) -> torch.nn.Module:
 
 def setup(cfg: SimpleNamespace, with_train: bool = True) -> Task:
     device = resolve_device(cfg.DEVICE)
-    tokenizer = data.load_tokenizer(cfg.MODEL_ID)
+    tokenizer = data.load_tokenizer(cfg.MODEL_ID, cfg.GGUF_FILE)
     labels = torch.tensor(label_token_ids(tokenizer, cfg.LABELS, answer_context(tokenizer, cfg.TEMPLATE_KWARGS)), device=device)
     with parallel.local_main_first():  # under accelerate one process per machine prepares missing data
         train, val = hold_out(data.load_split(cfg, tokenizer, "train"), cfg) if with_train else (None, None)
@@ -419,7 +422,11 @@ def load_checkpoint(run_dir: str, primer: torch.Tensor,
 def train(task: Task, layout: Layout, primer: torch.Tensor, run_dir: str) -> list[dict]:
     """Adam on the primer alone, one epoch per RATE_BY_EPOCH entry, checkpointed in run_dir (and resumed from it);
     returns the loss log, one row per step. Ctrl-C saves a checkpoint and stops with the command that resumes."""
-    cfg, rates = task.cfg, task.cfg.RATE_BY_EPOCH
+    cfg, std = task.cfg, embedding_std(task.model)
+    if cfg.RATE_SCALE not in RATE_SCALES:
+        raise cli.UserError(f"--rate_scale={cfg.RATE_SCALE!r} is not one of {', '.join(RATE_SCALES)}")
+    rates = [rate * (std if cfg.RATE_SCALE == "embedding" else 1.0) for rate in cfg.RATE_BY_EPOCH]  # Adam's own
+    start_primer = primer.detach().clone()
     primer.requires_grad_(True)
     optimizer = torch.optim.Adam([primer], lr=rates[0])
     start_epoch, start_batch, log, validation = load_checkpoint(run_dir, primer, optimizer)
@@ -460,8 +467,26 @@ def train(task: Task, layout: Layout, primer: torch.Tensor, run_dir: str) -> lis
             save_checkpoint(run_dir, primer, optimizer, epoch + 1, 0, log, validation)
     finally:
         signal.signal(signal.SIGINT, previous)
+    note_stall(log, primer.detach() - start_primer, std)
     keep_best(task, primer, validation)
     return log
+
+
+def embedding_std(model: torch.nn.Module) -> float:
+    """The std of the input embedding table's entries: the scale of a coordinate the primer's Adam steps move."""
+    return model.get_input_embeddings().weight.float().std().item()
+
+
+def note_stall(log: list[dict], moved: torch.Tensor, std: float) -> None:
+    """One line when training barely moved the primer or left the loss where it started: the rates are too small."""
+    if not log:
+        return
+    tenth = max(1, len(log) // 10)
+    first, last = (float(np.mean([r["loss"] for r in part])) for part in (log[:tenth], log[-tenth:]))
+    rms = moved.float().pow(2).mean().sqrt().item() / std
+    if rms < STALL_MOVE or last > STALL_LOSS * first:
+        print(f"note: training barely changed the primer (it moved {rms:.2f} embedding stds per coordinate; loss "
+              f"{first:.3g} over the first and {last:.3g} over the last tenth of the steps): raise --rate_by_epoch", flush=True)
 
 
 def validate(task: Task, layout: Layout, primer: torch.Tensor, epoch: int, validation: dict, run_dir: str) -> None:
@@ -519,7 +544,7 @@ def score(task: Task, layout: Layout, primer: Optional[torch.Tensor], split: Opt
     label-restricted score (argmax over the two label tokens), their 95% Wilson intervals (_low, _high) and how
     often the answer is a label token at all, over split (the test split unless given). Under accelerate each
     process scores its share of the split and the counts are summed."""
-    split = task.test if split is None else split
+    split, start = task.test if split is None else split, time.perf_counter()
     order = split.lengths.argsort(descending=True)  # longest first, so a batch too big for memory fails at once
     batches = parallel.shard(order).split(task.cfg.SCORE_BATCH_SIZE)
     counts = sum((score_batch(task, layout, primer, idx, split) for idx in tqdm(batches, desc="score", unit="batch",
@@ -531,7 +556,8 @@ def score(task: Task, layout: Layout, primer: Optional[torch.Tensor], split: Opt
     restricted_low, restricted_high = wilson_interval(restricted, total)
     return {"correct": strict, "total": total, "score": strict / total, "restricted_correct": restricted,
             "restricted_score": restricted / total, "label_answer_share": answered / total, "score_low": score_low,
-            "score_high": score_high, "restricted_low": restricted_low, "restricted_high": restricted_high}
+            "score_high": score_high, "restricted_low": restricted_low, "restricted_high": restricted_high,
+            "score_seconds": time.perf_counter() - start}
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:

@@ -36,3 +36,10 @@ def test_command_line_error_is_one_line_and_nonzero():
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["error: unknown config key --batchsize: did you mean --batch_size? "
                                                   "(keys are config.py's constants, in lowercase)"]
+
+
+def test_a_gguf_model_id_is_loaded_as_folder_and_file():
+    assert cli.gguf_source("/m/SmolLM2.Q4_1.gguf", None) == ("/m", {"gguf_file": "SmolLM2.Q4_1.gguf"})
+    assert cli.gguf_source("SmolLM2.Q4_1.gguf", None) == (".", {"gguf_file": "SmolLM2.Q4_1.gguf"})
+    assert cli.gguf_source("org/model-GGUF", "model.Q8_0.gguf") == ("org/model-GGUF", {"gguf_file": "model.Q8_0.gguf"})
+    assert cli.gguf_source("org/model", None) == ("org/model", {})

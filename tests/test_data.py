@@ -109,3 +109,10 @@ def test_load_split_refuses_other_tokenizer_stale_config_and_pickles(tiny, tmp_p
         pickle.dump({"meta": os.system}, f)  # a crafted pickle that would call a function if unpickled
     with pytest.raises(cli.UserError, match="not a file prep wrote"):
         data.load_split(cfg, tokenizer, "test")
+
+
+def test_written_csvs_read_back_as_written(tmp_path):
+    texts = ['Said "wow", then left.\n\nGreat!', "plain, with a comma", "back\\slash"]
+    data.write_csv(str(tmp_path / "r.csv"), [2, 1, 2], texts)
+    labels, read, bad = data.read_csv(str(tmp_path / "r.csv"))
+    assert labels.tolist() == [1, 0, 1] and read == texts and bad == []

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import cli
 import harness
 import prompt_short
 
@@ -140,3 +141,22 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_primer(tiny, tmp
     assert len(log) == 1 and torch.isfinite(torch.tensor(log[0]["loss"]))
     assert torch.equal(primer, start)  # the only primer whose loss was finite
     assert "training stopped at epoch 1, batch 1: loss nan; keeping the last good primer" in capsys.readouterr().out
+
+
+def test_rates_are_in_embedding_stds_and_a_stalled_run_says_so(task, tmp_path, capsys):
+    layout = harness.make_layout(task, None, primer_length=4)
+    for run in ("scaled", "stalled", "wrong"):
+        (tmp_path / run).mkdir()
+    task.cfg.RATE_BY_EPOCH, task.cfg.RATE_SCALE = [0.5, 0.5, 0.5], "embedding"
+    try:
+        log = harness.train(task, layout, harness.init_primer(task.model, 4, seed=0), str(tmp_path / "scaled"))
+        assert {r["lr"] for r in log} == {pytest.approx(0.5 * harness.embedding_std(task.model))}
+        assert "barely changed the primer" not in capsys.readouterr().out
+        task.cfg.RATE_BY_EPOCH = [0.0]
+        harness.train(task, layout, harness.init_primer(task.model, 4, seed=0), str(tmp_path / "stalled"))
+        assert "note: training barely changed the primer (it moved 0.00 embedding stds" in capsys.readouterr().out
+        task.cfg.RATE_SCALE = "relative"
+        with pytest.raises(cli.UserError, match="--rate_scale='relative' is not one of embedding, absolute"):
+            harness.train(task, layout, harness.init_primer(task.model, 4, seed=0), str(tmp_path / "wrong"))
+    finally:
+        task.cfg.RATE_BY_EPOCH, task.cfg.RATE_SCALE = [0.1, 0.1, 0.1], "absolute"
