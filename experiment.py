@@ -16,6 +16,7 @@ def run(cfg) -> None:
     if cfg.RESUME:
         cfg = harness.resumed_config(cfg.RESUME)
     harness.check_primer_position(cfg.PRIMER_POSITION, cfg.GRADIENT_CHECKPOINTING)  # before minutes of data prep and loading
+    harness.check_rate_scale(cfg.RATE_SCALE)
     task = harness.setup(cfg, with_train=cfg.PRIMER_PATH is None)
     if cfg.PRIMER_PATH:
         primer = harness.load_primer(cfg.PRIMER_PATH, task.model, cfg.PRIMER_POSITION)

@@ -197,6 +197,11 @@ def check_primer_position(position: str, checkpointing: bool) -> None:
                             "pass covers only the primer and the answer cue, so it needs little memory): set it to False")
 
 
+def check_rate_scale(scale: str) -> None:
+    if scale not in RATE_SCALES:
+        raise cli.UserError(f"--rate_scale={scale!r} is not one of {', '.join(RATE_SCALES)}")
+
+
 def make_layout(task: Task, system: Optional[str], user: str = "{review}", primer_length: int = 0,
                 position: str = "system") -> Layout:
     """The prompt (prompt_text) with `system` text, or a primer of primer_length vectors, at `position`: "system" in
@@ -420,11 +425,11 @@ def load_checkpoint(run_dir: str, primer: torch.Tensor,
 
 
 def train(task: Task, layout: Layout, primer: torch.Tensor, run_dir: str) -> list[dict]:
-    """Adam on the primer alone, one epoch per RATE_BY_EPOCH entry, checkpointed in run_dir (and resumed from it);
+    """Adam on the primer alone, one epoch per RATE_BY_EPOCH entry (in embedding stds unless RATE_SCALE is
+    "absolute"), checkpointed in run_dir (and resumed from it);
     returns the loss log, one row per step. Ctrl-C saves a checkpoint and stops with the command that resumes."""
     cfg, std = task.cfg, embedding_std(task.model)
-    if cfg.RATE_SCALE not in RATE_SCALES:
-        raise cli.UserError(f"--rate_scale={cfg.RATE_SCALE!r} is not one of {', '.join(RATE_SCALES)}")
+    check_rate_scale(cfg.RATE_SCALE)
     rates = [rate * (std if cfg.RATE_SCALE == "embedding" else 1.0) for rate in cfg.RATE_BY_EPOCH]  # Adam's own
     start_primer = primer.detach().clone()
     primer.requires_grad_(True)

@@ -147,11 +147,11 @@ def test_rates_are_in_embedding_stds_and_a_stalled_run_says_so(task, tmp_path, c
     layout = harness.make_layout(task, None, primer_length=4)
     for run in ("scaled", "stalled", "wrong"):
         (tmp_path / run).mkdir()
-    task.cfg.RATE_BY_EPOCH, task.cfg.RATE_SCALE = [0.5, 0.5, 0.5], "embedding"
+    task.cfg.RATE_BY_EPOCH, task.cfg.RATE_SCALE = [0.5], "embedding"
     try:
         log = harness.train(task, layout, harness.init_primer(task.model, 4, seed=0), str(tmp_path / "scaled"))
-        assert {r["lr"] for r in log} == {pytest.approx(0.5 * harness.embedding_std(task.model))}
-        assert "barely changed the primer" not in capsys.readouterr().out
+        assert [r["lr"] for r in log] == pytest.approx([0.5 * harness.embedding_std(task.model)] * 10)
+        capsys.readouterr()
         task.cfg.RATE_BY_EPOCH = [0.0]
         harness.train(task, layout, harness.init_primer(task.model, 4, seed=0), str(tmp_path / "stalled"))
         assert "note: training barely changed the primer (it moved 0.00 embedding stds" in capsys.readouterr().out
