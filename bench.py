@@ -88,7 +88,7 @@ def bench_task(cfg) -> tuple[runs.Task, layouts.Layout]:
     if cfg.RANDOM_INIT:
         model, tokenizer = random_model(cfg, device), None
     else:
-        tokenizer, model = data.load_tokenizer(cfg.MODEL_ID), frozen.load_model(cfg, device)
+        tokenizer, model = data.load_tokenizer(cfg.MODEL_ID, cfg.GGUF_FILE), frozen.load_model(cfg, device)
     vocab = model.get_input_embeddings().weight.shape[0]
     prepared = tokenizer is not None and os.path.exists(data.split_path(cfg, "train"))
     split = data.load_split(cfg, tokenizer, "train") if prepared else synthetic_split(SYNTHETIC_REVIEWS, vocab, cfg.MAX_REVIEW_TOKENS, cfg.SEED)

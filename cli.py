@@ -192,21 +192,36 @@ def atomic_path(path: str) -> Iterator[str]:
     os.replace(path + ".tmp", path)
 
 
-def from_hub(load: Callable, model_id: str, **kwargs) -> Any:
-    """load(model_id, **kwargs) of a local folder or a Hugging Face hub id. When it cannot load, one line says first
-    what is wrong (no such folder, no network, offline mode, an unknown id, a gated model) and what to do."""
-    if os.path.isdir(model_id):
+def gguf_source(model_id: str, gguf_file: Optional[str]) -> tuple[str, dict]:
+    """The folder or hub id to load from and the from_pretrained keywords that name its GGUF file, if any: a model_id
+    ending in .gguf is that file (transformers reads GGUF only through a folder plus a file name)."""
+    if model_id.endswith(".gguf"):
+        folder, gguf_file = os.path.split(model_id)
+        return folder or ".", {"gguf_file": gguf_file}
+    return model_id, {"gguf_file": gguf_file} if gguf_file else {}
+
+
+def from_hub(load: Callable, model_id: str, gguf_file: Optional[str] = None, **kwargs) -> Any:
+    """load(model_id, **kwargs) of a local folder, a local .gguf file or a Hugging Face hub id (GGUF as gguf_source
+    says). When it cannot load, one line says first what is wrong (no such folder or file, no network, offline mode,
+    an unknown id, a gated model) and what to do."""
+    source, gguf = gguf_source(model_id, gguf_file)
+    kwargs = {**gguf, **kwargs}
+    if model_id.endswith(".gguf") and not os.path.isfile(model_id):
+        raise UserError(f"--model_id={model_id}: no such file (in {os.getcwd()}): give a local .gguf file, or a folder "
+                        f"or hub id with --gguf_file")
+    if os.path.isdir(source):
         try:
-            return load(model_id, **kwargs)
+            return load(source, **kwargs)
         except (OSError, ValueError) as e:  # transformers raises either for a folder without the files it needs
             raise UserError(f"the folder --model_id={model_id} holds no model ({first_line(e)}): give a folder that "
                             f"save_pretrained wrote") from e
-    if not is_hub_id(model_id):
+    if not is_hub_id(source):
         raise UserError(f"--model_id={model_id}: no such folder (in {os.getcwd()}), nor an id of the form owner/name: "
                         f"give a local model folder or a Hugging Face id")
-    unreachable = hub_unreachable(model_id)
+    unreachable = hub_unreachable(source)
     try:
-        return load(model_id, local_files_only=unreachable is not None, **kwargs)
+        return load(source, local_files_only=unreachable is not None, **kwargs)
     except OSError as e:
         raise UserError(hub_failure(model_id, e, unreachable)) from e
 

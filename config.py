@@ -1,6 +1,7 @@
 """Every constant a user edits. Any script overrides one as --lowercase_name=value (a Python literal)."""
 
-MODEL_ID = "meta-llama/Llama-3.2-1B-Instruct"  # Hugging Face id or local folder of the frozen chat model
+MODEL_ID = "meta-llama/Llama-3.2-1B-Instruct"  # Hugging Face id, local folder or local .gguf file of the frozen chat model
+GGUF_FILE = None  # a .gguf file inside MODEL_ID (hub id or folder) to load, dequantized, instead of its safetensors
 DEVICE = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
 DTYPE = "auto"  # model weights: "auto" (bfloat16 on cuda, float32 on cpu), "bfloat16", "float16" or "float32"
 TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}  # extra chat-template variables: pins Llama 3's "Today Date" line, else it changes daily
@@ -17,7 +18,8 @@ PRIMER_POSITION = "system"  # where the primer goes: "system" message, "prefix" 
 PRIMER_INIT = "random"  # primer's start: "random" (embedding statistics, the reference), "vocab", "labels" or "text:<words>" (those tokens' embeddings)
 BATCH_SIZE = 6  # training reviews per optimizer step (the reference used 6)
 SCORE_BATCH_SIZE = 32  # test reviews per forward pass when scoring (no gradients, so larger fits)
-RATE_BY_EPOCH = [1e-4, 1e-5, 1e-6, 5e-7, 1e-7]  # Adam learning rate of each epoch; its length is the number of epochs
+RATE_BY_EPOCH = [3e-2, 1e-2, 3e-3]  # learning rate of each epoch (see RATE_SCALE); its length is the number of epochs
+RATE_SCALE = "embedding"  # RATE_BY_EPOCH in units of the embedding table's std ("embedding"; Adam moves every coordinate by about its rate, whatever the model's scale), or "absolute" (the reference's)
 GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: less memory for long reviews, about 1/3 slower
 SEED = 0  # seeds the data sample, the primer's initial vectors and the batch order
 CHECKPOINT_EVERY = 500  # training steps between checkpoints in the run folder (one is also saved at each epoch end)

@@ -5,6 +5,7 @@ import json
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Optional
 
 import numpy as np
 import torch
@@ -41,9 +42,9 @@ class Split:
         return Split(self.tokens[positions], offsets, labels, {**self.meta, "count": len(idx), "positives": int(labels.sum())})
 
 
-def load_tokenizer(model_id: str):
+def load_tokenizer(model_id: str, gguf_file: Optional[str] = None):
     from transformers import AutoTokenizer
-    return cli.from_hub(AutoTokenizer.from_pretrained, model_id)
+    return cli.from_hub(AutoTokenizer.from_pretrained, model_id, gguf_file)
 
 
 def vocab_fingerprint(tokenizer) -> str:
@@ -86,6 +87,13 @@ def balanced_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     for c in (0, 1):  # the larger label fills what the smaller cannot
         take[c] += min(len(by_label[c]) - small, limit - sum(take))
     return np.sort(np.concatenate([by_label[c][: take[c]] for c in (0, 1)]))
+
+
+def write_csv(path: str, labels: list[int], texts: list[str]) -> None:
+    """Reviews in the public Yelp polarity format (label "1" or "2" quoted, newlines as a literal \\n), atomically."""
+    with cli.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, quoting=csv.QUOTE_ALL, lineterminator="\n")
+        writer.writerows([str(label), text.replace("\n", "\\n")] for label, text in zip(labels, texts))
 
 
 def fetch_csvs(csv_dir: str) -> None:
@@ -175,4 +183,4 @@ def load_split(cfg: SimpleNamespace, tokenizer, split: str) -> Split:
 
 
 if __name__ == "__main__":
-    cli.main(lambda cfg: prepare(cfg, load_tokenizer(cfg.MODEL_ID)))
+    cli.main(lambda cfg: prepare(cfg, load_tokenizer(cfg.MODEL_ID, cfg.GGUF_FILE)))

@@ -17,15 +17,21 @@ from layouts import check_primer_position, make_layout
 
 
 def train_primer(task, layout, primer, run_dir: str) -> tuple[list[dict], str]:
-    """The primer alone trained on the label token's cross-entropy, validated after each epoch when VAL_LIMIT is set."""
+    """The primer alone trained on the label token's cross-entropy at rates in RATE_SCALE's unit, validated after each
+    epoch when VAL_LIMIT is set; a note when it barely moved."""
     evaluate = (lambda: scoring.score(task, layout, primer, task.val)) if task.val is not None else None
-    return training.train(task, {"primer": primer}, primers.loss_of(task, layout, primer), run_dir, evaluate)
+    start = primer.detach().clone()
+    log, status = training.train(task, {"primer": primer}, primers.loss_of(task, layout, primer), run_dir, evaluate,
+                                 rate_unit=primers.rate_unit(task))
+    primers.note_stall(log, primer.detach() - start, primers.embedding_std(task.model))
+    return log, status
 
 
 def run(cfg) -> None:
     if cfg.RESUME and os.path.exists(os.path.join(cfg.RESUME, "metrics.json")):
         raise cli.UserError(f"{cfg.RESUME} has finished: its scores are in {cfg.RESUME}/metrics.json and its row in the ledger")
     check_primer_position(cfg.PRIMER_POSITION, cfg.GRADIENT_CHECKPOINTING)  # before minutes of data prep and loading
+    primers.check_rate_scale(cfg.RATE_SCALE)
     task = runs.setup(cfg, with_train=cfg.PRIMER_PATH is None)
     if cfg.PRIMER_PATH:
         primer = primers.load_primer(cfg.PRIMER_PATH, task.model, cfg.PRIMER_POSITION)

@@ -10,6 +10,10 @@ import cli
 import frozen
 from layouts import Layout, assemble, encode
 
+RATE_SCALES = ("embedding", "absolute")  # the values RATE_SCALE may take (see rate_unit)
+STALL_MOVE = 0.1  # a primer that moved less than this many embedding stds per coordinate (RMS) barely trained
+STALL_LOSS = 0.9  # as did one whose loss ended above this share of where it started
+
 
 def init_primer(model: torch.nn.Module, length: int, seed: int) -> torch.Tensor:
     """Float32 [length, hidden] vectors with the embedding table's per-dimension mean and spread,
@@ -48,6 +52,35 @@ def primer_init_tokens(task, init: str, length: int, seed: int) -> torch.Tensor:
     else:
         raise cli.UserError(f"--primer_init={init!r} is not one of 'random', 'vocab', 'labels', 'text:<words>'")
     return torch.tensor(ids).repeat(-(-length // len(ids)))[:length]
+
+
+def check_rate_scale(scale: str) -> None:
+    if scale not in RATE_SCALES:
+        raise cli.UserError(f"--rate_scale={scale!r} is not one of {', '.join(RATE_SCALES)}")
+
+
+def embedding_std(model: torch.nn.Module) -> float:
+    """The std of the input embedding table's entries: the scale of a coordinate the primer's Adam steps move."""
+    return model.get_input_embeddings().weight.float().std().item()
+
+
+def rate_unit(task) -> float:
+    """What RATE_BY_EPOCH is counted in: the embedding table's std ("embedding": Adam moves every coordinate by
+    about its rate, whatever the model's scale), or 1 ("absolute", the reference's rates)."""
+    check_rate_scale(task.cfg.RATE_SCALE)
+    return embedding_std(task.model) if task.cfg.RATE_SCALE == "embedding" else 1.0
+
+
+def note_stall(log: list[dict], moved: torch.Tensor, std: float) -> None:
+    """One line when training barely moved the primer or left the loss where it started: the rates are too small."""
+    if not log:
+        return
+    tenth = max(1, len(log) // 10)
+    first, last = (sum(r["loss"] for r in part) / len(part) for part in (log[:tenth], log[-tenth:]))
+    rms = moved.float().pow(2).mean().sqrt().item() / std
+    if rms < STALL_MOVE or last > STALL_LOSS * first:
+        print(f"note: training barely changed the primer (it moved {rms:.2f} embedding stds per coordinate; loss "
+              f"{first:.3g} over the first and {last:.3g} over the last tenth of the steps): raise --rate_by_epoch", flush=True)
 
 
 def loss_of(task, layout: Layout, primer: torch.Tensor):

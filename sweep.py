@@ -29,12 +29,12 @@ import prompt_short
 # Each point: the script that runs it, and overrides (command-line names) on top of the sweep's own config. The
 # default is the reference table's primer rows, 4, 8 and 16 vectors under the one-epoch and the three-epoch
 # schedule, plus both text prompts.
-GRID = [{"script": "experiment", "primer_length": length, "rate_by_epoch": rates}
+GRID = [{"script": "experiment", "primer_length": length, "rate_by_epoch": rates, "rate_scale": "absolute"}
         for rates in ([1e-5], [1e-4, 1e-5, 1e-6]) for length in (4, 8, 16)]
 GRID += [{"script": "prompt_long"}, {"script": "prompt_short"}]
 
 IGNORED_KEYS = cli.RESUMABLE - {"DEVICE"}  # what a resume may change, but for the device (CPU and GPU differ)
-TRAINING_KEYS = {"TRAIN_LIMIT", "BATCH_SIZE", "PRIMER_LENGTH", "RATE_BY_EPOCH", "PRIMER_PATH", "PRIMER_POSITION",
+TRAINING_KEYS = {"TRAIN_LIMIT", "BATCH_SIZE", "PRIMER_LENGTH", "RATE_BY_EPOCH", "RATE_SCALE", "PRIMER_PATH", "PRIMER_POSITION",
                  "PRIMER_INIT", "VAL_LIMIT", "KEEP_BEST"}  # a text prompt uses none
 
 

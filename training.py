@@ -99,21 +99,24 @@ def load_checkpoint(run_dir: str, params: dict[str, torch.Tensor], optimizer: to
 
 
 def train(task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir: str,
-          evaluate: Optional[Callable[[], dict]] = None, script: str = "experiment.py") -> tuple[list[dict], str]:
-    """Adam on `params` alone, one epoch per RATE_BY_EPOCH entry over task.train, checkpointed in run_dir (and
-    resumed from it), `evaluate()` (a scores row on validation reviews) after each epoch; returns the loss log and
-    the status: "finished", or why training stopped early. Ctrl-C saves a checkpoint and says how to resume `script`."""
+          evaluate: Optional[Callable[[], dict]] = None, script: str = "experiment.py",
+          rate_unit: float = 1.0) -> tuple[list[dict], str]:
+    """Adam on `params` alone, one epoch per RATE_BY_EPOCH entry (times rate_unit) over task.train, checkpointed in
+    run_dir (and resumed from it), `evaluate()` (a scores row on validation reviews) after each epoch; returns the
+    loss log and the status: "finished", or why training stopped early. Ctrl-C saves a checkpoint and says how to
+    resume `script`."""
+    rates = [rate * rate_unit for rate in task.cfg.RATE_BY_EPOCH]
     for p in params.values():
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(list(params.values()), lr=task.cfg.RATE_BY_EPOCH[0])
+    optimizer = torch.optim.Adam(list(params.values()), lr=rates[0])
     progress = load_checkpoint(run_dir, params, optimizer)
     clock = time.perf_counter() - (progress.log[-1]["seconds"] if progress.log else 0.0)  # counts earlier sessions
     stop = []
     on_ctrl_c = lambda *_: stop.append(True)  # training stops between two steps, never inside one
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        while progress.epoch < len(task.cfg.RATE_BY_EPOCH):
-            status = train_epoch(task, params, loss_of, optimizer, progress, run_dir, clock, stop, script)
+        while progress.epoch < len(rates):
+            status = train_epoch(task, params, loss_of, optimizer, rates, progress, run_dir, clock, stop, script)
             if status:
                 keep_best(task, params, progress.validation)
                 return progress.log, status
@@ -134,13 +137,13 @@ def train(task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir: str,
 
 
 def train_epoch(task, params: dict[str, torch.Tensor], loss_of: LossOf, optimizer: torch.optim.Optimizer,
-                progress: Progress, run_dir: str, clock: float, stop: list, script: str) -> Optional[str]:
+                rates: list[float], progress: Progress, run_dir: str, clock: float, stop: list, script: str) -> Optional[str]:
     """The rest of progress.epoch, step by step; why training must stop early, or None."""
-    cfg, rate = task.cfg, task.cfg.RATE_BY_EPOCH[progress.epoch]
+    cfg, rate = task.cfg, rates[progress.epoch]
     for group in optimizer.param_groups:
         group["lr"] = rate
     batches = length_grouped_batches(task.train.lengths, cfg.BATCH_SIZE, cfg.SEED + progress.epoch)
-    bar = tqdm(batches[progress.batch:], desc=f"epoch {progress.epoch + 1}/{len(cfg.RATE_BY_EPOCH)} lr {rate:g}",
+    bar = tqdm(batches[progress.batch:], desc=f"epoch {progress.epoch + 1}/{len(rates)} lr {rate:.3g}",
                unit="batch", initial=progress.batch, total=len(batches), disable=not parallel.is_main())
     running, seen, start = None, 0, time.perf_counter()
     for idx in bar:

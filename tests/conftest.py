@@ -28,7 +28,8 @@ def overrides(tiny, out) -> list[str]:
     """Command-line overrides that point a script at the tiny model and CSVs, writing under `out`."""
     return [f"--model_id={tiny.model_dir}", f"--csv_dir={tiny.csv_dir}", f"--data_dir={out}/data",
             f"--results_dir={out}/results", "--device=cpu", "--train_limit=100", "--test_limit=60",
-            "--batch_size=10", "--primer_length=4", "--rate_by_epoch=[0.1, 0.1, 0.1]"]
+            "--batch_size=10", "--primer_length=4", "--rate_by_epoch=[0.1, 0.1, 0.1]",
+            "--rate_scale=absolute"]
 
 
 @pytest.fixture

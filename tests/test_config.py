@@ -68,3 +68,10 @@ def test_shell_args_read_back_as_the_same_config():
     assert line.startswith("'--csv_dir=my data' '--data_dir=") and " --model_id=a/b " in line  # quoted only where needed
     cfg = cli.configure(shlex.split(line))
     assert {k: getattr(cfg, k) for k in values} == values
+
+
+def test_a_gguf_model_id_is_loaded_as_folder_and_file():
+    assert cli.gguf_source("/m/SmolLM2.Q4_1.gguf", None) == ("/m", {"gguf_file": "SmolLM2.Q4_1.gguf"})
+    assert cli.gguf_source("SmolLM2.Q4_1.gguf", None) == (".", {"gguf_file": "SmolLM2.Q4_1.gguf"})
+    assert cli.gguf_source("org/model-GGUF", "model.Q8_0.gguf") == ("org/model-GGUF", {"gguf_file": "model.Q8_0.gguf"})
+    assert cli.gguf_source("org/model", None) == ("org/model", {})

@@ -147,3 +147,10 @@ def test_fetched_reviews_equal_the_public_csv_token_for_token(tiny, tmp_path, mo
         assert torch.equal(stored["fetched"][key], stored["public"][key])
     texts = data.read_csv(str(tmp_path / "fetched" / "train.csv"))[1]
     assert texts[:2] == ['Said "wow", then left.\n\nGreat!', "Caf\u00e9 na\u00efve \u2014 \u201csmart\u201d quotes, \u00fcber-bad."]
+
+
+def test_written_csvs_read_back_as_written(tmp_path):
+    texts = ['Said "wow", then left.\n\nGreat!', "plain, with a comma", "back\\slash"]
+    data.write_csv(str(tmp_path / "r.csv"), [2, 1, 2], texts)
+    labels, read, bad = data.read_csv(str(tmp_path / "r.csv"))
+    assert labels.tolist() == [1, 0, 1] and read == texts and bad == []

@@ -12,6 +12,7 @@ import runs
 import scoring
 import training
 import ledger
+import cli
 import prompt_short
 
 
@@ -177,3 +178,22 @@ def test_answers_are_read_from_float32_logits_in_a_bfloat16_model(task):
         logits = frozen.forward(model, ids, lengths, layout, None).logits[0, [one, two]]
     assert in_bf16[0] == in_bf16[1], "the case no longer ties in bfloat16: pick another magnitude"
     assert logits.dtype == torch.float32 and logits[1] > logits[0]
+
+
+def test_rates_are_in_embedding_stds_and_a_stalled_run_says_so(task, tmp_path, capsys):
+    layout = layouts.make_layout(task, None, primer_length=4)
+    for run in ("scaled", "stalled", "wrong"):
+        (tmp_path / run).mkdir()
+    task.cfg.RATE_BY_EPOCH, task.cfg.RATE_SCALE = [0.5], "embedding"
+    try:
+        log, _ = experiment.train_primer(task, layout, primers.init_primer(task.model, 4, seed=0), str(tmp_path / "scaled"))
+        assert [r["lr"] for r in log] == pytest.approx([0.5 * primers.embedding_std(task.model)] * 10)
+        capsys.readouterr()
+        task.cfg.RATE_BY_EPOCH = [0.0]
+        experiment.train_primer(task, layout, primers.init_primer(task.model, 4, seed=0), str(tmp_path / "stalled"))
+        assert "note: training barely changed the primer (it moved 0.00 embedding stds" in capsys.readouterr().out
+        task.cfg.RATE_SCALE = "relative"
+        with pytest.raises(cli.UserError, match="--rate_scale='relative' is not one of embedding, absolute"):
+            experiment.train_primer(task, layout, primers.init_primer(task.model, 4, seed=0), str(tmp_path / "wrong"))
+    finally:
+        task.cfg.RATE_BY_EPOCH, task.cfg.RATE_SCALE = [0.1, 0.1, 0.1], "absolute"
