@@ -42,7 +42,7 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
     assert ledger.loc[1, "correct"] == metrics["correct"] and ledger.loc[1, "restricted_correct"] == metrics["restricted_correct"]
     assert ledger.loc[0, "run_id"] == run_id and (ledger["total"] == 60).all()
     assert ledger.loc[2, "tokens"] > ledger.loc[3, "tokens"] > 4  # the long prompt is longer than the short one
-    assert len(os.listdir(results)) == 5  # four run folders and the ledger
+    assert len(os.listdir(results)) == 6  # four run folders, the ledger and its lock
     assert ledger["method"].tolist() == ["primer", "saved primer", "text prompt", "text prompt"]
     assert ledger["trainable_params"].tolist() == [4 * 64, 4 * 64, 0, 0]
     assert (ledger["status"] == "finished").all() and ledger.loc[0, "train_seconds"] > 0 and (ledger["score_seconds"] > 0).all()

@@ -187,7 +187,7 @@ SEAM_REVIEWS = ["Loved it!", "Fine food.", "Would I go back?", "So good!!", "meh
 @pytest.fixture(scope="module")
 def seam_task(tiny, tmp_path_factory):
     """A task whose tokenizer has Llama 3's split pattern and merges across the review's end, as a real one has."""
-    from conftest import build_tokenizer
+    from tiny import build_tokenizer
     endings = ["\n```\n\n# Classification", "\n```\n\n# Output", "\nAnswer:"]
     corpus = [r + e for r in SEAM_REVIEWS for e in endings] * 50 + [t for _, t in tiny.splits["train"]]
     tokenizer = build_tokenizer(corpus, str(tmp_path_factory.mktemp("seams")))
