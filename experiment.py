@@ -27,7 +27,7 @@ def run(cfg) -> None:
     start = time.perf_counter()
     log = None if cfg.PRIMER_PATH else harness.train(task, layout, primer, run_dir)
     train_seconds = time.perf_counter() - start  # this process's share when resumed
-    harness.record(task, "experiment", layout, {**harness.score(task, layout, primer), "train_seconds": train_seconds},
+    harness.record(task, "experiment", layout, {**harness.timed_score(task, layout, primer), "train_seconds": train_seconds},
                    primer, log, run_dir)
 
 

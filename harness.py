@@ -549,7 +549,7 @@ def score(task: Task, layout: Layout, primer: Optional[torch.Tensor], split: Opt
     label-restricted score (argmax over the two label tokens), their 95% Wilson intervals (_low, _high) and how
     often the answer is a label token at all, over split (the test split unless given). Under accelerate each
     process scores its share of the split and the counts are summed."""
-    split, start = task.test if split is None else split, time.perf_counter()
+    split = task.test if split is None else split
     order = split.lengths.argsort(descending=True)  # longest first, so a batch too big for memory fails at once
     batches = parallel.shard(order).split(task.cfg.SCORE_BATCH_SIZE)
     counts = sum((score_batch(task, layout, primer, idx, split) for idx in tqdm(batches, desc="score", unit="batch",
@@ -561,8 +561,13 @@ def score(task: Task, layout: Layout, primer: Optional[torch.Tensor], split: Opt
     restricted_low, restricted_high = wilson_interval(restricted, total)
     return {"correct": strict, "total": total, "score": strict / total, "restricted_correct": restricted,
             "restricted_score": restricted / total, "label_answer_share": answered / total, "score_low": score_low,
-            "score_high": score_high, "restricted_low": restricted_low, "restricted_high": restricted_high,
-            "score_seconds": time.perf_counter() - start}
+            "score_high": score_high, "restricted_low": restricted_low, "restricted_high": restricted_high}
+
+
+def timed_score(task: Task, layout: Layout, primer: Optional[torch.Tensor]) -> dict:
+    """score() on the test split, plus its wall time (score_seconds) for the run's metrics."""
+    start = time.perf_counter()
+    return {**score(task, layout, primer), "score_seconds": time.perf_counter() - start}
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -679,4 +684,4 @@ def score_text_prompt(cfg: SimpleNamespace, script: str, system: str, user: str)
     """Score a hand-written prompt (system message, and user message around {review}) and record it."""
     task = setup(cfg, with_train=False)
     layout = make_layout(task, system, user)
-    return record(task, script, layout, score(task, layout, None))
+    return record(task, script, layout, timed_score(task, layout, None))
