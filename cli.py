@@ -2,7 +2,6 @@
 import ast
 import contextlib
 import difflib
-import functools
 import io
 import json
 import os
@@ -17,8 +16,6 @@ import torch
 import config
 import parallel
 
-HUB_TIMEOUT = 10  # seconds to wait for huggingface.co's answer before calling it unreachable
-OFFLINE = "HF_HUB_OFFLINE is set"  # why the hub is not asked when the user turned it off
 
 
 # settings that cannot change a run's result, so a resumed run may take new values for them
@@ -190,101 +187,3 @@ def atomic_path(path: str) -> Iterator[str]:
     write leaves the previous file intact and never a half-written one."""
     yield path + ".tmp"
     os.replace(path + ".tmp", path)
-
-
-def gguf_source(model_id: str, gguf_file: Optional[str]) -> tuple[str, dict]:
-    """The folder or hub id to load from and the from_pretrained keywords that name its GGUF file, if any: a model_id
-    ending in .gguf is that file (transformers reads GGUF only through a folder plus a file name)."""
-    if model_id.endswith(".gguf"):
-        folder, gguf_file = os.path.split(model_id)
-        return folder or ".", {"gguf_file": gguf_file}
-    return model_id, {"gguf_file": gguf_file} if gguf_file else {}
-
-
-def from_hub(load: Callable, model_id: str, gguf_file: Optional[str] = None, **kwargs) -> Any:
-    """load(model_id, **kwargs) of a local folder, a local .gguf file or a Hugging Face hub id (GGUF as gguf_source
-    says). When it cannot load, one line says first what is wrong (no such folder or file, no network, offline mode,
-    an unknown id, a gated model) and what to do."""
-    source, gguf = gguf_source(model_id, gguf_file)
-    kwargs = {**gguf, **kwargs}
-    if model_id.endswith(".gguf") and not os.path.isfile(model_id):
-        raise UserError(f"--model_id={model_id}: no such file (in {os.getcwd()}): give a local .gguf file, or a folder "
-                        f"or hub id with --gguf_file")
-    if os.path.isdir(source):
-        try:
-            return load(source, **kwargs)
-        except (OSError, ValueError) as e:  # transformers raises either for a folder without the files it needs
-            raise UserError(f"the folder --model_id={model_id} holds no model ({first_line(e)}): give a folder that "
-                            f"save_pretrained wrote") from e
-    if not is_hub_id(source):
-        raise UserError(f"--model_id={model_id}: no such folder (in {os.getcwd()}), nor an id of the form owner/name: "
-                        f"give a local model folder or a Hugging Face id")
-    unreachable = hub_unreachable(source)
-    try:
-        return load(source, local_files_only=unreachable is not None, **kwargs)
-    except OSError as e:
-        raise UserError(hub_failure(model_id, e, unreachable)) from e
-
-
-def is_hub_id(model_id: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-    try:
-        validate_repo_id(model_id)
-    except HFValidationError:
-        return False
-    return True
-
-
-@functools.cache  # the tokenizer and the model come from the same place: ask once
-def hub_unreachable(model_id: str) -> Optional[str]:
-    """Why the hub cannot be asked for model_id now (offline mode, no network), or None when it can. One quick request
-    decides, where a download would retry for about 50 s before failing; an id the hub does not know is an error."""
-    from huggingface_hub import constants, model_info
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-    if constants.is_offline_mode():
-        return OFFLINE
-    try:
-        model_info(model_id, timeout=HUB_TIMEOUT)
-    except GatedRepoError:
-        return None  # the hub answered; the download says whether this machine may read it
-    except RepositoryNotFoundError as e:
-        raise UserError(not_on_hub(model_id)) from e
-    except HfHubHTTPError:
-        return None  # the hub answered; a download that fails says why
-    except Exception as e:  # no answer at all (no network, DNS, proxy, timeout), in the HTTP client's own error types
-        why = f"cannot reach {constants.ENDPOINT} ({type(e).__name__}: {first_line(e)})"
-        print(f"{why}: looking for {model_id} in the local Hugging Face cache only (HF_HUB_OFFLINE=1 skips this "
-              f"check)", flush=True)
-        return why
-    return None
-
-
-def hub_failure(model_id: str, error: OSError, unreachable: Optional[str]) -> str:
-    """One line on why hub id model_id did not load, led by what is wrong."""
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-    causes = []
-    while error is not None:
-        causes.append(error)
-        error = error.__cause__ or error.__context__
-    local = "set --model_id to a local model folder (python tiny.py builds a tiny one)"
-    if unreachable == OFFLINE:
-        return (f"{model_id} is neither a folder here nor in the local Hugging Face cache, and HF_HUB_OFFLINE is set: "
-                f"unset it to download the model, or {local}")
-    if unreachable:
-        return f"{unreachable}, and {model_id} is not in the local Hugging Face cache: connect to the network, or {local}"
-    if any(isinstance(e, GatedRepoError) for e in causes):
-        return (f"{model_id} is gated and this machine has no access: accept its license on "
-                f"https://huggingface.co/{model_id} and run `hf auth login`, or set --model_id to an ungated model "
-                f"(e.g. Qwen/Qwen2.5-0.5B-Instruct) or a local folder")
-    if any(isinstance(e, RepositoryNotFoundError) for e in causes):
-        return not_on_hub(model_id)
-    return f"cannot load {model_id} ({first_line(causes[0])}): check --model_id"
-
-
-def not_on_hub(model_id: str) -> str:
-    return (f"no folder {model_id} here and no model {model_id} on huggingface.co: check --model_id "
-            f"(a private model needs `hf auth login`)")
-
-
-def first_line(error: Exception) -> str:
-    return (str(error).splitlines() or [""])[0][:200]

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 import cli
+import hub
 
 SPLITS = ("train", "test")
 HF_DATASET = ("fancyzhx/yelp_polarity", "plain_text")  # the hub copy `datasets` fetches when the CSVs are absent
@@ -44,7 +45,7 @@ class Split:
 
 def load_tokenizer(model_id: str, gguf_file: Optional[str] = None):
     from transformers import AutoTokenizer
-    return cli.from_hub(AutoTokenizer.from_pretrained, model_id, gguf_file)
+    return hub.from_hub(AutoTokenizer.from_pretrained, model_id, gguf_file)
 
 
 def vocab_fingerprint(tokenizer) -> str:

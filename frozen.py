@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import cli
+import hub
 import parallel
 from layouts import Layout
 
@@ -55,7 +56,8 @@ def load_model(cfg: SimpleNamespace, device: torch.device) -> torch.nn.Module:
     """The frozen model: eval mode, no parameter ever requires a gradient."""
     from transformers import AutoModelForCausalLM
     dtype = resolve_dtype(cfg.DTYPE, device)
-    model = cli.from_hub(AutoModelForCausalLM.from_pretrained, cfg.MODEL_ID, dtype=dtype, attn_implementation="sdpa")
+    model = hub.from_hub(AutoModelForCausalLM.from_pretrained, cfg.MODEL_ID, cfg.GGUF_FILE, dtype=dtype,
+                         attn_implementation="sdpa")
     return freeze(model.to(device), cfg.GRADIENT_CHECKPOINTING)
 
 

@@ -40,7 +40,7 @@ class Task:
 def setup(cfg: SimpleNamespace, with_train: bool = True) -> Task:
     ledger.check(cfg.RESULTS_DIR)  # a damaged ledger is found before the work, not after it
     device = resolve_device(cfg.DEVICE)
-    tokenizer = data.load_tokenizer(cfg.MODEL_ID)
+    tokenizer = data.load_tokenizer(cfg.MODEL_ID, cfg.GGUF_FILE)
     labels = torch.tensor(label_token_ids(tokenizer, cfg.LABELS, answer_context(tokenizer, cfg.TEMPLATE_KWARGS)), device=device)
     with parallel.local_main_first():  # under accelerate one process per machine prepares missing data
         train, val = hold_out(data.load_split(cfg, tokenizer, "train"), cfg) if with_train else (None, None)

@@ -45,7 +45,7 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
     assert len(os.listdir(results)) == 6  # four run folders, the ledger and its lock
     assert ledger["method"].tolist() == ["primer", "saved primer", "text prompt", "text prompt"]
     assert ledger["trainable_params"].tolist() == [4 * 64, 4 * 64, 0, 0]
-    assert (ledger["status"] == "finished").all() and ledger.loc[0, "train_seconds"] > 0 and (ledger["score_seconds"] > 0).all()
+    assert (ledger["status"] == "finished").all() and ledger.loc[0, "train_seconds"] > 0 and (ledger["score_seconds"] >= 0).all()
     assert ledger.loc[1, "train_seconds"] == 0 and ledger["seed"].dtype == int
 
     again = run_script("experiment.py", f"--resume={run}")

@@ -10,7 +10,6 @@ import layouts
 import primers
 import runs
 import scoring
-import training
 import ledger
 import cli
 import prompt_short

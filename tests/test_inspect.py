@@ -12,7 +12,6 @@ import runs
 import scoring
 import ledger
 import inspect_primer
-import sweep
 from conftest import run_script
 
 WORDS = [" great", " awful", " food"]  # one token each in the tiny vocabulary

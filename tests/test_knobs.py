@@ -13,7 +13,6 @@ import layouts
 import primers
 import runs
 import scoring
-import training
 import ledger
 from conftest import overrides, run_script
 

@@ -3,7 +3,6 @@ import json
 import os
 import shutil
 
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F

@@ -24,7 +24,7 @@ for i in range(rows):
 
 
 def test_concurrent_runs_get_their_own_folders_and_keep_every_row(tmp_path):
-    processes, rows = 6, 30
+    processes, rows = 4, 30
     start_at = time.time() + 6  # after every process has imported torch, so all start in the same second
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(start_at), str(rows)], cwd=ROOT)
              for _ in range(processes)]
