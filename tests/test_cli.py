@@ -5,6 +5,9 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
+import cli
+import compare
+import experiment
 from conftest import overrides, run_script
 
 
@@ -48,9 +51,8 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
     assert (ledger["status"] == "finished").all() and ledger.loc[0, "train_seconds"] > 0 and (ledger["score_seconds"] >= 0).all()
     assert ledger.loc[1, "train_seconds"] == 0 and ledger["seed"].dtype == int
 
-    again = run_script("experiment.py", f"--resume={run}")
-    assert again.returncode == 1 and again.stderr.strip().splitlines()[-1] == (
-        f"error: {run} has finished: its scores are in {run}/metrics.json and its row in the ledger")
+    with pytest.raises(cli.UserError, match=f"^{run} has finished: its scores are in {run}/metrics.json and its row in the ledger$"):
+        experiment.run(cli.configure([f"--resume={run}"]))
     assert len(pd.read_csv(results / "results.csv")) == 4
 
     environment = json.loads((run / "environment.json").read_text())
@@ -68,12 +70,11 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
     only_a, only_b = int((restricted & ~other_restricted).sum()), int((other_restricted & ~restricted).sum())
     assert (f"| label-restricted | {100 * metrics['restricted_score']:.1f}% ({metrics['restricted_correct']}) "
             f"| {100 * ledger.loc[2, 'restricted_score']:.1f}% ({ledger.loc[2, 'restricted_correct']}) | {only_a} | {only_b} | ") in compared.stdout
-    refused = run_script("compare.py", str(run), str(tmp_path))
-    assert refused.returncode == 1 and refused.stderr.strip() == f"error: {tmp_path} has no predictions.safetensors: give the folder of a finished run"
+    with pytest.raises(SystemExit, match=f"^error: {tmp_path} has no predictions.safetensors: give the folder of a finished run$"):
+        compare.main([str(run), str(tmp_path)])
 
 
 def test_mcnemar_exact_known_values():
-    import compare
     assert compare.mcnemar_exact(10, 2) == pytest.approx(0.0385742, rel=1e-5)  # 2 * P(X <= 2), X ~ Bin(12, 1/2)
     assert compare.mcnemar_exact(3, 3) == 1.0 and compare.mcnemar_exact(0, 0) == 1.0
     assert compare.mcnemar_exact(0, 20) == pytest.approx(2 / 2 ** 20)

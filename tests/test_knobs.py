@@ -75,11 +75,10 @@ def test_bad_primer_init_is_refused(task, init, message):
 
 
 @pytest.mark.parametrize("init", ["vocab", "labels", TEXT])
-def test_each_primer_init_runs_through_the_command_line(tiny, tmp_path_factory, task, init):
+def test_each_primer_init_is_where_a_run_starts(tiny, tmp_path_factory, task, init):
     """At learning rate 0 Adam leaves the primer as it started, so the saved primer is the initial one."""
     out = tmp_path_factory.getbasetemp() / "knob_inits"  # one data folder for the three runs
-    result = run_script("experiment.py", *overrides(tiny, out), *TINY_RUN, "--rate_by_epoch=[0.0]", f"--primer_init={init}")
-    assert result.returncode == 0, result.stderr
+    experiment.run(cli.configure([*overrides(tiny, out), *TINY_RUN, "--rate_by_epoch=[0.0]", f"--primer_init={init}"]))
     run = out / "results" / pd.read_csv(out / "results" / "results.csv")["run_id"].iloc[-1]
     assert json.loads((run / "config.json").read_text())["primer_init"] == init
     assert torch.equal(load_file(str(run / "primer.safetensors"))["primer"], primers.initial_primer(task, init, 4, 0))

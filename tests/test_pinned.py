@@ -5,7 +5,9 @@ import pytest
 
 from safetensors.torch import load_file
 
-from conftest import overrides, run_script
+import cli
+import experiment
+from conftest import overrides
 
 RUN = ["--train_limit=40", "--test_limit=20", "--val_limit=10", "--keep_best=True", "--rate_by_epoch=[0.1, 0.05]"]
 # from commit 889246d on a 2-core x86-64 CPU, float32; bitwise there, compared to 1e-5 so another CPU's rounding passes
@@ -14,8 +16,7 @@ PINNED = {"sum": 1.5616769145708531, "abs_sum": 66.66170649114065, "first": -0.2
 
 
 def test_small_primer_run_gives_the_pinned_result(tiny, tmp_path):
-    result = run_script("experiment.py", *overrides(tiny, tmp_path), *RUN)
-    assert result.returncode == 0, result.stderr
+    experiment.run(cli.configure([*overrides(tiny, tmp_path), *RUN]))  # what python experiment.py runs
     (run,) = (tmp_path / "results").glob("*-experiment")
     primer = load_file(str(run / "primer.safetensors"))["primer"].double()
     metrics = json.loads((run / "metrics.json").read_text())

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, overrides, run_script
 
-SLOW = ["--batch_size=2", "--checkpoint_every=5", "--rate_by_epoch=[0.1, 0.1, 0.1, 0.1]"]  # 160 steps
+SLOW = ["--batch_size=4", "--checkpoint_every=5", "--rate_by_epoch=[0.1, 0.1, 0.1, 0.1]"]  # 80 steps
 VALIDATED = ["--val_limit=20", "--keep_best=True"]  # 20 of the 100 reviews scored after each epoch, the best primer kept
 
 
