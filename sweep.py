@@ -44,11 +44,12 @@ def text_prompt(module) -> Callable[[SimpleNamespace], str]:
 
 
 SCRIPTS = {"experiment": experiment.run, "prompt_long": text_prompt(prompt_long), "prompt_short": text_prompt(prompt_short)}
+EXTRAS = {}  # a script's own constants (what its cli.main takes as extra), which its grid points may set
 
 
-def point_config(cfg: SimpleNamespace, overrides: dict) -> SimpleNamespace:
-    """cfg with a grid point's overrides on top, checked like command-line ones."""
-    return cli.configure(cli.as_args(vars(cfg)) + cli.as_args(overrides))
+def point_config(cfg: SimpleNamespace, overrides: dict, script: str = "experiment") -> SimpleNamespace:
+    """cfg with a grid point's overrides on top, checked like command-line ones (a script's own constants too)."""
+    return cli.configure(cli.as_args(vars(cfg)) + cli.as_args(overrides), EXTRAS.get(script))
 
 
 def result_key(script: str, config: dict) -> str:
@@ -78,7 +79,7 @@ def sweep(cfg: SimpleNamespace, grid: list[dict]) -> tuple[list[dict], list[str]
     if unknown:
         raise cli.UserError(f"grid scripts {unknown} are not among {sorted(SCRIPTS)}")
     points = [(p["script"], {k: v for k, v in p.items() if k != "script"}) for p in grid]
-    configs = [point_config(cfg, overrides) for _, overrides in points]  # every point checked before any runs
+    configs = [point_config(cfg, overrides, script) for script, overrides in points]  # every point checked before any runs
     rows, failed = [], []
     for i, ((script, overrides), point_cfg) in enumerate(zip(points, configs), 1):
         name = " ".join([script] + cli.as_args(overrides))

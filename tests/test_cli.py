@@ -8,10 +8,12 @@ from safetensors.torch import load_file
 import cli
 import compare
 import experiment
+import prompt_short
+import runs
 from conftest import overrides, run_script
 
 
-def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, tmp_path):
+def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, tmp_path, capsys):
     args = overrides(tiny, tmp_path)
     trained = run_script("experiment.py", *args)  # no prep first: the data is prepared on the way
     assert trained.returncode == 0, trained.stderr
@@ -33,12 +35,10 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
     losses = pd.read_csv(run / "losses.csv")
     assert len(losses) == 30 and losses["epoch"].max() == 3
 
-    rescored = run_script("experiment.py", *args, f"--primer_path={run}/primer.safetensors")
-    assert rescored.returncode == 0, rescored.stderr
-    assert "epoch" not in rescored.stderr  # no training
-    for script in ("prompt_long.py", "prompt_short.py"):
-        result = run_script(script, *args)
-        assert result.returncode == 0, result.stderr
+    experiment.run(cli.configure([*args, f"--primer_path={run}/primer.safetensors"]))  # the rest as the scripts run it
+    assert "epoch" not in capsys.readouterr().err  # no training
+    assert run_script("prompt_long.py", *args).returncode == 0
+    runs.score_text_prompt(cli.configure(args), "prompt_short", prompt_short.SYSTEM, prompt_short.USER)
 
     ledger = pd.read_csv(results / "results.csv")
     assert ledger["script"].tolist() == ["experiment", "experiment", "prompt_long", "prompt_short"]

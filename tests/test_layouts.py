@@ -162,18 +162,23 @@ def test_labels_are_tokenized_where_the_answer_goes(tiny, models, tmp_path):
         layouts.label_token_ids(task.tokenizer, ["great", "bad"], "Sentiment: ")  # " great" is one token
 
 
-def test_positions_and_any_model_through_the_command_line(tiny, models, tmp_path):
-    runs = {"prefix": [], "suffix": [f"--model_id={models['plain']}"], "system": [f"--model_id={models['mistral']}"]}
-    for position, extra in runs.items():
+def test_positions_and_any_model_through_the_command_line(tiny, models, tmp_path, capsys):
+    cases = {"prefix": [], "suffix": [f"--model_id={models['plain']}"], "system": [f"--model_id={models['mistral']}"]}
+    for position, extra in cases.items():
         out = tmp_path / position
-        result = run_script("experiment.py", *overrides(tiny, out), *SHORT_RUN, f"--primer_position={position}", *extra)
-        assert result.returncode == 0, result.stderr
-        assert "| Run | Method | Train reviews | Params | Tokens |" in result.stdout
-        assert "-experiment | primer | 40 | 256 | 4 |" in result.stdout
+        args = [*overrides(tiny, out), *SHORT_RUN, f"--primer_position={position}", *extra]
+        if position == "prefix":  # one through the command line, the others as it runs them
+            stdout = run_script("experiment.py", *args).stdout
+        else:
+            layouts.say_once.cache_clear()
+            experiment.run(cli.configure(args))
+            stdout = capsys.readouterr().out
+        assert "| Run | Method | Train reviews | Params | Tokens |" in stdout
+        assert "-experiment | primer | 40 | 256 | 4 |" in stdout
         (run,) = [d for d in os.listdir(out / "results") if d.endswith("experiment")]
         assert json.loads((out / "results" / run / "config.json").read_text())["primer_position"] == position
         note = "the system content or primer goes at the start of the user turn" if position == "system" else "has no chat template"
-        assert (note in result.stdout) == (position != "prefix")
+        assert (note in stdout) == (position != "prefix")
     wrong = cli.configure(overrides(tiny, tmp_path / "wrong") + ["--primer_position=middle"])
     with pytest.raises(cli.UserError, match="--primer_position='middle' is not one of system, prefix, suffix"):
         experiment.run(wrong)

@@ -9,6 +9,7 @@ import scoring
 import training
 import ledger
 import plots
+import runs
 import sweep
 from conftest import overrides, run_script
 
@@ -146,3 +147,17 @@ def test_losses_figure_marks_each_runs_epoch_boundaries(tmp_path, monkeypatch):
     marks = [(line.get_xdata()[0], line.get_color()) for line in fig.axes[0].lines if line.get_linestyle() == ":"]
     assert marks == [(5.5, curves[0].get_color()), (10.5, curves[0].get_color()),
                      (3.5, curves[1].get_color()), (6.5, curves[1].get_color())]
+
+
+def test_a_scripts_own_constants_reach_its_grid_points_and_their_runs(tiny, tmp_path, monkeypatch):
+    def probe(cfg):  # a method script with a constant of its own, LAYER, that records a run
+        run_dir = runs.start_run(cfg, "probe")
+        ledger.append(cfg.RESULTS_DIR, {"run_id": os.path.basename(run_dir), "script": "probe", "status": "finished"})
+    monkeypatch.setitem(sweep.SCRIPTS, "probe", probe)
+    monkeypatch.setitem(sweep.EXTRAS, "probe", {"LAYER": 8})
+    cfg = cli.configure(overrides(tiny, tmp_path))
+    grid = [{"script": "probe", "layer": 3}, {"script": "probe"}]
+    rows, failed = sweep.sweep(cfg, grid)
+    assert not failed and [cli.read_json(str(tmp_path / "results" / r["run_id"] / "config.json"))["layer"] for r in rows] == [3, 8]
+    assert sweep.sweep(cfg, grid)[0] == rows  # both found in the ledger by their own constant: nothing runs again
+    assert len(ledger.rows(cfg.RESULTS_DIR)) == 2
