@@ -37,7 +37,7 @@ def test_two_point_sweep_plots_and_then_skips_what_is_done(tiny, tmp_path, monke
     assert first["script"].tolist() == ["experiment"] * 2 and first["tokens"].tolist() == [2, 4]
     assert (first["samples"] == 100).all() and (first["method"] == "primer").all()
     table = out[out.rindex("| Run |"):]  # the combined table printed last
-    assert table.count("-experiment | primer | 100 | ") == 2
+    assert table.count(" | primer | 100 | ") == 2
     for name in ("scores.png", "losses.png", *(f"{run}/loss.png" for run in first["run_id"])):
         assert_png(tmp_path / "results" / name)
 
