@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 import cli
 import frozen
+import parallel
 from layouts import Layout, assemble, encode
 
 RATE_SCALES = ("embedding", "absolute")  # the values RATE_SCALE may take (see rate_unit)
@@ -95,6 +96,7 @@ def loss_of(task, layout: Layout, primer: torch.Tensor):
     return shard_loss
 
 
+@parallel.main_writes  # every process holds the same primer; two writing one file would race
 def save_primer(run_dir: str, primer: torch.Tensor, model_id: str, position: str) -> None:
     with cli.atomic_path(os.path.join(run_dir, "primer.safetensors")) as tmp:
         save_file({"primer": primer.detach().float().cpu().contiguous()}, tmp,
