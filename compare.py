@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 import cli
+import scoring
 
 SAME_SPLIT_KEYS = ("csv_dir", "test_limit", "seed", "labels")  # these choose the test reviews and their answers
 
@@ -29,9 +30,7 @@ def load_run(run_dir: str) -> tuple[dict, dict]:
 
 def correctness(predictions: dict) -> dict[str, torch.Tensor]:
     """Per review, right or wrong by the strict metric and by the label-restricted one."""
-    truth = predictions["label"]
-    return {"score": predictions["answer"] == predictions["label_ids"][truth],
-            "label-restricted": predictions["logprobs"].argmax(-1) == truth}
+    return dict(zip(("score", "label-restricted"), scoring.right(predictions["label_ids"], predictions)))
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:

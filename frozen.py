@@ -93,16 +93,18 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, la
     positions = torch.arange(ids.shape[1], device=ids.device)
     mask = (positions < lengths[:, None]).long()
     rows = torch.arange(len(ids), device=ids.device)
-    review = (positions >= len(layout.prefix)) & (positions < (lengths - len(layout.suffix))[:, None])
     states = {}
     with hooks(model, steer, positions >= (lengths - len(layout.suffix))[:, None], layers, states):
         hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=positions.expand_as(ids),
                                      use_cache=False).last_hidden_state
+    logits = float32_logits(model, hidden[rows, lengths - 1])
     if 0 in layers:
         states[0] = embeds
+    if not states:
+        return Output(logits)
+    review = (positions >= len(layout.prefix)) & (positions < (lengths - len(layout.suffix))[:, None])
     weights = review.float() / review.sum(1, keepdim=True)
-    return Output(float32_logits(model, hidden[rows, lengths - 1]),
-                  {l: h[rows, lengths - 1].float() for l, h in states.items()},
+    return Output(logits, {l: h[rows, lengths - 1].float() for l, h in states.items()},
                   {l: torch.einsum("bt,bth->bh", weights, h.float()) for l, h in states.items()})
 
 

@@ -39,15 +39,20 @@ def predict(task, layout: Layout, primer: Optional[torch.Tensor] = None, split: 
             "logprobs": parallel.sum_across(logprobs).cpu(), "seconds": time.perf_counter() - start}
 
 
+def right(label_ids: torch.Tensor, predictions: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per review: right by the strict metric (its label token is the argmax over the vocabulary), and right by the
+    label-restricted one (the right label's log-probability is the larger)."""
+    truth = predictions["label"]
+    return predictions["answer"] == label_ids.cpu()[truth], predictions["logprobs"].argmax(-1) == truth
+
+
 def metrics(label_ids: torch.Tensor, predictions: dict) -> dict:
     """Strict score (the label token is the argmax over the whole vocabulary, the reference's metric), the
     label-restricted score (the right label's log-probability is the larger), their 95% Wilson intervals (_low,
     _high), and how often the answer is a label token at all."""
-    label_ids, truth = label_ids.cpu(), predictions["label"]
-    strict = int((predictions["answer"] == label_ids[truth]).sum())
-    restricted = int((predictions["logprobs"].argmax(-1) == truth).sum())
-    answered = int(torch.isin(predictions["answer"], label_ids).sum())
-    total = len(truth)
+    strict, restricted = (int(r.sum()) for r in right(label_ids, predictions))
+    answered = int(torch.isin(predictions["answer"], label_ids.cpu()).sum())
+    total = len(predictions["label"])
     score_low, score_high = wilson_interval(strict, total)
     restricted_low, restricted_high = wilson_interval(restricted, total)
     return {"correct": strict, "total": total, "score": strict / total, "restricted_correct": restricted,

@@ -6,7 +6,6 @@ then trains and scores a primer on them with the command it prints (the README's
 are random, so its scores say nothing about primers: this checks an install, end to end. The tests build the same
 model and CSVs (tests/conftest.py imports this file).
 """
-import csv
 import os
 import random
 import sys
@@ -39,13 +38,6 @@ def make_review(rng: random.Random, positive: bool) -> str:
     return text
 
 
-def write_yelp_csv(path: str, rows: list[tuple[int, str]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, quoting=csv.QUOTE_ALL, lineterminator="\n")
-        for label, text in rows:
-            writer.writerow([str(label), text.replace("\n", "\\n")])
-
-
 def build_tokenizer(corpus: list[str], path: str):
     """A byte-level BPE tokenizer trained on corpus, with Llama 3's special tokens, split and a chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -69,11 +61,13 @@ def build(root: str) -> dict[str, list[tuple[int, str]]]:
     tokenizer trained on those reviews, saved like a real model; returns each split's (label, review) rows."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import data
     rng = random.Random(0)
     splits = {name: [(1 + i % 2, make_review(rng, i % 2 == 1)) for i in range(n)] for name, n in REVIEWS.items()}
     os.makedirs(os.path.join(root, "csv"), exist_ok=True)
     for name, rows in splits.items():
-        write_yelp_csv(os.path.join(root, "csv", f"{name}.csv"), rows)
+        data.write_csv(os.path.join(root, "csv", f"{name}.csv"), *zip(*rows))
     model_dir = os.path.join(root, "model")
     tok = build_tokenizer([text for rows in splits.values() for _, text in rows], model_dir)
     torch.manual_seed(0)

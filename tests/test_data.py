@@ -9,13 +9,12 @@ import torch
 import cli
 import data
 from conftest import overrides, run_script
-from tiny import write_yelp_csv
 
 
 def test_csv_quirks_are_decoded(tmp_path):
     path = tmp_path / "quirks.csv"
     good = [(2, 'Said "wow", then left.\n\nGreat!')] * 120
-    write_yelp_csv(str(path), good)
+    data.write_csv(str(path), *zip(*good))
     raw = path.read_text(encoding="utf-8")
     assert '\\n\\nGreat' in raw and '""wow""' in raw  # the public format's escapes are really in the file
     path.write_text("\ufeff" + raw + '"3","a third label"\n', encoding="utf-8")  # a byte-order mark and one bad row
