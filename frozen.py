@@ -2,7 +2,7 @@
 import contextlib
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -93,25 +93,25 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, la
     positions = torch.arange(ids.shape[1], device=ids.device)
     mask = (positions < lengths[:, None]).long()
     rows = torch.arange(len(ids), device=ids.device)
-    states = {}
-    with hooks(model, steer, positions >= (lengths - len(layout.suffix))[:, None], layers, states):
-        hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=positions.expand_as(ids),
-                                     use_cache=False).last_hidden_state
-    logits = float32_logits(model, hidden[rows, lengths - 1])
-    if 0 in layers:
-        states[0] = embeds
-    if not states:
-        return Output(logits)
     review = (positions >= len(layout.prefix)) & (positions < (lengths - len(layout.suffix))[:, None])
     weights = review.float() / review.sum(1, keepdim=True)
-    return Output(logits, {l: h[rows, lengths - 1].float() for l, h in states.items()},
-                  {l: torch.einsum("bt,bth->bh", weights, h.float()) for l, h in states.items()})
+    last, mean = {}, {}
+
+    def keep(layer: int, hidden: torch.Tensor) -> None:  # pooled as the layer runs: no [B, T, hidden] kept per layer
+        last[layer] = hidden[rows, lengths - 1].float()
+        mean[layer] = torch.einsum("bt,bth->bh", weights, hidden.float())
+    if 0 in layers:
+        keep(0, embeds)
+    with hooks(model, steer, positions >= (lengths - len(layout.suffix))[:, None], layers, keep):
+        hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=positions.expand_as(ids),
+                                     use_cache=False).last_hidden_state
+    return Output(float32_logits(model, hidden[rows, lengths - 1]), last, mean)
 
 
 @contextlib.contextmanager
 def hooks(model: torch.nn.Module, steer: Optional[Steer], after_review: torch.Tensor, layers: tuple[int, ...],
-          states: dict) -> Iterator[None]:
-    """Forward hooks on the decoder layers that add `steer` to their outputs and keep the outputs of `layers`."""
+          keep: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+    """Forward hooks on the decoder layers that add `steer` to their outputs and hand those of `layers` to keep."""
     blocks = model.get_decoder().layers
     handles = []
     for number in range(1, len(blocks) + 1):
@@ -125,7 +125,7 @@ def hooks(model: torch.nn.Module, steer: Optional[Steer], after_review: torch.Te
                 where = after_review if steer.after_review else torch.ones_like(after_review)
                 hidden = hidden + steer.coefficient * where[:, :, None] * steer.vector.to(hidden.dtype)
             if number in layers:
-                states[number] = hidden
+                keep(number, hidden)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
         handles.append(blocks[number - 1].register_forward_hook(hook))
     try:

@@ -1,4 +1,4 @@
-"""The sweep's figures, as PNG files: test scores against primer length, and training loss against step."""
+"""The figures, as PNG files: test scores against primer length, training loss against step, probes against layer."""
 import os
 
 import matplotlib
@@ -9,6 +9,7 @@ from matplotlib.ticker import StrMethodFormatter  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import cli  # noqa: E402
+import ledger  # noqa: E402
 
 SMOOTH_POINTS = 50  # a loss curve is averaged over windows of 1/SMOOTH_POINTS of its steps: batches of 6 are noisy
 
@@ -92,3 +93,27 @@ def losses_plot(rows: list[dict], results_dir: str, path: str) -> str:
     if ax.lines:
         ax.legend(fontsize=8)
     return save(fig, path)
+
+
+def probe_layers(results_dir: str, model_id: str, run_dir: str) -> str:
+    """Validation accuracy of the best probe at each layer, one line per pooling and condition (the latest probe run
+    of each condition and probe kind for model_id), with the latest test score of each text prompt and primer run
+    of that model as horizontal lines."""
+    tables = {}
+    for run in sorted(os.listdir(results_dir)):  # run folders are named by their start time: later ones win
+        layers = os.path.join(results_dir, run, "probe_layers.csv")
+        if os.path.exists(layers) and cli.read_json(os.path.join(results_dir, run, "config.json"))["model_id"] == model_id:
+            table = pd.read_csv(layers)
+            tables[table["condition"][0], table["probe"][0]] = table
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for (condition, probe), table in tables.items():
+        for pooling, rows in table.groupby("pooling"):
+            ax.plot(rows["layer"], 100 * rows["val_score"], marker=".", label=f"{probe} probe, {condition}, {pooling}")
+    latest = {r["script"]: r for r in ledger.rows(results_dir) if r["model_id"] == model_id and r["script"] != "probe"}
+    probes = len(ax.lines)
+    for i, (script, r) in enumerate(sorted(latest.items())):
+        ax.axhline(100 * float(r["score"]), color=f"C{probes + i}", ls="--", label=f"{script} test score ({r['method']})")
+    ax.set(xlabel="layer (0: embeddings)", ylabel="validation reviews right (%)", ylim=(40, 100),
+           title=f"Linear readout of the label, layer by layer: {os.path.basename(model_id)}")
+    ax.legend(fontsize=7)
+    return save(fig, os.path.join(run_dir, "probe_layers.png"))

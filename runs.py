@@ -88,16 +88,19 @@ def start_run(cfg: SimpleNamespace, script: str) -> str:
 
 
 def record(task: Task, script: str, method: str, prompt_tokens: int, predictions: dict, run_dir: Optional[str] = None,
-           log: Optional[list[dict]] = None, trainable_params: int = 0, status: str = "finished") -> dict:
+           log: Optional[list[dict]] = None, trainable_params: int = 0, status: str = "finished",
+           samples: Optional[int] = None, train_seconds: Optional[float] = None) -> dict:
     """Write the run folder (metrics, per-review predictions, environment, loss log) and append its row to the
-    results.csv ledger; prints and returns the row. A method saves its own artifacts in run_dir first."""
+    results.csv ledger; prints and returns the row. A method saves its own artifacts in run_dir first. Samples and
+    train seconds come from the training split and the loss log unless given."""
     cfg = task.cfg
     run_dir = run_dir or start_run(cfg, script)
     row = {"run_id": os.path.basename(run_dir), "method": method, "script": script, "status": status,
-           "model_id": cfg.MODEL_ID, "samples": len(task.train) if log is not None else 0,
+           "model_id": cfg.MODEL_ID, "samples": samples if samples is not None else len(task.train) if log is not None else 0,
            "trainable_params": trainable_params, "tokens": prompt_tokens, **scoring.metrics(task.label_ids, predictions),
            "seed": cfg.SEED, "best_epoch": best_epoch(run_dir),
-           "train_seconds": round(log[-1]["seconds"], 1) if log else 0.0, "score_seconds": round(predictions["seconds"], 1)}
+           "train_seconds": round(train_seconds if train_seconds is not None else log[-1]["seconds"] if log else 0.0, 1),
+           "score_seconds": round(predictions["seconds"], 1)}
     if not parallel.is_main():
         return row  # under accelerate the main process alone writes the run folder and the ledger
     write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(row, indent=2))

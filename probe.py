@@ -1,0 +1,159 @@
+"""How well can sentiment be read out of the frozen model's activations, layer by layer? Linear probes, and the ceiling
+they set for every method that makes the model *say* the label.
+
+    python probe.py                                   # the review alone: every layer, last position and mean-pooled
+    python probe.py --condition=long                  # the review inside prompt_long.py's prompt ("short" likewise)
+    python probe.py --condition=primer --primer_path=results/<run id>/primer.safetensors
+    python probe.py --probe=mlp                       # one hidden layer instead of logistic regression
+
+Features are one forward pass per review, kept in the run folder (features-train/val/test.safetensors) and reused by
+any later run of the same model, layout and reviews. The layer, pooling and regularization are chosen on VAL_LIMIT
+validation reviews held out of training; the test split is read once, at the chosen layer, to score that probe.
+"""
+import os
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+from sklearn.linear_model import LogisticRegression
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+import activations
+import cli
+import data
+import plots
+import primers
+import prompt_long
+import prompt_short
+import runs
+import scoring
+from layouts import make_layout
+
+CONDITION = "none"  # the prompt around the review: "none" (the review alone), "short", "long" (those scripts' prompts), "primer" (PRIMER_PATH)
+POOLING = "both"  # "last" (hidden state where the answer is predicted), "mean" (over the review's tokens) or "both"
+PROBE = "linear"  # "linear" (logistic regression) or "mlp" (one hidden layer of PROBE_HIDDEN units)
+PROBE_TRAIN = 5600  # training reviews the probes are fit on: a seeded, label-balanced sample of those left after VAL_LIMIT
+VAL_LIMIT = 1000  # (config.py has 0) reviews held out of training, on which C, layer and pooling are chosen
+PROBE_C = [1e-3, 1e-2, 1e-1, 1.0]  # inverse L2 strengths tried at each layer and pooling ("mlp": its alpha is 1/C)
+PROBE_HIDDEN = 256  # hidden units of the "mlp" probe
+SETTINGS = {name: value for name, value in dict(globals()).items() if name.isupper()}  # this script's own, for cli
+PROMPTS = {"short": prompt_short, "long": prompt_long}
+
+
+def check(cfg) -> None:
+    """One-line errors for settings that cannot work, before the model loads."""
+    if cfg.CONDITION not in ("none", "short", "long", "primer"):
+        raise cli.UserError(f"--condition={cfg.CONDITION!r} is not one of none, short, long, primer")
+    if cfg.CONDITION == "primer" and not cfg.PRIMER_PATH:
+        raise cli.UserError("--condition=primer needs --primer_path=results/<run id>/primer.safetensors")
+    if cfg.POOLING not in ("last", "mean", "both"):
+        raise cli.UserError(f"--pooling={cfg.POOLING!r} is not one of last, mean, both")
+    if cfg.PROBE not in ("linear", "mlp"):
+        raise cli.UserError(f"--probe={cfg.PROBE!r} is not one of linear, mlp")
+    if not cfg.VAL_LIMIT:
+        raise cli.UserError("a probe's layer and regularization are chosen on validation reviews: set --val_limit (e.g. 1000)")
+    if min(cfg.PROBE_C) <= 0 or cfg.PROBE_HIDDEN < 1:
+        raise cli.UserError(f"--probe_c={cfg.PROBE_C} must all be positive and --probe_hidden={cfg.PROBE_HIDDEN} at least 1")
+
+
+def condition_layout(task):
+    """The layout of CONDITION, and the primer in it (None for text prompts)."""
+    cfg = task.cfg
+    if cfg.CONDITION == "primer":
+        primer = primers.load_primer(cfg.PRIMER_PATH, task.model, cfg.PRIMER_POSITION)
+        return make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION), primer
+    if cfg.CONDITION == "none":
+        return make_layout(task, None), None
+    return make_layout(task, PROMPTS[cfg.CONDITION].SYSTEM, PROMPTS[cfg.CONDITION].USER), None
+
+
+def probe_sample(task) -> data.Split:
+    """PROBE_TRAIN of the training reviews left after the validation ones (seeded, label-balanced)."""
+    cfg, train = task.cfg, task.train
+    if not 2 <= cfg.PROBE_TRAIN <= len(train):
+        raise cli.UserError(f"--probe_train={cfg.PROBE_TRAIN} must be between 2 and the {len(train):,} training reviews "
+                            f"left after --val_limit={cfg.VAL_LIMIT}: lower it or raise --train_limit")
+    return train.subset(torch.from_numpy(data.balanced_sample(train.labels.numpy(), cfg.PROBE_TRAIN, cfg.SEED)))
+
+
+def make_probe(cfg, c: float):
+    """A fresh probe of kind PROBE at inverse regularization strength c, on standardized features."""
+    if cfg.PROBE == "linear":
+        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+    return make_pipeline(StandardScaler(), MLPClassifier((cfg.PROBE_HIDDEN,), alpha=1 / c, max_iter=300,
+                                                         early_stopping=False, random_state=cfg.SEED))
+
+
+def probe_params(cfg, width: int) -> int:
+    """Trainable parameters of one probe: a linear one's weights and bias, or the MLP's two layers (one output unit)."""
+    return width + 1 if cfg.PROBE == "linear" else width * cfg.PROBE_HIDDEN + 2 * cfg.PROBE_HIDDEN + 1
+
+
+def fit_layers(cfg, train: dict, val: dict, y_train: np.ndarray, y_val: np.ndarray, layers: range) -> tuple[pd.DataFrame, dict]:
+    """Per layer and pooling, the best probe over PROBE_C by validation accuracy: the table of their validation
+    scores, and the probes by (layer, pooling)."""
+    rows, fitted = [], {}
+    for pooling in train:
+        for layer in layers:
+            x, x_val = train[pooling][layer].numpy(), val[pooling][layer].numpy()
+            tries = [(make_probe(cfg, c).fit(x, y_train), c) for c in cfg.PROBE_C]
+            correct, c, probe = max(((int((p.predict(x_val) == y_val).sum()), c, p) for p, c in tries), key=lambda t: t[0])
+            low, high = scoring.wilson_interval(correct, len(y_val))
+            rows.append({"condition": cfg.CONDITION, "probe": cfg.PROBE, "layer": layer, "pooling": pooling, "c": c,
+                         "val_correct": correct, "val_total": len(y_val), "val_score": correct / len(y_val),
+                         "val_low": low, "val_high": high})
+            fitted[layer, pooling] = probe
+            print(f"layer {layer:>3} {pooling:<4}  validation {correct / len(y_val):.1%}  (C={c:g})", flush=True)
+    return pd.DataFrame(rows), fitted
+
+
+def save_linear(run_dir: str, probe, layer: int, pooling: str) -> None:
+    """The chosen linear probe as one direction in the model's activation space: logit = features @ weight + bias."""
+    scaler, logistic = probe[0], probe[-1]
+    weight = logistic.coef_[0] / scaler.scale_
+    bias = logistic.intercept_[0] - float(weight @ scaler.mean_)
+    with cli.atomic_path(os.path.join(run_dir, "probe.safetensors")) as tmp:
+        save_file({"weight": torch.tensor(weight, dtype=torch.float32), "bias": torch.tensor([bias], dtype=torch.float32)},
+                  tmp, metadata={"layer": str(layer), "pooling": pooling})
+
+
+def run(cfg) -> None:
+    check(cfg)
+    task = runs.setup(cfg)
+    layout, primer = condition_layout(task)
+    sample = probe_sample(task)
+    run_dir = runs.start_run(cfg, "probe")
+    layers, poolings = range(activations.layer_count(task.model)), activations.POOLINGS if cfg.POOLING == "both" else (cfg.POOLING,)
+    train, train_seconds = activations.features(task, layout, sample, tuple(layers), poolings, run_dir, "train", primer)
+    val, val_seconds = activations.features(task, layout, task.val, tuple(layers), poolings, run_dir, "val", primer)
+    start = time.perf_counter()
+    table, fitted = fit_layers(cfg, train, val, sample.labels.numpy(), task.val.labels.numpy(), layers)
+    fit_seconds = time.perf_counter() - start
+    best = table.iloc[table["val_score"].to_numpy().argmax()]  # the first of the best: the earliest layer, "last" before "mean"
+    layer, pooling = int(best["layer"]), str(best["pooling"])
+    runs.write_atomic(os.path.join(run_dir, "probe_layers.csv"), table.to_csv(index=False))
+    print(table.to_string(index=False, float_format="{:.3f}".format))
+    print(f"chosen on validation: layer {layer}, {pooling} pooling, C={best['c']:g} ({best['val_score']:.1%}); "
+          f"features {train_seconds + val_seconds:.0f} s, fits {fit_seconds:.0f} s")
+
+    start = time.perf_counter()  # the test split, read once: features at the chosen layer and pooling only
+    test, _ = activations.features(task, layout, task.test, (layer,), (pooling,), run_dir, "test", primer)
+    probe = fitted[layer, pooling]
+    logprobs = torch.tensor(probe.predict_log_proba(test[pooling][0].numpy()), dtype=torch.float32)
+    predictions = {"label": task.test.labels.clone(), "answer": task.label_ids.cpu()[logprobs.argmax(-1)],
+                   "logprobs": logprobs, "seconds": time.perf_counter() - start}
+    if cfg.PROBE == "linear":
+        save_linear(run_dir, probe, layer, pooling)
+    prompt = "" if cfg.CONDITION == "none" else f", {cfg.CONDITION}"
+    runs.record(task, "probe", f"{cfg.PROBE} probe (layer {layer}, {pooling}{prompt})", layout.prompt_tokens, predictions,
+                run_dir, trainable_params=probe_params(cfg, train[pooling].shape[-1]), samples=len(sample),
+                train_seconds=train_seconds + val_seconds + fit_seconds)
+    print(f"wrote {plots.probe_layers(cfg.RESULTS_DIR, cfg.MODEL_ID, run_dir)}")
+
+
+if __name__ == "__main__":
+    cli.main(run, SETTINGS)

@@ -1,0 +1,116 @@
+"""probe.py on the tiny model: features, selection on validation only, the ledger row, reuse, and its errors.
+
+The tiny model's weights are random, but its reviews differ in words (tiny.GOOD and tiny.BAD), so the mean of a
+review's input embeddings (layer 0, mean pooling) carries the label linearly, and the last position's embedding
+(always the same template token) carries nothing: a probe must find the one and not the other."""
+import os
+import re
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import activations
+import cli
+import ledger
+import probe
+from conftest import overrides, run_script
+
+
+def probe_args(tiny, out, *more: str) -> list[str]:
+    return overrides(tiny, out) + ["--train_limit=120", "--val_limit=40", "--probe_train=80", *more]
+
+
+def run_probe(args: list[str], monkeypatch) -> list[dict]:
+    """Run probe.py in this process; each extract() call it made: the reviews, the layers, and whether the
+    per-layer validation table was already written."""
+    calls, real = [], activations.extract
+
+    def spy(task, layout, split, layers, *rest, **kwargs):
+        run_dir = max(os.scandir(task.cfg.RESULTS_DIR), key=lambda e: e.name if e.is_dir() else "").path
+        calls.append({"reviews": len(split), "layers": layers, "is_test": split is task.test,
+                      "selected": os.path.exists(os.path.join(run_dir, "probe_layers.csv"))})
+        return real(task, layout, split, layers, *rest, **kwargs)
+    monkeypatch.setattr(activations, "extract", spy)
+    probe.run(cli.configure(args, probe.SETTINGS))
+    return calls
+
+
+@pytest.fixture(scope="module")
+def probed(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        calls = run_probe(probe_args(tiny, out), monkeypatch)
+    (run_dir,) = [e.path for e in os.scandir(out / "results") if e.is_dir()]
+    return types.SimpleNamespace(out=out, calls=calls, run_dir=run_dir, table=pd.read_csv(os.path.join(run_dir, "probe_layers.csv")))
+
+
+def test_features_are_every_layer_and_both_poolings_and_the_test_split_only_the_chosen_one(probed):
+    train = load_file(os.path.join(probed.run_dir, "features-train.safetensors"))
+    val = load_file(os.path.join(probed.run_dir, "features-val.safetensors"))
+    test = load_file(os.path.join(probed.run_dir, "features-test.safetensors"))
+    assert {k: tuple(v.shape) for k, v in train.items()} == {"last": (3, 80, 64), "mean": (3, 80, 64), "labels": (80,)}
+    assert {k: tuple(v.shape) for k, v in val.items()} == {"last": (3, 40, 64), "mean": (3, 40, 64), "labels": (40,)}
+    best = probed.table.iloc[probed.table["val_score"].argmax()]
+    assert {k: tuple(v.shape) for k, v in test.items()} == {best["pooling"]: (1, 60, 64), "labels": (60,)}
+    assert all(v.dtype == torch.float16 for f in (train, val, test) for k, v in f.items() if k != "labels")
+
+
+def test_the_label_is_read_where_it_is_and_selection_never_reads_the_test_split(probed):
+    scores = probed.table.set_index(["layer", "pooling"])["val_score"]
+    assert scores[0, "mean"] >= 0.85  # bag of words: separable
+    assert scores[0, "last"] <= 0.6  # one template token for every review: nothing to read
+    assert len(probed.table) == 6 and set(probed.table["val_total"]) == {40}
+    *before, last = probed.calls
+    assert [c["is_test"] for c in before] == [False, False] and [c["reviews"] for c in before] == [80, 40]
+    assert last["is_test"] and last["selected"] and last["layers"] == (0,)
+
+
+def test_the_ledger_row_csv_and_figure_are_written(probed):
+    (row,) = ledger.rows(str(probed.out / "results"))
+    assert row["script"] == "probe" and row["method"] == "linear probe (layer 0, mean)"
+    assert row["trainable_params"] == 65 and row["samples"] == 80 and row["tokens"] == 0
+    assert row["score"] == row["restricted_score"] >= 0.8  # a probe answers only with a label
+    assert os.path.getsize(os.path.join(probed.run_dir, "probe_layers.png")) > 0
+    weight = load_file(os.path.join(probed.run_dir, "probe.safetensors"))["weight"]
+    assert weight.shape == (64,)
+
+
+def test_a_second_run_reuses_the_features_and_gets_the_same_table(probed, tiny, monkeypatch):
+    calls = run_probe(probe_args(tiny, probed.out), monkeypatch)
+    assert calls == []
+    second = max(e.path for e in os.scandir(probed.out / "results") if e.is_dir())
+    pd.testing.assert_frame_equal(pd.read_csv(os.path.join(second, "probe_layers.csv")), probed.table)
+
+
+def test_shuffled_labels_stay_near_chance_and_the_mlp_reads_what_the_linear_probe_reads(probed):
+    train, val = (load_file(os.path.join(probed.run_dir, f"features-{name}.safetensors")) for name in ("train", "val"))
+    x_train, x_val = {"mean": train["mean"].float()}, {"mean": val["mean"].float()}
+    cfg = cli.configure([], probe.SETTINGS)
+    shuffled = np.random.default_rng(0).permutation(train["labels"].numpy())
+    table, _ = probe.fit_layers(cfg, x_train, x_val, shuffled, val["labels"].numpy(), range(1))
+    assert table["val_score"][0] <= 0.75
+    cfg.PROBE = "mlp"
+    table, _ = probe.fit_layers(cfg, x_train, x_val, train["labels"].numpy(), val["labels"].numpy(), range(1))
+    assert table["val_score"][0] >= 0.85
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("--condition=nothing", "--condition='nothing' is not one of none, short, long, primer"),
+    ("--pooling=max", "--pooling='max' is not one of last, mean, both"),
+    ("--probe=svm", "--probe='svm' is not one of linear, mlp"),
+    ("--condition=primer", "--condition=primer needs --primer_path="),
+    ("--val_limit=0", "a probe's layer and regularization are chosen on validation reviews: set --val_limit"),
+    ("--probe_train=81", "--probe_train=81 must be between 2 and the 80 training reviews left after --val_limit=40"),
+])
+def test_bad_settings_are_one_line_errors(tiny, tmp_path, setting, message):
+    with pytest.raises(cli.UserError, match="^" + re.escape(message)):
+        probe.run(cli.configure(probe_args(tiny, tmp_path, setting), probe.SETTINGS))
+
+
+def test_the_command_line_exits_with_one_line(tiny, tmp_path):
+    result = run_script("probe.py", *probe_args(tiny, tmp_path), "--pooling=max")
+    assert result.returncode == 1 and result.stderr.strip() == "error: --pooling='max' is not one of last, mean, both"
