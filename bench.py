@@ -1,4 +1,5 @@
-"""Throughput and model-FLOP utilization of the real training step and scoring code, against a straightforward loop.
+"""Throughput and model-FLOP utilization of the real training step, scoring and probe feature extraction, against a
+straightforward loop.
 
     python bench.py                                                   # MODEL_ID's weights, DATA_DIR's split if prepared
     python bench.py --random_init=True                                # MODEL_ID's architecture (configs/), random weights
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import activations
 import cli
 import data
 import frozen
@@ -252,6 +254,14 @@ def run(cfg) -> None:
         with torch.inference_mode():
             rows.append(measure("score, straightforward loop", lambda idx: naive_logits(task, layout, primer.detach(), idx, longest),
                                 score_batches, real, to_longest, lambda idx: batch_flops(shape, real(idx), True, False), task, peak))
+    every_layer = tuple(range(activations.layer_count(task.model)))
+
+    @torch.inference_mode()
+    def features(idx):  # probe.py's extraction: the scoring pass plus every layer's hidden states, pooled
+        ids, lengths = layouts.assemble(layout, split, idx)
+        frozen.forward(task.model, ids.to(device), lengths.to(device), layout, primer.detach(), layers=every_layer)
+    rows.append(measure("probe features, every layer", features, score_batches, real, grouped,
+                        lambda idx: batch_flops(shape, real(idx), False, False), task, peak))
     print_table(rows)
     if cfg.INVARIANCE:
         print(batch_invariance(task, layout, primer.detach(), cfg.INVARIANCE))

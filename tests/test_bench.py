@@ -10,7 +10,8 @@ def test_bench_runs_the_real_code_and_prints_its_figures(tiny):
     out = result.stdout
     assert "random weights" in out and "synthetic Yelp-length reviews" in out
     assert re.search(r"dense torch.float32 matmul: [\d.e+-]+ TFLOP/s", out)
-    for run in ("train", "train, primer position suffix", "train, straightforward loop", "score", "score, straightforward loop"):
+    for run in ("train", "train, primer position suffix", "train, straightforward loop", "score", "score, straightforward loop",
+                "probe features, every layer"):
         assert re.search(rf"^\| {re.escape(run)} \| [\d,.]+ \| [\d,]+ \| \d+% \| [\d.]+ GB RSS \| [\d.e+-]+ \| [\d.]+% \|$", out, re.M), run
     assert re.search(r"^train: [\d.]+x the straightforward loop$", out, re.M)
     assert re.search(r"^score: [\d.]+x the straightforward loop$", out, re.M)
