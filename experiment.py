@@ -6,8 +6,6 @@
     python experiment.py --primer_position=suffix                             # the primer after the review (or "prefix")
     python experiment.py --val_limit=2000 --keep_best=True --primer_init=labels   # validate each epoch, keep the best
 """
-import os
-
 import cli
 import primers
 import runs
@@ -28,8 +26,6 @@ def train_primer(task, layout, primer, run_dir: str) -> tuple[list[dict], str]:
 
 
 def run(cfg) -> None:
-    if cfg.RESUME and os.path.exists(os.path.join(cfg.RESUME, "metrics.json")):
-        raise cli.UserError(f"{cfg.RESUME} has finished: its scores are in {cfg.RESUME}/metrics.json and its row in the ledger")
     check_primer_position(cfg.PRIMER_POSITION, cfg.GRADIENT_CHECKPOINTING)  # before minutes of data prep and loading
     primers.check_rate_scale(cfg.RATE_SCALE)
     task = runs.setup(cfg, with_train=cfg.PRIMER_PATH is None)
@@ -38,7 +34,7 @@ def run(cfg) -> None:
     else:
         primer = primers.initial_primer(task, cfg.PRIMER_INIT, cfg.PRIMER_LENGTH, cfg.SEED)
     layout = make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION)
-    run_dir = cfg.RESUME or runs.start_run(cfg, "experiment")
+    run_dir = runs.run_folder(cfg, "experiment")
     log, status = (None, "finished") if cfg.PRIMER_PATH else train_primer(task, layout, primer, run_dir)
     primers.save_primer(run_dir, primer, cfg.MODEL_ID, cfg.PRIMER_POSITION)
     runs.record(task, "experiment", "primer" if log is not None else "saved primer", len(primer),

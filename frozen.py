@@ -94,7 +94,7 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, la
     mask = (positions < lengths[:, None]).long()
     rows = torch.arange(len(ids), device=ids.device)
     review = (positions >= len(layout.prefix)) & (positions < (lengths - len(layout.suffix))[:, None])
-    weights = review.float() / review.sum(1, keepdim=True)
+    weights = review.float() / review.sum(1, keepdim=True).clamp(min=1)  # an empty review (steer.py's pair) pools to 0
     last, mean = {}, {}
 
     def keep(layer: int, hidden: torch.Tensor) -> None:  # pooled as the layer runs: no [B, T, hidden] kept per layer
@@ -109,9 +109,10 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, la
 
 
 @contextlib.contextmanager
-def hooks(model: torch.nn.Module, steer: Optional[Steer], after_review: torch.Tensor, layers: tuple[int, ...],
-          keep: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
-    """Forward hooks on the decoder layers that add `steer` to their outputs and hand those of `layers` to keep."""
+def hooks(model: torch.nn.Module, steer: Optional[Steer], after_review: Optional[torch.Tensor] = None,
+          layers: tuple[int, ...] = (), keep: Optional[Callable[[int, torch.Tensor], None]] = None) -> Iterator[None]:
+    """Forward hooks on the decoder layers that add `steer` to their outputs (at the [B, T] positions after_review
+    when steer.after_review, else everywhere: generation steers this way) and hand the outputs of `layers` to keep."""
     blocks = model.get_decoder().layers
     handles = []
     for number in range(1, len(blocks) + 1):
@@ -122,8 +123,8 @@ def hooks(model: torch.nn.Module, steer: Optional[Steer], after_review: torch.Te
         def hook(module, inputs, output, number=number, add=add):
             hidden = output[0] if isinstance(output, tuple) else output
             if add:
-                where = after_review if steer.after_review else torch.ones_like(after_review)
-                hidden = hidden + steer.coefficient * where[:, :, None] * steer.vector.to(hidden.dtype)
+                shift = steer.coefficient * steer.vector.to(hidden.dtype)
+                hidden = hidden + (after_review[:, :, None] * shift if steer.after_review else shift)
             if number in layers:
                 keep(number, hidden)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden

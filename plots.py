@@ -6,6 +6,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: training machines have no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import StrMethodFormatter  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import cli  # noqa: E402
@@ -117,3 +118,17 @@ def probe_layers(results_dir: str, model_id: str, run_dir: str) -> str:
            title=f"Linear readout of the label, layer by layer: {os.path.basename(model_id)}")
     ax.legend(fontsize=7)
     return save(fig, os.path.join(run_dir, "probe_layers.png"))
+
+
+def steer_heatmap(table: pd.DataFrame, path: str) -> str:
+    """Validation score of each steering layer (rows) and coefficient (columns), the numbers written in the cells."""
+    grid = table.pivot(index="layer", columns="coefficient", values="val_score") * 100
+    fig, ax = plt.subplots(figsize=(1.2 * len(grid.columns) + 2, 0.45 * len(grid) + 1.5))
+    image = ax.imshow(grid.to_numpy(), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    for (i, j), value in np.ndenumerate(grid.to_numpy()):
+        ax.text(j, i, f"{value:.0f}", ha="center", va="center", color="white" if value < 60 else "black", fontsize=8)
+    ax.set_xticks(range(len(grid.columns)), [f"{c:g}" for c in grid.columns])
+    ax.set_yticks(range(len(grid)), [str(layer) for layer in grid.index])
+    ax.set(xlabel="coefficient (x mean residual norm at the layer)", ylabel="layer", title="Validation score (%), steered")
+    fig.colorbar(image, ax=ax)
+    return save(fig, path)

@@ -1,5 +1,6 @@
 """The primer method's own pieces: its starting vectors, its loss, and its file."""
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -84,13 +85,16 @@ def note_stall(log: list[dict], moved: torch.Tensor, std: float) -> None:
               f"{first:.3g} over the first and {last:.3g} over the last tenth of the steps): raise --rate_by_epoch", flush=True)
 
 
-def loss_of(task, layout: Layout, primer: torch.Tensor):
-    """training.LossOf for a primer in layout: the cross-entropy of the label token at the answer position."""
+def loss_of(task, layout: Layout, primer: Optional[torch.Tensor] = None, steer: Optional[frozen.Steer] = None):
+    """training.LossOf: the cross-entropy of the label token at the answer position, with primer in layout's slot
+    and steer in the residual stream (steer.py's learned vector trains on it too)."""
+    trained = primer if primer is not None else steer.vector
+
     def shard_loss(shard: torch.Tensor, batch_size: int) -> torch.Tensor:
         if not len(shard):  # an empty shard's zero still joins the gradient sum under accelerate
-            return primer.sum() * 0.0
+            return trained.sum() * 0.0
         ids, lengths = assemble(layout, task.train, shard)
-        logits = frozen.forward(task.model, ids.to(task.device), lengths.to(task.device), layout, primer).logits
+        logits = frozen.forward(task.model, ids.to(task.device), lengths.to(task.device), layout, primer, steer).logits
         targets = task.label_ids[task.train.labels[shard].to(task.device)]
         return F.cross_entropy(logits, targets) * (len(shard) / batch_size)
     return shard_loss

@@ -87,6 +87,15 @@ def start_run(cfg: SimpleNamespace, script: str) -> str:
     return path
 
 
+def run_folder(cfg: SimpleNamespace, script: str) -> str:
+    """The folder of RESUME (refused when that run has finished), or a new one."""
+    if not cfg.RESUME:
+        return start_run(cfg, script)
+    if os.path.exists(os.path.join(cfg.RESUME, "metrics.json")):
+        raise cli.UserError(f"{cfg.RESUME} has finished: its scores are in {cfg.RESUME}/metrics.json and its row in the ledger")
+    return cfg.RESUME
+
+
 def record(task: Task, script: str, method: str, prompt_tokens: int, predictions: dict, run_dir: Optional[str] = None,
            log: Optional[list[dict]] = None, trainable_params: int = 0, status: str = "finished",
            samples: Optional[int] = None, train_seconds: Optional[float] = None) -> dict:

@@ -1,0 +1,202 @@
+"""Steering vectors: a vector added to the frozen model's residual stream after one decoder layer, instead of a prompt.
+
+    python steer.py                                      # "mean": what the short prompt does to the residual stream
+    python steer.py --vector=pair "--pair=['Love', 'Hate']"    # ActAdd: one contrast pair of system messages
+    python steer.py --vector=learned --learned_layer=8   # one vector trained by Adam, like a one-token primer
+    python steer.py --vector_path=results/<run id>/steering.safetensors      # score a saved vector, no sweep
+    python steer.py --generate=True --judge_path=results/<run id>/primer.safetensors   # steer what the model writes
+
+The review is in the user turn with no prompt; the vector is added after layer L at every position (or, with
+--after_review=True, only after the review) with coefficient c. "pair" and "mean" vectors are swept over
+STEER_LAYERS x COEFFICIENTS on VAL_LIMIT validation reviews held out of training, scaled so that c is a multiple of the
+mean residual norm at L; the best is scored once on the test split. A "learned" vector trains at one layer through
+the shared loop (checkpoints, --resume, validation after each epoch) and is added as trained (c = 1).
+"""
+import os
+import time
+
+import pandas as pd
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import activations
+import cli
+import data
+import plots
+import primers
+import prompt_long
+import prompt_short
+import runs
+import scoring
+import training
+from frozen import Steer
+from layouts import make_layout
+
+VECTOR = "mean"  # the vector's source: "pair" (ActAdd), "mean" (prompted minus unprompted activations), "learned" (Adam)
+PAIR = [prompt_short.SYSTEM, ""]  # "pair": two system messages; the vector is the first's activation minus the second's
+PROMPT = "short"  # "mean": the prompt the vector stands in for: "short", "long" or "text:<words>" (a system message)
+VECTOR_REVIEWS = 200  # training reviews that "mean" averages over and that measure each layer's residual norm
+STEER_LAYERS = []  # decoder layers (1-based) swept by "pair" and "mean"; []: every other layer, the last included
+COEFFICIENTS = [0.0, 0.25, 0.5, 1.0, 2.0]  # swept: the added vector's norm as a multiple of the mean residual norm at its layer
+LEARNED_LAYER = 0  # "learned": the decoder layer (1-based) it trains at; 0: the middle one
+AFTER_REVIEW = False  # add the vector only at the positions after the review (the answer cue), not at every position
+VAL_LIMIT = 200  # (config.py has 0) reviews held out of training, on which layer and coefficient are chosen
+VECTOR_PATH = None  # a saved steering.safetensors: score it on the test split, no sweep and no training
+SETTINGS = {name: value for name, value in dict(globals()).items() if name.isupper()}  # this script's own, for cli
+VECTORS = ("pair", "mean", "learned")
+
+
+def check(cfg) -> None:
+    """One-line errors for settings that cannot work, before the model loads."""
+    if cfg.VECTOR not in VECTORS:
+        raise cli.UserError(f"--vector={cfg.VECTOR!r} is not one of {', '.join(VECTORS)}")
+    if len(cfg.PAIR) != 2 or not all(isinstance(text, str) for text in cfg.PAIR) or cfg.PAIR[0] == cfg.PAIR[1]:
+        raise cli.UserError(f"--pair={cfg.PAIR!r} must be two different texts, e.g. --pair=\"['Love', 'Hate']\"")
+    if cfg.PROMPT not in ("short", "long") and not cfg.PROMPT.startswith("text:"):
+        raise cli.UserError(f"--prompt={cfg.PROMPT!r} is not one of short, long, text:<words>")
+    if not cfg.VAL_LIMIT and not cfg.VECTOR_PATH:
+        raise cli.UserError("layer and coefficient are chosen on validation reviews: set --val_limit (e.g. 200)")
+    if cfg.VECTOR_PATH and not os.path.isfile(cfg.VECTOR_PATH):
+        raise cli.UserError(f"--vector_path={cfg.VECTOR_PATH} does not exist: give the steering.safetensors of a steer.py run")
+
+
+def prompt_layout(task, prompt: str):
+    """The text-prompt layout that a "mean" vector stands in for."""
+    if prompt.startswith("text:"):
+        return make_layout(task, prompt[len("text:"):])
+    module = {"short": prompt_short, "long": prompt_long}[prompt]
+    return make_layout(task, module.SYSTEM, module.USER)
+
+
+def last_states(task, layout, split, layers: tuple[int, ...]) -> torch.Tensor:
+    """Hidden states at the last position [len(layers), len(split), hidden] in layout."""
+    return activations.extract(task, layout, split, layers, ("last",), desc="activations")["last"]
+
+
+def sweep_layers(cfg, count: int) -> tuple[int, ...]:
+    layers = tuple(cfg.STEER_LAYERS or range(count % 2 or 2, count + 1, 2))
+    if not all(1 <= layer <= count for layer in layers):
+        raise cli.UserError(f"--steer_layers={cfg.STEER_LAYERS} must be decoder layers 1 to {count} of this model")
+    return layers
+
+
+def directions(task, plain, layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit steering directions [len(layers), hidden] of VECTOR ("pair" or "mean"), and the mean residual norm at
+    each layer [len(layers)] over VECTOR_REVIEWS training reviews with no prompt."""
+    cfg = task.cfg
+    if not 1 <= cfg.VECTOR_REVIEWS <= len(task.train):
+        raise cli.UserError(f"--vector_reviews={cfg.VECTOR_REVIEWS} must be between 1 and the {len(task.train):,} training reviews")
+    reviews = task.train.subset(torch.arange(cfg.VECTOR_REVIEWS))  # the training split is already a seeded sample
+    unprompted = last_states(task, plain, reviews, layers)
+    if cfg.VECTOR == "mean":
+        difference = (last_states(task, prompt_layout(task, cfg.PROMPT), reviews, layers) - unprompted).mean(1)
+    else:  # ActAdd: the two system messages with an empty user turn
+        empty = data.Split(torch.zeros(0, dtype=torch.int32), torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.long), {})
+        first, second = (last_states(task, make_layout(task, text), empty, layers)[:, 0] for text in cfg.PAIR)
+        difference = first - second
+    return difference / difference.norm(dim=-1, keepdim=True), unprompted.norm(dim=-1).mean(1)
+
+
+def sweep(task, plain, layers: tuple[int, ...], unit: torch.Tensor, norm: torch.Tensor) -> tuple[pd.DataFrame, dict]:
+    """Validation scores of every layer and coefficient (coefficient 0, no steering, scored once), and the Steer
+    of each (layer, coefficient)."""
+    rows, steers, unsteered = [], {}, None
+    for i, layer in enumerate(layers):
+        for c in task.cfg.COEFFICIENTS:
+            steers[layer, c] = Steer(unit[i] * norm[i], (layer,), c, task.cfg.AFTER_REVIEW)
+            if c == 0 and unsteered is not None:
+                found = unsteered
+            else:
+                found = scoring.score(task, plain, None, task.val, steers[layer, c])
+                unsteered = found if c == 0 else unsteered
+            rows.append({"layer": layer, "coefficient": c, "residual_norm": float(norm[i]), **validation_columns(found)})
+            print(f"layer {layer:>3}  x{c:<5g} validation {found['score']:.1%} (label-restricted {found['restricted_score']:.1%})", flush=True)
+    return pd.DataFrame(rows), steers
+
+
+def validation_columns(found: dict) -> dict:
+    return {"val_" + k: found[k] for k in ("correct", "total", "score", "score_low", "score_high", "restricted_score")}
+
+
+def learned(task, plain, run_dir: str) -> tuple[pd.DataFrame, dict, list[dict], str]:
+    """A vector trained at LEARNED_LAYER on the label token's cross-entropy, in units of one residual coordinate's
+    RMS at that layer (RATE_SCALE "embedding") like a primer's rates; its validation row, steer, loss log and status."""
+    cfg, count = task.cfg, len(task.model.get_decoder().layers)
+    layer = cfg.LEARNED_LAYER or (count + 1) // 2
+    if not 1 <= layer <= count:
+        raise cli.UserError(f"--learned_layer={layer} must be a decoder layer 1 to {count} of this model")
+    reviews = task.train.subset(torch.arange(min(cfg.VECTOR_REVIEWS, len(task.train))))
+    norm = float(last_states(task, plain, reviews, (layer,)).norm(dim=-1).mean())
+    vector = torch.zeros(task.model.get_input_embeddings().weight.shape[1], device=task.device)
+    steer = Steer(vector, (layer,), 1.0, cfg.AFTER_REVIEW)
+    primers.check_rate_scale(cfg.RATE_SCALE)
+    unit = norm / vector.numel() ** 0.5 if cfg.RATE_SCALE == "embedding" else 1.0
+    evaluate = lambda: scoring.score(task, plain, None, task.val, steer)
+    log, status = training.train(task, {"vector": vector}, primers.loss_of(task, plain, steer=steer), run_dir, evaluate,
+                                 script="steer.py", rate_unit=unit)
+    vector.requires_grad_(False)
+    row = {"layer": layer, "coefficient": 1.0, "residual_norm": norm, **validation_columns(evaluate())}
+    return pd.DataFrame([row]), {(layer, 1.0): steer}, log, status
+
+
+def save_steer(run_dir: str, steer: Steer, model_id: str, source: str) -> None:
+    with cli.atomic_path(os.path.join(run_dir, "steering.safetensors")) as tmp:
+        save_file({"vector": (steer.coefficient * steer.vector).detach().float().cpu().contiguous()}, tmp,
+                  metadata={"layer": str(steer.layers[0]), "after_review": str(steer.after_review), "model_id": model_id,
+                            "source": source})
+
+
+def load_steer(path: str, width: int) -> tuple[Steer, str]:
+    """A saved steering vector, checked against the model's width, and its source."""
+    try:
+        with safe_open(path, "pt") as f:
+            vector, meta = f.get_tensor("vector"), f.metadata()
+        steer = Steer(vector, (int(meta["layer"]),), 1.0, meta["after_review"] == "True")
+    except Exception as e:  # not safetensors, or not a steering file
+        raise cli.UserError(f"--vector_path={path} is not a steering vector ({type(e).__name__}): give the "
+                            f"steering.safetensors of a steer.py run") from e
+    if vector.shape != (width,):
+        raise cli.UserError(f"--vector_path={path} holds a vector of shape {tuple(vector.shape)}, but this model is "
+                            f"{width} wide: use a vector made for --model_id")
+    return steer, meta["source"]
+
+
+def describe(source: str, steer: Steer, saved: bool = False) -> str:
+    where = "after the review" if steer.after_review else "every position"
+    scale = "" if saved or source == "learned" else f", x{steer.coefficient:g} residual norm"
+    return f"{'saved ' if saved else ''}steering vector ({source}, layer {steer.layers[0]}{scale}, {where})"
+
+
+def run(cfg) -> None:
+    check(cfg)
+    task = runs.setup(cfg, with_train=not cfg.VECTOR_PATH)
+    plain = make_layout(task, None)
+    if cfg.VECTOR_PATH:
+        steer, source = load_steer(cfg.VECTOR_PATH, task.model.get_input_embeddings().weight.shape[1])
+        steer.vector = steer.vector.to(task.device)
+        runs.record(task, "steer", describe(source, steer, saved=True), 0, scoring.predict(task, plain, steer=steer))
+        return
+    run_dir = runs.run_folder(cfg, "steer")
+    source = f"mean of {cfg.PROMPT}" if cfg.VECTOR == "mean" else "pair" if cfg.VECTOR == "pair" else "learned"
+    log, status, start = None, "finished", time.perf_counter()
+    if cfg.VECTOR == "learned":
+        table, steers, log, status = learned(task, plain, run_dir)
+    else:
+        layers = sweep_layers(cfg, len(task.model.get_decoder().layers))
+        unit, norm = directions(task, plain, layers)
+        table, steers = sweep(task, plain, layers, unit, norm)
+    best = table.sort_values(["val_score", "val_restricted_score"], ascending=False, kind="stable").iloc[0]
+    steer = steers[int(best["layer"]), float(best["coefficient"])]
+    runs.write_atomic(os.path.join(run_dir, "steer_sweep.csv"), table.to_csv(index=False))
+    print(table.to_string(index=False, float_format="{:.3f}".format))
+    print(f"chosen on validation: layer {int(best['layer'])}, coefficient {best['coefficient']:g} ({best['val_score']:.1%})")
+    plots.steer_heatmap(table, os.path.join(run_dir, "steer_sweep.png"))
+    save_steer(run_dir, steer, cfg.MODEL_ID, source)
+    runs.record(task, "steer", describe(source, steer), 0, scoring.predict(task, plain, steer=steer), run_dir, log,
+                steer.vector.numel() if log is not None else 0, status, samples=len(task.train) if log else cfg.VECTOR_REVIEWS,
+                train_seconds=time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    cli.main(run, SETTINGS)

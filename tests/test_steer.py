@@ -1,0 +1,127 @@
+"""steer.py on the tiny model: each vector source, the sweep's outputs, selection on validation only, re-scoring a
+saved vector, the learned vector's training and resume, and its errors."""
+import glob
+import os
+import re
+import signal
+import types
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cli
+import frozen
+import ledger
+import runs
+import scoring
+import steer
+from conftest import overrides, run_script
+from layouts import make_layout
+from test_resume import interrupt
+
+
+def steer_args(tiny, out, *more: str) -> list[str]:
+    return overrides(tiny, out) + ["--val_limit=30", "--vector_reviews=20", *more]
+
+
+def run_steer(args: list[str], monkeypatch) -> list[dict]:
+    """Run steer.py in this process; each scoring.predict call it made: on the test split or not, and whether the
+    sweep table was already written."""
+    calls, real = [], scoring.predict
+
+    def spy(task, layout, primer=None, split=None, steer=None):
+        run_dir = max((e.path for e in os.scandir(task.cfg.RESULTS_DIR) if e.is_dir()), default="")
+        calls.append({"test": split is None or split is task.test, "chosen": os.path.exists(os.path.join(run_dir, "steer_sweep.csv"))})
+        return real(task, layout, primer, split, steer)
+    monkeypatch.setattr(scoring, "predict", spy)
+    steer.run(cli.configure(args, steer.SETTINGS))
+    return calls
+
+
+@pytest.fixture(scope="module")
+def swept(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("steer")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        calls = run_steer(steer_args(tiny, out, "--steer_layers=[1, 2]", "--coefficients=[0.0, 0.5, 2.0]"), monkeypatch)
+    (run_dir,) = glob.glob(f"{out}/results/*-steer")
+    return types.SimpleNamespace(out=out, calls=calls, run_dir=run_dir, table=pd.read_csv(f"{run_dir}/steer_sweep.csv"))
+
+
+def test_the_sweep_writes_its_table_heatmap_vector_and_ledger_row(swept):
+    assert list(zip(swept.table["layer"], swept.table["coefficient"])) == [(1, 0.0), (1, 0.5), (1, 2.0), (2, 0.0), (2, 0.5), (2, 2.0)]
+    assert (swept.table["val_total"] == 30).all()
+    assert os.path.getsize(f"{swept.run_dir}/steer_sweep.png") > 0
+    (row,) = ledger.rows(f"{swept.out}/results")
+    best = swept.table.sort_values(["val_score", "val_restricted_score"], ascending=False, kind="stable").iloc[0]
+    assert row["method"] == (f"steering vector (mean of short, layer {int(best['layer'])}, x{best['coefficient']:g} residual norm, "
+                             f"every position)")
+    assert row["tokens"] == 0 and row["trainable_params"] == 0 and row["samples"] == 20
+    assert load_file(f"{swept.run_dir}/steering.safetensors")["vector"].shape == (64,)
+
+
+def test_selection_never_reads_the_test_split(swept):
+    *sweep, final = swept.calls
+    assert len(sweep) == 5  # coefficient 0 is scored once, not once per layer
+    assert not any(c["test"] for c in sweep) and final["test"] and final["chosen"]
+
+
+def test_coefficient_zero_is_exactly_no_steering(tiny, tmp_path):
+    task = runs.setup(cli.configure(overrides(tiny, tmp_path)), with_train=False)
+    plain, vector = make_layout(task, None), torch.randn(64, generator=torch.Generator().manual_seed(0)) * 50
+    unsteered = scoring.predict(task, plain)
+    for after_review in (False, True):
+        zero = scoring.predict(task, plain, steer=frozen.Steer(vector, (1, 2), 0.0, after_review))
+        assert torch.equal(zero["logprobs"], unsteered["logprobs"]) and torch.equal(zero["answer"], unsteered["answer"])
+    steered = scoring.predict(task, plain, steer=frozen.Steer(vector, (1,), 1.0))
+    assert not torch.equal(steered["logprobs"], unsteered["logprobs"])
+
+
+def test_a_saved_vector_scores_the_same_by_path(swept, tiny, tmp_path):
+    steer.run(cli.configure(steer_args(tiny, tmp_path, f"--vector_path={swept.run_dir}/steering.safetensors",
+                                       f"--results_dir={swept.out}/results"), steer.SETTINGS))
+    first, again = ledger.rows(f"{swept.out}/results")
+    assert again["method"].startswith("saved steering vector (mean of short, layer ")
+    assert (again["correct"], again["restricted_correct"]) == (first["correct"], first["restricted_correct"])
+
+
+def test_a_contrast_pair_runs_after_the_review_only(tiny, tmp_path):
+    steer.run(cli.configure(steer_args(tiny, tmp_path, "--vector=pair", "--pair=['Love', 'Hate']", "--after_review=True",
+                                       "--steer_layers=[2]", "--coefficients=[1.0]"), steer.SETTINGS))
+    (row,) = ledger.rows(f"{tmp_path}/results")
+    assert row["method"] == "steering vector (pair, layer 2, x1 residual norm, after the review)"
+
+
+def test_the_learned_vector_trains_and_resumes_bitwise_after_a_kill(tiny, tmp_path):
+    args = steer_args(tiny, tmp_path, "--vector=learned", "--learned_layer=2", "--batch_size=4", "--checkpoint_every=5",
+                      "--rate_by_epoch=[0.3, 0.3, 0.3, 0.3]")
+    straight = f"{tmp_path}/straight"
+    steer.run(cli.configure(args + [f"--results_dir={straight}"], steer.SETTINGS))
+    (run,) = glob.glob(f"{straight}/*-steer")
+    log = pd.read_csv(f"{run}/losses.csv")
+    tenth = len(log) // 10
+    assert log["loss"][-tenth:].mean() < 0.7 * log["loss"][:tenth].mean()
+    (row,) = ledger.rows(straight)
+    assert row["trainable_params"] == 64 and row["method"] == "steering vector (learned, layer 2, every position)"
+    killed = f"{tmp_path}/killed"
+    stopped = interrupt([*args, f"--results_dir={killed}"], killed, signal.SIGKILL, "checkpoint.pt", script="steer.py")
+    assert stopped.returncode != 0, "the run ended before it could be killed"
+    (run_killed,) = glob.glob(f"{killed}/*-steer")
+    resumed = run_script("steer.py", f"--resume={run_killed}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.equal(load_file(f"{run_killed}/steering.safetensors")["vector"], load_file(f"{run}/steering.safetensors")["vector"])
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("--vector=random", "--vector='random' is not one of pair, mean, learned"),
+    ("--pair=['Love']", "--pair=['Love'] must be two different texts"),
+    ("--prompt=medium", "--prompt='medium' is not one of short, long, text:<words>"),
+    ("--val_limit=0", "layer and coefficient are chosen on validation reviews: set --val_limit"),
+    ("--vector_path=nowhere.safetensors", "--vector_path=nowhere.safetensors does not exist"),
+    ("--steer_layers=[3]", "--steer_layers=[3] must be decoder layers 1 to 2 of this model"),
+    ("--vector_reviews=100", "--vector_reviews=100 must be between 1 and the 70 training reviews"),
+])
+def test_bad_settings_are_one_line_errors(tiny, tmp_path, setting, message):
+    with pytest.raises(cli.UserError, match="^" + re.escape(message)):
+        steer.run(cli.configure(steer_args(tiny, tmp_path, setting), steer.SETTINGS))
