@@ -132,3 +132,19 @@ def steer_heatmap(table: pd.DataFrame, path: str) -> str:
     ax.set(xlabel="coefficient (x mean residual norm at the layer)", ylabel="layer", title="Validation score (%), steered")
     fig.colorbar(image, ax=ax)
     return save(fig, path)
+
+
+def generation_curve(summary: pd.DataFrame, run_dir: str) -> str:
+    """Share of answers judged positive, and their fluency, against the steering coefficient; the text prompts that
+    ask for a positive or a negative answer as horizontal lines."""
+    steered = summary[summary["coefficient"].notna()]
+    prompted = summary[summary["coefficient"].isna()]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, column, label in zip(axes, ("share_positive", "fluency"), ("answers judged positive", "mean token log-prob, unsteered model")):
+        ax.plot(steered["coefficient"], steered[column], marker="o", label=steered["steering"].iloc[0])
+        for i, (_, r) in enumerate(prompted.iterrows()):
+            ax.axhline(r[column], color=f"C{i + 1}", ls="--", label=r["steering"])
+        ax.set(xlabel="coefficient (x mean residual norm)", ylabel=label)
+        ax.legend(fontsize=8)
+    axes[0].set_ylim(-0.05, 1.05)
+    return save(fig, os.path.join(run_dir, "generation.png"))

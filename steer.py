@@ -12,8 +12,10 @@ STEER_LAYERS x COEFFICIENTS on VAL_LIMIT validation reviews held out of training
 mean residual norm at L; the best is scored once on the test split. A "learned" vector trains at one layer through
 the shared loop (checkpoints, --resume, validation after each epoch) and is added as trained (c = 1).
 """
+import csv
 import os
 import time
+from typing import Optional
 
 import pandas as pd
 import torch
@@ -23,6 +25,7 @@ from safetensors.torch import save_file
 import activations
 import cli
 import data
+import frozen
 import plots
 import primers
 import prompt_long
@@ -31,7 +34,7 @@ import runs
 import scoring
 import training
 from frozen import Steer
-from layouts import make_layout
+from layouts import encode, make_layout, prompt_text
 
 VECTOR = "mean"  # the vector's source: "pair" (ActAdd), "mean" (prompted minus unprompted activations), "learned" (Adam)
 PAIR = [prompt_short.SYSTEM, ""]  # "pair": two system messages; the vector is the first's activation minus the second's
@@ -43,6 +46,18 @@ LEARNED_LAYER = 0  # "learned": the decoder layer (1-based) it trains at; 0: the
 AFTER_REVIEW = False  # add the vector only at the positions after the review (the answer cue), not at every position
 VAL_LIMIT = 200  # (config.py has 0) reviews held out of training, on which layer and coefficient are chosen
 VECTOR_PATH = None  # a saved steering.safetensors: score it on the test split, no sweep and no training
+GENERATE = False  # steer what the model writes instead: sample answers to GENERATE_PROMPTS at each GENERATE_COEFFICIENTS
+GENERATE_PROMPTS = ["Write a short review of a restaurant.", "Tell me about a meal you had at a cafe.",
+                    "Describe your last visit to a pizza place."]  # user messages the model answers
+PROMPTS_FILE = None  # a text file of user messages, one per line, instead of GENERATE_PROMPTS
+SENTIMENT = "pair"  # the sentiment vector: "pair" (SENTIMENT_PAIR's first system message minus its second) or "reviews" (positive minus negative training reviews, mean-pooled)
+SENTIMENT_PAIR = ["Love", "Hate"]  # "pair": ActAdd's contrast pair for generation
+GENERATE_LAYER = 0  # the decoder layer (1-based) the sentiment vector is added after; 0: the middle one
+GENERATE_COEFFICIENTS = [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]  # multiples of the mean residual norm at that layer
+SAMPLES = 4  # answers sampled per prompt and coefficient
+MAX_NEW_TOKENS = 48  # tokens sampled per answer
+TEMPERATURE = 0.8  # sampling temperature
+JUDGE_PATH = None  # a primer.safetensors of experiment.py: its model scores each answer as a review, positive or negative
 SETTINGS = {name: value for name, value in dict(globals()).items() if name.isupper()}  # this script's own, for cli
 VECTORS = ("pair", "mean", "learned")
 
@@ -74,6 +89,14 @@ def last_states(task, layout, split, layers: tuple[int, ...]) -> torch.Tensor:
     return activations.extract(task, layout, split, layers, ("last",), desc="activations")["last"]
 
 
+def pair_difference(task, pair: list[str], layers: tuple[int, ...]) -> torch.Tensor:
+    """ActAdd [len(layers), hidden]: the last position's hidden state with the first system message minus with the
+    second, the user turn empty."""
+    empty = data.Split(torch.zeros(0, dtype=torch.int32), torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.long), {})
+    first, second = (last_states(task, make_layout(task, text), empty, layers)[:, 0] for text in pair)
+    return first - second
+
+
 def sweep_layers(cfg, count: int) -> tuple[int, ...]:
     layers = tuple(cfg.STEER_LAYERS or range(count % 2 or 2, count + 1, 2))
     if not all(1 <= layer <= count for layer in layers):
@@ -91,10 +114,8 @@ def directions(task, plain, layers: tuple[int, ...]) -> tuple[torch.Tensor, torc
     unprompted = last_states(task, plain, reviews, layers)
     if cfg.VECTOR == "mean":
         difference = (last_states(task, prompt_layout(task, cfg.PROMPT), reviews, layers) - unprompted).mean(1)
-    else:  # ActAdd: the two system messages with an empty user turn
-        empty = data.Split(torch.zeros(0, dtype=torch.int32), torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.long), {})
-        first, second = (last_states(task, make_layout(task, text), empty, layers)[:, 0] for text in cfg.PAIR)
-        difference = first - second
+    else:
+        difference = pair_difference(task, cfg.PAIR, layers)
     return difference / difference.norm(dim=-1, keepdim=True), unprompted.norm(dim=-1).mean(1)
 
 
@@ -168,8 +189,99 @@ def describe(source: str, steer: Steer, saved: bool = False) -> str:
     return f"{'saved ' if saved else ''}steering vector ({source}, layer {steer.layers[0]}{scale}, {where})"
 
 
+def user_messages(cfg) -> list[str]:
+    if not cfg.PROMPTS_FILE:
+        return cfg.GENERATE_PROMPTS
+    if not os.path.isfile(cfg.PROMPTS_FILE):
+        raise cli.UserError(f"--prompts_file={cfg.PROMPTS_FILE} does not exist: give a text file, one user message per line")
+    with open(cfg.PROMPTS_FILE, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def sentiment_steer(task, layer: int, coefficient: float) -> Steer:
+    """SENTIMENT's direction at layer, scaled to the mean residual norm there over VECTOR_REVIEWS training reviews."""
+    cfg, plain = task.cfg, make_layout(task, None)
+    reviews = task.train.subset(torch.arange(min(cfg.VECTOR_REVIEWS, len(task.train))))
+    if cfg.SENTIMENT == "pair":
+        difference = pair_difference(task, cfg.SENTIMENT_PAIR, (layer,))[0]
+    else:
+        pooled = activations.extract(task, plain, reviews, (layer,), ("mean",), desc="activations")["mean"][0]
+        difference = pooled[reviews.labels == 1].mean(0) - pooled[reviews.labels == 0].mean(0)
+    norm = last_states(task, plain, reviews, (layer,)).norm(dim=-1).mean()
+    return Steer(difference / difference.norm() * norm, (layer,), coefficient)
+
+
+@torch.inference_mode()
+def sample(task, messages: list[str], steer: Optional[Steer]) -> tuple[list[str], torch.Tensor]:
+    """SAMPLES answers to each user message, steered, and each answer's mean token log-probability under the
+    unsteered model (a fluency proxy). Seeded by SEED alone, so every coefficient draws the same random numbers."""
+    cfg, tok, model = task.cfg, task.tokenizer, task.model
+    prompts = [encode(tok, prompt_text(tok, None, m, cfg.TEMPLATE_KWARGS)) for m in messages for _ in range(cfg.SAMPLES)]
+    width, pad = max(map(len, prompts)), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=task.device)  # left-padded for generate
+    mask = (torch.arange(width, device=task.device) >= width - torch.tensor([len(p) for p in prompts], device=task.device)[:, None]).long()
+    torch.manual_seed(cfg.SEED)
+    with frozen.hooks(model, steer):
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.TEMPERATURE, top_k=0,
+                             top_p=1.0, max_new_tokens=cfg.MAX_NEW_TOKENS, pad_token_id=pad)
+    answer = out[:, width:]
+    stops = torch.tensor(sorted({tok.eos_token_id, *torch.tensor(model.generation_config.eos_token_id or []).view(-1).tolist()}))
+    ended = torch.isin(answer, stops.to(answer.device)).long().cumsum(1)
+    kept = (ended == 0).long()  # the answer's tokens before its end-of-turn token
+    full = torch.cat([mask, kept], 1)
+    logits = model(input_ids=out, attention_mask=full, position_ids=(full.cumsum(1) - 1).clamp(min=0)).logits[:, width - 1:-1]
+    logprobs = logits.float().log_softmax(-1).gather(-1, answer[:, :, None])[..., 0]
+    fluency = (logprobs * kept).sum(1) / kept.sum(1).clamp(min=1)
+    return tok.batch_decode(answer * kept + pad * (1 - kept), skip_special_tokens=True), fluency.cpu()
+
+
+def judge(task, texts: list[str]) -> torch.Tensor:
+    """Each text's probability of being positive, between the two labels, under JUDGE_PATH's primer."""
+    cfg = task.cfg
+    primer = primers.load_primer(cfg.JUDGE_PATH, task.model, cfg.PRIMER_POSITION)
+    layout = make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION)
+    tokens, offsets, _ = data.tokenize(task.tokenizer, texts, cfg.MAX_REVIEW_TOKENS)
+    split = data.Split(tokens, offsets, torch.zeros(len(texts), dtype=torch.long), {})
+    logprobs = scoring.predict(task, layout, primer, split)["logprobs"]
+    return (logprobs[:, 1] - logprobs.logsumexp(-1)).exp()
+
+
+def generate(cfg) -> None:
+    """Sampled answers at each coefficient of the sentiment vector and for text prompts asking for a positive or a
+    negative answer, judged; the share judged positive and the fluency per coefficient, printed and drawn."""
+    if not cfg.JUDGE_PATH:
+        raise cli.UserError("--generate=True judges each answer with a trained primer: set --judge_path=results/<run id>/primer.safetensors")
+    if cfg.SENTIMENT not in ("pair", "reviews"):
+        raise cli.UserError(f"--sentiment={cfg.SENTIMENT!r} is not one of pair, reviews")
+    messages = user_messages(cfg)
+    task = runs.setup(cfg)
+    count = len(task.model.get_decoder().layers)
+    layer = cfg.GENERATE_LAYER or (count + 1) // 2
+    if not 1 <= layer <= count:
+        raise cli.UserError(f"--generate_layer={layer} must be a decoder layer 1 to {count} of this model")
+    run_dir, direction, rows = runs.start_run(cfg, "steer"), sentiment_steer(task, layer, 1.0), []
+    for c in cfg.GENERATE_COEFFICIENTS:
+        texts, fluency = sample(task, messages, Steer(direction.vector, (layer,), c))
+        rows += [{"steering": f"vector at layer {layer}", "coefficient": c, "text": t, "fluency": float(f)} for t, f in zip(texts, fluency)]
+    for tone in ("positive", "negative"):
+        texts, fluency = sample(task, [f"{m} Make it {tone}." for m in messages], None)
+        rows += [{"steering": f"prompt: make it {tone}", "coefficient": float("nan"), "text": t, "fluency": float(f)} for t, f in zip(texts, fluency)]
+    table = pd.DataFrame(rows)
+    table["prompt"] = [m for _ in range(len(table) // (len(messages) * cfg.SAMPLES)) for m in messages for _ in range(cfg.SAMPLES)]
+    table["p_positive"] = judge(task, table["text"].tolist()).numpy()
+    runs.write_atomic(os.path.join(run_dir, "generations.csv"), table.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC))  # a quoted \r reads back
+    summary = table.groupby(["steering", "coefficient"], sort=False, dropna=False).agg(
+        answers=("text", "size"), judged_positive=("p_positive", lambda p: int((p > 0.5).sum())), fluency=("fluency", "mean")).reset_index()
+    summary["share_positive"] = summary["judged_positive"] / summary["answers"]
+    runs.write_atomic(os.path.join(run_dir, "generation_summary.csv"), summary.to_csv(index=False))
+    print(summary.to_string(index=False, float_format="{:.3f}".format))
+    print(f"saved {run_dir}: generations.csv (every answer, its judgement and fluency) and {plots.generation_curve(summary, run_dir)}")
+
+
 def run(cfg) -> None:
     check(cfg)
+    if cfg.GENERATE:
+        return generate(cfg)
     task = runs.setup(cfg, with_train=not cfg.VECTOR_PATH)
     plain = make_layout(task, None)
     if cfg.VECTOR_PATH:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import cli
 import frozen
 import ledger
+import primers
 import runs
 import scoring
 import steer
@@ -125,3 +126,50 @@ def test_the_learned_vector_trains_and_resumes_bitwise_after_a_kill(tiny, tmp_pa
 def test_bad_settings_are_one_line_errors(tiny, tmp_path, setting, message):
     with pytest.raises(cli.UserError, match="^" + re.escape(message)):
         steer.run(cli.configure(steer_args(tiny, tmp_path, setting), steer.SETTINGS))
+
+
+@pytest.fixture(scope="module")
+def judge_primer(tiny, tmp_path_factory) -> str:
+    """A primer file for the tiny model, to judge answers with: random vectors, but the real file and code path."""
+    out = tmp_path_factory.mktemp("judge")
+    task = runs.setup(cli.configure(overrides(tiny, out)), with_train=False)
+    primers.save_primer(str(out), primers.init_primer(task.model, 4, 0), tiny.model_dir, "system")
+    return f"{out}/primer.safetensors"
+
+
+def test_generation_writes_every_answer_its_judgement_and_the_curve(tiny, tmp_path, judge_primer):
+    steer.run(cli.configure(steer_args(tiny, tmp_path, "--generate=True", f"--judge_path={judge_primer}", "--samples=2",
+                                       "--max_new_tokens=8", "--generate_coefficients=[-1.0, 0.0, 1.0]", "--sentiment=reviews"),
+                            steer.SETTINGS))
+    (run,) = glob.glob(f"{tmp_path}/results/*-steer")
+    answers = pd.read_csv(f"{run}/generations.csv", keep_default_na=False)
+    assert len(answers) == 5 * 3 * 2  # (3 coefficients + 2 text prompts) x 3 user messages x 2 samples
+    assert answers["p_positive"].between(0, 1).all() and (answers["fluency"] < 0).all()
+    assert list(answers["prompt"][:2]) == [steer.GENERATE_PROMPTS[0]] * 2
+    summary = pd.read_csv(f"{run}/generation_summary.csv")
+    assert list(summary["steering"]) == ["vector at layer 1"] * 3 + ["prompt: make it positive", "prompt: make it negative"]
+    assert (summary["answers"] == 6).all() and os.path.getsize(f"{run}/generation.png") > 0
+
+
+def test_generation_is_independent_of_batch_mates_and_coefficient_zero_is_unsteered(tiny, tmp_path):
+    # near-greedy sampling: the same answer whatever the batch, so batched answers and fluency must equal lone ones
+    task = runs.setup(cli.configure(steer_args(tiny, tmp_path, "--temperature=1e-6", "--max_new_tokens=6", "--samples=1"),
+                                    steer.SETTINGS), with_train=False)
+    messages = ["Hi", "Write a much longer request about the food at a restaurant, please."]
+    texts, fluency = steer.sample(task, messages, None)
+    for i, message in enumerate(messages):
+        alone, alone_fluency = steer.sample(task, [message], None)
+        assert alone == [texts[i]]
+        torch.testing.assert_close(alone_fluency, fluency[i:i + 1], atol=1e-4, rtol=1e-4)
+    zero = steer.sample(task, messages, frozen.Steer(torch.randn(64) * 50, (1,), 0.0))
+    assert zero[0] == texts and torch.equal(zero[1], fluency)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("--judge_path=None", "--generate=True judges each answer with a trained primer: set --judge_path="),
+    ("--sentiment=joy", "--sentiment='joy' is not one of pair, reviews"),
+    ("--prompts_file=nowhere.txt", "--prompts_file=nowhere.txt does not exist"),
+])
+def test_bad_generation_settings_are_one_line_errors(tiny, tmp_path, judge_primer, setting, message):
+    with pytest.raises(cli.UserError, match="^" + re.escape(message)):
+        steer.run(cli.configure(steer_args(tiny, tmp_path, "--generate=True", f"--judge_path={judge_primer}", setting), steer.SETTINGS))
