@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 import types
-from typing import Optional
+from typing import Callable, Optional
 
 import pytest
 
@@ -45,3 +45,22 @@ def run_script(*args: str, cwd: str = ROOT, env: Optional[dict] = None) -> subpr
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], **(env or {})}
     return subprocess.run(cmd + list(args[1:]), cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+class Killed(BaseException):
+    """Stands for a kill: no handler of the code under test catches it, so only what is on disk survives."""
+
+
+def run_until_first_checkpoint(run: Callable[[], object], monkeypatch) -> None:
+    """Run a training script's run() until it has written its first checkpoint, then stop it dead, as a kill at that
+    moment would (tests/test_resume.py kills real processes; this is the in-process equivalent, seconds cheaper)."""
+    import training
+    real = training.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real(*args, **kwargs)
+        raise Killed
+    with monkeypatch.context() as patched:
+        patched.setattr(training, "save_checkpoint", save_then_die)
+        with pytest.raises(Killed):
+            run()

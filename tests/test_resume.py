@@ -17,9 +17,9 @@ SLOW = ["--batch_size=4", "--checkpoint_every=5", "--rate_by_epoch=[0.1, 0.1, 0.
 VALIDATED = ["--val_limit=20", "--keep_best=True"]  # 20 of the 100 reviews scored after each epoch, the best primer kept
 
 
-def interrupt(args: list[str], results: str, sig: int, after: str, script: str = "experiment.py") -> subprocess.CompletedProcess:
+def interrupt(args: list[str], results: str, sig: int, after: str) -> subprocess.CompletedProcess:
     """Start a training run, send sig as soon as the run folder holds the file `after`, and wait for it to end."""
-    proc = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "experiment.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     while not glob.glob(f"{results}/*/{after}") and proc.poll() is None:
         time.sleep(0.005)

@@ -3,7 +3,6 @@ saved vector, the learned vector's training and resume, and its errors."""
 import glob
 import os
 import re
-import signal
 import types
 
 import pandas as pd
@@ -18,9 +17,8 @@ import primers
 import runs
 import scoring
 import steer
-from conftest import overrides, run_script
+from conftest import overrides, run_until_first_checkpoint
 from layouts import make_layout
-from test_resume import interrupt
 
 
 def steer_args(tiny, out, *more: str) -> list[str]:
@@ -94,7 +92,7 @@ def test_a_contrast_pair_runs_after_the_review_only(tiny, tmp_path):
     assert row["method"] == "steering vector (pair, layer 2, x1 residual norm, after the review)"
 
 
-def test_the_learned_vector_trains_and_resumes_bitwise_after_a_kill(tiny, tmp_path):
+def test_the_learned_vector_trains_and_resumes_bitwise_after_a_kill(tiny, tmp_path, monkeypatch):
     args = steer_args(tiny, tmp_path, "--vector=learned", "--learned_layer=2", "--batch_size=4", "--checkpoint_every=5",
                       "--rate_by_epoch=[0.3, 0.3, 0.3, 0.3]")
     straight = f"{tmp_path}/straight"
@@ -106,11 +104,10 @@ def test_the_learned_vector_trains_and_resumes_bitwise_after_a_kill(tiny, tmp_pa
     (row,) = ledger.rows(straight)
     assert row["trainable_params"] == 64 and row["method"] == "steering vector (learned, layer 2, every position)"
     killed = f"{tmp_path}/killed"
-    stopped = interrupt([*args, f"--results_dir={killed}"], killed, signal.SIGKILL, "checkpoint.pt", script="steer.py")
-    assert stopped.returncode != 0, "the run ended before it could be killed"
+    run_until_first_checkpoint(lambda: steer.run(cli.configure(args + [f"--results_dir={killed}"], steer.SETTINGS)), monkeypatch)
     (run_killed,) = glob.glob(f"{killed}/*-steer")
-    resumed = run_script("steer.py", f"--resume={run_killed}")
-    assert resumed.returncode == 0, resumed.stderr
+    assert not os.path.exists(f"{run_killed}/steering.safetensors")
+    steer.run(cli.configure([f"--resume={run_killed}"], steer.SETTINGS))
     assert torch.equal(load_file(f"{run_killed}/steering.safetensors")["vector"], load_file(f"{run}/steering.safetensors")["vector"])
 
 

@@ -1,0 +1,158 @@
+"""Bake a prompt or a trained primer into LoRA weights: train an adapter so that the model *without* the prompt
+answers like the frozen model *with* it (prompt baking, context distillation).
+
+    python bake.py                                         # bake prompt_long.py's prompt
+    python bake.py --teacher=primer --primer_path=results/<run id>/primer.safetensors
+    python bake.py --teacher='text:Classify the review as 1 (negative) or 2 (positive).'
+    python bake.py --adapter_path=results/<run id>/adapter  # score a saved adapter, no training
+    python bake.py --resume=results/<run id>               # continue an interrupted run
+
+The teacher is the same model with the adapter disabled and the prompt in place; the student has the adapter and no
+prompt. The loss is KL(teacher || student) over the whole vocabulary, in float32, at the answer position of each
+training review. The test split is scored once, for the student, the teacher, and how much of the teacher's
+behaviour the student recovered (argmax agreement, mean KL).
+"""
+import json
+import os
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import cli
+import frozen
+import parallel
+import primers
+import prompt_long
+import prompt_short
+import runs
+import scoring
+import training
+from layouts import Layout, assemble, make_layout
+
+TEACHER = "long"  # the prompt baked in: "long", "short" (those scripts' prompts), "text:<words>" (a system message) or "primer" (PRIMER_PATH)
+LORA_RANK = 8  # rank of each LoRA update
+LORA_ALPHA = 16  # LoRA's scale numerator: updates are scaled by LORA_ALPHA / LORA_RANK
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # names of the modules that get an adapter: the attention projections
+RATE_BY_EPOCH = [1e-3, 3e-4, 1e-4]  # (config.py's are in embedding stds) Adam's rates for the LoRA weights, one epoch each
+RESCORE_WITH_PROMPT = False  # also score the baked student with the teacher's prompt in place (re-prompting)
+ADAPTER_PATH = None  # a saved adapter folder (results/<run id>/adapter): score it, no training
+SETTINGS = {name: value for name, value in dict(globals()).items() if name.isupper()}  # this script's own, for cli
+PROMPTS = {"short": prompt_short, "long": prompt_long}
+
+
+def check(cfg) -> None:
+    """One-line errors for settings that cannot work, before the model loads."""
+    if cfg.TEACHER not in PROMPTS and cfg.TEACHER != "primer" and not cfg.TEACHER.startswith("text:"):
+        raise cli.UserError(f"--teacher={cfg.TEACHER!r} is not one of long, short, text:<words>, primer")
+    if cfg.TEACHER == "primer" and not cfg.PRIMER_PATH:
+        raise cli.UserError("--teacher=primer needs --primer_path=results/<run id>/primer.safetensors")
+    if cfg.LORA_RANK < 1:
+        raise cli.UserError(f"--lora_rank={cfg.LORA_RANK} must be at least 1")
+    if cfg.ADAPTER_PATH and not os.path.isfile(os.path.join(cfg.ADAPTER_PATH, "adapter_config.json")):
+        raise cli.UserError(f"--adapter_path={cfg.ADAPTER_PATH} holds no adapter (no adapter_config.json): give results/<run id>/adapter")
+
+
+def teacher_layout(task) -> tuple[Layout, torch.Tensor]:
+    """The teacher's layout, and its primer (None for a text prompt)."""
+    cfg = task.cfg
+    if cfg.TEACHER == "primer":
+        primer = primers.load_primer(cfg.PRIMER_PATH, task.model, cfg.PRIMER_POSITION)
+        return make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION), primer
+    if cfg.TEACHER.startswith("text:"):
+        return make_layout(task, cfg.TEACHER[len("text:"):]), None
+    return make_layout(task, PROMPTS[cfg.TEACHER].SYSTEM, PROMPTS[cfg.TEACHER].USER), None
+
+
+def with_adapter(task) -> torch.nn.Module:
+    """The frozen model wrapped with a LoRA adapter whose B matrices start at zero: at first the student is exactly
+    the model without the prompt."""
+    cfg = task.cfg
+    config = LoraConfig(r=cfg.LORA_RANK, lora_alpha=cfg.LORA_ALPHA, target_modules=cfg.LORA_TARGETS, lora_dropout=0.0)
+    try:
+        return get_peft_model(task.model, config).eval()
+    except ValueError as e:  # peft: target modules not found in the base model
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in task.model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise cli.UserError(f"--lora_targets={cfg.LORA_TARGETS} names no module of this model ({str(e).splitlines()[0][:80]}); "
+                            f"its linear layers are {', '.join(names)}") from e
+
+
+def load_adapter(task, path: str) -> torch.nn.Module:
+    try:
+        return PeftModel.from_pretrained(task.model, path).eval()
+    except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names of another model
+        raise cli.UserError(f"--adapter_path={path} does not fit --model_id={task.cfg.MODEL_ID} ({type(e).__name__}): "
+                            f"use an adapter baked on this model") from e
+
+
+def answer_logits(task, layout: Layout, split, idx: torch.Tensor, primer=None) -> torch.Tensor:
+    ids, lengths = assemble(layout, split, idx)
+    return frozen.forward(task.model, ids.to(task.device), lengths.to(task.device), layout, primer).logits
+
+
+def kl_divergence(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per row, over the whole vocabulary, from float32 logits."""
+    teacher, student = teacher.log_softmax(-1), student.log_softmax(-1)
+    return (teacher.exp() * (teacher - student)).sum(-1)
+
+
+def loss_of(task, student: Layout, teacher: Layout, primer) -> training.LossOf:
+    """training.LossOf: the mean KL from the prompted, adapter-disabled teacher to the unprompted student."""
+    weights = [p for p in task.model.parameters() if p.requires_grad]
+
+    def shard_loss(shard: torch.Tensor, batch_size: int) -> torch.Tensor:
+        if not len(shard):  # an empty shard's zero still joins the gradient sum under accelerate
+            return sum(w.sum() for w in weights) * 0.0
+        with torch.no_grad(), task.model.disable_adapter():
+            target = answer_logits(task, teacher, task.train, shard, primer)
+        return kl_divergence(target, answer_logits(task, student, task.train, shard)).sum() / batch_size
+    return shard_loss
+
+
+@torch.inference_mode()
+def agreement(task, student: Layout, teacher: Layout, primer, split) -> dict:
+    """Over split: the mean KL(teacher || student) at the answer position, and the share of reviews whose argmax
+    answers over the vocabulary are the same."""
+    kl, same = torch.zeros(len(split), device=task.device), torch.zeros(len(split), device=task.device)
+    for idx in parallel.shard(torch.arange(len(split))).split(task.cfg.SCORE_BATCH_SIZE):
+        with task.model.disable_adapter():
+            target = answer_logits(task, teacher, split, idx, primer)
+        logits = answer_logits(task, student, split, idx)
+        kl[idx], same[idx] = kl_divergence(target, logits), (target.argmax(-1) == logits.argmax(-1)).float()
+    return {"kl": parallel.sum_across(kl).mean().item(), "agreement": parallel.sum_across(same).mean().item()}
+
+
+def run(cfg) -> None:
+    check(cfg)
+    if cfg.RATE_SCALE != "absolute" and not cfg.ADAPTER_PATH:
+        print("note: LoRA rates are Adam's own: RATE_BY_EPOCH is used as it is (RATE_SCALE applies to primers)", flush=True)
+    task = runs.setup(cfg, with_train=not cfg.ADAPTER_PATH)
+    teacher, primer = teacher_layout(task)
+    student = make_layout(task, None)
+    if cfg.ADAPTER_PATH:
+        task.model = load_adapter(task, cfg.ADAPTER_PATH)
+        runs.record(task, "bake", f"saved baked adapter ({cfg.ADAPTER_PATH})", 0, scoring.predict(task, student))
+        return
+    task.model = with_adapter(task)
+    weights = {name: p for name, p in task.model.named_parameters() if p.requires_grad}
+    run_dir = runs.run_folder(cfg, "bake")
+    evaluate = None
+    if task.val is not None:
+        evaluate = lambda: {**scoring.score(task, student, split=task.val), **agreement(task, student, teacher, primer, task.val)}
+    log, status = training.train(task, weights, loss_of(task, student, teacher, primer), run_dir, evaluate, script="bake.py")
+    if parallel.is_main():
+        task.model.save_pretrained(os.path.join(run_dir, "adapter"))  # safetensors; its folder is the ADAPTER_PATH
+    with task.model.disable_adapter():
+        prompted = scoring.score(task, teacher, primer)
+    recovered = {"teacher_score": prompted["score"], "teacher_restricted_score": prompted["restricted_score"],
+                 **agreement(task, student, teacher, primer, task.test)}
+    if cfg.RESCORE_WITH_PROMPT:
+        recovered["student_with_prompt_score"] = scoring.score(task, teacher, primer)["score"]
+    runs.write_atomic(os.path.join(run_dir, "bake.json"), json.dumps(recovered, indent=2))
+    print("on the test split: " + ", ".join(f"{k} {v:.3f}" for k, v in recovered.items()))
+    trainable = sum(w.numel() for w in weights.values())
+    runs.record(task, "bake", f"baked {cfg.TEACHER} (LoRA r{cfg.LORA_RANK}, {', '.join(cfg.LORA_TARGETS)})", 0,
+                scoring.predict(task, student), run_dir, log, trainable, status)
+
+
+if __name__ == "__main__":
+    cli.main(run, SETTINGS)

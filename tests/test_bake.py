@@ -1,0 +1,107 @@
+"""bake.py on the tiny model: a text prompt and a primer baked into LoRA weights, the student's start, the teacher's
+logits, resume after a kill, re-scoring a saved adapter, and its errors."""
+import glob
+import json
+import os
+import re
+import types
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import bake
+import cli
+import frozen
+import ledger
+import primers
+import runs
+from conftest import overrides, run_until_first_checkpoint
+from layouts import assemble, make_layout
+
+LORA_PARAMS_PER_RANK = 2 * (64 + 64 + 64 + 32 + 64 + 32 + 64 + 64)  # tiny: 2 layers of q, k, v (2 kv heads of 16), o
+
+
+def bake_args(tiny, out, *more: str) -> list[str]:
+    return overrides(tiny, out) + ["--lora_rank=4", "--rate_by_epoch=[1e-2, 1e-2, 1e-2]", *more]
+
+
+@pytest.fixture(scope="module")
+def baked(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bake")
+    bake.run(cli.configure(bake_args(tiny, out, "--val_limit=20"), bake.SETTINGS))
+    (run_dir,) = glob.glob(f"{out}/results/*-bake")
+    return types.SimpleNamespace(out=out, run_dir=run_dir)
+
+
+def test_baking_a_text_prompt_lowers_the_kl_and_writes_its_adapter_row_and_validation(baked):
+    log = pd.read_csv(f"{baked.run_dir}/losses.csv")
+    tenth = len(log) // 10
+    assert log["loss"][-tenth:].mean() < 0.5 * log["loss"][:tenth].mean()
+    validation = pd.read_csv(f"{baked.run_dir}/validation.csv")
+    assert list(validation["epoch"]) == [1, 2, 3] and {"kl", "agreement", "score"} <= set(validation.columns)
+    assert os.path.isfile(f"{baked.run_dir}/adapter/adapter_model.safetensors")
+    (row,) = ledger.rows(f"{baked.out}/results")
+    assert row["method"] == "baked long (LoRA r4, q_proj, k_proj, v_proj, o_proj)"
+    assert row["trainable_params"] == 4 * LORA_PARAMS_PER_RANK and row["samples"] == 80
+    recovered = json.load(open(f"{baked.run_dir}/bake.json"))
+    assert 0 <= recovered["agreement"] <= 1 and recovered["kl"] >= 0 and 0 <= recovered["teacher_score"] <= 1
+
+
+def test_a_saved_adapter_scores_the_same_counts(baked, tiny):
+    bake.run(cli.configure(bake_args(tiny, baked.out, f"--adapter_path={baked.run_dir}/adapter"), bake.SETTINGS))
+    first, again = ledger.rows(f"{baked.out}/results")
+    assert again["method"].startswith("saved baked adapter")
+    assert (again["correct"], again["restricted_correct"]) == (first["correct"], first["restricted_correct"])
+
+
+def test_the_student_starts_as_the_unprompted_model_and_the_teacher_is_the_plain_model(tiny, tmp_path):
+    task = runs.setup(cli.configure(bake_args(tiny, tmp_path), bake.SETTINGS), with_train=False)
+    plain, idx = make_layout(task, None), torch.arange(12)
+    ids, lengths = assemble(plain, task.test, idx)
+    before = frozen.forward(task.model, ids, lengths, plain).logits
+    task.model = bake.with_adapter(task)
+    assert torch.equal(frozen.forward(task.model, ids, lengths, plain).logits, before)  # B starts at zero
+    with torch.no_grad():
+        for name, p in task.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    assert not torch.allclose(frozen.forward(task.model, ids, lengths, plain).logits, before)
+    with task.model.disable_adapter():
+        assert torch.equal(frozen.forward(task.model, ids, lengths, plain).logits, before)
+
+
+def test_baking_a_primer_resumes_bitwise_after_a_kill(tiny, tmp_path, monkeypatch):
+    task = runs.setup(cli.configure(overrides(tiny, tmp_path)), with_train=False)
+    primers.save_primer(str(tmp_path), primers.init_primer(task.model, 4, 0), tiny.model_dir, "system")
+    args = bake_args(tiny, tmp_path, "--teacher=primer", f"--primer_path={tmp_path}/primer.safetensors", "--batch_size=4",
+                     "--checkpoint_every=5")
+    bake.run(cli.configure(args + [f"--results_dir={tmp_path}/straight"], bake.SETTINGS))
+    (straight,) = glob.glob(f"{tmp_path}/straight/*-bake")
+    killed = f"{tmp_path}/killed"
+    run_until_first_checkpoint(lambda: bake.run(cli.configure(args + [f"--results_dir={killed}"], bake.SETTINGS)), monkeypatch)
+    (killed,) = glob.glob(f"{killed}/*-bake")
+    assert not os.path.exists(f"{killed}/adapter")
+    bake.run(cli.configure([f"--resume={killed}"], bake.SETTINGS))
+    first, second = (load_file(f"{run}/adapter/adapter_model.safetensors") for run in (straight, killed))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    (row,) = ledger.rows(f"{tmp_path}/killed")
+    assert row["method"].startswith("baked primer (LoRA r4")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("--teacher=medium", "--teacher='medium' is not one of long, short, text:<words>, primer"),
+    ("--teacher=primer", "--teacher=primer needs --primer_path="),
+    ("--lora_rank=0", "--lora_rank=0 must be at least 1"),
+    ("--lora_targets=['attention']", "--lora_targets=['attention'] names no module of this model"),
+    ("--adapter_path=nowhere", "--adapter_path=nowhere holds no adapter"),
+    ("--primer_path=WIDE", "--primer_path=WIDE holds vectors of shape (4, 32), but this model's embeddings are 64 wide"),
+])
+def test_bad_settings_are_one_line_errors(tiny, tmp_path, setting, message):
+    if "WIDE" in setting:
+        save_file({"primer": torch.zeros(4, 32)}, f"{tmp_path}/wide.safetensors")
+        setting, message = (s.replace("WIDE", f"{tmp_path}/wide.safetensors") for s in (setting, message))
+        setting = [setting, "--teacher=primer"]
+    with pytest.raises(cli.UserError, match="^" + re.escape(message)):
+        bake.run(cli.configure(bake_args(tiny, tmp_path, *([setting] if isinstance(setting, str) else setting)), bake.SETTINGS))
