@@ -111,14 +111,14 @@ def fit_layers(cfg, train: dict, val: dict, y_train: np.ndarray, y_val: np.ndarr
     return pd.DataFrame(rows), fitted
 
 
-def save_linear(run_dir: str, probe, layer: int, pooling: str) -> None:
+def save_linear(run_dir: str, probe, cfg, layer: int, pooling: str) -> None:
     """The chosen linear probe as one direction in the model's activation space: logit = features @ weight + bias."""
     scaler, logistic = probe[0], probe[-1]
     weight = logistic.coef_[0] / scaler.scale_
     bias = logistic.intercept_[0] - float(weight @ scaler.mean_)
     with cli.atomic_path(os.path.join(run_dir, "probe.safetensors")) as tmp:
         save_file({"weight": torch.tensor(weight, dtype=torch.float32), "bias": torch.tensor([bias], dtype=torch.float32)},
-                  tmp, metadata={"layer": str(layer), "pooling": pooling})
+                  tmp, metadata={"layer": str(layer), "pooling": pooling, "condition": cfg.CONDITION, "model_id": cfg.MODEL_ID})
 
 
 def run(cfg) -> None:
@@ -147,7 +147,7 @@ def run(cfg) -> None:
     predictions = {"label": task.test.labels.clone(), "answer": task.label_ids.cpu()[logprobs.argmax(-1)],
                    "logprobs": logprobs, "seconds": time.perf_counter() - start}
     if cfg.PROBE == "linear":
-        save_linear(run_dir, probe, layer, pooling)
+        save_linear(run_dir, probe, cfg, layer, pooling)
     prompt = "" if cfg.CONDITION == "none" else f", {cfg.CONDITION}"
     runs.record(task, "probe", f"{cfg.PROBE} probe (layer {layer}, {pooling}{prompt})", layout.prompt_tokens, predictions,
                 run_dir, trainable_params=probe_params(cfg, train[pooling].shape[-1]), samples=len(sample),

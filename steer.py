@@ -20,7 +20,7 @@ from typing import Optional
 import pandas as pd
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import activations
 import cli
@@ -57,7 +57,7 @@ GENERATE_COEFFICIENTS = [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]  # multiples of t
 SAMPLES = 4  # answers sampled per prompt and coefficient
 MAX_NEW_TOKENS = 48  # tokens sampled per answer
 TEMPERATURE = 0.8  # sampling temperature
-JUDGE_PATH = None  # a primer.safetensors of experiment.py: its model scores each answer as a review, positive or negative
+JUDGE_PATH = None  # the classifier of each answer as a review: a run's primer.safetensors (experiment.py) or probe.safetensors (probe.py)
 SETTINGS = {name: value for name, value in dict(globals()).items() if name.isupper()}  # this script's own, for cli
 VECTORS = ("pair", "mean", "learned")
 
@@ -236,12 +236,22 @@ def sample(task, messages: list[str], steer: Optional[Steer]) -> tuple[list[str]
 
 
 def judge(task, texts: list[str]) -> torch.Tensor:
-    """Each text's probability of being positive, between the two labels, under JUDGE_PATH's primer."""
-    cfg = task.cfg
-    primer = primers.load_primer(cfg.JUDGE_PATH, task.model, cfg.PRIMER_POSITION)
-    layout = make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION)
+    """Each text's probability of being positive: between the two labels under JUDGE_PATH's primer, or by the linear
+    probe of probe.py (condition none) that JUDGE_PATH holds."""
+    cfg, path = task.cfg, task.cfg.JUDGE_PATH
     tokens, offsets, _ = data.tokenize(task.tokenizer, texts, cfg.MAX_REVIEW_TOKENS)
     split = data.Split(tokens, offsets, torch.zeros(len(texts), dtype=torch.long), {})
+    with safe_open(path, "pt") as f:
+        probe = "weight" in f.keys() and f.metadata()
+    if probe:
+        if probe["condition"] != "none":
+            raise cli.UserError(f"--judge_path={path} is a probe of condition {probe['condition']}: give one of condition none")
+        tensors = load_file(path)
+        layer, pooling = int(probe["layer"]), probe["pooling"]
+        features = activations.extract(task, make_layout(task, None), split, (layer,), (pooling,), desc="judge")[pooling][0]
+        return torch.sigmoid(features @ tensors["weight"] + tensors["bias"])
+    primer = primers.load_primer(path, task.model, cfg.PRIMER_POSITION)
+    layout = make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION)
     logprobs = scoring.predict(task, layout, primer, split)["logprobs"]
     return (logprobs[:, 1] - logprobs.logsumexp(-1)).exp()
 
@@ -250,7 +260,8 @@ def generate(cfg) -> None:
     """Sampled answers at each coefficient of the sentiment vector and for text prompts asking for a positive or a
     negative answer, judged; the share judged positive and the fluency per coefficient, printed and drawn."""
     if not cfg.JUDGE_PATH:
-        raise cli.UserError("--generate=True judges each answer with a trained primer: set --judge_path=results/<run id>/primer.safetensors")
+        raise cli.UserError("--generate=True judges each answer with a trained classifier: set --judge_path to a run's "
+                            "primer.safetensors or probe.safetensors")
     if cfg.SENTIMENT not in ("pair", "reviews"):
         raise cli.UserError(f"--sentiment={cfg.SENTIMENT!r} is not one of pair, reviews")
     messages = user_messages(cfg)

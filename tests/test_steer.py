@@ -8,7 +8,7 @@ import types
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import cli
 import frozen
@@ -134,14 +134,19 @@ def judge_primer(tiny, tmp_path_factory) -> str:
     return f"{out}/primer.safetensors"
 
 
-def test_generation_writes_every_answer_its_judgement_and_the_curve(tiny, tmp_path, judge_primer):
+@pytest.mark.parametrize("judge", ["primer", "probe"])
+def test_generation_writes_every_answer_its_judgement_and_the_curve(tiny, tmp_path, judge_primer, judge):
+    if judge == "probe":  # a linear probe's file as probe.py writes it
+        judge_primer = f"{tmp_path}/probe.safetensors"
+        save_file({"weight": torch.randn(64, generator=torch.Generator().manual_seed(0)), "bias": torch.zeros(1)}, judge_primer,
+                  metadata={"layer": "1", "pooling": "mean", "condition": "none", "model_id": tiny.model_dir})
     steer.run(cli.configure(steer_args(tiny, tmp_path, "--generate=True", f"--judge_path={judge_primer}", "--samples=2",
                                        "--max_new_tokens=8", "--generate_coefficients=[-1.0, 0.0, 1.0]", "--sentiment=reviews"),
                             steer.SETTINGS))
     (run,) = glob.glob(f"{tmp_path}/results/*-steer")
     answers = pd.read_csv(f"{run}/generations.csv", keep_default_na=False)
     assert len(answers) == 5 * 3 * 2  # (3 coefficients + 2 text prompts) x 3 user messages x 2 samples
-    assert answers["p_positive"].between(0, 1).all() and (answers["fluency"] < 0).all()
+    assert answers["p_positive"].between(0, 1).all() and answers["p_positive"].nunique() > 1 and (answers["fluency"] < 0).all()
     assert list(answers["prompt"][:2]) == [steer.GENERATE_PROMPTS[0]] * 2
     summary = pd.read_csv(f"{run}/generation_summary.csv")
     assert list(summary["steering"]) == ["vector at layer 1"] * 3 + ["prompt: make it positive", "prompt: make it negative"]
@@ -163,7 +168,7 @@ def test_generation_is_independent_of_batch_mates_and_coefficient_zero_is_unstee
 
 
 @pytest.mark.parametrize("setting, message", [
-    ("--judge_path=None", "--generate=True judges each answer with a trained primer: set --judge_path="),
+    ("--judge_path=None", "--generate=True judges each answer with a trained classifier: set --judge_path"),
     ("--sentiment=joy", "--sentiment='joy' is not one of pair, reviews"),
     ("--prompts_file=nowhere.txt", "--prompts_file=nowhere.txt does not exist"),
 ])
