@@ -9,14 +9,18 @@ answers like the frozen model *with* it (prompt baking, context distillation).
 
 The teacher is the same model with the adapter disabled and the prompt in place; the student has the adapter and no
 prompt. The loss is KL(teacher || student) over the whole vocabulary, in float32, at the answer position of each
-training review. The test split is scored once, for the student, the teacher, and how much of the teacher's
+training review, and with --continuations=k also along k answers the prompted teacher samples to each review. The test split is scored once, for the student, the teacher, and how much of the teacher's
 behaviour the student recovered (argmax agreement, mean KL).
 """
 import json
 import os
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 import cli
 import frozen
@@ -27,16 +31,20 @@ import prompt_short
 import runs
 import scoring
 import training
-from layouts import Layout, assemble, make_layout
+from layouts import Layout, assemble, make_layout, stop_token_ids
 
 TEACHER = "long"  # the prompt baked in: "long", "short" (those scripts' prompts), "text:<words>" (a system message) or "primer" (PRIMER_PATH)
 LORA_RANK = 8  # rank of each LoRA update
 LORA_ALPHA = 16  # LoRA's scale numerator: updates are scaled by LORA_ALPHA / LORA_RANK
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # names of the modules that get an adapter: the attention projections
-RATE_BY_EPOCH = [1e-3, 3e-4, 1e-4]  # (config.py's are in embedding stds) Adam's rates for the LoRA weights, one epoch each
+RATE_BY_EPOCH = [1e-3, 3e-4, 1e-4]  # (config.py's are for primers) Adam's rates for the LoRA weights, one epoch each
+RATE_SCALE = "absolute"  # (config.py has "embedding") LoRA weights have no embedding scale: the rates are Adam's own
+CONTINUATIONS = 0  # answers the prompted teacher samples per training review, once per run: their positions join the loss (prompt baking's recipe)
+CONTINUATION_TOKENS = 16  # tokens per sampled answer
+CONTINUATION_TEMPERATURE = 1.0  # temperature the teacher samples them at
 RESCORE_WITH_PROMPT = False  # also score the baked student with the teacher's prompt in place (re-prompting)
 ADAPTER_PATH = None  # a saved adapter folder (results/<run id>/adapter): score it, no training
-SETTINGS = {name: value for name, value in dict(globals()).items() if name.isupper()}  # this script's own, for cli
+SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
 PROMPTS = {"short": prompt_short, "long": prompt_long}
 
 
@@ -46,8 +54,16 @@ def check(cfg) -> None:
         raise cli.UserError(f"--teacher={cfg.TEACHER!r} is not one of long, short, text:<words>, primer")
     if cfg.TEACHER == "primer" and not cfg.PRIMER_PATH:
         raise cli.UserError("--teacher=primer needs --primer_path=results/<run id>/primer.safetensors")
+    if cfg.RATE_SCALE != "absolute":
+        raise cli.UserError(f"--rate_scale={cfg.RATE_SCALE!r}: a LoRA adapter's rates are Adam's own, --rate_scale=absolute")
     if cfg.LORA_RANK < 1:
         raise cli.UserError(f"--lora_rank={cfg.LORA_RANK} must be at least 1")
+    if cfg.CONTINUATIONS and (cfg.CONTINUATION_TOKENS < 1 or cfg.CONTINUATION_TEMPERATURE <= 0):
+        raise cli.UserError(f"--continuation_tokens={cfg.CONTINUATION_TOKENS} must be at least 1 and "
+                            f"--continuation_temperature={cfg.CONTINUATION_TEMPERATURE} above 0")
+    if cfg.CONTINUATIONS and cfg.TEACHER == "primer" and cfg.PRIMER_POSITION == "suffix":
+        raise cli.UserError("--continuations needs the teacher's prompt before the review: a primer at "
+                            "--primer_position=suffix sits where the answer goes")
     if cfg.ADAPTER_PATH and not os.path.isfile(os.path.join(cfg.ADAPTER_PATH, "adapter_config.json")):
         raise cli.UserError(f"--adapter_path={cfg.ADAPTER_PATH} holds no adapter (no adapter_config.json): give results/<run id>/adapter")
 
@@ -84,9 +100,50 @@ def load_adapter(task, path: str) -> torch.nn.Module:
                             f"use an adapter baked on this model") from e
 
 
-def answer_logits(task, layout: Layout, split, idx: torch.Tensor, primer=None) -> torch.Tensor:
+def answer_logits(task, layout: Layout, split, idx: torch.Tensor, primer=None,
+                  answers: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Logits [B, vocab] at the answer position of reviews idx; with answer tokens [B, T] appended after the prompt,
+    at the answer position and after each of them, [B, T + 1, vocab]."""
     ids, lengths = assemble(layout, split, idx)
-    return frozen.forward(task.model, ids.to(task.device), lengths.to(task.device), layout, primer).logits
+    if answers is not None:
+        ids = F.pad(ids, (0, answers.shape[1]))
+        ids.scatter_(1, lengths[:, None] + torch.arange(answers.shape[1]), answers.cpu())
+        lengths = lengths + answers.shape[1]
+    span = 1 if answers is None else answers.shape[1] + 1
+    return frozen.forward(task.model, ids.to(task.device), lengths.to(task.device), layout, primer, span=span).logits
+
+
+@torch.inference_mode()
+def sample_continuations(task, teacher: Layout, primer) -> torch.Tensor:
+    """CONTINUATIONS answers [n, CONTINUATIONS, CONTINUATION_TOKENS] the prompted teacher samples to each training
+    review (adapter disabled), token by token."""
+    cfg, train = task.cfg, task.train
+    found = torch.zeros(len(train), cfg.CONTINUATIONS, cfg.CONTINUATION_TOKENS, dtype=torch.long, device=task.device)
+    torch.manual_seed(cfg.SEED)
+    for idx in tqdm(parallel.shard(train.lengths.argsort(descending=True)).split(cfg.SCORE_BATCH_SIZE), desc="teacher answers",
+                    unit="batch", disable=not parallel.is_main()):
+        rows, answers = idx.repeat_interleave(cfg.CONTINUATIONS), torch.zeros(len(idx) * cfg.CONTINUATIONS, 0, dtype=torch.long)
+        for _ in range(cfg.CONTINUATION_TOKENS):
+            with task.model.disable_adapter():
+                logits = answer_logits(task, teacher, train, rows, primer, answers)
+            logits = logits if answers.shape[1] == 0 else logits[:, -1]
+            answers = torch.cat([answers, torch.multinomial((logits / cfg.CONTINUATION_TEMPERATURE).softmax(-1), 1).cpu()], 1)
+        found[idx.to(task.device)] = answers.view(len(idx), cfg.CONTINUATIONS, -1).to(task.device)
+    return parallel.sum_across(found).cpu()
+
+
+def continuations(task, teacher: Layout, primer, run_dir: str) -> Optional[torch.Tensor]:
+    """The teacher's sampled answers of this run: made once and kept in the run folder, so a resume trains on the same."""
+    if not task.cfg.CONTINUATIONS:
+        return None
+    path = os.path.join(run_dir, "continuations.safetensors")
+    if os.path.exists(path):
+        return load_file(path)["answers"]
+    answers = sample_continuations(task, teacher, primer)
+    if parallel.is_main():
+        with cli.atomic_path(path) as tmp:
+            save_file({"answers": answers}, tmp)
+    return answers
 
 
 def kl_divergence(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
@@ -95,16 +152,27 @@ def kl_divergence(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return (teacher.exp() * (teacher - student)).sum(-1)
 
 
-def loss_of(task, student: Layout, teacher: Layout, primer) -> training.LossOf:
-    """training.LossOf: the mean KL from the prompted, adapter-disabled teacher to the unprompted student."""
+def loss_of(task, student: Layout, teacher: Layout, primer, answers: Optional[torch.Tensor]) -> training.LossOf:
+    """training.LossOf: the KL from the prompted, adapter-disabled teacher to the unprompted student at the answer
+    position, and with `answers` [n, k, T] also after each token of the review's k sampled answers (up to the end of
+    the turn), averaged over positions and answers."""
     weights = [p for p in task.model.parameters() if p.requires_grad]
+    stops = stop_token_ids(task.tokenizer, task.model)
 
     def shard_loss(shard: torch.Tensor, batch_size: int) -> torch.Tensor:
         if not len(shard):  # an empty shard's zero still joins the gradient sum under accelerate
             return sum(w.sum() for w in weights) * 0.0
+        rows, tokens = shard, None
+        if answers is not None:
+            rows, tokens = shard.repeat_interleave(answers.shape[1]), answers[shard].flatten(0, 1)
         with torch.no_grad(), task.model.disable_adapter():
-            target = answer_logits(task, teacher, task.train, shard, primer)
-        return kl_divergence(target, answer_logits(task, student, task.train, shard)).sum() / batch_size
+            target = answer_logits(task, teacher, task.train, rows, primer, tokens)
+        kl = kl_divergence(target, answer_logits(task, student, task.train, rows, answers=tokens))
+        if tokens is None:
+            return kl.sum() / batch_size
+        after_end = torch.isin(tokens, stops).long().cumsum(1) > 0  # positions that follow the end of the turn
+        kept = torch.cat([torch.ones_like(after_end[:, :1]), ~after_end], 1).to(kl.device)
+        return ((kl * kept).sum(1) / kept.sum(1)).sum() / (batch_size * answers.shape[1])
     return shard_loss
 
 
@@ -123,8 +191,6 @@ def agreement(task, student: Layout, teacher: Layout, primer, split) -> dict:
 
 def run(cfg) -> None:
     check(cfg)
-    if cfg.RATE_SCALE != "absolute" and not cfg.ADAPTER_PATH:
-        print("note: LoRA rates are Adam's own: RATE_BY_EPOCH is used as it is (RATE_SCALE applies to primers)", flush=True)
     task = runs.setup(cfg, with_train=not cfg.ADAPTER_PATH)
     teacher, primer = teacher_layout(task)
     student = make_layout(task, None)
@@ -138,7 +204,8 @@ def run(cfg) -> None:
     evaluate = None
     if task.val is not None:
         evaluate = lambda: {**scoring.score(task, student, split=task.val), **agreement(task, student, teacher, primer, task.val)}
-    log, status = training.train(task, weights, loss_of(task, student, teacher, primer), run_dir, evaluate, script="bake.py")
+    answers = continuations(task, teacher, primer, run_dir)
+    log, status = training.train(task, weights, loss_of(task, student, teacher, primer, answers), run_dir, evaluate, script="bake.py")
     if parallel.is_main():
         task.model.save_pretrained(os.path.join(run_dir, "adapter"))  # safetensors; its folder is the ADAPTER_PATH
     with task.model.disable_adapter():

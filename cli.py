@@ -30,6 +30,11 @@ def defaults() -> dict[str, Any]:
     return {k: v for k, v in vars(config).items() if k.isupper()}
 
 
+def own_settings(namespace: dict[str, Any]) -> dict[str, Any]:
+    """A script's own settings, for main(run, extra): the uppercase constants of its globals() (not imported modules)."""
+    return {k: v for k, v in namespace.items() if k.isupper() and not isinstance(v, types.ModuleType)}
+
+
 def parse_value(text: str) -> Any:
     try:
         return ast.literal_eval(text)

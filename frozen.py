@@ -24,7 +24,7 @@ class Steer:
 
 @dataclass
 class Output:
-    logits: torch.Tensor  # float32 [B, vocab] at each row's last real position
+    logits: torch.Tensor  # float32 [B, vocab] at each row's last real position ([B, span, vocab] at its last span)
     last: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> float32 [B, hidden] at the last position
     mean: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> float32 [B, hidden] over the review's positions
 
@@ -74,15 +74,17 @@ def freeze(model: torch.nn.Module, checkpointing: bool) -> torch.nn.Module:
 
 
 def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, layout: Layout,
-            primer: Optional[torch.Tensor] = None, steer: Optional[Steer] = None, layers: tuple[int, ...] = ()) -> Output:
-    """Float32 next-token logits at each row's last real position, with primer ([k, hidden] for every row, or
-    [B, k, hidden] one per row) spliced into the layout's slot and `steer` added; with `layers` (0 the embeddings,
-    l the output of decoder layer l) also their hidden states at the last position and averaged over the review.
+            primer: Optional[torch.Tensor] = None, steer: Optional[Steer] = None, layers: tuple[int, ...] = (),
+            span: int = 1) -> Output:
+    """Float32 next-token logits at each row's last real position (at its last `span` ones, [B, span, vocab], when
+    span > 1), with primer ([k, hidden] for every row, or [B, k, hidden] one per row) spliced into the layout's slot
+    and `steer` added; with `layers` (0 the embeddings, l the output of decoder layer l) also their hidden states at
+    the last position and averaged over the review.
 
     Right padding with an attention mask and explicit positions keeps every row independent of its batch mates; the
     LM head runs only at the last real positions. A primer after the review runs on a cache of the rest
     (suffix_logits). The decoder is reached through the public accessors, so a peft-wrapped model works too."""
-    if layout.in_suffix and primer is not None and primer.dim() == 2 and steer is None and not layers:
+    if layout.in_suffix and primer is not None and primer.dim() == 2 and steer is None and not layers and span == 1:
         return Output(suffix_logits(model, ids, lengths, layout, primer))
     embeds = model.get_input_embeddings()(ids)
     if primer is not None:
@@ -105,7 +107,10 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, la
     with hooks(model, steer, positions >= (lengths - len(layout.suffix))[:, None], layers, keep):
         hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=positions.expand_as(ids),
                                      use_cache=False).last_hidden_state
-    return Output(float32_logits(model, hidden[rows, lengths - 1]), last, mean)
+    if span == 1:
+        return Output(float32_logits(model, hidden[rows, lengths - 1]), last, mean)
+    columns = lengths[:, None] - span + torch.arange(span, device=ids.device)
+    return Output(float32_logits(model, hidden[rows[:, None], columns]), last, mean)
 
 
 @contextlib.contextmanager
@@ -159,7 +164,7 @@ def suffix_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tens
 
 
 def float32_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head in float32 on hidden states [B, hidden]: in bfloat16 logits step by about 0.1 at Llama's
+    """The LM head in float32 on hidden states [..., hidden]: in bfloat16 logits step by about 0.1 at Llama's
     magnitudes, so close label logits would tie and argmax would take the first."""
     head = model.get_output_embeddings()
     bias = None if head.bias is None else head.bias.float()

@@ -40,7 +40,7 @@ PROBE_TRAIN = 5600  # training reviews the probes are fit on: a seeded, label-ba
 VAL_LIMIT = 1000  # (config.py has 0) reviews held out of training, on which C, layer and pooling are chosen
 PROBE_C = [1e-3, 1e-2, 1e-1, 1.0]  # inverse L2 strengths tried at each layer and pooling ("mlp": its alpha is 1/C)
 PROBE_HIDDEN = 256  # hidden units of the "mlp" probe
-SETTINGS = {name: value for name, value in dict(globals()).items() if name.isupper()}  # this script's own, for cli
+SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
 PROMPTS = {"short": prompt_short, "long": prompt_long}
 
 

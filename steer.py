@@ -34,7 +34,7 @@ import runs
 import scoring
 import training
 from frozen import Steer
-from layouts import encode, make_layout, prompt_text
+from layouts import encode, make_layout, prompt_text, stop_token_ids
 
 VECTOR = "mean"  # the vector's source: "pair" (ActAdd), "mean" (prompted minus unprompted activations), "learned" (Adam)
 PAIR = [prompt_short.SYSTEM, ""]  # "pair": two system messages; the vector is the first's activation minus the second's
@@ -58,7 +58,7 @@ SAMPLES = 4  # answers sampled per prompt and coefficient
 MAX_NEW_TOKENS = 48  # tokens sampled per answer
 TEMPERATURE = 0.8  # sampling temperature
 JUDGE_PATH = None  # the classifier of each answer as a review: a run's primer.safetensors (experiment.py) or probe.safetensors (probe.py)
-SETTINGS = {name: value for name, value in dict(globals()).items() if name.isupper()}  # this script's own, for cli
+SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
 VECTORS = ("pair", "mean", "learned")
 
 
@@ -225,8 +225,7 @@ def sample(task, messages: list[str], steer: Optional[Steer]) -> tuple[list[str]
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.TEMPERATURE, top_k=0,
                              top_p=1.0, max_new_tokens=cfg.MAX_NEW_TOKENS, pad_token_id=pad)
     answer = out[:, width:]
-    stops = torch.tensor(sorted({tok.eos_token_id, *torch.tensor(model.generation_config.eos_token_id or []).view(-1).tolist()}))
-    ended = torch.isin(answer, stops.to(answer.device)).long().cumsum(1)
+    ended = torch.isin(answer, stop_token_ids(tok, model).to(answer.device)).long().cumsum(1)
     kept = (ended == 0).long()  # the answer's tokens before its end-of-turn token
     full = torch.cat([mask, kept], 1)
     logits = model(input_ids=out, attention_mask=full, position_ids=(full.cumsum(1) - 1).clamp(min=0)).logits[:, width - 1:-1]

@@ -72,17 +72,20 @@ def test_the_student_starts_as_the_unprompted_model_and_the_teacher_is_the_plain
         assert torch.equal(frozen.forward(task.model, ids, lengths, plain).logits, before)
 
 
-def test_baking_a_primer_resumes_bitwise_after_a_kill(tiny, tmp_path, monkeypatch):
+def test_baking_a_primer_along_sampled_answers_resumes_bitwise_after_a_kill(tiny, tmp_path, monkeypatch):
     task = runs.setup(cli.configure(overrides(tiny, tmp_path)), with_train=False)
     primers.save_primer(str(tmp_path), primers.init_primer(task.model, 4, 0), tiny.model_dir, "system")
     args = bake_args(tiny, tmp_path, "--teacher=primer", f"--primer_path={tmp_path}/primer.safetensors", "--batch_size=4",
-                     "--checkpoint_every=5")
+                     "--checkpoint_every=5", "--continuations=1", "--continuation_tokens=3")
     bake.run(cli.configure(args + [f"--results_dir={tmp_path}/straight"], bake.SETTINGS))
     (straight,) = glob.glob(f"{tmp_path}/straight/*-bake")
     killed = f"{tmp_path}/killed"
     run_until_first_checkpoint(lambda: bake.run(cli.configure(args + [f"--results_dir={killed}"], bake.SETTINGS)), monkeypatch)
     (killed,) = glob.glob(f"{killed}/*-bake")
     assert not os.path.exists(f"{killed}/adapter")
+    sampled = load_file(f"{killed}/continuations.safetensors")["answers"]
+    assert sampled.shape == (100, 1, 3)
+    monkeypatch.setattr(bake, "sample_continuations", lambda *args: pytest.fail("a resume samples the teacher's answers again"))
     bake.run(cli.configure([f"--resume={killed}"], bake.SETTINGS))
     first, second = (load_file(f"{run}/adapter/adapter_model.safetensors") for run in (straight, killed))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
@@ -90,18 +93,32 @@ def test_baking_a_primer_resumes_bitwise_after_a_kill(tiny, tmp_path, monkeypatc
     assert row["method"].startswith("baked primer (LoRA r4")
 
 
-@pytest.mark.parametrize("setting, message", [
+def test_logits_along_appended_answers_are_each_rows_own(tiny, tmp_path):
+    task = runs.setup(cli.configure(overrides(tiny, tmp_path)), with_train=False)
+    layout, idx = make_layout(task, "Be brief."), torch.tensor([0, 7, 3])  # reviews of different lengths
+    answers = torch.randint(10, 300, (3, 4), generator=torch.Generator().manual_seed(0))
+    logits = bake.answer_logits(task, layout, task.test, idx, answers=answers)
+    assert logits.shape == (3, 5, task.model.config.vocab_size)
+    for row, i in enumerate(idx.tolist()):
+        ids, lengths = assemble(layout, task.test, torch.tensor([i]))
+        alone = task.model(input_ids=torch.cat([ids[0, :lengths[0]], answers[row]])[None]).logits[0, -5:]
+        torch.testing.assert_close(logits[row], alone.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("settings, message", [
     ("--teacher=medium", "--teacher='medium' is not one of long, short, text:<words>, primer"),
     ("--teacher=primer", "--teacher=primer needs --primer_path="),
     ("--lora_rank=0", "--lora_rank=0 must be at least 1"),
+    ("--rate_scale=embedding", "--rate_scale='embedding': a LoRA adapter's rates are Adam's own"),
+    ("--continuations=1 --teacher=primer --primer_path=x --primer_position=suffix",
+     "--continuations needs the teacher's prompt before the review"),
     ("--lora_targets=['attention']", "--lora_targets=['attention'] names no module of this model"),
     ("--adapter_path=nowhere", "--adapter_path=nowhere holds no adapter"),
-    ("--primer_path=WIDE", "--primer_path=WIDE holds vectors of shape (4, 32), but this model's embeddings are 64 wide"),
+    ("--teacher=primer --primer_path=WIDE", "--primer_path=WIDE holds vectors of shape (4, 32), but this model's embeddings are 64 wide"),
 ])
-def test_bad_settings_are_one_line_errors(tiny, tmp_path, setting, message):
-    if "WIDE" in setting:
-        save_file({"primer": torch.zeros(4, 32)}, f"{tmp_path}/wide.safetensors")
-        setting, message = (s.replace("WIDE", f"{tmp_path}/wide.safetensors") for s in (setting, message))
-        setting = [setting, "--teacher=primer"]
+def test_bad_settings_are_one_line_errors(tiny, tmp_path, settings, message):
+    wide = f"{tmp_path}/wide.safetensors"
+    save_file({"primer": torch.zeros(4, 32)}, wide)
+    settings, message = settings.replace("WIDE", wide), message.replace("WIDE", wide)
     with pytest.raises(cli.UserError, match="^" + re.escape(message)):
-        bake.run(cli.configure(bake_args(tiny, tmp_path, *([setting] if isinstance(setting, str) else setting)), bake.SETTINGS))
+        bake.run(cli.configure(bake_args(tiny, tmp_path, *settings.split()), bake.SETTINGS))
