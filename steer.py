@@ -23,9 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import activations
+import chat
 import cli
 import data
-import frozen
 import plots
 import primers
 import prompt_long
@@ -34,7 +34,7 @@ import runs
 import scoring
 import training
 from frozen import Steer
-from layouts import encode, make_layout, prompt_text, stop_token_ids
+from layouts import make_layout
 
 VECTOR = "mean"  # the vector's source: "pair" (ActAdd), "mean" (prompted minus unprompted activations), "learned" (Adam)
 PAIR = [prompt_short.SYSTEM, ""]  # "pair": two system messages; the vector is the first's activation minus the second's
@@ -211,27 +211,13 @@ def sentiment_steer(task, layer: int, coefficient: float) -> Steer:
     return Steer(difference / difference.norm() * norm, (layer,), coefficient)
 
 
-@torch.inference_mode()
 def sample(task, messages: list[str], steer: Optional[Steer]) -> tuple[list[str], torch.Tensor]:
     """SAMPLES answers to each user message, steered, and each answer's mean token log-probability under the
     unsteered model (a fluency proxy). Seeded by SEED alone, so every coefficient draws the same random numbers."""
-    cfg, tok, model = task.cfg, task.tokenizer, task.model
-    prompts = [encode(tok, prompt_text(tok, None, m, cfg.TEMPLATE_KWARGS)) for m in messages for _ in range(cfg.SAMPLES)]
-    width, pad = max(map(len, prompts)), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=task.device)  # left-padded for generate
-    mask = (torch.arange(width, device=task.device) >= width - torch.tensor([len(p) for p in prompts], device=task.device)[:, None]).long()
-    torch.manual_seed(cfg.SEED)
-    with frozen.hooks(model, steer):
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.TEMPERATURE, top_k=0,
-                             top_p=1.0, max_new_tokens=cfg.MAX_NEW_TOKENS, pad_token_id=pad)
-    answer = out[:, width:]
-    ended = torch.isin(answer, stop_token_ids(tok, model).to(answer.device)).long().cumsum(1)
-    kept = (ended == 0).long()  # the answer's tokens before its end-of-turn token
-    full = torch.cat([mask, kept], 1)
-    logits = model(input_ids=out, attention_mask=full, position_ids=(full.cumsum(1) - 1).clamp(min=0)).logits[:, width - 1:-1]
-    logprobs = logits.float().log_softmax(-1).gather(-1, answer[:, :, None])[..., 0]
-    fluency = (logprobs * kept).sum(1) / kept.sum(1).clamp(min=1)
-    return tok.batch_decode(answer * kept + pad * (1 - kept), skip_special_tokens=True), fluency.cpu()
+    cfg = task.cfg
+    answers = chat.sample(task.model, task.tokenizer, [m for m in messages for _ in range(cfg.SAMPLES)], cfg.TEMPLATE_KWARGS,
+                          cfg.MAX_NEW_TOKENS, cfg.TEMPERATURE, cfg.SEED, steer)
+    return answers.texts, chat.mean_logprob(task.model, answers)
 
 
 def judge(task, texts: list[str]) -> torch.Tensor:
