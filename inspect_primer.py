@@ -11,7 +11,6 @@ import os
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 import cli
 import layouts
@@ -35,19 +34,6 @@ def configure(argv: list[str]) -> SimpleNamespace:
     if any(arg.startswith("--primer_path=") for arg in overrides):
         raise cli.UserError("the run folder names the primer: drop --primer_path")
     return cli.run_config(run_dir, overrides + [f"--primer_path={files['primer.safetensors']!r}"])
-
-
-@torch.inference_mode()
-def nearest_tokens(task: runs.Task, primer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine similarities and ids [length, TOP_K] of each vector's nearest tokens in the input embedding table.
-    Special tokens are left out, since text in the system message cannot hold them, and so are padding rows past
-    the tokenizer's vocabulary."""
-    table = task.model.get_input_embeddings().weight.float()
-    cosine = F.normalize(primer, dim=1) @ F.normalize(table, dim=1).T
-    special = [i for i, token in task.tokenizer.added_tokens_decoder.items() if token.special]
-    cosine[:, special] = float("-inf")
-    cosine[:, len(task.tokenizer):] = float("-inf")
-    return cosine.topk(TOP_K, dim=1)
 
 
 def token_text(tokenizer, token_id: int) -> str:
@@ -79,7 +65,7 @@ def inspect(cfg: SimpleNamespace) -> None:
     original = cli.read_json(os.path.join(os.path.dirname(cfg.PRIMER_PATH), "metrics.json"))
     task = runs.setup(cfg, with_train=False)
     primer = primers.load_primer(cfg.PRIMER_PATH, task.model, cfg.PRIMER_POSITION)
-    cosine, ids = nearest_tokens(task, primer)
+    cosine, ids = primers.nearest_tokens(task, primer, TOP_K)
     print(token_table(task, primer, cosine, ids))
     hard = task.tokenizer.decode(ids[:, 0].tolist())
     print(f"hard primer: {hard!r}")

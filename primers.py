@@ -43,7 +43,7 @@ def primer_init_tokens(task, init: str, length: int, seed: int) -> torch.Tensor:
     (no special or added ones, which may be untrained), "labels" the label tokens, "text:<words>" that text's tokens."""
     tok = task.tokenizer
     if init == "vocab":
-        ordinary = torch.tensor(sorted(set(range(len(tok))) - set(tok.added_tokens_decoder)))
+        ordinary = ordinary_tokens(tok)
         ids = ordinary[torch.randperm(len(ordinary), generator=torch.Generator().manual_seed(seed))[:length]].tolist()
     elif init == "labels":
         ids = task.label_ids.tolist()
@@ -54,6 +54,24 @@ def primer_init_tokens(task, init: str, length: int, seed: int) -> torch.Tensor:
     else:
         raise cli.UserError(f"--primer_init={init!r} is not one of 'random', 'vocab', 'labels', 'text:<words>'")
     return torch.tensor(ids).repeat(-(-length // len(ids)))[:length]
+
+
+def ordinary_tokens(tokenizer) -> torch.Tensor:
+    """The ids of the tokenizer's ordinary tokens: no special or added ones, which text cannot hold or may be untrained."""
+    return torch.tensor(sorted(set(range(len(tokenizer))) - set(tokenizer.added_tokens_decoder)))
+
+
+@torch.inference_mode()
+def nearest_tokens(task, primer: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities and ids [length, k] of each vector's nearest tokens in the input embedding table.
+    Special tokens are left out, since text in the system message cannot hold them, and so are padding rows past
+    the tokenizer's vocabulary."""
+    table = task.model.get_input_embeddings().weight.float()
+    cosine = F.normalize(primer, dim=1) @ F.normalize(table, dim=1).T
+    special = [i for i, token in task.tokenizer.added_tokens_decoder.items() if token.special]
+    cosine[:, special] = float("-inf")
+    cosine[:, len(task.tokenizer):] = float("-inf")
+    return cosine.topk(k, dim=1)
 
 
 def check_rate_scale(scale: str) -> None:
