@@ -148,3 +148,13 @@ def generation_curve(summary: pd.DataFrame, run_dir: str) -> str:
         ax.legend(fontsize=8)
     axes[0].set_ylim(-0.05, 1.05)
     return save(fig, os.path.join(run_dir, "generation.png"))
+
+
+def search_curve(candidates: pd.DataFrame, path: str) -> str:
+    """The best validation score so far against the reviews run through forward passes so far, every candidate a dot."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter(candidates["forwards"], 100 * candidates["val_score"], s=8, alpha=0.4, label="candidate")
+    ax.step(candidates["forwards"], 100 * candidates["val_score"].cummax(), where="post", label="best so far")
+    ax.set(xlabel="reviews through forward passes", ylabel="validation reviews right (%)", title="Prompt search")
+    ax.legend()
+    return save(fig, path)
