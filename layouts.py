@@ -63,13 +63,13 @@ def label_token_ids(tokenizer, labels: list[str], context: str = "") -> list[int
     return [t[0] for t in ids]
 
 
-@functools.cache
 def stop_token_ids(tokenizer, model) -> torch.Tensor:
     """The tokens that end the model's answer: the tokenizer's eos and the model's generation config's eos ids."""
     configured = torch.tensor(model.generation_config.eos_token_id or []).view(-1).tolist()
     return torch.tensor(sorted({tokenizer.eos_token_id, *configured} - {None}))
 
 
+@functools.cache
 def say_once(message: str) -> None:
     print(message, flush=True)
 
