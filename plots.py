@@ -11,6 +11,7 @@ import pandas as pd  # noqa: E402
 
 import cli  # noqa: E402
 import ledger  # noqa: E402
+import parallel  # noqa: E402
 
 SMOOTH_POINTS = 50  # a loss curve is averaged over windows of 1/SMOOTH_POINTS of its steps: batches of 6 are noisy
 
@@ -27,9 +28,11 @@ def loss_axis(ax: plt.Axes, ylabel: str, title: str) -> None:
 
 
 def save(fig: plt.Figure, path: str) -> str:
+    """Write the figure to path atomically (under accelerate the main process alone writes) and close it."""
     fig.tight_layout()
-    with cli.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    if parallel.is_main():
+        with cli.atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return path
 

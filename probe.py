@@ -25,6 +25,7 @@ from sklearn.preprocessing import StandardScaler
 import activations
 import cli
 import data
+import parallel
 import plots
 import primers
 import prompt_long
@@ -111,6 +112,7 @@ def fit_layers(cfg, train: dict, val: dict, y_train: np.ndarray, y_val: np.ndarr
     return pd.DataFrame(rows), fitted
 
 
+@parallel.main_writes
 def save_linear(run_dir: str, probe, cfg, layer: int, pooling: str) -> None:
     """The chosen linear probe as one direction in the model's activation space: logit = features @ weight + bias."""
     scaler, logistic = probe[0], probe[-1]

@@ -67,6 +67,9 @@ def hold_out(train: data.Split, cfg: SimpleNamespace) -> tuple[data.Split, Optio
 
 
 def write_atomic(path: str, text: str) -> None:
+    """Write text to path atomically; under accelerate the main process alone writes (the others' text is the same)."""
+    if not parallel.is_main():
+        return
     with cli.atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
 

@@ -26,6 +26,7 @@ import activations
 import chat
 import cli
 import data
+import parallel
 import plots
 import primers
 import prompt_long
@@ -161,6 +162,7 @@ def learned(task, plain, run_dir: str) -> tuple[pd.DataFrame, dict, list[dict], 
     return pd.DataFrame([row]), {(layer, 1.0): steer}, log, status
 
 
+@parallel.main_writes
 def save_steer(run_dir: str, steer: Steer, model_id: str, source: str) -> None:
     with cli.atomic_path(os.path.join(run_dir, "steering.safetensors")) as tmp:
         save_file({"vector": (steer.coefficient * steer.vector).detach().float().cpu().contiguous()}, tmp,

@@ -1,4 +1,4 @@
-"""Data parallelism: two processes under `accelerate launch` (CPU, gloo) train and score like one process."""
+"""Data parallelism: two processes under `accelerate launch` (CPU, gloo) train, score and extract features like one process."""
 import glob
 import json
 import os
@@ -15,8 +15,8 @@ import cli
 import experiment
 import layouts
 import primers
+import probe
 import runs
-import prompt_short
 from conftest import ROOT, overrides
 
 # 40 reviews in batches of 3: shards of 2 and 1 reviews, and a last batch of 1 that leaves the second process none
@@ -108,13 +108,17 @@ def test_two_processes_train_interrupt_resume_and_score_like_one(tiny, tmp_path)
                                atol=1e-3, rtol=1e-3)
 
 
-def test_two_processes_score_a_text_prompt_like_one(tiny, tmp_path):
-    args = [*overrides(tiny, tmp_path), "--score_batch_size=7"]
+def test_two_processes_extract_probe_features_like_one(tiny, tmp_path):
+    args = [*overrides(tiny, tmp_path), "--score_batch_size=7", "--val_limit=20", "--probe_train=50"]
     parallel = str(tmp_path / "parallel")
-    launch(tmp_path, "prompt_short.py", *args, f"--results_dir={parallel}")
+    launch(tmp_path, "probe.py", *args, f"--results_dir={parallel}")
     single = str(tmp_path / "single")
-    runs.score_text_prompt(cli.configure([*args, f"--results_dir={single}"]), "prompt_short", prompt_short.SYSTEM,
-                              prompt_short.USER)
+    probe.run(cli.configure([*args, f"--results_dir={single}"], probe.SETTINGS))
+    for name in ("train", "val", "test"):  # each process extracts its share; the shares are summed into place
+        sharded, whole = (load_file(f"{only_run(results)}/features-{name}.safetensors") for results in (parallel, single))
+        assert sharded.keys() == whole.keys()
+        for key in whole:
+            torch.testing.assert_close(sharded[key], whole[key], atol=1e-3, rtol=1e-3)
     metrics = json.load(open(f"{only_run(parallel)}/metrics.json"))
     expected = json.load(open(f"{only_run(single)}/metrics.json"))
     assert {k: metrics[k] for k in COUNTS} == {k: expected[k] for k in COUNTS} and metrics["total"] == 60
