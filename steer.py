@@ -98,6 +98,15 @@ def pair_difference(task, pair: list[str], layers: tuple[int, ...]) -> torch.Ten
     return first - second
 
 
+def middle_or(task, name: str) -> int:
+    """The decoder layer (1-based) that setting `name` gives, the middle one for 0; checked against the model."""
+    count = len(task.model.get_decoder().layers)
+    layer = getattr(task.cfg, name) or (count + 1) // 2
+    if not 1 <= layer <= count:
+        raise cli.UserError(f"--{name.lower()}={layer} must be a decoder layer 1 to {count} of this model")
+    return layer
+
+
 def sweep_layers(cfg, count: int) -> tuple[int, ...]:
     layers = tuple(cfg.STEER_LAYERS or range(count % 2 or 2, count + 1, 2))
     if not all(1 <= layer <= count for layer in layers):
@@ -144,10 +153,7 @@ def validation_columns(found: dict) -> dict:
 def learned(task, plain, run_dir: str) -> tuple[pd.DataFrame, dict, list[dict], str]:
     """A vector trained at LEARNED_LAYER on the label token's cross-entropy, in units of one residual coordinate's
     RMS at that layer (RATE_SCALE "embedding") like a primer's rates; its validation row, steer, loss log and status."""
-    cfg, count = task.cfg, len(task.model.get_decoder().layers)
-    layer = cfg.LEARNED_LAYER or (count + 1) // 2
-    if not 1 <= layer <= count:
-        raise cli.UserError(f"--learned_layer={layer} must be a decoder layer 1 to {count} of this model")
+    cfg, layer = task.cfg, middle_or(task, "LEARNED_LAYER")
     reviews = task.train.subset(torch.arange(min(cfg.VECTOR_REVIEWS, len(task.train))))
     norm = float(last_states(task, plain, reviews, (layer,)).norm(dim=-1).mean())
     vector = torch.zeros(task.model.get_input_embeddings().weight.shape[1], device=task.device)
@@ -253,10 +259,7 @@ def generate(cfg) -> None:
         raise cli.UserError(f"--sentiment={cfg.SENTIMENT!r} is not one of pair, reviews")
     messages = user_messages(cfg)
     task = runs.setup(cfg)
-    count = len(task.model.get_decoder().layers)
-    layer = cfg.GENERATE_LAYER or (count + 1) // 2
-    if not 1 <= layer <= count:
-        raise cli.UserError(f"--generate_layer={layer} must be a decoder layer 1 to {count} of this model")
+    layer = middle_or(task, "GENERATE_LAYER")
     run_dir, direction, rows = runs.start_run(cfg, "steer"), sentiment_steer(task, layer, 1.0), []
     for c in cfg.GENERATE_COEFFICIENTS:
         texts, fluency = sample(task, messages, Steer(direction.vector, (layer,), c))
