@@ -9,8 +9,9 @@ answers like the frozen model *with* it (prompt baking, context distillation).
 
 The teacher is the same model with the adapter disabled and the prompt in place; the student has the adapter and no
 prompt. The loss is KL(teacher || student) over the whole vocabulary, in float32, at the answer position of each
-training review, and with --continuations=k also along k answers the prompted teacher samples to each review. The test split is scored once, for the student, the teacher, and how much of the teacher's
-behaviour the student recovered (argmax agreement, mean KL).
+training review, and with --continuations=k also along k answers the prompted teacher samples to each review. The
+test split is scored once, for the student, the teacher, and how much of the teacher's behaviour the student
+recovered (argmax agreement, mean KL).
 """
 import json
 import os

@@ -94,7 +94,7 @@ def probe_params(cfg, width: int) -> int:
     return width + 1 if cfg.PROBE == "linear" else width * cfg.PROBE_HIDDEN + 2 * cfg.PROBE_HIDDEN + 1
 
 
-def fit_layers(cfg, train: dict, val: dict, y_train: np.ndarray, y_val: np.ndarray, layers: range) -> tuple[pd.DataFrame, dict]:
+def fit_layers(cfg, train: dict, val: dict, y_train: np.ndarray, y_val: np.ndarray, layers) -> tuple[pd.DataFrame, dict]:
     """Per layer and pooling, the best probe over PROBE_C by validation accuracy: the table of their validation
     scores, and the probes by (layer, pooling)."""
     rows, fitted = [], {}
@@ -129,13 +129,14 @@ def run(cfg) -> None:
     layout, primer = condition_layout(task)
     sample = probe_sample(task)
     run_dir = runs.start_run(cfg, "probe")
-    layers, poolings = range(activations.layer_count(task.model)), activations.POOLINGS if cfg.POOLING == "both" else (cfg.POOLING,)
-    train, train_seconds = activations.features(task, layout, sample, tuple(layers), poolings, run_dir, "train", primer)
-    val, val_seconds = activations.features(task, layout, task.val, tuple(layers), poolings, run_dir, "val", primer)
+    layers = tuple(range(activations.layer_count(task.model)))
+    poolings = activations.POOLINGS if cfg.POOLING == "both" else (cfg.POOLING,)
+    train, train_seconds = activations.features(task, layout, sample, layers, poolings, run_dir, "train", primer)
+    val, val_seconds = activations.features(task, layout, task.val, layers, poolings, run_dir, "val", primer)
     start = time.perf_counter()
     table, fitted = fit_layers(cfg, train, val, sample.labels.numpy(), task.val.labels.numpy(), layers)
     fit_seconds = time.perf_counter() - start
-    best = table.iloc[table["val_score"].to_numpy().argmax()]  # the first of the best: the earliest layer, "last" before "mean"
+    best = table.iloc[table["val_score"].to_numpy().argmax()]  # ties: "last" pooling before "mean", then the earliest layer
     layer, pooling = int(best["layer"]), str(best["pooling"])
     runs.write_atomic(os.path.join(run_dir, "probe_layers.csv"), table.to_csv(index=False))
     print(table.to_string(index=False, float_format="{:.3f}".format))
