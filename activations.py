@@ -67,7 +67,10 @@ def features(task, layout: Layout, split: data.Split, layers: tuple[int, ...], p
                     if saved_fingerprint(p) == key), None)
     if earlier is not None:
         if parallel.is_main() and os.path.abspath(earlier) != os.path.abspath(path):
-            shutil.copyfile(earlier, path)
+            try:
+                os.link(earlier, path)  # the same bytes twice on disk for nothing: a hard link where it can be
+            except OSError:
+                shutil.copyfile(earlier, path)
         print(f"{name} features: reusing {earlier}", flush=True)
         return {p: f.float() for p, f in load_file(earlier).items() if p in poolings}, 0.0
     start = time.perf_counter()
