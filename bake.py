@@ -182,7 +182,7 @@ def agreement(task, student: Layout, teacher: Layout, primer, split) -> dict:
     """Over split: the mean KL(teacher || student) at the answer position, and the share of reviews whose argmax
     answers over the vocabulary are the same."""
     kl, same = torch.zeros(len(split), device=task.device), torch.zeros(len(split), device=task.device)
-    for idx in parallel.shard(torch.arange(len(split))).split(task.cfg.SCORE_BATCH_SIZE):
+    for idx in parallel.shard(split.lengths.argsort(descending=True)).split(task.cfg.SCORE_BATCH_SIZE):  # as scoring does
         with task.model.disable_adapter():
             target = answer_logits(task, teacher, split, idx, primer)
         logits = answer_logits(task, student, split, idx)
