@@ -117,7 +117,8 @@ def probe_layers(results_dir: str, model_id: str, run_dir: str) -> str:
     probes = len(ax.lines)
     for i, (script, r) in enumerate(sorted(latest.items())):
         ax.axhline(100 * float(r["score"]), color=f"C{probes + i}", ls="--", label=f"{script} test score ({r['method']})")
-    ax.set(xlabel="layer (0: embeddings)", ylabel="validation reviews right (%)", ylim=(40, 100),
+    lowest = min([100 * float(r["score"]) for r in latest.values()] + [50.0])  # chance, or a reference line below it
+    ax.set(xlabel="layer (0: embeddings)", ylabel="validation reviews right (%)", ylim=(max(0.0, lowest - 5), 100),
            title=f"Linear readout of the label, layer by layer: {os.path.basename(model_id)}")
     ax.legend(fontsize=7)
     return save(fig, os.path.join(run_dir, "probe_layers.png"))
