@@ -237,8 +237,9 @@ def judge(task, texts: list[str]) -> torch.Tensor:
     with safe_open(path, "pt") as f:
         probe = "weight" in f.keys() and f.metadata()
     if probe:
-        if probe["condition"] != "none":
-            raise cli.UserError(f"--judge_path={path} is a probe of condition {probe['condition']}: give one of condition none")
+        if probe.get("condition") != "none":  # the answers are judged as reviews alone in the user turn
+            raise cli.UserError(f"--judge_path={path} is a probe of condition {probe.get('condition')}: give the "
+                                f"probe.safetensors of a probe.py run with --condition=none")
         tensors = load_file(path)
         layer, pooling = int(probe["layer"]), probe["pooling"]
         features = activations.extract(task, make_layout(task, None), split, (layer,), (pooling,), desc="judge")[pooling][0]
