@@ -76,7 +76,7 @@ def test_baking_a_primer_along_sampled_answers_resumes_bitwise_after_a_kill(tiny
     task = runs.setup(cli.configure(overrides(tiny, tmp_path)), with_train=False)
     primers.save_primer(str(tmp_path), primers.init_primer(task.model, 4, 0), tiny.model_dir, "system")
     args = bake_args(tiny, tmp_path, "--teacher=primer", f"--primer_path={tmp_path}/primer.safetensors", "--batch_size=4",
-                     "--checkpoint_every=5", "--continuations=1", "--continuation_tokens=3")
+                     "--checkpoint_every=5", "--continuations=1", "--continuation_tokens=3", "--val_limit=20")
     bake.run(cli.configure(args + [f"--results_dir={tmp_path}/straight"], bake.SETTINGS))
     (straight,) = glob.glob(f"{tmp_path}/straight/*-bake")
     killed = f"{tmp_path}/killed"
@@ -84,13 +84,14 @@ def test_baking_a_primer_along_sampled_answers_resumes_bitwise_after_a_kill(tiny
     (killed,) = glob.glob(f"{killed}/*-bake")
     assert not os.path.exists(f"{killed}/adapter")
     sampled = load_file(f"{killed}/continuations.safetensors")["answers"]
-    assert sampled.shape == (100, 1, 3)
+    assert sampled.shape == (80, 1, 3)
     monkeypatch.setattr(bake, "sample_continuations", lambda *args: pytest.fail("a resume samples the teacher's answers again"))
     bake.run(cli.configure([f"--resume={killed}"], bake.SETTINGS))
     first, second = (load_file(f"{run}/adapter/adapter_model.safetensors") for run in (straight, killed))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     (row,) = ledger.rows(f"{tmp_path}/killed")
     assert row["method"].startswith("baked primer (LoRA r4")
+    pd.testing.assert_frame_equal(pd.read_csv(f"{killed}/validation.csv"), pd.read_csv(f"{straight}/validation.csv"))
 
 
 def test_logits_along_appended_answers_are_each_rows_own(tiny, tmp_path):
