@@ -1,4 +1,5 @@
 """Fixtures: tiny.py's tiny Llama-architecture model and tokenizer, saved like a real one, and its small Yelp-format CSVs."""
+import inspect
 import os
 import subprocess
 import sys
@@ -64,3 +65,22 @@ def run_until_first_checkpoint(run: Callable[[], object], monkeypatch) -> None:
         patched.setattr(training, "save_checkpoint", save_then_die)
         with pytest.raises(Killed):
             run()
+
+
+def record_reads(monkeypatch, module, name: str, chosen: str) -> list[dict]:
+    """Wrap module.name, a function of a task and a split (None: the test split), to record each call's arguments,
+    whether it read the test split ("test"), and whether the newest run folder then held the file `chosen` (the
+    selection's output) ("chosen"): selection must never read the test split."""
+    real, calls = getattr(module, name), []
+    signature = inspect.signature(real)
+
+    def spy(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        task, split = bound.arguments["task"], bound.arguments["split"]
+        newest = max((e.path for e in os.scandir(task.cfg.RESULTS_DIR) if e.is_dir()), default="")
+        calls.append({**bound.arguments, "test": split is None or split is task.test,
+                      "chosen": os.path.exists(os.path.join(newest, chosen))})
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, spy)
+    return calls

@@ -17,7 +17,7 @@ import activations
 import cli
 import ledger
 import probe
-from conftest import overrides, run_script
+from conftest import overrides, record_reads, run_script
 
 
 def probe_args(tiny, out, *more: str) -> list[str]:
@@ -25,16 +25,8 @@ def probe_args(tiny, out, *more: str) -> list[str]:
 
 
 def run_probe(args: list[str], monkeypatch) -> list[dict]:
-    """Run probe.py in this process; each extract() call it made: the reviews, the layers, and whether the
-    per-layer validation table was already written."""
-    calls, real = [], activations.extract
-
-    def spy(task, layout, split, layers, *rest, **kwargs):
-        run_dir = max(os.scandir(task.cfg.RESULTS_DIR), key=lambda e: e.name if e.is_dir() else "").path
-        calls.append({"reviews": len(split), "layers": layers, "is_test": split is task.test,
-                      "selected": os.path.exists(os.path.join(run_dir, "probe_layers.csv"))})
-        return real(task, layout, split, layers, *rest, **kwargs)
-    monkeypatch.setattr(activations, "extract", spy)
+    """Run probe.py in this process; its extract() calls (conftest.record_reads), "chosen" once the layer table is written."""
+    calls = record_reads(monkeypatch, activations, "extract", "probe_layers.csv")
     probe.run(cli.configure(args, probe.SETTINGS))
     return calls
 
@@ -65,8 +57,8 @@ def test_the_label_is_read_where_it_is_and_selection_never_reads_the_test_split(
     assert scores[0, "last"] <= 0.6  # one template token for every review: nothing to read
     assert len(probed.table) == 6 and set(probed.table["val_total"]) == {40}
     *before, last = probed.calls
-    assert [c["is_test"] for c in before] == [False, False] and [c["reviews"] for c in before] == [80, 40]
-    assert last["is_test"] and last["selected"] and last["layers"] == (0,)
+    assert [c["test"] for c in before] == [False, False] and [len(c["split"]) for c in before] == [80, 40]
+    assert last["test"] and last["chosen"] and last["layers"] == (0,)
 
 
 def test_the_ledger_row_csv_and_figure_are_written(probed):

@@ -15,7 +15,7 @@ import ledger
 import runs
 import scoring
 import search_prompt
-from conftest import overrides
+from conftest import overrides, record_reads
 from layouts import assemble, make_layout
 
 
@@ -25,15 +25,11 @@ def search_args(tiny, out, *more: str) -> list[str]:
 
 @pytest.mark.parametrize("method", search_prompt.SEARCHES)
 def test_each_method_writes_its_candidates_curve_and_ledger_row_and_never_scores_on_test(tiny, tmp_path, monkeypatch, method):
-    reads, real = [], scoring.predict
-
-    def spy(task, layout, primer=None, split=None, steer=None):
-        reads.append(split is None or split is task.test)
-        return real(task, layout, primer, split, steer)
-    monkeypatch.setattr(scoring, "predict", spy)
+    calls = record_reads(monkeypatch, scoring, "predict", "prompt.json")
     search_prompt.run(cli.configure(search_args(tiny, tmp_path, f"--search={method}"), search_prompt.SETTINGS))
+    reads = [c["test"] for c in calls]
     finals = 2 if method == "tokens" else 1  # the exact ids and their decoded text
-    assert not any(reads[:-finals]) and all(reads[-finals:])
+    assert not any(reads[:-finals]) and all(reads[-finals:]) and calls[-1]["chosen"]
     run = sorted(glob.glob(f"{tmp_path}/results/*-search_prompt"))[0]
     candidates = pd.read_csv(f"{run}/candidates.csv", keep_default_na=False)
     assert len(candidates) >= 2 and (candidates["forwards"].diff().dropna() > 0).all()

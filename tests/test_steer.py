@@ -17,7 +17,7 @@ import primers
 import runs
 import scoring
 import steer
-from conftest import overrides, run_until_first_checkpoint
+from conftest import overrides, record_reads, run_until_first_checkpoint
 from layouts import make_layout
 
 
@@ -26,15 +26,8 @@ def steer_args(tiny, out, *more: str) -> list[str]:
 
 
 def run_steer(args: list[str], monkeypatch) -> list[dict]:
-    """Run steer.py in this process; each scoring.predict call it made: on the test split or not, and whether the
-    sweep table was already written."""
-    calls, real = [], scoring.predict
-
-    def spy(task, layout, primer=None, split=None, steer=None):
-        run_dir = max((e.path for e in os.scandir(task.cfg.RESULTS_DIR) if e.is_dir()), default="")
-        calls.append({"test": split is None or split is task.test, "chosen": os.path.exists(os.path.join(run_dir, "steer_sweep.csv"))})
-        return real(task, layout, primer, split, steer)
-    monkeypatch.setattr(scoring, "predict", spy)
+    """Run steer.py in this process; its scoring.predict calls (conftest.record_reads), "chosen" once the sweep table is written."""
+    calls = record_reads(monkeypatch, scoring, "predict", "steer_sweep.csv")
     steer.run(cli.configure(args, steer.SETTINGS))
     return calls
 
