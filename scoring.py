@@ -1,15 +1,21 @@
-"""Answers to scores: per-review predictions, the strict and label-restricted counts, Wilson intervals."""
+"""Answers to scores: per-review predictions, the strict and label-restricted counts, Wilson intervals, and free
+texts judged as reviews by a saved classifier."""
 import math
 import time
 from typing import Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from tqdm import tqdm
 
+import activations
+import cli
 import data
 import frozen
 import parallel
-from layouts import Layout, assemble
+import primers
+from layouts import Layout, assemble, make_layout
 
 
 @torch.inference_mode()
@@ -73,3 +79,24 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     center = (p + z2 / 2) / (1 + z2)
     half = z * math.sqrt(p * (1 - p) / total + z2 / (4 * total)) / (1 + z2)
     return max(0.0, center - half), min(1.0, center + half)
+
+
+def judge_texts(task, texts: list[str], path: str, position: str) -> torch.Tensor:
+    """Each free text's probability of being positive, read as a review alone in the user turn: between the two
+    labels under the primer saved at path (trained at `position`), or by the linear probe of probe.py saved there."""
+    tokens, offsets, _ = data.tokenize(task.tokenizer, texts, task.cfg.MAX_REVIEW_TOKENS)
+    split = data.Split(tokens, offsets, torch.zeros(len(texts), dtype=torch.long), {})
+    with safe_open(path, "pt") as f:
+        probe = "weight" in f.keys() and f.metadata()
+    if probe:
+        if probe.get("condition") != "none":  # the answers are judged as reviews alone in the user turn
+            raise cli.UserError(f"--judge_path={path} is a probe of condition {probe.get('condition')}: give the "
+                                f"probe.safetensors of a probe.py run with --condition=none")
+        tensors = load_file(path)
+        layer, pooling = int(probe["layer"]), probe["pooling"]
+        features = activations.extract(task, make_layout(task, None), split, (layer,), (pooling,), desc="judge")[pooling][0]
+        return torch.sigmoid(features @ tensors["weight"] + tensors["bias"])
+    primer = primers.load_primer(path, task.model, position)
+    layout = make_layout(task, None, primer_length=len(primer), position=position)
+    logprobs = predict(task, layout, primer, split)["logprobs"]
+    return (logprobs[:, 1] - logprobs.logsumexp(-1)).exp()

@@ -20,7 +20,7 @@ from typing import Optional
 import pandas as pd
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import activations
 import chat
@@ -228,28 +228,6 @@ def sample(task, messages: list[str], steer: Optional[Steer]) -> tuple[list[str]
     return answers.texts, chat.mean_logprob(task.model, answers)
 
 
-def judge(task, texts: list[str]) -> torch.Tensor:
-    """Each text's probability of being positive: between the two labels under JUDGE_PATH's primer, or by the linear
-    probe of probe.py (condition none) that JUDGE_PATH holds."""
-    cfg, path = task.cfg, task.cfg.JUDGE_PATH
-    tokens, offsets, _ = data.tokenize(task.tokenizer, texts, cfg.MAX_REVIEW_TOKENS)
-    split = data.Split(tokens, offsets, torch.zeros(len(texts), dtype=torch.long), {})
-    with safe_open(path, "pt") as f:
-        probe = "weight" in f.keys() and f.metadata()
-    if probe:
-        if probe.get("condition") != "none":  # the answers are judged as reviews alone in the user turn
-            raise cli.UserError(f"--judge_path={path} is a probe of condition {probe.get('condition')}: give the "
-                                f"probe.safetensors of a probe.py run with --condition=none")
-        tensors = load_file(path)
-        layer, pooling = int(probe["layer"]), probe["pooling"]
-        features = activations.extract(task, make_layout(task, None), split, (layer,), (pooling,), desc="judge")[pooling][0]
-        return torch.sigmoid(features @ tensors["weight"] + tensors["bias"])
-    primer = primers.load_primer(path, task.model, cfg.PRIMER_POSITION)
-    layout = make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION)
-    logprobs = scoring.predict(task, layout, primer, split)["logprobs"]
-    return (logprobs[:, 1] - logprobs.logsumexp(-1)).exp()
-
-
 def generate(cfg) -> None:
     """Sampled answers at each coefficient of the sentiment vector and for text prompts asking for a positive or a
     negative answer, judged; the share judged positive and the fluency per coefficient, printed and drawn."""
@@ -270,7 +248,7 @@ def generate(cfg) -> None:
         rows += [{"steering": f"prompt: make it {tone}", "coefficient": float("nan"), "text": t, "fluency": float(f)} for t, f in zip(texts, fluency)]
     table = pd.DataFrame(rows)
     table["prompt"] = [m for _ in range(len(table) // (len(messages) * cfg.SAMPLES)) for m in messages for _ in range(cfg.SAMPLES)]
-    table["p_positive"] = judge(task, table["text"].tolist()).numpy()
+    table["p_positive"] = scoring.judge_texts(task, table["text"].tolist(), cfg.JUDGE_PATH, cfg.PRIMER_POSITION).numpy()
     runs.write_atomic(os.path.join(run_dir, "generations.csv"), table.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC))  # a quoted \r reads back
     summary = table.groupby(["steering", "coefficient"], sort=False, dropna=False).agg(
         answers=("text", "size"), judged_positive=("p_positive", lambda p: int((p > 0.5).sum())), fluency=("fluency", "mean")).reset_index()
