@@ -5,11 +5,11 @@ instead of trained vectors.
     python search_prompt.py --search=propose         # a chat model proposes instructions from the best so far (OPRO, APE)
     python search_prompt.py --search=tokens --tokens=8 --token_init=primer:results/<run id>/primer.safetensors
 
-Text searches start from the two hand-written prompts' system messages (the review alone in the user turn); every
-candidate is scored with the shared scorer on VAL_LIMIT validation reviews held out of training (strict score, ties
-broken by the label-restricted one) and written to candidates.csv. The token search (AutoPrompt, GCG) swaps one of
-TOKENS system-slot tokens per step along the gradient of the loss on SEARCH_BATCH training reviews, every candidate
-swap measured in one batched forward. The test split is scored once, with the best prompt on validation.
+Text searches edit the system message of the two hand-written prompts (each keeps its own user message around the
+review, so the search starts from the baselines' scores); every candidate is scored with the shared scorer on
+VAL_LIMIT validation reviews held out of training (strict score, ties broken by the label-restricted one) and written
+to candidates.csv. The token search (AutoPrompt, GCG) swaps one of TOKENS system-slot tokens per step along the
+gradient of the loss on SEARCH_BATCH training reviews, every candidate swap measured in one batched forward. The test split is scored once, with the best prompt on validation.
 """
 import json
 import os
@@ -80,14 +80,14 @@ class Search:
         self.forwards, self.backwards, self.start = 0, 0, time.perf_counter()
         self.losses = []  # "tokens": each step's batch loss before and after its swap
 
-    def score(self, step: int, text: str, ids: list[int], layout, primer=None) -> tuple[int, int]:
+    def score(self, step: int, text: str, ids: list[int], layout, primer=None, user: str = "{review}") -> tuple[int, int]:
         """The candidate's (strict, label-restricted) counts on validation, scored once per distinct prompt."""
-        key = json.dumps([text, ids])
+        key = json.dumps([text, ids, user])
         if key not in self.scored:
             found = scoring.score(self.task, layout, primer, self.task.val)
             self.forwards += len(self.task.val)
             self.scored[key] = (found["correct"], found["restricted_correct"])
-            self.rows.append({"step": step, "text": text, "token_ids": json.dumps(ids), "val_correct": found["correct"],
+            self.rows.append({"step": step, "text": text, "user": user, "token_ids": json.dumps(ids), "val_correct": found["correct"],
                               "val_score": found["score"], "val_restricted_score": found["restricted_score"],
                               "forwards": self.forwards, "backwards": self.backwards,
                               "seconds": round(time.perf_counter() - self.start, 1)})
@@ -95,23 +95,28 @@ class Search:
             print(f"step {step:>3}  validation {found['score']:.1%} ({found['restricted_score']:.1%} label-restricted)  {text[:70]!r}", flush=True)
         return self.scored[key]
 
-    def score_text(self, step: int, text: str) -> tuple[int, int]:
-        return self.score(step, text, encode(self.task.tokenizer, text), make_layout(self.task, text))
+    def score_text(self, step: int, prompt: tuple[str, str]) -> tuple[int, int]:
+        system, user = prompt
+        return self.score(step, system, encode(self.task.tokenizer, system), make_layout(self.task, system, user), user=user)
 
 
-def search_text(task, search: Search, proposer) -> str:
-    """Edit or propose system messages, keeping the POOL best; the best on validation."""
+def search_text(task, search: Search, proposer) -> tuple[str, str]:
+    """Edit or propose system messages, keeping the POOL best (system, user) prompts; the best on validation. An
+    edit keeps its parent's user message, a proposed instruction takes the best prompt's."""
     cfg, rng = task.cfg, random.Random(task.cfg.SEED)
-    pool = {text: search.score_text(0, text) for text in (prompt_short.SYSTEM, prompt_long.SYSTEM)}
+    starts = [(prompt_short.SYSTEM, prompt_short.USER), (prompt_long.SYSTEM, prompt_long.USER)]
+    pool = {prompt: search.score_text(0, prompt) for prompt in starts}
     best, stale = max(pool.values()), 0
     for step in range(1, cfg.STEPS + 1):
         parents = sorted(pool, key=pool.get)[-cfg.POOL:]
         if cfg.SEARCH == "propose":
-            texts = propose(task, proposer, {t: pool[t] for t in parents}, rng, step)
+            texts = propose(task, proposer, {system: pool[system, user] for system, user in parents}, rng, step)
+            prompts = [(text, parents[-1][1]) for text in texts]
         else:
-            texts = [edit(task, proposer, rng.choice(parents), rng, step) for _ in range(cfg.CANDIDATES)]
-        for text in filter(None, texts):
-            pool[text] = search.score_text(step, text)
+            prompts = [(edit(task, proposer, system, rng, step), user) for system, user in
+                       (rng.choice(parents) for _ in range(cfg.CANDIDATES))]
+        for prompt in filter(lambda p: p[0], prompts):
+            pool[prompt] = search.score_text(step, prompt)
         stale = 0 if max(pool.values()) > best else stale + 1
         best = max(pool.values())
         if stale >= cfg.PATIENCE:
@@ -235,13 +240,13 @@ def run(cfg) -> None:
     search = Search(task, run_dir)
     if cfg.SEARCH == "tokens":
         ids = search_tokens(task, search)
-        text = task.tokenizer.decode(ids.tolist())
+        text, user = task.tokenizer.decode(ids.tolist()), "{review}"
     else:
-        text = search_text(task, search, load_proposer(task))
+        text, user = search_text(task, search, load_proposer(task))
     print(f"budget: {search.forwards:,} reviews through forward passes, {search.backwards:,} through backward passes, "
           f"{time.perf_counter() - search.start:.0f} s")
-    runs.write_atomic(os.path.join(run_dir, "prompt.json"), json.dumps({"text": text, "token_ids": encode(task.tokenizer, text)
-                                                                       if cfg.SEARCH != "tokens" else ids.tolist()}, indent=2))
+    token_ids = ids.tolist() if cfg.SEARCH == "tokens" else encode(task.tokenizer, text)
+    runs.write_atomic(os.path.join(run_dir, "prompt.json"), json.dumps({"text": text, "user": user, "token_ids": token_ids}, indent=2))
     print(f"saved {plots.search_curve(pd.DataFrame(search.rows), os.path.join(run_dir, 'search.png'))}")
     seconds = time.perf_counter() - search.start
     if cfg.SEARCH == "tokens":  # the exact ids, then the text they decode to, tokenized again
@@ -249,7 +254,7 @@ def run(cfg) -> None:
         table = task.model.get_input_embeddings().weight
         runs.record(task, "search_prompt", f"token search, exact ids: {text[:40]!r}", cfg.TOKENS,
                     scoring.predict(task, layout, table[ids].float()), run_dir, samples=len(task.train), train_seconds=seconds)
-    layout = make_layout(task, text)
+    layout = make_layout(task, text, user)
     method = f"prompt search ({cfg.SEARCH}{', decoded text' if cfg.SEARCH == 'tokens' else ''}): {text[:40]!r}"
     runs.record(task, "search_prompt", method, layout.prompt_tokens, scoring.predict(task, layout),
                 runs.start_run(cfg, "search_prompt") if cfg.SEARCH == "tokens" else run_dir,

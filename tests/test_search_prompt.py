@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import cli
 import frozen
 import ledger
+import prompt_long
+import prompt_short
 import runs
 import scoring
 import search_prompt
@@ -64,13 +66,19 @@ def test_the_token_search_lowers_the_loss_on_its_batch(tiny, tmp_path):
     assert search.backwards == 4 * 8 and search.forwards == 4 * 8 * 9 + 30 * len(search.rows)
 
 
-def test_edit_search_with_a_seed_is_reproducible(tiny, tmp_path):
+def test_edit_search_starts_from_the_baselines_as_they_score_and_is_reproducible(tiny, tmp_path):
     texts = []
     for attempt in ("a", "b"):
-        search_prompt.run(cli.configure(search_args(tiny, tmp_path / attempt, "--steps=3"), search_prompt.SETTINGS))
+        cfg = cli.configure(search_args(tiny, tmp_path / attempt, "--steps=3"), search_prompt.SETTINGS)
+        search_prompt.run(cfg)
         (run,) = glob.glob(f"{tmp_path}/{attempt}/results/*-search_prompt")
         texts.append(pd.read_csv(f"{run}/candidates.csv", keep_default_na=False).drop(columns="seconds"))
     pd.testing.assert_frame_equal(*texts)
+    task, first = runs.setup(cfg), texts[0].iloc[:2]
+    for baseline, row in zip((prompt_short, prompt_long), first.itertuples()):
+        alone = scoring.score(task, make_layout(task, baseline.SYSTEM, baseline.USER), None, task.val)
+        assert (row.text, row.user, row.val_correct) == (baseline.SYSTEM, baseline.USER, alone["correct"])
+    assert set(texts[0]["user"]) <= {prompt_short.USER, prompt_long.USER}
 
 
 @pytest.mark.parametrize("setting, message", [
