@@ -14,7 +14,7 @@ import sweep
 from conftest import overrides, run_script
 
 TWO_POINTS = [{"script": "experiment", "primer_length": 2, "rate_by_epoch": [0.1]},
-              {"script": "experiment", "primer_length": 4, "rate_by_epoch": [0.1]}]
+              {"script": "experiment", "primer_length": 4, "rate_by_epoch": [0.1], "primer_position": "suffix"}]
 
 
 def assert_png(path) -> None:
@@ -35,9 +35,9 @@ def test_two_point_sweep_plots_and_then_skips_what_is_done(tiny, tmp_path, monke
     out = capsys.readouterr().out
     first = ledger_frame(tmp_path)
     assert first["script"].tolist() == ["experiment"] * 2 and first["tokens"].tolist() == [2, 4]
-    assert (first["samples"] == 100).all() and (first["method"] == "primer").all()
+    assert (first["samples"] == 100).all() and first["method"].tolist() == ["primer", "primer (suffix)"]
     table = out[out.rindex("| Run |"):]  # the combined table printed last
-    assert table.count(" | primer | 100 | ") == 2
+    assert table.count(" | primer | 100 | ") == table.count(" | primer (suffix) | 100 | ") == 1
     for name in ("scores.png", "losses.png", *(f"{run}/loss.png" for run in first["run_id"])):
         assert_png(tmp_path / "results" / name)
 
