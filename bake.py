@@ -117,18 +117,22 @@ def answer_logits(task, layout: Layout, split, idx: torch.Tensor, primer=None,
 @torch.inference_mode()
 def sample_continuations(task, teacher: Layout, primer) -> torch.Tensor:
     """CONTINUATIONS answers [n, CONTINUATIONS, CONTINUATION_TOKENS] the prompted teacher samples to each training
-    review (adapter disabled), token by token."""
+    review (adapter disabled), token by token, by inverse CDF from one uniform draw per review, answer and token made
+    up front: a review's answers depend on the seed alone, not on its batch mates or the number of processes."""
     cfg, train = task.cfg, task.train
-    found = torch.zeros(len(train), cfg.CONTINUATIONS, cfg.CONTINUATION_TOKENS, dtype=torch.long, device=task.device)
-    torch.manual_seed(cfg.SEED)
+    shape = (len(train), cfg.CONTINUATIONS, cfg.CONTINUATION_TOKENS)
+    uniforms = torch.rand(shape, generator=torch.Generator().manual_seed(cfg.SEED), dtype=torch.float64)
+    found = torch.zeros(shape, dtype=torch.long, device=task.device)
     for idx in tqdm(parallel.shard(train.lengths.argsort(descending=True)).split(cfg.SCORE_BATCH_SIZE), desc="teacher answers",
                     unit="batch", disable=not parallel.is_main()):
         rows, answers = idx.repeat_interleave(cfg.CONTINUATIONS), torch.zeros(len(idx) * cfg.CONTINUATIONS, 0, dtype=torch.long)
-        for _ in range(cfg.CONTINUATION_TOKENS):
+        for t in range(cfg.CONTINUATION_TOKENS):
             with task.model.disable_adapter():
                 logits = answer_logits(task, teacher, train, rows, primer, answers)
             logits = logits if answers.shape[1] == 0 else logits[:, -1]
-            answers = torch.cat([answers, torch.multinomial((logits / cfg.CONTINUATION_TEMPERATURE).softmax(-1), 1).cpu()], 1)
+            cdf = (logits.cpu().double() / cfg.CONTINUATION_TEMPERATURE).softmax(-1).cumsum(-1)
+            drawn = torch.searchsorted(cdf, uniforms[idx, :, t].reshape(-1, 1) * cdf[:, -1:]).clamp(max=cdf.shape[1] - 1)
+            answers = torch.cat([answers, drawn], 1)
         found[idx.to(task.device)] = answers.view(len(idx), cfg.CONTINUATIONS, -1).to(task.device)
     return parallel.sum_across(found).cpu()
 

@@ -94,6 +94,23 @@ def test_baking_a_primer_along_sampled_answers_resumes_bitwise_after_a_kill(tiny
     pd.testing.assert_frame_equal(pd.read_csv(f"{killed}/validation.csv"), pd.read_csv(f"{straight}/validation.csv"))
 
 
+def test_sampled_answers_are_each_reviews_own_and_follow_the_teachers_distribution(tiny, tmp_path):
+    task = runs.setup(cli.configure(bake_args(tiny, tmp_path, "--continuations=2", "--continuation_tokens=3"), bake.SETTINGS))
+    task.model = bake.with_adapter(task)
+    teacher, _ = bake.teacher_layout(task)
+    sampled = {}
+    for batch_size, temperature in ((7, 1.0), (3, 1.0), (7, 1e-4)):  # other batch mates (as other processes get)
+        task.cfg.SCORE_BATCH_SIZE, task.cfg.CONTINUATION_TEMPERATURE = batch_size, temperature
+        sampled[batch_size, temperature] = bake.sample_continuations(task, teacher, None)
+    assert sampled[7, 1.0].shape == (len(task.train), 2, 3) and torch.equal(sampled[7, 1.0], sampled[3, 1.0])
+    rows = torch.arange(len(task.train))
+    with torch.no_grad(), task.model.disable_adapter():
+        greedy = bake.answer_logits(task, teacher, task.train, rows, None).argmax(-1)
+    assert (sampled[7, 1e-4][:, :, 0] == greedy[:, None]).all()  # near temperature 0, the argmax
+    assert (sampled[7, 1.0][:, :, 0] != greedy[:, None]).float().mean() > 0.5  # the tiny model's answers are spread
+    assert (sampled[7, 1.0][:, 0] != sampled[7, 1.0][:, 1]).any()  # two answers per review, drawn apart
+
+
 def test_logits_along_appended_answers_are_each_rows_own(tiny, tmp_path):
     task = runs.setup(cli.configure(overrides(tiny, tmp_path)), with_train=False)
     layout, idx = make_layout(task, "Be brief."), torch.tensor([0, 7, 3])  # reviews of different lengths
