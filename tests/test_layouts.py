@@ -174,7 +174,8 @@ def test_positions_and_any_model_through_the_command_line(tiny, models, tmp_path
             experiment.run(cli.configure(args))
             stdout = capsys.readouterr().out
         assert "| Run | Method | Train reviews | Params | Tokens |" in stdout
-        assert "-experiment | primer | 40 | 256 | 4 |" in stdout
+        method = "primer" if position == "system" else f"primer ({position})"
+        assert f"-experiment | {method} | 40 | 256 | 4 |" in stdout
         (run,) = [d for d in os.listdir(out / "results") if d.endswith("experiment")]
         assert json.loads((out / "results" / run / "config.json").read_text())["primer_position"] == position
         note = "the system content or primer goes at the start of the user turn" if position == "system" else "has no chat template"
