@@ -1,9 +1,11 @@
 """Answers sampled from a chat model: user messages in, the answers' tokens and texts out (steer.py's generations,
 search_prompt.py's proposed instructions)."""
+import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 import frozen
 from layouts import encode, prompt_text, stop_token_ids
@@ -17,21 +19,45 @@ class Answers:
     texts: list[str]  # the answers' text, up to their end of turn
 
 
+class GumbelPerRow(LogitsProcessor):
+    """Scores whose argmax is a sample of softmax(scores / temperature) (the Gumbel-max trick), each row's noise from a
+    generator of its own: a row's answer does not depend on the other rows of its batch."""
+
+    def __init__(self, generators: list[torch.Generator], temperature: float):
+        self.generators, self.temperature = generators, temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        uniform = torch.stack([torch.rand(scores.shape[1], generator=g, dtype=torch.float64) for g in self.generators])
+        gumbel = -(-uniform.clamp(min=1e-300).log()).log()
+        return scores.double() / self.temperature + gumbel.to(scores.device)
+
+
+def row_generators(messages: list[str], seed: int) -> list[torch.Generator]:
+    """A generator per message seeded by (seed, the message, how often it came before): a message's k-th answer is
+    the same whatever else is asked beside it."""
+    seen, generators = {}, []
+    for message in messages:
+        seen[message] = seen.get(message, -1) + 1
+        key = hashlib.sha256(f"{seed}\0{seen[message]}\0{message}".encode()).digest()
+        generators.append(torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1))
+    return generators
+
+
 @torch.inference_mode()
 def sample(model: torch.nn.Module, tokenizer, messages: list[str], template_kwargs: dict, max_new_tokens: int,
            temperature: float, seed: int, steer: Optional[frozen.Steer] = None) -> Answers:
-    """One answer per user message, sampled at `temperature` (top-k and top-p off) after torch.manual_seed(seed),
-    with `steer` added at every position."""
+    """One answer per user message, sampled at `temperature` from the whole vocabulary (row_generators: the same
+    answer whatever the batch), with `steer` added at every position."""
     prompts = [encode(tokenizer, prompt_text(tokenizer, None, m, template_kwargs)) for m in messages]
     width = max(map(len, prompts))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # left-padded for generate
     mask = (torch.arange(width, device=device) >= width - torch.tensor([len(p) for p in prompts], device=device)[:, None]).long()
-    torch.manual_seed(seed)
-    with frozen.hooks(model, steer):
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
-                             top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad)
+    noise = LogitsProcessorList([GumbelPerRow(row_generators(messages, seed), temperature)])
+    with frozen.hooks(model, steer):  # greedy over the noised scores: sampling, row by row
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, logits_processor=noise,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad)
     answer = out[:, width:]
     kept = (torch.isin(answer, stop_token_ids(tokenizer, model).to(device)).long().cumsum(1) == 0).long()
     texts = tokenizer.batch_decode(answer * kept + pad * (1 - kept), skip_special_tokens=True)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import chat
 import cli
 import frozen
 import ledger
@@ -147,15 +148,20 @@ def test_generation_writes_every_answer_its_judgement_and_the_curve(tiny, tmp_pa
 
 
 def test_generation_is_independent_of_batch_mates_and_coefficient_zero_is_unsteered(tiny, tmp_path):
-    # near-greedy sampling: the same answer whatever the batch, so batched answers and fluency must equal lone ones
-    task = runs.setup(cli.configure(steer_args(tiny, tmp_path, "--temperature=1e-6", "--max_new_tokens=6", "--samples=1"),
+    # each message's draws are its own: batched answers and fluency must equal lone ones, at any temperature
+    task = runs.setup(cli.configure(steer_args(tiny, tmp_path, "--temperature=1.0", "--max_new_tokens=6", "--samples=2"),
                                     steer.SETTINGS), with_train=False)
     messages = ["Hi", "Write a much longer request about the food at a restaurant, please."]
     texts, fluency = steer.sample(task, messages, None)
+    assert texts[0] != texts[1] or texts[2] != texts[3]  # two samples of a message are two draws
     for i, message in enumerate(messages):
         alone, alone_fluency = steer.sample(task, [message], None)
-        assert alone == [texts[i]]
-        torch.testing.assert_close(alone_fluency, fluency[i:i + 1], atol=1e-4, rtol=1e-4)
+        assert alone == texts[2 * i:2 * i + 2]
+        torch.testing.assert_close(alone_fluency, fluency[2 * i:2 * i + 2], atol=1e-4, rtol=1e-4)
+    greedy = task.model.generate(**task.tokenizer(chat.prompt_text(task.tokenizer, None, messages[0], task.cfg.TEMPLATE_KWARGS),
+                                                  add_special_tokens=False, return_tensors="pt"), do_sample=False, max_new_tokens=6)
+    near_zero = chat.sample(task.model, task.tokenizer, messages[:1], task.cfg.TEMPLATE_KWARGS, 6, 1e-6, 0)
+    assert near_zero.ids.equal(greedy)  # near temperature 0, the greedy answer
     zero = steer.sample(task, messages, frozen.Steer(torch.randn(64) * 50, (1,), 0.0))
     assert zero[0] == texts and torch.equal(zero[1], fluency)
 
