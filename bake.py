@@ -23,6 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import chat
 import cli
 import frozen
 import parallel
@@ -117,8 +118,8 @@ def answer_logits(task, layout: Layout, split, idx: torch.Tensor, primer=None,
 @torch.inference_mode()
 def sample_continuations(task, teacher: Layout, primer) -> torch.Tensor:
     """CONTINUATIONS answers [n, CONTINUATIONS, CONTINUATION_TOKENS] the prompted teacher samples to each training
-    review (adapter disabled), token by token, by inverse CDF from one uniform draw per review, answer and token made
-    up front: a review's answers depend on the seed alone, not on its batch mates or the number of processes."""
+    review (adapter disabled), token by token, each token drawn at a uniform of its own made up front: a review's
+    answers depend on the seed alone, not on its batch mates or the number of processes."""
     cfg, train = task.cfg, task.train
     shape = (len(train), cfg.CONTINUATIONS, cfg.CONTINUATION_TOKENS)
     uniforms = torch.rand(shape, generator=torch.Generator().manual_seed(cfg.SEED), dtype=torch.float64)
@@ -130,9 +131,7 @@ def sample_continuations(task, teacher: Layout, primer) -> torch.Tensor:
             with task.model.disable_adapter():
                 logits = answer_logits(task, teacher, train, rows, primer, answers)
             logits = logits if answers.shape[1] == 0 else logits[:, -1]
-            cdf = (logits.cpu().double() / cfg.CONTINUATION_TEMPERATURE).softmax(-1).cumsum(-1)
-            drawn = torch.searchsorted(cdf, uniforms[idx, :, t].reshape(-1, 1) * cdf[:, -1:]).clamp(max=cdf.shape[1] - 1)
-            answers = torch.cat([answers, drawn], 1)
+            answers = torch.cat([answers, chat.draw(logits, uniforms[idx, :, t], cfg.CONTINUATION_TEMPERATURE)[:, None]], 1)
         found[idx.to(task.device)] = answers.view(len(idx), cfg.CONTINUATIONS, -1).to(task.device)
     return parallel.sum_across(found).cpu()
 

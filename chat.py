@@ -19,17 +19,23 @@ class Answers:
     texts: list[str]  # the answers' text, up to their end of turn
 
 
-class GumbelPerRow(LogitsProcessor):
-    """Scores whose argmax is a sample of softmax(scores / temperature) (the Gumbel-max trick), each row's noise from a
-    generator of its own: a row's answer does not depend on the other rows of its batch."""
+def draw(scores: torch.Tensor, uniforms: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Each row's token [B] sampled from softmax(scores / temperature) by inverse CDF at the row's uniform in [0, 1)
+    [B]: a row's draw depends on its own scores and uniform alone."""
+    cdf = (scores.cpu().double() / temperature).softmax(-1).cumsum(-1)
+    return torch.searchsorted(cdf, uniforms.reshape(-1, 1).double() * cdf[:, -1:]).clamp(max=cdf.shape[1] - 1)[:, 0]
+
+
+class DrawPerRow(LogitsProcessor):
+    """Scores whose argmax is `draw`'s sample, each row's uniforms from a generator of its own."""
 
     def __init__(self, generators: list[torch.Generator], temperature: float):
         self.generators, self.temperature = generators, temperature
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        uniform = torch.stack([torch.rand(scores.shape[1], generator=g, dtype=torch.float64) for g in self.generators])
-        gumbel = -(-uniform.clamp(min=1e-300).log()).log()
-        return scores.double() / self.temperature + gumbel.to(scores.device)
+        uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators])
+        drawn = draw(scores, uniforms, self.temperature).to(scores.device)
+        return torch.full_like(scores, float("-inf")).scatter_(1, drawn[:, None], 0.0)
 
 
 def row_generators(messages: list[str], seed: int) -> list[torch.Generator]:
@@ -54,8 +60,8 @@ def sample(model: torch.nn.Module, tokenizer, messages: list[str], template_kwar
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # left-padded for generate
     mask = (torch.arange(width, device=device) >= width - torch.tensor([len(p) for p in prompts], device=device)[:, None]).long()
-    noise = LogitsProcessorList([GumbelPerRow(row_generators(messages, seed), temperature)])
-    with frozen.hooks(model, steer):  # greedy over the noised scores: sampling, row by row
+    noise = LogitsProcessorList([DrawPerRow(row_generators(messages, seed), temperature)])
+    with frozen.hooks(model, steer):  # greedy over DrawPerRow's scores: sampling, row by row
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, logits_processor=noise,
                              max_new_tokens=max_new_tokens, pad_token_id=pad)
     answer = out[:, width:]
