@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import bake
+import chat
 import cli
 import frozen
 import ledger
@@ -109,6 +110,10 @@ def test_sampled_answers_are_each_reviews_own_and_follow_the_teachers_distributi
     assert (sampled[7, 1e-4][:, :, 0] == greedy[:, None]).all()  # near temperature 0, the argmax
     assert (sampled[7, 1.0][:, :, 0] != greedy[:, None]).float().mean() > 0.5  # the tiny model's answers are spread
     assert (sampled[7, 1.0][:, 0] != sampled[7, 1.0][:, 1]).any()  # two answers per review, drawn apart
+    evenly = (torch.arange(1000) + 0.5) / 1000  # uniforms spread evenly: each token drawn in proportion to its probability
+    for temperature, share in ((1.0, 0.2), (0.5, 0.04 / 0.68)):
+        drawn = chat.draw(torch.tensor([[0.2, 0.8]]).log().expand(1000, 2), evenly, temperature)
+        assert drawn.bincount().tolist() == [round(1000 * share), 1000 - round(1000 * share)]
 
 
 def test_logits_along_appended_answers_are_each_rows_own(tiny, tmp_path):
