@@ -56,23 +56,25 @@ def loss_curve(run_dir: str) -> str:
 
 
 def score_plot(rows: list[dict], path: str) -> str:
-    """Strict and label-restricted test score against primer length, one line per LR schedule, with error bars of
-    their 95% Wilson intervals; text prompts as horizontal reference lines in a band of their interval."""
-    columns = ["tokens", "lr_schedule", "score", "score_low", "score_high", "restricted_score", "restricted_low", "restricted_high"]
+    """Strict and label-restricted test score against primer length, one line per method (which names the primer's
+    position) and LR schedule, with error bars of their 95% Wilson intervals; text prompts as horizontal reference
+    lines in a band of their interval."""
+    columns = ["method", "tokens", "lr_schedule", "score", "score_low", "score_high", "restricted_score", "restricted_low",
+               "restricted_high"]
     primers = pd.DataFrame([r for r in rows if r["script"] == "experiment"], columns=columns)
     prompts = [r for r in rows if r["script"] != "experiment"]
     lengths = sorted(primers["tokens"].unique())
-    schedules = primers["lr_schedule"].nunique()
+    lines = len(primers.groupby(["method", "lr_schedule"]))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for ax, (metric, interval), title in zip(axes, (("score", "score"), ("restricted_score", "restricted")),
                                              ("Score (argmax over the vocabulary)", "Label-restricted (argmax over the labels)")):
-        for schedule, runs in primers.groupby("lr_schedule", sort=False):
+        for (method, schedule), runs in primers.groupby(["method", "lr_schedule"], sort=False):
             runs = runs.sort_values("tokens")
             share, low, high = 100 * runs[metric], 100 * runs[f"{interval}_low"], 100 * runs[f"{interval}_high"]
             ax.errorbar(runs["tokens"], share, yerr=[share - low, high - share], marker="o", capsize=3,
-                        label=f"primer, lr {schedule}")
+                        label=f"{method}, lr {schedule}" if schedule else method)
         for i, r in enumerate(prompts):
-            color = f"C{schedules + i}"
+            color = f"C{lines + i}"
             ax.axhline(100 * r[metric], color=color, ls="--", label=f"{r['script']} ({int(r['tokens'])} tokens)")
             ax.axhspan(100 * r[f"{interval}_low"], 100 * r[f"{interval}_high"], color=color, alpha=0.15, lw=0)
         if lengths:  # primer lengths double from point to point
@@ -91,7 +93,8 @@ def losses_plot(rows: list[dict], results_dir: str, path: str) -> str:
         losses = os.path.join(results_dir, r["run_id"], "losses.csv")
         if os.path.exists(losses):  # text prompts and re-scored primers have no training
             log = pd.read_csv(losses)
-            (line,) = ax.plot(log["step"], smooth(log["loss"]), label=f"{int(r['tokens'])} tokens, lr {r['lr_schedule']}")
+            label = f"{r['method']}, {int(r['tokens'])} tokens, lr {r['lr_schedule']}"
+            (line,) = ax.plot(log["step"], smooth(log["loss"]), label=label)
             mark_epochs(ax, log, line.get_color())
     loss_axis(ax, "cross-entropy loss (running mean)", "Training loss")
     if ax.lines:

@@ -119,15 +119,18 @@ def drawn_figure(monkeypatch, draw):
 
 
 def test_scores_figure_draws_the_wilson_intervals(monkeypatch):
-    def row(script, tokens, correct, total=200):
+    def row(script, tokens, correct, method="primer", total=200):
         low, high = scoring.wilson_interval(correct, total)
         rlow, rhigh = scoring.wilson_interval(correct + 10, total)
-        return {"script": script, "tokens": tokens, "lr_schedule": "0.1", "score": correct / total, "score_low": low,
-                "score_high": high, "restricted_score": (correct + 10) / total, "restricted_low": rlow, "restricted_high": rhigh}
-    rows = [row("experiment", 4, 150), row("experiment", 8, 170), row("prompt_short", 30, 110)]
+        return {"script": script, "method": method, "tokens": tokens, "lr_schedule": "0.1", "score": correct / total,
+                "score_low": low, "score_high": high, "restricted_score": (correct + 10) / total, "restricted_low": rlow,
+                "restricted_high": rhigh}
+    rows = [row("experiment", 4, 150), row("experiment", 8, 170), row("prompt_short", 30, 110, "text prompt"),
+            row("experiment", 4, 120, "primer (suffix)")]
     fig = drawn_figure(monkeypatch, lambda: plots.score_plot(rows, "unused.png"))
     for ax, name in zip(fig.axes, ("score", "restricted")):
-        (bars,) = ax.containers  # one schedule: one line with error bars
+        bars, _ = ax.containers  # one line with error bars per position and schedule
+        assert [c.get_label() for c in ax.containers] == ["primer, lr 0.1", "primer (suffix), lr 0.1"]
         spans = [list(segment[:, 1]) for segment in bars.lines[2][0].get_segments()]  # each bar's (low, high)
         assert sum(spans, []) == pytest.approx([100 * r[f"{name}_{end}"] for r in rows[:2] for end in ("low", "high")])
         (band,) = ax.patches  # the text prompt's interval
@@ -141,7 +144,7 @@ def test_losses_figure_marks_each_runs_epoch_boundaries(tmp_path, monkeypatch):
         (tmp_path / run).mkdir()
         epochs = [e for e in (1, 2, 3) for _ in range(steps_per_epoch)]
         pd.DataFrame({"step": range(1, len(epochs) + 1), "epoch": epochs, "loss": 1.0}).to_csv(tmp_path / run / "losses.csv")
-    rows = [{"run_id": run, "tokens": 4, "lr_schedule": "0.1, 0.1, 0.1"} for run in ("a", "b")]
+    rows = [{"run_id": run, "method": "primer", "tokens": 4, "lr_schedule": "0.1, 0.1, 0.1"} for run in ("a", "b")]
     fig = drawn_figure(monkeypatch, lambda: plots.losses_plot(rows, str(tmp_path), "unused.png"))
     curves = [line for line in fig.axes[0].lines if line.get_linestyle() == "-"]
     marks = [(line.get_xdata()[0], line.get_color()) for line in fig.axes[0].lines if line.get_linestyle() == ":"]
