@@ -19,7 +19,7 @@ import runs
 import scoring
 import steer
 from conftest import overrides, record_reads, run_until_first_checkpoint
-from layouts import make_layout
+from layouts import make_layout, prompt_text
 
 
 def steer_args(tiny, out, *more: str) -> list[str]:
@@ -158,7 +158,7 @@ def test_generation_is_independent_of_batch_mates_and_coefficient_zero_is_unstee
         alone, alone_fluency = steer.sample(task, [message], None)
         assert alone == texts[2 * i:2 * i + 2]
         torch.testing.assert_close(alone_fluency, fluency[2 * i:2 * i + 2], atol=1e-4, rtol=1e-4)
-    greedy = task.model.generate(**task.tokenizer(chat.prompt_text(task.tokenizer, None, messages[0], task.cfg.TEMPLATE_KWARGS),
+    greedy = task.model.generate(**task.tokenizer(prompt_text(task.tokenizer, None, messages[0], task.cfg.TEMPLATE_KWARGS),
                                                   add_special_tokens=False, return_tensors="pt"), do_sample=False, max_new_tokens=6)
     near_zero = chat.sample(task.model, task.tokenizer, messages[:1], task.cfg.TEMPLATE_KWARGS, 6, 1e-6, 0)
     assert near_zero.ids.equal(greedy)  # near temperature 0, the greedy answer
