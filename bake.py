@@ -131,7 +131,8 @@ def sample_continuations(task, teacher: Layout, primer) -> torch.Tensor:
             with task.model.disable_adapter():
                 logits = answer_logits(task, teacher, train, rows, primer, answers)
             logits = logits if answers.shape[1] == 0 else logits[:, -1]
-            answers = torch.cat([answers, chat.draw(logits, uniforms[idx, :, t], cfg.CONTINUATION_TEMPERATURE)[:, None]], 1)
+            drawn = chat.draw(logits, uniforms[idx, :, t], cfg.CONTINUATION_TEMPERATURE)
+            answers = torch.cat([answers, drawn[:, None]], 1)
         found[idx.to(task.device)] = answers.view(len(idx), cfg.CONTINUATIONS, -1).to(task.device)
     return parallel.sum_across(found).cpu()
 

@@ -37,7 +37,8 @@ def run(cfg) -> None:
     run_dir = runs.run_folder(cfg, "experiment")
     log, status = (None, "finished") if cfg.PRIMER_PATH else train_primer(task, layout, primer, run_dir)
     primers.save_primer(run_dir, primer, cfg.MODEL_ID, cfg.PRIMER_POSITION)
-    method = ("primer" if log is not None else "saved primer") + ("" if cfg.PRIMER_POSITION == "system" else f" ({cfg.PRIMER_POSITION})")
+    method = "primer" if log is not None else "saved primer"
+    method += "" if cfg.PRIMER_POSITION == "system" else f" ({cfg.PRIMER_POSITION})"  # the ledger tells positions apart
     runs.record(task, "experiment", method, len(primer), scoring.predict(task, layout, primer), run_dir, log,
                 primer.numel(), status)
 

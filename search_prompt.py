@@ -5,11 +5,12 @@ instead of trained vectors.
     python search_prompt.py --search=propose         # a chat model proposes instructions from the best so far (OPRO, APE)
     python search_prompt.py --search=tokens --tokens=8 --token_init=primer:results/<run id>/primer.safetensors
 
-Text searches edit the system message of the two hand-written prompts (each keeps its own user message around the
-review, so the search starts from the baselines' scores); every candidate is scored with the shared scorer on
-VAL_LIMIT validation reviews held out of training (strict score, ties broken by the label-restricted one) and written
-to candidates.csv. The token search (AutoPrompt, GCG) swaps one of TOKENS system-slot tokens per step along the
-gradient of the loss on SEARCH_BATCH training reviews, every candidate swap measured in one batched forward. The test split is scored once, with the best prompt on validation.
+Text searches start from the two hand-written prompts and change only the system message (each candidate keeps a
+user message of theirs around the review, so step 0 scores as the baselines do); every candidate is scored with the
+shared scorer on VAL_LIMIT validation reviews held out of training (strict score, ties broken by the label-restricted
+one) and written to candidates.csv. The token search (AutoPrompt, GCG) swaps one of TOKENS system-slot tokens per
+step along the gradient of the loss on SEARCH_BATCH training reviews, every candidate swap measured in one batched
+forward. The test split is scored once, with the best prompt on validation.
 """
 import json
 import os
@@ -97,7 +98,8 @@ class Search:
 
     def score_text(self, step: int, prompt: tuple[str, str]) -> tuple[int, int]:
         system, user = prompt
-        return self.score(step, system, encode(self.task.tokenizer, system), make_layout(self.task, system, user), user=user)
+        layout = make_layout(self.task, system, user)
+        return self.score(step, system, encode(self.task.tokenizer, system), layout, user=user)
 
 
 def search_text(task, search: Search, proposer) -> tuple[str, str]:
@@ -246,7 +248,8 @@ def run(cfg) -> None:
     print(f"budget: {search.forwards:,} reviews through forward passes, {search.backwards:,} through backward passes, "
           f"{time.perf_counter() - search.start:.0f} s")
     token_ids = ids.tolist() if cfg.SEARCH == "tokens" else encode(task.tokenizer, text)
-    runs.write_atomic(os.path.join(run_dir, "prompt.json"), json.dumps({"text": text, "user": user, "token_ids": token_ids}, indent=2))
+    saved = {"text": text, "user": user, "token_ids": token_ids}
+    runs.write_atomic(os.path.join(run_dir, "prompt.json"), json.dumps(saved, indent=2))
     print(f"saved {plots.search_curve(pd.DataFrame(search.rows), os.path.join(run_dir, 'search.png'))}")
     seconds = time.perf_counter() - search.start
     if cfg.SEARCH == "tokens":  # the exact ids, then the text they decode to, tokenized again
