@@ -117,7 +117,7 @@ def search_text(task, search: Search, proposer) -> tuple[str, str]:
         else:
             prompts = [(edit(task, proposer, system, rng, step), user) for system, user in
                        (rng.choice(parents) for _ in range(cfg.CANDIDATES))]
-        for prompt in filter(lambda p: p[0], prompts):
+        for prompt in [p for p in prompts if p[0]]:  # a proposer may write nothing
             pool[prompt] = search.score_text(step, prompt)
         stale = 0 if max(pool.values()) > best else stale + 1
         best = max(pool.values())
