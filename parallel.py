@@ -3,6 +3,7 @@
 Each process holds the whole frozen model and the same primer, runs its share of every batch, and the primer's
 gradient, the loss and the test counts are summed across processes. Plain `python script.py` never joins a process
 group: every function here is then the single-process identity (no copy, no communication)."""
+import atexit
 import contextlib
 import functools
 import os
@@ -27,6 +28,8 @@ def start(device: str) -> None:
         return
     from accelerate import PartialState
     _state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    # gloo's worker threads abort the process (SIGABRT) if the interpreter is torn down before the group is destroyed
+    atexit.register(_state.destroy_process_group)
     if not _state.is_main_process:
         sys.stdout = open(os.devnull, "w")  # one config, one table, one "saved" line: the main process's
 
