@@ -23,17 +23,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-import chat
-import cli
-import frozen
-import parallel
-import primers
-import prompt_long
-import prompt_short
-import runs
-import scoring
-import training
-from layouts import Layout, assemble, make_layout, stop_token_ids
+from harness import chat, cli, errors, files, frozen, parallel, prompts, runs, scoring, training
+from harness.layouts import Layout, assemble, make_layout, stop_token_ids
 
 TEACHER = "long"  # the prompt baked in: "long", "short" (those scripts' prompts), "text:<words>" (a system message) or "primer" (PRIMER_PATH)
 LORA_RANK = 8  # rank of each LoRA update
@@ -47,38 +38,23 @@ CONTINUATION_TEMPERATURE = 1.0  # temperature the teacher samples them at
 RESCORE_WITH_PROMPT = False  # also score the baked student with the teacher's prompt in place (re-prompting)
 ADAPTER_PATH = None  # a saved adapter folder (results/<run id>/adapter): score it, no training
 SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
-PROMPTS = {"short": prompt_short, "long": prompt_long}
 
 
 def check(cfg) -> None:
     """One-line errors for settings that cannot work, before the model loads."""
-    if cfg.TEACHER not in PROMPTS and cfg.TEACHER != "primer" and not cfg.TEACHER.startswith("text:"):
-        raise cli.UserError(f"--teacher={cfg.TEACHER!r} is not one of long, short, text:<words>, primer")
-    if cfg.TEACHER == "primer" and not cfg.PRIMER_PATH:
-        raise cli.UserError("--teacher=primer needs --primer_path=results/<run id>/primer.safetensors")
+    prompts.check_name("teacher", cfg.TEACHER, cfg.PRIMER_PATH)
     if cfg.RATE_SCALE != "absolute":
-        raise cli.UserError(f"--rate_scale={cfg.RATE_SCALE!r}: a LoRA adapter's rates are Adam's own, --rate_scale=absolute")
+        raise errors.UserError(f"--rate_scale={cfg.RATE_SCALE!r}: a LoRA adapter's rates are Adam's own, --rate_scale=absolute")
     if cfg.LORA_RANK < 1:
-        raise cli.UserError(f"--lora_rank={cfg.LORA_RANK} must be at least 1")
+        raise errors.UserError(f"--lora_rank={cfg.LORA_RANK} must be at least 1")
     if cfg.CONTINUATIONS and (cfg.CONTINUATION_TOKENS < 1 or cfg.CONTINUATION_TEMPERATURE <= 0):
-        raise cli.UserError(f"--continuation_tokens={cfg.CONTINUATION_TOKENS} must be at least 1 and "
+        raise errors.UserError(f"--continuation_tokens={cfg.CONTINUATION_TOKENS} must be at least 1 and "
                             f"--continuation_temperature={cfg.CONTINUATION_TEMPERATURE} above 0")
     if cfg.CONTINUATIONS and cfg.TEACHER == "primer" and cfg.PRIMER_POSITION == "suffix":
-        raise cli.UserError("--continuations needs the teacher's prompt before the review: a primer at "
+        raise errors.UserError("--continuations needs the teacher's prompt before the review: a primer at "
                             "--primer_position=suffix sits where the answer goes")
     if cfg.ADAPTER_PATH and not os.path.isfile(os.path.join(cfg.ADAPTER_PATH, "adapter_config.json")):
-        raise cli.UserError(f"--adapter_path={cfg.ADAPTER_PATH} holds no adapter (no adapter_config.json): give results/<run id>/adapter")
-
-
-def teacher_layout(task) -> tuple[Layout, torch.Tensor]:
-    """The teacher's layout, and its primer (None for a text prompt)."""
-    cfg = task.cfg
-    if cfg.TEACHER == "primer":
-        primer = primers.load_primer(cfg.PRIMER_PATH, task.model, cfg.PRIMER_POSITION)
-        return make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION), primer
-    if cfg.TEACHER.startswith("text:"):
-        return make_layout(task, cfg.TEACHER[len("text:"):]), None
-    return make_layout(task, PROMPTS[cfg.TEACHER].SYSTEM, PROMPTS[cfg.TEACHER].USER), None
+        raise errors.UserError(f"--adapter_path={cfg.ADAPTER_PATH} holds no adapter (no adapter_config.json): give results/<run id>/adapter")
 
 
 def with_adapter(task) -> torch.nn.Module:
@@ -90,7 +66,7 @@ def with_adapter(task) -> torch.nn.Module:
         return get_peft_model(task.model, config).eval()
     except ValueError as e:  # peft: target modules not found in the base model
         names = sorted({name.rsplit(".", 1)[-1] for name, m in task.model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise cli.UserError(f"--lora_targets={cfg.LORA_TARGETS} names no module of this model ({str(e).splitlines()[0][:80]}); "
+        raise errors.UserError(f"--lora_targets={cfg.LORA_TARGETS} names no module of this model ({str(e).splitlines()[0][:80]}); "
                             f"its linear layers are {', '.join(names)}") from e
 
 
@@ -98,7 +74,7 @@ def load_adapter(task, path: str) -> torch.nn.Module:
     try:
         return PeftModel.from_pretrained(task.model, path).eval()
     except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names of another model
-        raise cli.UserError(f"--adapter_path={path} does not fit --model_id={task.cfg.MODEL_ID} ({type(e).__name__}): "
+        raise errors.UserError(f"--adapter_path={path} does not fit --model_id={task.cfg.MODEL_ID} ({type(e).__name__}): "
                             f"use an adapter baked on this model") from e
 
 
@@ -146,7 +122,7 @@ def continuations(task, teacher: Layout, primer, run_dir: str) -> Optional[torch
         return load_file(path)["answers"]
     answers = sample_continuations(task, teacher, primer)
     if parallel.is_main():
-        with cli.atomic_path(path) as tmp:
+        with files.atomic_path(path) as tmp:
             save_file({"answers": answers}, tmp)
     return answers
 
@@ -197,7 +173,7 @@ def agreement(task, student: Layout, teacher: Layout, primer, split) -> dict:
 def run(cfg) -> None:
     check(cfg)
     task = runs.setup(cfg, with_train=not cfg.ADAPTER_PATH)
-    teacher, primer = teacher_layout(task)
+    teacher, primer = prompts.layout_of(task, task.cfg.TEACHER, task.cfg.PRIMER_PATH, task.cfg.PRIMER_POSITION)
     student = make_layout(task, None)
     if cfg.ADAPTER_PATH:
         task.model = load_adapter(task, cfg.ADAPTER_PATH)

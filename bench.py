@@ -2,8 +2,8 @@
 straightforward loop.
 
     python bench.py                                                   # MODEL_ID's weights, DATA_DIR's split if prepared
-    python bench.py --random_init=True                                # MODEL_ID's architecture (configs/), random weights
-    python bench.py --random_init=True --model_id=configs/llama-small-cpu --device=cpu
+    python bench.py --random_init=True                                # MODEL_ID's architecture (architectures/), random weights
+    python bench.py --random_init=True --model_id=architectures/llama-small-cpu --device=cpu
 
 FLOPs counted per sample of T real tokens (padding is never counted):
   forward   = 2 * N * T + 2 * d * V * H + 2 * n_layers * d_attn * T^2
@@ -23,18 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import activations
-import cli
-import data
-import frozen
-import layouts
-import primers
-import runs
-import scoring
-import training
+from harness import activations, cli, data, errors, frozen, layouts, primers, runs, scoring, training
 
 BENCH = {
-    "RANDOM_INIT": False,  # build MODEL_ID's architecture (configs/<name>/ or a folder's config.json) with random weights
+    "RANDOM_INIT": False,  # build MODEL_ID's architecture (architectures/<name>/ or a folder's config.json) with random weights
     "STEPS": 10,  # timed batches per measurement
     "WARMUP": 2,  # untimed batches first (allocator, kernels)
     "BASELINE": True,  # also time the straightforward loop on the same batches
@@ -75,9 +67,9 @@ def bench_layout(task: runs.Task, position: str) -> layouts.Layout:
 
 def random_model(cfg, device: torch.device) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
-    folder = cfg.MODEL_ID if os.path.isdir(cfg.MODEL_ID) else os.path.join("configs", os.path.basename(cfg.MODEL_ID))
+    folder = cfg.MODEL_ID if os.path.isdir(cfg.MODEL_ID) else os.path.join("architectures", os.path.basename(cfg.MODEL_ID))
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise cli.UserError(f"no architecture config for {cfg.MODEL_ID} in {folder}/config.json: add one, or set --model_id to a folder with one")
+        raise errors.UserError(f"no architecture config for {cfg.MODEL_ID} in {folder}/config.json: add one, or set --model_id to a folder with one")
     with device:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=frozen.resolve_dtype(cfg.DTYPE, device),
                                                  attn_implementation="sdpa")

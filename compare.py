@@ -12,8 +12,7 @@ import sys
 import torch
 from safetensors import safe_open
 
-import cli
-import scoring
+from harness import errors, files, scoring
 
 SAME_SPLIT_KEYS = ("csv_dir", "test_limit", "seed", "labels")  # these choose the test reviews and their answers
 
@@ -22,10 +21,10 @@ def load_run(run_dir: str) -> tuple[dict, dict]:
     """A run folder's config and its per-review predictions."""
     path = os.path.join(run_dir, "predictions.safetensors")
     if not os.path.isfile(path):
-        raise cli.UserError(f"{run_dir} has no predictions.safetensors: give the folder of a finished run")
+        raise errors.UserError(f"{run_dir} has no predictions.safetensors: give the folder of a finished run")
     with safe_open(path, "pt") as f:
         predictions = {k: f.get_tensor(k) for k in f.keys()}
-    return cli.read_json(os.path.join(run_dir, "config.json")), predictions
+    return files.read_json(os.path.join(run_dir, "config.json")), predictions
 
 
 def correctness(predictions: dict) -> dict[str, torch.Tensor]:
@@ -43,7 +42,7 @@ def compare(run_a: str, run_b: str) -> None:
     (config_a, predictions_a), (config_b, predictions_b) = load_run(run_a), load_run(run_b)
     differ = [k for k in SAME_SPLIT_KEYS if config_a.get(k) != config_b.get(k)]
     if differ or not torch.equal(predictions_a["label"], predictions_b["label"]):
-        raise cli.UserError(f"{run_a} and {run_b} were not scored on the same test reviews (their {', '.join(differ) or 'labels'} "
+        raise errors.UserError(f"{run_a} and {run_b} were not scored on the same test reviews (their {', '.join(differ) or 'labels'} "
                             f"differ): compare runs with the same --csv_dir, --test_limit, --seed and --labels")
     right_a, right_b = correctness(predictions_a), correctness(predictions_b)
     total = len(predictions_a["label"])
@@ -59,9 +58,9 @@ def compare(run_a: str, run_b: str) -> None:
 def main(argv: list[str]) -> None:
     try:
         if len(argv) != 2:
-            raise cli.UserError("give two run folders: python compare.py results/<run A> results/<run B>")
+            raise errors.UserError("give two run folders: python compare.py results/<run A> results/<run B>")
         compare(*argv)
-    except cli.UserError as e:
+    except errors.UserError as e:
         sys.exit(f"error: {e}")
 
 

@@ -6,12 +6,8 @@
     python experiment.py --primer_position=suffix                             # the primer after the review (or "prefix")
     python experiment.py --val_limit=2000 --keep_best=True --primer_init=labels   # validate each epoch, keep the best
 """
-import cli
-import primers
-import runs
-import scoring
-import training
-from layouts import check_primer_position, make_layout
+from harness import cli, primers, runs, scoring, training
+from harness.layouts import check_primer_position, make_layout
 
 
 def train_primer(task, layout, primer, run_dir: str) -> tuple[list[dict], str]:

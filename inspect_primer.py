@@ -12,11 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
-import cli
-import layouts
-import primers
-import runs
-import scoring
+from harness import cli, errors, files, layouts, primers, runs, scoring
 
 TOP_K = 5  # nearest tokens shown per vector
 
@@ -24,15 +20,15 @@ TOP_K = 5  # nearest tokens shown per vector
 def configure(argv: list[str]) -> SimpleNamespace:
     """The saved config of the run folder argv[0] with the overrides after it on top; PRIMER_PATH is its primer."""
     if not argv or argv[0].startswith("--"):
-        raise cli.UserError("give a run folder first: python inspect_primer.py results/<run id> [--name=value ...]")
+        raise errors.UserError("give a run folder first: python inspect_primer.py results/<run id> [--name=value ...]")
     run_dir, overrides = argv[0], argv[1:]
     files = {name: os.path.join(run_dir, name) for name in ("config.json", "metrics.json", "primer.safetensors")}
     missing = [name for name, path in files.items() if not os.path.isfile(path)]
     if missing:
-        raise cli.UserError(f"{run_dir} is not the folder of a run with a primer (no {', '.join(missing)}): "
+        raise errors.UserError(f"{run_dir} is not the folder of a run with a primer (no {', '.join(missing)}): "
                             f"give results/<run id> of an experiment.py run")
     if any(arg.startswith("--primer_path=") for arg in overrides):
-        raise cli.UserError("the run folder names the primer: drop --primer_path")
+        raise errors.UserError("the run folder names the primer: drop --primer_path")
     return cli.run_config(run_dir, overrides + [f"--primer_path={files['primer.safetensors']!r}"])
 
 
@@ -62,7 +58,7 @@ def ratio(hard: float, original: float) -> str:
 
 
 def inspect(cfg: SimpleNamespace) -> None:
-    original = cli.read_json(os.path.join(os.path.dirname(cfg.PRIMER_PATH), "metrics.json"))
+    original = files.read_json(os.path.join(os.path.dirname(cfg.PRIMER_PATH), "metrics.json"))
     task = runs.setup(cfg, with_train=False)
     primer = primers.load_primer(cfg.PRIMER_PATH, task.model, cfg.PRIMER_POSITION)
     cosine, ids = primers.nearest_tokens(task, primer, TOP_K)

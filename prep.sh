@@ -1,4 +1,4 @@
 #!/usr/bin/env bash
 # Tokenize the Yelp polarity CSVs into DATA_DIR/train.pt and DATA_DIR/test.pt: ./prep.sh [--name=value ...]
 set -euo pipefail
-exec python "$(dirname "$0")/data.py" "$@"
+PYTHONPATH="$(dirname "$0")${PYTHONPATH:+:$PYTHONPATH}" exec python -m harness.data "$@"

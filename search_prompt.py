@@ -22,17 +22,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-import chat
-import cli
-import data
-import frozen
-import plots
-import primers
-import prompt_long
-import prompt_short
-import runs
-import scoring
-from layouts import assemble, encode, make_layout
+from harness import chat, cli, data, errors, frozen, plots, primers, prompts, runs, scoring
+from harness.layouts import assemble, encode, make_layout
 
 SEARCH = "edit"  # the method: "edit" (word edits), "propose" (a chat model writes instructions), "tokens" (gradient-guided swaps)
 STEPS = 10  # search steps
@@ -64,13 +55,13 @@ Write a new instruction, different from those above, that reaches a higher accur
 
 def check(cfg) -> None:
     if cfg.SEARCH not in SEARCHES:
-        raise cli.UserError(f"--search={cfg.SEARCH!r} is not one of {', '.join(SEARCHES)}")
+        raise errors.UserError(f"--search={cfg.SEARCH!r} is not one of {', '.join(SEARCHES)}")
     if not cfg.VAL_LIMIT:
-        raise cli.UserError("candidates are scored on validation reviews: set --val_limit (e.g. 200)")
+        raise errors.UserError("candidates are scored on validation reviews: set --val_limit (e.g. 200)")
     if min(cfg.STEPS, cfg.CANDIDATES, cfg.POOL, cfg.TOKENS, cfg.TOP_K, cfg.SEARCH_BATCH) < 1:
-        raise cli.UserError("--steps, --candidates, --pool, --tokens, --top_k and --search_batch must all be at least 1")
+        raise errors.UserError("--steps, --candidates, --pool, --tokens, --top_k and --search_batch must all be at least 1")
     if not (cfg.TOKEN_INIT in ("random",) or cfg.TOKEN_INIT.startswith(("text:", "primer:"))):
-        raise cli.UserError(f"--token_init={cfg.TOKEN_INIT!r} is not one of random, text:<words>, primer:<path>")
+        raise errors.UserError(f"--token_init={cfg.TOKEN_INIT!r} is not one of random, text:<words>, primer:<path>")
 
 
 class Search:
@@ -106,18 +97,18 @@ def search_text(task, search: Search, proposer) -> tuple[str, str]:
     """Edit or propose system messages, keeping the POOL best (system, user) prompts; the best on validation. An
     edit keeps its parent's user message, a proposed instruction takes the best prompt's."""
     cfg, rng = task.cfg, random.Random(task.cfg.SEED)
-    starts = [(prompt_short.SYSTEM, prompt_short.USER), (prompt_long.SYSTEM, prompt_long.USER)]
+    starts = [prompts.text_prompt(name) for name in prompts.TEXT_PROMPTS]
     pool = {prompt: search.score_text(0, prompt) for prompt in starts}
     best, stale = max(pool.values()), 0
     for step in range(1, cfg.STEPS + 1):
         parents = sorted(pool, key=pool.get)[-cfg.POOL:]
         if cfg.SEARCH == "propose":
             texts = propose(task, proposer, {system: pool[system, user] for system, user in parents}, rng, step)
-            prompts = [(text, parents[-1][1]) for text in texts]
+            candidates = [(text, parents[-1][1]) for text in texts]
         else:
-            prompts = [(edit(task, proposer, system, rng, step), user) for system, user in
+            candidates = [(edit(task, proposer, system, rng, step), user) for system, user in
                        (rng.choice(parents) for _ in range(cfg.CANDIDATES))]
-        for prompt in [p for p in prompts if p[0]]:  # a proposer may write nothing
+        for prompt in [p for p in candidates if p[0]]:  # a proposer may write nothing
             pool[prompt] = search.score_text(step, prompt)
         stale = 0 if max(pool.values()) > best else stale + 1
         best = max(pool.values())

@@ -22,23 +22,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import activations
-import chat
-import cli
-import data
-import parallel
-import plots
-import primers
-import prompt_long
-import prompt_short
-import runs
-import scoring
-import training
-from frozen import Steer
-from layouts import make_layout
+from harness import activations, chat, cli, data, errors, files, parallel, plots, primers, prompts, runs, scoring, training
+from harness.frozen import Steer
+from harness.layouts import make_layout
 
 VECTOR = "mean"  # the vector's source: "pair" (ActAdd), "mean" (prompted minus unprompted activations), "learned" (Adam)
-PAIR = [prompt_short.SYSTEM, ""]  # "pair": two system messages; the vector is the first's activation minus the second's
+PAIR = [prompts.text_prompt("short")[0], ""]  # "pair": two system messages; the vector is the first's activation minus the second's
 PROMPT = "short"  # "mean": the prompt the vector stands in for: "short", "long" or "text:<words>" (a system message)
 VECTOR_REVIEWS = 200  # training reviews that "mean" averages over and that measure each layer's residual norm
 STEER_LAYERS = []  # decoder layers (1-based) swept by "pair" and "mean"; []: every other layer, the last included
@@ -66,23 +55,15 @@ VECTORS = ("pair", "mean", "learned")
 def check(cfg) -> None:
     """One-line errors for settings that cannot work, before the model loads."""
     if cfg.VECTOR not in VECTORS:
-        raise cli.UserError(f"--vector={cfg.VECTOR!r} is not one of {', '.join(VECTORS)}")
+        raise errors.UserError(f"--vector={cfg.VECTOR!r} is not one of {', '.join(VECTORS)}")
     if len(cfg.PAIR) != 2 or not all(isinstance(text, str) for text in cfg.PAIR) or cfg.PAIR[0] == cfg.PAIR[1]:
-        raise cli.UserError(f"--pair={cfg.PAIR!r} must be two different texts, e.g. --pair=\"['Love', 'Hate']\"")
+        raise errors.UserError(f"--pair={cfg.PAIR!r} must be two different texts, e.g. --pair=\"['Love', 'Hate']\"")
     if cfg.PROMPT not in ("short", "long") and not cfg.PROMPT.startswith("text:"):
-        raise cli.UserError(f"--prompt={cfg.PROMPT!r} is not one of short, long, text:<words>")
+        raise errors.UserError(f"--prompt={cfg.PROMPT!r} is not one of short, long, text:<words>")
     if not cfg.VAL_LIMIT and not cfg.VECTOR_PATH:
-        raise cli.UserError("layer and coefficient are chosen on validation reviews: set --val_limit (e.g. 200)")
+        raise errors.UserError("layer and coefficient are chosen on validation reviews: set --val_limit (e.g. 200)")
     if cfg.VECTOR_PATH and not os.path.isfile(cfg.VECTOR_PATH):
-        raise cli.UserError(f"--vector_path={cfg.VECTOR_PATH} does not exist: give the steering.safetensors of a steer.py run")
-
-
-def prompt_layout(task, prompt: str):
-    """The text-prompt layout that a "mean" vector stands in for."""
-    if prompt.startswith("text:"):
-        return make_layout(task, prompt[len("text:"):])
-    module = {"short": prompt_short, "long": prompt_long}[prompt]
-    return make_layout(task, module.SYSTEM, module.USER)
+        raise errors.UserError(f"--vector_path={cfg.VECTOR_PATH} does not exist: give the steering.safetensors of a steer.py run")
 
 
 def last_states(task, layout, split, layers: tuple[int, ...]) -> torch.Tensor:
@@ -103,14 +84,14 @@ def middle_or(task, name: str) -> int:
     count = len(task.model.get_decoder().layers)
     layer = getattr(task.cfg, name) or (count + 1) // 2
     if not 1 <= layer <= count:
-        raise cli.UserError(f"--{name.lower()}={layer} must be a decoder layer 1 to {count} of this model")
+        raise errors.UserError(f"--{name.lower()}={layer} must be a decoder layer 1 to {count} of this model")
     return layer
 
 
 def sweep_layers(cfg, count: int) -> tuple[int, ...]:
     layers = tuple(cfg.STEER_LAYERS or range(count % 2 or 2, count + 1, 2))
     if not all(1 <= layer <= count for layer in layers):
-        raise cli.UserError(f"--steer_layers={cfg.STEER_LAYERS} must be decoder layers 1 to {count} of this model")
+        raise errors.UserError(f"--steer_layers={cfg.STEER_LAYERS} must be decoder layers 1 to {count} of this model")
     return layers
 
 
@@ -119,11 +100,11 @@ def directions(task, plain, layers: tuple[int, ...]) -> tuple[torch.Tensor, torc
     each layer [len(layers)] over VECTOR_REVIEWS training reviews with no prompt."""
     cfg = task.cfg
     if not 1 <= cfg.VECTOR_REVIEWS <= len(task.train):
-        raise cli.UserError(f"--vector_reviews={cfg.VECTOR_REVIEWS} must be between 1 and the {len(task.train):,} training reviews")
+        raise errors.UserError(f"--vector_reviews={cfg.VECTOR_REVIEWS} must be between 1 and the {len(task.train):,} training reviews")
     reviews = task.train.subset(torch.arange(cfg.VECTOR_REVIEWS))  # the training split is already a seeded sample
     unprompted = last_states(task, plain, reviews, layers)
     if cfg.VECTOR == "mean":
-        difference = (last_states(task, prompt_layout(task, cfg.PROMPT), reviews, layers) - unprompted).mean(1)
+        difference = (last_states(task, prompts.layout_of(task, cfg.PROMPT)[0], reviews, layers) - unprompted).mean(1)
     else:
         difference = pair_difference(task, cfg.PAIR, layers)
     return difference / difference.norm(dim=-1, keepdim=True), unprompted.norm(dim=-1).mean(1)
@@ -170,7 +151,7 @@ def learned(task, plain, run_dir: str) -> tuple[pd.DataFrame, dict, list[dict], 
 
 @parallel.main_writes
 def save_steer(run_dir: str, steer: Steer, model_id: str, source: str) -> None:
-    with cli.atomic_path(os.path.join(run_dir, "steering.safetensors")) as tmp:
+    with files.atomic_path(os.path.join(run_dir, "steering.safetensors")) as tmp:
         save_file({"vector": (steer.coefficient * steer.vector).detach().float().cpu().contiguous()}, tmp,
                   metadata={"layer": str(steer.layers[0]), "after_review": str(steer.after_review), "model_id": model_id,
                             "source": source})
@@ -183,10 +164,10 @@ def load_steer(path: str, width: int) -> tuple[Steer, str]:
             vector, meta = f.get_tensor("vector"), f.metadata()
         steer = Steer(vector, (int(meta["layer"]),), 1.0, meta["after_review"] == "True")
     except Exception as e:  # not safetensors, or not a steering file
-        raise cli.UserError(f"--vector_path={path} is not a steering vector ({type(e).__name__}): give the "
+        raise errors.UserError(f"--vector_path={path} is not a steering vector ({type(e).__name__}): give the "
                             f"steering.safetensors of a steer.py run") from e
     if vector.shape != (width,):
-        raise cli.UserError(f"--vector_path={path} holds a vector of shape {tuple(vector.shape)}, but this model is "
+        raise errors.UserError(f"--vector_path={path} holds a vector of shape {tuple(vector.shape)}, but this model is "
                             f"{width} wide: use a vector made for --model_id")
     return steer, meta["source"]
 
@@ -201,7 +182,7 @@ def user_messages(cfg) -> list[str]:
     if not cfg.PROMPTS_FILE:
         return cfg.GENERATE_PROMPTS
     if not os.path.isfile(cfg.PROMPTS_FILE):
-        raise cli.UserError(f"--prompts_file={cfg.PROMPTS_FILE} does not exist: give a text file, one user message per line")
+        raise errors.UserError(f"--prompts_file={cfg.PROMPTS_FILE} does not exist: give a text file, one user message per line")
     with open(cfg.PROMPTS_FILE, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
 
@@ -232,10 +213,10 @@ def generate(cfg) -> None:
     """Sampled answers at each coefficient of the sentiment vector and for text prompts asking for a positive or a
     negative answer, judged; the share judged positive and the fluency per coefficient, printed and drawn."""
     if not cfg.JUDGE_PATH:
-        raise cli.UserError("--generate=True judges each answer with a trained classifier: set --judge_path to a run's "
+        raise errors.UserError("--generate=True judges each answer with a trained classifier: set --judge_path to a run's "
                             "primer.safetensors or probe.safetensors")
     if cfg.SENTIMENT not in ("pair", "reviews"):
-        raise cli.UserError(f"--sentiment={cfg.SENTIMENT!r} is not one of pair, reviews")
+        raise errors.UserError(f"--sentiment={cfg.SENTIMENT!r} is not one of pair, reviews")
     messages = user_messages(cfg)
     task = runs.setup(cfg)
     layer = middle_or(task, "GENERATE_LAYER")

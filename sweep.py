@@ -17,12 +17,8 @@ from types import SimpleNamespace
 from typing import Callable, Optional
 
 
-import cli
+from harness import cli, errors, files, ledger, plots, runs, training
 import experiment
-import runs
-import training
-import ledger
-import plots
 import prompt_long
 import prompt_short
 
@@ -63,7 +59,7 @@ def find_run(script: str, cfg: SimpleNamespace) -> Optional[dict]:
     want = result_key(script, vars(cfg))
     for row in reversed(ledger.rows(cfg.RESULTS_DIR)):
         path = os.path.join(cfg.RESULTS_DIR, row["run_id"], "config.json")
-        if row["script"] == script and os.path.exists(path) and result_key(script, cli.read_json(path)) == want:
+        if row["script"] == script and os.path.exists(path) and result_key(script, files.read_json(path)) == want:
             return row
     return None
 
@@ -77,7 +73,7 @@ def sweep(cfg: SimpleNamespace, grid: list[dict]) -> tuple[list[dict], list[str]
     order) and the points that failed."""
     unknown = [p["script"] for p in grid if p["script"] not in SCRIPTS]
     if unknown:
-        raise cli.UserError(f"grid scripts {unknown} are not among {sorted(SCRIPTS)}")
+        raise errors.UserError(f"grid scripts {unknown} are not among {sorted(SCRIPTS)}")
     points = [(p["script"], {k: v for k, v in p.items() if k != "script"}) for p in grid]
     configs = [point_config(cfg, overrides, script) for script, overrides in points]  # every point checked before any runs
     rows, failed = [], []
@@ -94,7 +90,7 @@ def sweep(cfg: SimpleNamespace, grid: list[dict]) -> tuple[list[dict], list[str]
         except training.Interrupted:  # Ctrl-C stops the sweep, not just this point
             raise
         except Exception as e:  # one bad point must not cost the rest of the grid
-            if not isinstance(e, cli.UserError):
+            if not isinstance(e, errors.UserError):
                 traceback.print_exc()  # an unexpected failure keeps its traceback, as everywhere else
             print(f"sweep {i}/{len(grid)}: {name} failed: {one_line(e)}", flush=True)
             failed.append(name)
@@ -105,7 +101,7 @@ def sweep(cfg: SimpleNamespace, grid: list[dict]) -> tuple[list[dict], list[str]
 
 def with_schedule(row: dict, results_dir: str) -> dict:
     """A ledger row with its run's LR schedule, by which the figures group trained primers."""
-    config = cli.read_json(os.path.join(results_dir, row["run_id"], "config.json"))
+    config = files.read_json(os.path.join(results_dir, row["run_id"], "config.json"))
     return {**row, "lr_schedule": ", ".join(f"{r:g}" for r in config["rate_by_epoch"]) if row["samples"] else ""}
 
 
@@ -117,7 +113,7 @@ def configure(argv: list[str]) -> SimpleNamespace:
         key = arg[2:].split("=")[0].lower()
         values = [repr(p[key]) for p in GRID if key in p]
         if values:
-            raise cli.UserError(f"{arg} would be ignored: sweep.py's GRID sets {key} for its points "
+            raise errors.UserError(f"{arg} would be ignored: sweep.py's GRID sets {key} for its points "
                                 f"({', '.join(dict.fromkeys(values))}); edit GRID in sweep.py to sweep other values, "
                                 f"or run python experiment.py {arg} for one run")
     return cfg
@@ -132,7 +128,7 @@ def main(cfg: SimpleNamespace) -> None:
                      plots.losses_plot(rows, cfg.RESULTS_DIR, os.path.join(cfg.RESULTS_DIR, "losses.png"))):
             print(f"saved {path}")
     if failed:
-        raise cli.UserError(f"{len(failed)} of {len(GRID)} points failed ({'; '.join(failed)}): run the sweep again to retry them")
+        raise errors.UserError(f"{len(failed)} of {len(GRID)} points failed ({'; '.join(failed)}): run the sweep again to retry them")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def build(root: str) -> dict[str, list[tuple[int, str]]]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import data
+    from harness import data
     rng = random.Random(0)
     splits = {name: [(1 + i % 2, make_review(rng, i % 2 == 1)) for i in range(n)] for name, n in REVIEWS.items()}
     os.makedirs(os.path.join(root, "csv"), exist_ok=True)

@@ -13,7 +13,7 @@ sys.path.insert(0, ROOT)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub: everything they load is built here
 
-import cli  # noqa: E402
+from harness import cli  # noqa: E402
 import tiny as tiny_files  # noqa: E402  (the fixture below is called tiny)
 
 
@@ -55,7 +55,7 @@ class Killed(BaseException):
 def run_until_first_checkpoint(run: Callable[[], object], monkeypatch) -> None:
     """Run a training script's run() until it has written its first checkpoint, then stop it dead, as a kill at that
     moment would (tests/test_resume.py kills real processes; this is the in-process equivalent, seconds cheaper)."""
-    import training
+    from harness import training
     real = training.save_checkpoint
 
     def save_then_die(*args, **kwargs):

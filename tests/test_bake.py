@@ -12,14 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import bake
-import chat
-import cli
-import frozen
-import ledger
-import primers
-import runs
+from harness import chat, cli, prompts, errors, frozen, ledger, primers, runs
 from conftest import overrides, run_until_first_checkpoint
-from layouts import assemble, make_layout
+from harness.layouts import assemble, make_layout
 
 LORA_PARAMS_PER_RANK = 2 * (64 + 64 + 64 + 32 + 64 + 32 + 64 + 64)  # tiny: 2 layers of q, k, v (2 kv heads of 16), o
 
@@ -98,7 +93,7 @@ def test_baking_a_primer_along_sampled_answers_resumes_bitwise_after_a_kill(tiny
 def test_sampled_answers_are_each_reviews_own_and_follow_the_teachers_distribution(tiny, tmp_path):
     task = runs.setup(cli.configure(bake_args(tiny, tmp_path, "--continuations=2", "--continuation_tokens=3"), bake.SETTINGS))
     task.model = bake.with_adapter(task)
-    teacher, _ = bake.teacher_layout(task)
+    teacher, _ = prompts.layout_of(task, task.cfg.TEACHER)
     sampled = {}
     for batch_size, temperature in ((7, 1.0), (3, 1.0), (7, 1e-4)):  # other batch mates (as other processes get)
         task.cfg.SCORE_BATCH_SIZE, task.cfg.CONTINUATION_TEMPERATURE = batch_size, temperature
@@ -129,7 +124,7 @@ def test_logits_along_appended_answers_are_each_rows_own(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ("--teacher=medium", "--teacher='medium' is not one of long, short, text:<words>, primer"),
+    ("--teacher=medium", "--teacher='medium' is not one of none, short, long, text:<words> or primer"),
     ("--teacher=primer", "--teacher=primer needs --primer_path="),
     ("--lora_rank=0", "--lora_rank=0 must be at least 1"),
     ("--rate_scale=embedding", "--rate_scale='embedding': a LoRA adapter's rates are Adam's own"),
@@ -143,5 +138,5 @@ def test_bad_settings_are_one_line_errors(tiny, tmp_path, settings, message):
     wide = f"{tmp_path}/wide.safetensors"
     save_file({"primer": torch.zeros(4, 32)}, wide)
     settings, message = settings.replace("WIDE", wide), message.replace("WIDE", wide)
-    with pytest.raises(cli.UserError, match="^" + re.escape(message)):
+    with pytest.raises(errors.UserError, match="^" + re.escape(message)):
         bake.run(cli.configure(bake_args(tiny, tmp_path, *settings.split()), bake.SETTINGS))

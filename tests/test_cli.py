@@ -5,11 +5,10 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
-import cli
+from harness import cli, errors, runs
 import compare
 import experiment
 import prompt_short
-import runs
 from conftest import overrides, run_script
 
 
@@ -51,7 +50,7 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
     assert (ledger["status"] == "finished").all() and ledger.loc[0, "train_seconds"] > 0 and (ledger["score_seconds"] >= 0).all()
     assert ledger.loc[1, "train_seconds"] == 0 and ledger["seed"].dtype == int
 
-    with pytest.raises(cli.UserError, match=f"^{run} has finished: its scores are in {run}/metrics.json and its row in the ledger$"):
+    with pytest.raises(errors.UserError, match=f"^{run} has finished: its scores are in {run}/metrics.json and its row in the ledger$"):
         experiment.run(cli.configure([f"--resume={run}"]))
     assert len(pd.read_csv(results / "results.csv")) == 4
 

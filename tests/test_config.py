@@ -3,8 +3,7 @@ import shlex
 import pytest
 
 import bench
-import cli
-import hub
+from harness import cli, errors, hub
 import config
 import experiment
 from conftest import run_script
@@ -32,7 +31,7 @@ def test_overrides_are_parsed_and_typed():
     ("batch_size=3", "--name=value"),
 ])
 def test_bad_overrides_are_refused(arg, message):
-    with pytest.raises(cli.UserError, match=message.replace("?", r"\?").replace("[", r"\[")):
+    with pytest.raises(errors.UserError, match=message.replace("?", r"\?").replace("[", r"\[")):
         cli.configure([arg])
 
 
@@ -57,9 +56,9 @@ def test_help_prints_the_purpose_and_every_setting_with_its_default_and_comment(
 
 
 def test_a_space_instead_of_equals_shows_the_override_to_write():
-    with pytest.raises(cli.UserError, match="^write --primer_length=8, with '=' and no space"):
+    with pytest.raises(errors.UserError, match="^write --primer_length=8, with '=' and no space"):
         cli.configure(["--primer_length", "8"])
-    with pytest.raises(cli.UserError, match="^write --keep_best=True,"):
+    with pytest.raises(errors.UserError, match="^write --keep_best=True,"):
         cli.configure(["--keep_best", "--seed=1"])
 
 

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import cli
-import data
+from harness import cli, data, errors
 from conftest import overrides, run_script
 
 
@@ -62,7 +61,7 @@ def test_long_reviews_keep_their_first_tokens(tiny, tmp_path, cfg):
 def test_csv_with_too_many_bad_rows_is_refused(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text('"1","fine"\n"x","label"\n', encoding="utf-8")
-    with pytest.raises(cli.UserError, match="rows are not"):
+    with pytest.raises(errors.UserError, match="rows are not"):
         data.read_csv(str(path))
 
 
@@ -100,7 +99,7 @@ def test_load_split_refuses_other_tokenizer_stale_config_and_pickles(tiny, tmp_p
     path = tmp_path / "data" / "test.pt"
     stored = torch.load(path, weights_only=True)
     cfg.TEST_LIMIT = 50
-    with pytest.raises(cli.UserError, match=r"prepared with limit=60: run \./prep\.sh ") as error:
+    with pytest.raises(errors.UserError, match=r"prepared with limit=60: run \./prep\.sh ") as error:
         data.load_split(cfg, tokenizer, "test")
     command = str(error.value).split("run ")[1].removesuffix(" (or set those values back)")
     assert command == (f"./prep.sh --model_id={tiny.model_dir} --csv_dir={tiny.csv_dir} --data_dir={tmp_path}/data "
@@ -109,11 +108,11 @@ def test_load_split_refuses_other_tokenizer_stale_config_and_pickles(tiny, tmp_p
     assert len(data.load_split(cfg, tokenizer, "test")) == 50 and len(data.load_split(cfg, tokenizer, "train")) == 100
     stored["meta"].update(model_id="other/model", vocab_fingerprint="0" * 16)
     torch.save(stored, path)
-    with pytest.raises(cli.UserError, match=f"tokenized for other/model, not for {tiny.model_dir}: run {command}$"):
+    with pytest.raises(errors.UserError, match=f"tokenized for other/model, not for {tiny.model_dir}: run {command}$"):
         data.load_split(cfg, tokenizer, "test")
     with open(path, "wb") as f:
         pickle.dump({"meta": os.system}, f)  # a crafted pickle that would call a function if unpickled
-    with pytest.raises(cli.UserError, match="not a file prep wrote"):
+    with pytest.raises(errors.UserError, match="not a file prep wrote"):
         data.load_split(cfg, tokenizer, "test")
 
 

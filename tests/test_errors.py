@@ -6,12 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import cli
-import hub
-import data
-import frozen
-import layouts
-import primers
+from harness import cli, data, errors, frozen, hub, layouts, primers
 from conftest import overrides, run_script
 
 
@@ -46,18 +41,18 @@ def never_called(model_id, **kwargs):
 
 @pytest.mark.parametrize("model_id", ["/tmp/no-such-folder", "data/tiny/no-such-model", "./model", "~/model"])
 def test_a_folder_that_does_not_exist_says_so(model_id):
-    with pytest.raises(cli.UserError, match=f"^--model_id={re.escape(model_id)}: no such folder"):
+    with pytest.raises(errors.UserError, match=f"^--model_id={re.escape(model_id)}: no such folder"):
         hub.from_hub(never_called, model_id)
 
 
 def test_a_folder_without_a_model_says_so(tmp_path):
-    with pytest.raises(cli.UserError, match=f"^the folder --model_id={tmp_path} holds no model"):
+    with pytest.raises(errors.UserError, match=f"^the folder --model_id={tmp_path} holds no model"):
         data.load_tokenizer(str(tmp_path))
 
 
 def test_offline_mode_and_an_uncached_id():
     from transformers import AutoTokenizer  # the tests run with HF_HUB_OFFLINE=1 (conftest)
-    with pytest.raises(cli.UserError, match="^nobody/no-such-model is neither a folder here nor in the local Hugging "
+    with pytest.raises(errors.UserError, match="^nobody/no-such-model is neither a folder here nor in the local Hugging "
                                             "Face cache, and HF_HUB_OFFLINE is set: unset it"):
         hub.from_hub(AutoTokenizer.from_pretrained, "nobody/no-such-model")
 
@@ -88,7 +83,7 @@ def test_no_network_loads_a_cached_model_from_the_cache(online_hub, monkeypatch,
 def test_a_gated_model_says_so(online_hub):
     def gated(model_id, **kwargs):
         raise OSError("You are trying to access a gated repo.") from http_error(online_hub.errors.GatedRepoError)
-    with pytest.raises(cli.UserError, match="^meta-llama/Llama-3.2-1B-Instruct is gated and this machine has no access: "
+    with pytest.raises(errors.UserError, match="^meta-llama/Llama-3.2-1B-Instruct is gated and this machine has no access: "
                                             "accept its license on https://huggingface.co/meta-llama/Llama-3.2-1B-Instruct"):
         hub.from_hub(gated, "meta-llama/Llama-3.2-1B-Instruct")
 
@@ -97,21 +92,21 @@ def test_an_id_the_hub_does_not_know_says_so(online_hub, monkeypatch):
     def unknown(model_id, timeout):
         raise http_error(online_hub.errors.RepositoryNotFoundError)
     monkeypatch.setattr(online_hub, "model_info", unknown)
-    with pytest.raises(cli.UserError, match="^no folder nobody/nothing here and no model nobody/nothing on huggingface.co"):
+    with pytest.raises(errors.UserError, match="^no folder nobody/nothing here and no model nobody/nothing on huggingface.co"):
         hub.from_hub(never_called, "nobody/nothing")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_gpu():
-    with pytest.raises(cli.UserError, match="torch sees no CUDA GPU"):
+    with pytest.raises(errors.UserError, match="torch sees no CUDA GPU"):
         frozen.resolve_device("cuda")
 
 
 def test_labels_must_be_single_distinct_tokens(tiny):
     tokenizer = data.load_tokenizer(tiny.model_dir)
-    with pytest.raises(cli.UserError, match="not one: set --labels"):
+    with pytest.raises(errors.UserError, match="not one: set --labels"):
         layouts.label_token_ids(tokenizer, ["negativity", "2"])
-    with pytest.raises(cli.UserError, match="same token"):
+    with pytest.raises(errors.UserError, match="same token"):
         layouts.label_token_ids(tokenizer, ["1", "1"])
 
 
@@ -119,12 +114,12 @@ def test_primer_of_the_wrong_width_or_kind_is_refused(tiny, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny.model_dir)
     save_file({"primer": torch.zeros(4, 32)}, str(tmp_path / "primer.safetensors"))
-    with pytest.raises(cli.UserError, match=r"shape \(4, 32\), but this model's embeddings are 64 wide"):
+    with pytest.raises(errors.UserError, match=r"shape \(4, 32\), but this model's embeddings are 64 wide"):
         primers.load_primer(str(tmp_path / "primer.safetensors"), model, "system")
-    with pytest.raises(cli.UserError, match="does not exist"):
+    with pytest.raises(errors.UserError, match="does not exist"):
         primers.load_primer(str(tmp_path / "missing.safetensors"), model, "system")
     (tmp_path / "notes.txt").write_text("not a primer")
-    with pytest.raises(cli.UserError, match="is not a primer file"):
+    with pytest.raises(errors.UserError, match="is not a primer file"):
         primers.load_primer(str(tmp_path / "notes.txt"), model, "system")
     save_file({"primer": torch.zeros(4, 64)}, str(tmp_path / "suffix.safetensors"), metadata={"primer_position": "suffix"})
     assert primers.load_primer(str(tmp_path / "suffix.safetensors"), model, "suffix").shape == (4, 64)
@@ -133,7 +128,7 @@ def test_primer_of_the_wrong_width_or_kind_is_refused(tiny, tmp_path, capsys):
 
 
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
-    with pytest.raises(cli.UserError, match="is not a run folder"):
+    with pytest.raises(errors.UserError, match="is not a run folder"):
         cli.configure([f"--resume={tmp_path}"])
 
 

@@ -4,11 +4,7 @@ import copy
 import pytest
 import torch
 
-import cli
-import frozen
-import layouts
-import primers
-import runs
+from harness import cli, frozen, layouts, primers, runs
 from conftest import overrides
 
 BATCHES = ([0], [0, 5], [5, 2, 0, 9])  # review 0 alone and among longer and shorter batch mates

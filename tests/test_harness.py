@@ -5,19 +5,12 @@ import pytest
 import torch
 
 import experiment
-import frozen
-import layouts
-import primers
-import runs
-import scoring
-import ledger
-import cli
+from harness import cli, errors, frozen, layouts, ledger, primers, runs, scoring
 import prompt_short
 
 
 @pytest.fixture(scope="module")
 def task(tiny, tmp_path_factory):
-    import cli
     from conftest import overrides
     return runs.setup(cli.configure(overrides(tiny, tmp_path_factory.mktemp("harness"))))
 
@@ -140,7 +133,6 @@ def test_gradient_checkpointing_changes_memory_not_results(task):
 
 
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_primer(tiny, tmp_path, capsys):
-    import cli
     from conftest import overrides
     # float16 activations overflow once one Adam step of this size has moved the primer
     cfg = cli.configure(overrides(tiny, tmp_path) + ["--dtype=float16", "--rate_by_epoch=[1e5]"])
@@ -192,7 +184,7 @@ def test_rates_are_in_embedding_stds_and_a_stalled_run_says_so(task, tmp_path, c
         experiment.train_primer(task, layout, primers.init_primer(task.model, 4, seed=0), str(tmp_path / "stalled"))
         assert "note: training barely changed the primer (it moved 0.00 embedding stds" in capsys.readouterr().out
         task.cfg.RATE_SCALE = "relative"
-        with pytest.raises(cli.UserError, match="--rate_scale='relative' is not one of embedding, absolute"):
+        with pytest.raises(errors.UserError, match="--rate_scale='relative' is not one of embedding, absolute"):
             experiment.train_primer(task, layout, primers.init_primer(task.model, 4, seed=0), str(tmp_path / "wrong"))
     finally:
         task.cfg.RATE_BY_EPOCH, task.cfg.RATE_SCALE = [0.1, 0.1, 0.1], "absolute"

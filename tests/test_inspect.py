@@ -5,12 +5,7 @@ import re
 import pytest
 import torch
 
-import cli
-import layouts
-import primers
-import runs
-import scoring
-import ledger
+from harness import errors, layouts, ledger, primers, runs, scoring
 import inspect_primer
 from conftest import run_script
 
@@ -63,15 +58,15 @@ def test_nearest_tokens_and_hard_primer_through_the_command_line(known_primer_ru
 
 def test_a_folder_without_a_primer_is_a_one_line_error(cfg, tmp_path):
     run_dir = os.path.join(cfg.RESULTS_DIR, runs.score_text_prompt(cfg, "prompt_short", "Classify.", "{review}")["run_id"])
-    with pytest.raises(cli.UserError, match="no primer.safetensors"):
+    with pytest.raises(errors.UserError, match="no primer.safetensors"):
         inspect_primer.configure([run_dir])
-    with pytest.raises(cli.UserError, match="give a run folder first"):
+    with pytest.raises(errors.UserError, match="give a run folder first"):
         inspect_primer.configure(["--device=cpu"])
     with open(os.path.join(run_dir, "primer.safetensors"), "w"):
         pass
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         f.write("{")
-    with pytest.raises(cli.UserError, match="config.json is not valid JSON"):
+    with pytest.raises(errors.UserError, match="config.json is not valid JSON"):
         inspect_primer.configure([run_dir])
     result = run_script("inspect_primer.py", str(tmp_path / "missing"))
     assert result.returncode == 1 and result.stdout == ""

@@ -7,13 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import cli
+from harness import cli, errors, layouts, ledger, primers, runs, scoring
 import experiment
-import layouts
-import primers
-import runs
-import scoring
-import ledger
 from conftest import overrides, run_script
 
 TINY_RUN = ["--train_limit=40", "--test_limit=20"]  # 4 batches of 10 per epoch, 20 test reviews
@@ -70,7 +65,7 @@ def test_primer_inits_are_the_embeddings_they_name(task):
 @pytest.mark.parametrize("init, message", [("zeros", "is not one of 'random', 'vocab', 'labels', 'text:<words>'"),
                                            ("text:", "has no text")])
 def test_bad_primer_init_is_refused(task, init, message):
-    with pytest.raises(cli.UserError, match=message):
+    with pytest.raises(errors.UserError, match=message):
         primers.initial_primer(task, init, 4, 0)
 
 
@@ -101,7 +96,7 @@ def test_validation_reviews_are_held_out_balanced_and_seeded(task):
     (["--keep_best=True"], "--keep_best=True picks the best epoch on validation reviews, but --val_limit is 0"),
 ])
 def test_bad_validation_settings_are_refused(task, args, message):
-    with pytest.raises(cli.UserError, match=message.replace("(", r"\(")):
+    with pytest.raises(errors.UserError, match=message.replace("(", r"\(")):
         runs.hold_out(task.train, cli.configure(args))
 
 

@@ -7,13 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cli
+from harness import cli, data, errors, frozen, layouts, primers, runs
 import experiment
-import data
-import frozen
-import layouts
-import primers
-import runs
 import prompt_long
 import prompt_short
 from conftest import overrides, run_script
@@ -89,9 +84,9 @@ def test_prefix_and_suffix_put_the_primer_before_bos_and_after_the_review(task):
     assert suffix.slot == slice(0, 4) and suffix.in_suffix and suffix.prompt_tokens == 4
     assert decode(task, suffix.prefix) == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>"
     assert decode(task, suffix.suffix[4:]) == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-    with pytest.raises(cli.UserError, match="--primer_position='middle' is not one of system, prefix, suffix"):
+    with pytest.raises(errors.UserError, match="--primer_position='middle' is not one of system, prefix, suffix"):
         layouts.make_layout(task, None, primer_length=4, position="middle")
-    with pytest.raises(cli.UserError, match="does not combine with --gradient_checkpointing=True"):
+    with pytest.raises(errors.UserError, match="does not combine with --gradient_checkpointing=True"):
         layouts.check_primer_position("suffix", checkpointing=True)
 
 
@@ -158,7 +153,7 @@ def test_labels_are_tokenized_where_the_answer_goes(tiny, models, tmp_path):
     encode = lambda s: task.tokenizer(s, add_special_tokens=False)["input_ids"]
     assert len(encode("1")) == 2  # alone, "1" is " 1": two tokens, which the old check refused
     assert task.label_ids.tolist() == task.tokenizer.convert_tokens_to_ids(["1", "2"])
-    with pytest.raises(cli.UserError, match="label 'great' merges with the prompt's last token 'Sentiment: '"):
+    with pytest.raises(errors.UserError, match="label 'great' merges with the prompt's last token 'Sentiment: '"):
         layouts.label_token_ids(task.tokenizer, ["great", "bad"], "Sentiment: ")  # " great" is one token
 
 
@@ -181,7 +176,7 @@ def test_positions_and_any_model_through_the_command_line(tiny, models, tmp_path
         note = "the system content or primer goes at the start of the user turn" if position == "system" else "has no chat template"
         assert (note in stdout) == (position != "prefix")
     wrong = cli.configure(overrides(tiny, tmp_path / "wrong") + ["--primer_position=middle"])
-    with pytest.raises(cli.UserError, match="--primer_position='middle' is not one of system, prefix, suffix"):
+    with pytest.raises(errors.UserError, match="--primer_position='middle' is not one of system, prefix, suffix"):
         experiment.run(wrong)
     assert not os.path.exists(wrong.DATA_DIR)  # refused before preparing data or loading the model
 

@@ -7,13 +7,12 @@ import time
 
 import pytest
 
-import cli
-import ledger
+from harness import errors, ledger
 from conftest import ROOT, overrides, run_script
 
 WRITER = """
 import sys, time, types
-import ledger, runs
+from harness import ledger, runs
 results, start_at, rows = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 cfg = types.SimpleNamespace(RESULTS_DIR=results, SEED=0)
 time.sleep(max(0.0, start_at - time.time()))
@@ -51,7 +50,7 @@ def test_a_damaged_ledger_is_one_line_before_any_work(tmp_path, damage, message)
     ledger.append(str(tmp_path), {"run_id": "good", "status": "finished"})
     with open(ledger.path(str(tmp_path)), "ab") as f:
         f.write(damage)
-    with pytest.raises(cli.UserError, match=re.escape(message)):
+    with pytest.raises(errors.UserError, match=re.escape(message)):
         ledger.check(str(tmp_path))
 
 

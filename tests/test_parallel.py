@@ -11,12 +11,9 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-import cli
+from harness import cli, layouts, primers, runs
 import experiment
-import layouts
-import primers
 import probe
-import runs
 from conftest import ROOT, overrides
 
 # 40 reviews in batches of 3: shards of 2 and 1 reviews, and a last batch of 1 that leaves the second process none

@@ -5,7 +5,7 @@ import pytest
 
 from safetensors.torch import load_file
 
-import cli
+from harness import cli
 import experiment
 from conftest import overrides
 

@@ -13,9 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import activations
-import cli
-import ledger
+from harness import activations, cli, errors, ledger
 import probe
 from conftest import overrides, record_reads, run_script
 
@@ -91,7 +89,7 @@ def test_shuffled_labels_stay_near_chance_and_the_mlp_reads_what_the_linear_prob
 
 
 @pytest.mark.parametrize("setting, message", [
-    ("--condition=nothing", "--condition='nothing' is not one of none, short, long, primer"),
+    ("--condition=nothing", "--condition='nothing' is not one of none, short, long, text:<words> or primer"),
     ("--pooling=max", "--pooling='max' is not one of last, mean, both"),
     ("--probe=svm", "--probe='svm' is not one of linear, mlp"),
     ("--condition=primer", "--condition=primer needs --primer_path="),
@@ -99,7 +97,7 @@ def test_shuffled_labels_stay_near_chance_and_the_mlp_reads_what_the_linear_prob
     ("--probe_train=81", "--probe_train=81 must be between 2 and the 80 training reviews left after --val_limit=40"),
 ])
 def test_bad_settings_are_one_line_errors(tiny, tmp_path, setting, message):
-    with pytest.raises(cli.UserError, match="^" + re.escape(message)):
+    with pytest.raises(errors.UserError, match="^" + re.escape(message)):
         probe.run(cli.configure(probe_args(tiny, tmp_path, setting), probe.SETTINGS))
 
 

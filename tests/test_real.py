@@ -3,13 +3,8 @@ as real.py does (cached in real.CACHE_DIR between runs)."""
 import pytest
 import torch
 
-import cli
-import data
+from harness import cli, data, layouts, primers, runs, scoring
 import experiment
-import layouts
-import primers
-import runs
-import scoring
 import real
 
 TRAIN, TEST = 60, 24  # snippets: 10 steps an epoch at batch 6, kept tiny for the suite's time

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from harness import errors
 from conftest import ROOT, overrides, run_script
 
 SLOW = ["--batch_size=4", "--checkpoint_every=5", "--rate_by_epoch=[0.1, 0.1, 0.1, 0.1]"]  # 80 steps
@@ -42,7 +43,7 @@ def test_killed_and_interrupted_runs_resume_bitwise(tiny, tmp_path):
         runs[name] = str(tmp_path / name)
         args = [*base, *SLOW, *VALIDATED, f"--results_dir={runs[name]}"]
         if name == "straight":  # as python experiment.py runs it, in this process
-            import cli
+            from harness import cli
             import experiment
             experiment.run(cli.configure(args))
             continue
@@ -69,12 +70,12 @@ def test_killed_and_interrupted_runs_resume_bitwise(tiny, tmp_path):
 
 
 def test_ctrl_c_while_validating_stops_and_resumes_to_the_same_primer(tiny, tmp_path, monkeypatch):
-    import cli
+    from harness import cli
     import experiment
-    import layouts
-    import primers
-    import runs
-    import training
+    from harness import layouts
+    from harness import primers
+    from harness import runs
+    from harness import training
     cfg = cli.configure(overrides(tiny, tmp_path) + ["--train_limit=40", "--val_limit=10", "--rate_by_epoch=[0.1, 0.1]"])
     task = runs.setup(cfg)
     layout = layouts.make_layout(task, None, primer_length=4)
@@ -103,8 +104,8 @@ def test_ctrl_c_while_validating_stops_and_resumes_to_the_same_primer(tiny, tmp_
 
 
 def test_resume_takes_only_overrides_that_cannot_change_the_result(tiny, tmp_path, monkeypatch, capsys):
-    import cli
-    import runs
+    from harness import cli
+    from harness import runs
     run = runs.start_run(cli.configure(overrides(tiny, tmp_path) + ["--score_batch_size=64"]), "experiment")
     monkeypatch.setattr("sys.argv", ["experiment.py", f"--resume={run}", "--score_batch_size=8", "--checkpoint_every=7"])
     resumed = []
@@ -113,7 +114,7 @@ def test_resume_takes_only_overrides_that_cannot_change_the_result(tiny, tmp_pat
     assert (cfg.SCORE_BATCH_SIZE, cfg.CHECKPOINT_EVERY, cfg.BATCH_SIZE, cfg.RESUME) == (8, 7, 10, run)
     printed = capsys.readouterr().out
     assert "score_batch_size       = 8" in printed and "batch_size             = 10" in printed
-    with pytest.raises(cli.UserError, match=r"a resumed run keeps its config: --batch_size, --seed cannot change on "
+    with pytest.raises(errors.UserError, match=r"a resumed run keeps its config: --batch_size, --seed cannot change on "
                                             r"--resume \(only --checkpoint_every, --data_dir, --device, --gradient_checkpointing, "
                                             r"--results_dir, --score_batch_size can\); start a new run instead"):
         cli.configure([f"--resume={run}", "--seed=1", "--batch_size=3", "--device=cpu"])

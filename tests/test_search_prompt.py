@@ -9,16 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cli
-import frozen
-import ledger
+from harness import cli, errors, frozen, ledger, runs, scoring
 import prompt_long
 import prompt_short
-import runs
-import scoring
 import search_prompt
 from conftest import overrides, record_reads
-from layouts import assemble, make_layout
+from harness.layouts import assemble, make_layout
 
 
 def search_args(tiny, out, *more: str) -> list[str]:
@@ -88,5 +84,5 @@ def test_edit_search_starts_from_the_baselines_as_they_score_and_is_reproducible
     ("--token_init=nearest", "--token_init='nearest' is not one of random, text:<words>, primer:<path>"),
 ])
 def test_bad_settings_are_one_line_errors(tiny, tmp_path, setting, message):
-    with pytest.raises(cli.UserError, match="^" + re.escape(message)):
+    with pytest.raises(errors.UserError, match="^" + re.escape(message)):
         search_prompt.run(cli.configure(search_args(tiny, tmp_path, setting), search_prompt.SETTINGS))

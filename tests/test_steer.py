@@ -10,16 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import chat
-import cli
-import frozen
-import ledger
-import primers
-import runs
-import scoring
+from harness import chat, cli, errors, frozen, ledger, primers, runs, scoring
 import steer
 from conftest import overrides, record_reads, run_until_first_checkpoint
-from layouts import make_layout, prompt_text
+from harness.layouts import make_layout, prompt_text
 
 
 def steer_args(tiny, out, *more: str) -> list[str]:
@@ -115,7 +109,7 @@ def test_the_learned_vector_trains_and_resumes_bitwise_after_a_kill(tiny, tmp_pa
     ("--vector_reviews=100", "--vector_reviews=100 must be between 1 and the 70 training reviews"),
 ])
 def test_bad_settings_are_one_line_errors(tiny, tmp_path, setting, message):
-    with pytest.raises(cli.UserError, match="^" + re.escape(message)):
+    with pytest.raises(errors.UserError, match="^" + re.escape(message)):
         steer.run(cli.configure(steer_args(tiny, tmp_path, setting), steer.SETTINGS))
 
 
@@ -172,5 +166,5 @@ def test_generation_is_independent_of_batch_mates_and_coefficient_zero_is_unstee
     ("--prompts_file=nowhere.txt", "--prompts_file=nowhere.txt does not exist"),
 ])
 def test_bad_generation_settings_are_one_line_errors(tiny, tmp_path, judge_primer, setting, message):
-    with pytest.raises(cli.UserError, match="^" + re.escape(message)):
+    with pytest.raises(errors.UserError, match="^" + re.escape(message)):
         steer.run(cli.configure(steer_args(tiny, tmp_path, "--generate=True", f"--judge_path={judge_primer}", setting), steer.SETTINGS))

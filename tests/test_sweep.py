@@ -4,12 +4,7 @@ import matplotlib.image
 import pandas as pd
 import pytest
 
-import cli
-import scoring
-import training
-import ledger
-import plots
-import runs
+from harness import cli, errors, files, ledger, plots, runs, scoring, training
 import sweep
 from conftest import overrides, run_script
 
@@ -78,7 +73,7 @@ def test_command_line_reports_failed_points_and_goes_on(tiny, tmp_path):
 
 def test_unknown_grid_key_stops_before_anything_runs(tiny, tmp_path):
     cfg = cli.configure(overrides(tiny, tmp_path))
-    with pytest.raises(cli.UserError, match="unknown config key --primer_lenght"):
+    with pytest.raises(errors.UserError, match="unknown config key --primer_lenght"):
         sweep.sweep(cfg, [{"script": "prompt_short"}, {"script": "experiment", "primer_lenght": 8}])
     assert not os.path.exists(tmp_path / "results")
 
@@ -105,7 +100,7 @@ def test_an_override_of_a_grid_key_is_refused_naming_the_grid():
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         "error: --primer_length=32 would be ignored: sweep.py's GRID sets primer_length for its points (4, 8, 16); "
         "edit GRID in sweep.py to sweep other values, or run python experiment.py --primer_length=32 for one run"]
-    with pytest.raises(cli.UserError, match=r"GRID sets rate_by_epoch for its points \(\[1e-05\], \[0.0001, 1e-05, 1e-06\]\)"):
+    with pytest.raises(errors.UserError, match=r"GRID sets rate_by_epoch for its points \(\[1e-05\], \[0.0001, 1e-05, 1e-06\]\)"):
         sweep.configure(["--rate_by_epoch=[0.1]"])
     assert sweep.configure(["--train_limit=100"]).TRAIN_LIMIT == 100
 
@@ -161,6 +156,6 @@ def test_a_scripts_own_constants_reach_its_grid_points_and_their_runs(tiny, tmp_
     cfg = cli.configure(overrides(tiny, tmp_path))
     grid = [{"script": "probe", "layer": 3}, {"script": "probe"}]
     rows, failed = sweep.sweep(cfg, grid)
-    assert not failed and [cli.read_json(str(tmp_path / "results" / r["run_id"] / "config.json"))["layer"] for r in rows] == [3, 8]
+    assert not failed and [files.read_json(str(tmp_path / "results" / r["run_id"] / "config.json"))["layer"] for r in rows] == [3, 8]
     assert sweep.sweep(cfg, grid)[0] == rows  # both found in the ledger by their own constant: nothing runs again
     assert len(ledger.rows(cfg.RESULTS_DIR)) == 2

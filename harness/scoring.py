@@ -9,13 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-import activations
-import cli
-import data
-import frozen
-import parallel
-import primers
-from layouts import Layout, assemble, make_layout
+from harness import activations, data, errors, frozen, parallel, primers
+from harness.layouts import Layout, assemble, make_layout
 
 
 @torch.inference_mode()
@@ -90,7 +85,7 @@ def judge_texts(task, texts: list[str], path: str, position: str) -> torch.Tenso
         probe = "weight" in f.keys() and f.metadata()
     if probe:
         if probe.get("condition") != "none":  # the answers are judged as reviews alone in the user turn
-            raise cli.UserError(f"--judge_path={path} is a probe of condition {probe.get('condition')}: give the "
+            raise errors.UserError(f"--judge_path={path} is a probe of condition {probe.get('condition')}: give the "
                                 f"probe.safetensors of a probe.py run with --condition=none")
         tensors = load_file(path)
         layer, pooling = int(probe["layer"]), probe["pooling"]

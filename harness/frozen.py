@@ -7,10 +7,8 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-import cli
-import hub
-import parallel
-from layouts import Layout
+from harness import errors, hub, parallel
+from harness.layouts import Layout
 
 
 @dataclass
@@ -33,14 +31,14 @@ def resolve_device(name: str) -> torch.device:
     if parallel.started():  # each process has a device of its own, which DEVICE may name only by its type
         mine = parallel.device()
         if name not in ("auto", mine.type):
-            raise cli.UserError(f"--device={name}, but under accelerate launch this process runs on {mine}: "
+            raise errors.UserError(f"--device={name}, but under accelerate launch this process runs on {mine}: "
                                 f"use --device=auto (each process then takes its own GPU) or --device={mine.type}")
         return mine
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise cli.UserError(f"--device={name} but torch sees no CUDA GPU: use --device=cpu or --device=auto")
+        raise errors.UserError(f"--device={name} but torch sees no CUDA GPU: use --device=cpu or --device=auto")
     return device
 
 
@@ -48,7 +46,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in ("bfloat16", "float16", "float32"):
-        raise cli.UserError(f"--dtype={name} is not one of auto, bfloat16, float16, float32")
+        raise errors.UserError(f"--dtype={name} is not one of auto, bfloat16, float16, float32")
     return getattr(torch, name)
 
 

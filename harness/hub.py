@@ -4,7 +4,7 @@ import functools
 import os
 from typing import Any, Callable, Optional
 
-from cli import UserError
+from harness.errors import UserError
 
 HUB_TIMEOUT = 10  # seconds to wait for huggingface.co's answer before calling it unreachable
 OFFLINE = "HF_HUB_OFFLINE is set"  # why the hub is not asked when the user turned it off

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import pandas as pd
 
-import cli
+from harness import errors, files
 
 COLUMNS = ["run_id", "method", "script", "status", "model_id", "samples", "trainable_params", "tokens", "correct",
            "total", "score", "restricted_correct", "restricted_score", "label_answer_share", "score_low", "score_high",
@@ -37,17 +37,17 @@ def read_lines(ledger: str) -> tuple[list[str], list[list[str]]]:
         try:
             line.decode("utf-8")
         except UnicodeDecodeError:
-            raise cli.UserError(f"{ledger} line {number} has bytes that are not UTF-8: {fix}") from None
+            raise errors.UserError(f"{ledger} line {number} has bytes that are not UTF-8: {fix}") from None
     if raw and not raw.endswith(b"\n"):
         last = raw.count(b"\n") + 1
-        raise cli.UserError(f"{ledger} line {last} is cut short (no line end): {fix}")
+        raise errors.UserError(f"{ledger} line {last} is cut short (no line end): {fix}")
     rows = list(csv.reader(raw.decode("utf-8").splitlines()))
     header = rows[0] if rows else COLUMNS
     if "run_id" not in header:
-        raise cli.UserError(f"{ledger} is not a ledger (no run_id column): move it aside (mv {ledger} {ledger}.old)")
+        raise errors.UserError(f"{ledger} is not a ledger (no run_id column): move it aside (mv {ledger} {ledger}.old)")
     for number, row in enumerate(rows[1:], 2):
         if len(row) != len(header):
-            raise cli.UserError(f"{ledger} line {number} has {len(row)} fields, not {len(header)}: {fix}")
+            raise errors.UserError(f"{ledger} line {number} has {len(row)} fields, not {len(header)}: {fix}")
     return header, rows[1:]
 
 
@@ -65,7 +65,7 @@ def append(results_dir: str, row: dict) -> None:
         header, rows = read_lines(ledger) if os.path.exists(ledger) else (COLUMNS, [])
         if not os.path.exists(ledger) or header[:len(COLUMNS)] != COLUMNS:
             columns = COLUMNS + [c for c in header if c not in COLUMNS]
-            with cli.atomic_path(ledger) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+            with files.atomic_path(ledger) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
                 writer = csv.writer(f, lineterminator="\n")
                 writer.writerows([columns] + [[dict(zip(header, r)).get(c, "") for c in columns] for r in rows])
             header = columns

@@ -12,11 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-import cli
-import data
-import frozen
-import parallel
-from layouts import Layout, assemble
+from harness import data, files, frozen, parallel
+from harness.layouts import Layout, assemble
 
 POOLINGS = ("last", "mean")  # the hidden state where the answer is predicted, and the mean over the review's tokens
 
@@ -77,7 +74,7 @@ def features(task, layout: Layout, split: data.Split, layers: tuple[int, ...], p
     found = extract(task, layout, split, layers, poolings, primer, desc=f"{name} features")
     seconds = time.perf_counter() - start
     if parallel.is_main():
-        with cli.atomic_path(path) as tmp:
+        with files.atomic_path(path) as tmp:
             save_file({**{p: f.half().contiguous() for p, f in found.items()}, "labels": split.labels}, tmp,
                       metadata={"fingerprint": key, "model_id": task.cfg.MODEL_ID, "layers": json.dumps(list(layers)),
                                 "reviews": str(len(split))})

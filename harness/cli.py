@@ -1,29 +1,25 @@
 """Plumbing shared by every script: config overrides, one-line errors, atomic writes."""
 import ast
-import contextlib
 import difflib
 import io
-import json
 import os
 import shlex
 import sys
 import tokenize
 import types
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 import config
-import parallel
+from harness import parallel
+from harness.errors import UserError
+from harness.files import read_json
 
 
 
 # settings that cannot change a run's result, so a resumed run may take new values for them
 RESUMABLE = {"DEVICE", "SCORE_BATCH_SIZE", "CHECKPOINT_EVERY", "GRADIENT_CHECKPOINTING", "RESULTS_DIR", "DATA_DIR"}
-
-
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line, never as a traceback."""
 
 
 def defaults() -> dict[str, Any]:
@@ -108,15 +104,6 @@ def run_config(run_dir: str, overrides: list[str] = ()) -> types.SimpleNamespace
     return configure(as_args(saved_config(run_dir, defaults())) + list(overrides))
 
 
-def read_json(path: str) -> dict:
-    """A run folder's JSON file; a one-line error when it is damaged."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError as e:
-        raise UserError(f"{path} is not valid JSON ({e}): give the folder of a finished run") from e
-
-
 def setting_comments(path: str) -> dict[str, str]:
     """The comment closing the line that sets each uppercase constant of a Python file (and each uppercase key of a
     module-level dict, like bench.py's BENCH): --help shows these, so config.py's comments are its documentation."""
@@ -185,10 +172,3 @@ def out_of_memory(cfg: types.SimpleNamespace) -> str:
     return (f"out of GPU memory: lower --batch_size={cfg.BATCH_SIZE} (training) or --score_batch_size={cfg.SCORE_BATCH_SIZE} "
             f"(scoring), lower --max_review_tokens={cfg.MAX_REVIEW_TOKENS}, or set --gradient_checkpointing=True")
 
-
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """A temporary path to write `path` through: renamed onto it only when the block completes, so an interrupted
-    write leaves the previous file intact and never a half-written one."""
-    yield path + ".tmp"
-    os.replace(path + ".tmp", path)

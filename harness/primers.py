@@ -7,10 +7,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import cli
-import frozen
-import parallel
-from layouts import Layout, assemble, encode
+from harness import errors, files, frozen, parallel
+from harness.layouts import Layout, assemble, encode
 
 RATE_SCALES = ("embedding", "absolute")  # the values RATE_SCALE may take (see rate_unit)
 STALL_MOVE = 0.1  # a primer that moved less than this many embedding stds per coordinate (RMS) barely trained
@@ -50,9 +48,9 @@ def primer_init_tokens(task, init: str, length: int, seed: int) -> torch.Tensor:
     elif init.startswith("text:"):
         ids = encode(tok, init[len("text:"):])
         if not ids:
-            raise cli.UserError(f"--primer_init={init!r} has no text: write the words after 'text:', e.g. --primer_init='text:Classify the review'")
+            raise errors.UserError(f"--primer_init={init!r} has no text: write the words after 'text:', e.g. --primer_init='text:Classify the review'")
     else:
-        raise cli.UserError(f"--primer_init={init!r} is not one of 'random', 'vocab', 'labels', 'text:<words>'")
+        raise errors.UserError(f"--primer_init={init!r} is not one of 'random', 'vocab', 'labels', 'text:<words>'")
     return torch.tensor(ids).repeat(-(-length // len(ids)))[:length]
 
 
@@ -76,7 +74,7 @@ def nearest_tokens(task, primer: torch.Tensor, k: int) -> tuple[torch.Tensor, to
 
 def check_rate_scale(scale: str) -> None:
     if scale not in RATE_SCALES:
-        raise cli.UserError(f"--rate_scale={scale!r} is not one of {', '.join(RATE_SCALES)}")
+        raise errors.UserError(f"--rate_scale={scale!r} is not one of {', '.join(RATE_SCALES)}")
 
 
 def embedding_std(model: torch.nn.Module) -> float:
@@ -120,7 +118,7 @@ def loss_of(task, layout: Layout, primer: Optional[torch.Tensor] = None, steer: 
 
 @parallel.main_writes  # every process holds the same primer; two writing one file would race
 def save_primer(run_dir: str, primer: torch.Tensor, model_id: str, position: str) -> None:
-    with cli.atomic_path(os.path.join(run_dir, "primer.safetensors")) as tmp:
+    with files.atomic_path(os.path.join(run_dir, "primer.safetensors")) as tmp:
         save_file({"primer": primer.detach().float().cpu().contiguous()}, tmp,
                   metadata={"model_id": model_id, "primer_position": position})
 
@@ -128,16 +126,16 @@ def save_primer(run_dir: str, primer: torch.Tensor, model_id: str, position: str
 def load_primer(path: str, model: torch.nn.Module, position: str) -> torch.Tensor:
     """A saved primer, checked against the model's width; a note when it was trained at another PRIMER_POSITION."""
     if not os.path.isfile(path):
-        raise cli.UserError(f"--primer_path={path} does not exist: give the primer.safetensors of a run in results/")
+        raise errors.UserError(f"--primer_path={path} does not exist: give the primer.safetensors of a run in results/")
     try:
         with safe_open(path, "pt") as f:
             primer, trained_at = f.get_tensor("primer").float(), (f.metadata() or {}).get("primer_position", position)
     except Exception as e:  # not safetensors, or no "primer" tensor in it
-        raise cli.UserError(f"--primer_path={path} is not a primer file ({type(e).__name__}): give the "
+        raise errors.UserError(f"--primer_path={path} is not a primer file ({type(e).__name__}): give the "
                             f"primer.safetensors of a run in results/") from e
     width = model.get_input_embeddings().weight.shape[1]
     if primer.ndim != 2 or primer.shape[1] != width:
-        raise cli.UserError(f"--primer_path={path} holds vectors of shape {tuple(primer.shape)}, but this model's "
+        raise errors.UserError(f"--primer_path={path} holds vectors of shape {tuple(primer.shape)}, but this model's "
                             f"embeddings are {width} wide: use a primer trained for --model_id")
     if trained_at != position:
         print(f"note: {path} was trained at --primer_position={trained_at} and is scored at {position}", flush=True)

@@ -7,8 +7,7 @@ from typing import Optional
 import torch
 from jinja2.exceptions import TemplateError
 
-import cli
-import data
+from harness import data, errors
 
 PRIMER_SLOT = "\x00PRIMER\x00"  # stands for the primer while the chat template is rendered
 REVIEW_SLOT = "\x00REVIEW\x00"  # stands for the review likewise
@@ -52,14 +51,14 @@ def label_token_ids(tokenizer, labels: list[str], context: str = "") -> list[int
     for label in labels:
         whole = encode(tokenizer, context + label)
         if whole[:len(before)] != before:
-            raise cli.UserError(f"label {label!r} merges with the prompt's last token {context[-12:]!r} for {tokenizer.name_or_path}: "
+            raise errors.UserError(f"label {label!r} merges with the prompt's last token {context[-12:]!r} for {tokenizer.name_or_path}: "
                                 f"set --labels to strings that tokenize apart from it")
         ids.append(whole[len(before):])
     for label, tokens in zip(labels, ids):
         if len(tokens) != 1:
-            raise cli.UserError(f"label {label!r} is {len(tokens)} tokens for {tokenizer.name_or_path}, not one: set --labels to single-token strings")
+            raise errors.UserError(f"label {label!r} is {len(tokens)} tokens for {tokenizer.name_or_path}, not one: set --labels to single-token strings")
     if ids[0] == ids[1]:
-        raise cli.UserError(f"labels {labels} are the same token: set --labels to two different strings")
+        raise errors.UserError(f"labels {labels} are the same token: set --labels to two different strings")
     return [t[0] for t in ids]
 
 
@@ -102,9 +101,9 @@ def answer_context(tokenizer, template_kwargs: dict) -> str:
 
 def check_primer_position(position: str, checkpointing: bool) -> None:
     if position not in PRIMER_POSITIONS:
-        raise cli.UserError(f"--primer_position={position!r} is not one of {', '.join(PRIMER_POSITIONS)}")
+        raise errors.UserError(f"--primer_position={position!r} is not one of {', '.join(PRIMER_POSITIONS)}")
     if position == "suffix" and checkpointing:  # HF's checkpointed layers drop the review cache that suffix runs on
-        raise cli.UserError("--primer_position=suffix does not combine with --gradient_checkpointing=True (its backward "
+        raise errors.UserError("--primer_position=suffix does not combine with --gradient_checkpointing=True (its backward "
                             "pass covers only the primer and the answer cue, so it needs little memory): set it to False")
 
 

@@ -9,9 +9,9 @@ from matplotlib.ticker import StrMethodFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-import cli  # noqa: E402
-import ledger  # noqa: E402
-import parallel  # noqa: E402
+from harness import files# noqa: E402
+from harness import ledger  # noqa: E402
+from harness import parallel  # noqa: E402
 
 SMOOTH_POINTS = 50  # a loss curve is averaged over windows of 1/SMOOTH_POINTS of its steps: batches of 6 are noisy
 
@@ -31,7 +31,7 @@ def save(fig: plt.Figure, path: str) -> str:
     """Write the figure to path atomically (under accelerate the main process alone writes) and close it."""
     fig.tight_layout()
     if parallel.is_main():
-        with cli.atomic_path(path) as tmp:
+        with files.atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return path
@@ -109,7 +109,7 @@ def probe_layers(results_dir: str, model_id: str, run_dir: str) -> str:
     tables = {}
     for run in sorted(os.listdir(results_dir)):  # run folders are named by their start time: later ones win
         layers = os.path.join(results_dir, run, "probe_layers.csv")
-        if os.path.exists(layers) and cli.read_json(os.path.join(results_dir, run, "config.json"))["model_id"] == model_id:
+        if os.path.exists(layers) and files.read_json(os.path.join(results_dir, run, "config.json"))["model_id"] == model_id:
             table = pd.read_csv(layers)
             tables[table["condition"][0], table["probe"][0]] = table
     fig, ax = plt.subplots(figsize=(8, 4.5))

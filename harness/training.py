@@ -12,9 +12,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-import cli
-import ledger
-import parallel
+from harness import errors, files, ledger, parallel
 
 CHUNK_BATCHES = 64  # length grouping sorts reviews within chunks of this many batches
 
@@ -22,7 +20,7 @@ CHUNK_BATCHES = 64  # length grouping sorts reviews within chunks of this many b
 LossOf = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-class Interrupted(cli.UserError):
+class Interrupted(errors.UserError):
     """Ctrl-C stopped training after a checkpoint was saved."""
 
 
@@ -81,7 +79,7 @@ def save_checkpoint(run_dir: str, params: dict[str, torch.Tensor], optimizer: to
     state = {"params": {name: p.detach().cpu() for name, p in params.items()}, "optimizer": optimizer.state_dict(),
              "epoch": progress.epoch, "batch": progress.batch, "log": progress.log, "validation": progress.validation,
              "torch_rng": torch.get_rng_state()}
-    with cli.atomic_path(os.path.join(run_dir, "checkpoint.pt")) as tmp:
+    with files.atomic_path(os.path.join(run_dir, "checkpoint.pt")) as tmp:
         torch.save(state, tmp)
 
 
@@ -183,7 +181,7 @@ def validate(task, params: dict[str, torch.Tensor], evaluate: Callable[[], dict]
     if best is row:
         validation["best"] = {name: p.cpu() for name, p in snapshot(params).items()}
     if parallel.is_main():
-        with cli.atomic_path(os.path.join(run_dir, "validation.csv")) as tmp:
+        with files.atomic_path(os.path.join(run_dir, "validation.csv")) as tmp:
             pd.DataFrame(validation["rows"]).to_csv(tmp, index=False)
     print(f"epoch {progress.epoch + 1}/{len(task.cfg.RATE_BY_EPOCH)} validation: score {ledger.format_score(row, 'score')} "
           f"({row['correct']:,} / {row['total']:,}), label-restricted {ledger.format_score(row, 'restricted')}; "

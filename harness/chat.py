@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-import frozen
-from layouts import encode, prompt_text, stop_token_ids
+from harness import frozen
+from harness.layouts import encode, prompt_text, stop_token_ids
 
 
 @dataclass

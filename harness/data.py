@@ -11,8 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import cli
-import hub
+from harness import cli, errors, files, hub
 
 SPLITS = ("train", "test")
 HF_DATASET = ("fancyzhx/yelp_polarity", "plain_text")  # the hub copy `datasets` fetches when the CSVs are absent
@@ -75,7 +74,7 @@ def read_csv(path: str) -> tuple[np.ndarray, list[str], list[int]]:
     if bad:
         print(f"{path}: skipped {len(bad):,} bad rows of {total:,} (first at lines {bad[:5]})")
     if not labels or len(bad) > MAX_BAD_SHARE * total:
-        raise cli.UserError(f"{path}: {len(bad):,} of {total:,} rows are not '\"1\" or \"2\",\"review\"' (first at lines {bad[:5]}); fix or replace the file")
+        raise errors.UserError(f"{path}: {len(bad):,} of {total:,} rows are not '\"1\" or \"2\",\"review\"' (first at lines {bad[:5]}); fix or replace the file")
     return np.array(labels), texts, bad
 
 
@@ -92,7 +91,7 @@ def balanced_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
 
 def write_csv(path: str, labels: list[int], texts: list[str]) -> None:
     """Reviews in the public Yelp polarity format (label "1" or "2" quoted, newlines as a literal \\n), atomically."""
-    with cli.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+    with files.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, quoting=csv.QUOTE_ALL, lineterminator="\n")
         writer.writerows([str(label), text.replace("\n", "\\n")] for label, text in zip(labels, texts))
 
@@ -103,12 +102,12 @@ def fetch_csvs(csv_dir: str) -> None:
         import datasets
         dataset = datasets.load_dataset(*HF_DATASET)
     except Exception as e:
-        raise cli.UserError(f"no CSVs in {csv_dir} and fetching {HF_DATASET[0]} failed ({type(e).__name__}); "
+        raise errors.UserError(f"no CSVs in {csv_dir} and fetching {HF_DATASET[0]} failed ({type(e).__name__}); "
                             f"put the Yelp polarity train.csv and test.csv in {csv_dir} or set --csv_dir") from e
     os.makedirs(csv_dir, exist_ok=True)
     for split in SPLITS:
         path = os.path.join(csv_dir, f"{split}.csv")
-        with cli.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        with files.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
             for row in tqdm(dataset[split], desc=f"write {path}", unit=" rows"):
                 # the hub's text is the CSV field as it was, quotes still doubled and newlines still backslash-n
                 f.write(f'"{row["label"] + 1}","{row["text"]}"\n')
@@ -157,7 +156,7 @@ def prepare(cfg: SimpleNamespace, tokenizer) -> None:
         meta.update(source=source, rows=len(labels), bad_rows=len(bad), count=len(keep), truncated=truncated,
                     positives=int(labels[keep].sum()))
         path = split_path(cfg, split)
-        with cli.atomic_path(path) as tmp:
+        with files.atomic_path(path) as tmp:
             torch.save({"tokens": tokens, "offsets": offsets, "labels": torch.from_numpy(labels[keep]), "meta": meta}, tmp)
         print(f"{path}: {len(keep):,} of {len(labels):,} reviews ({meta['positives']:,} positive), "
               f"{len(tokens):,} tokens, {truncated:,} cut to {cfg.MAX_REVIEW_TOKENS} tokens")
@@ -172,13 +171,13 @@ def load_split(cfg: SimpleNamespace, tokenizer, split: str) -> Split:
     try:
         stored = torch.load(path, weights_only=True)
     except Exception as e:
-        raise cli.UserError(f"{path} is not a file prep wrote ({type(e).__name__}); delete it and run ./prep.sh") from e
+        raise errors.UserError(f"{path} is not a file prep wrote ({type(e).__name__}); delete it and run ./prep.sh") from e
     meta, want = stored["meta"], expected_meta(cfg, tokenizer, split)
     if meta["vocab_fingerprint"] != want["vocab_fingerprint"]:
-        raise cli.UserError(f"{path} was tokenized for {meta['model_id']}, not for {cfg.MODEL_ID}: run {prep_command(cfg)}")
+        raise errors.UserError(f"{path} was tokenized for {meta['model_id']}, not for {cfg.MODEL_ID}: run {prep_command(cfg)}")
     stale = {k: (meta[k], v) for k, v in want.items() if k != "model_id" and meta[k] != v}
     if stale:
-        raise cli.UserError(f"{path} was prepared with {', '.join(f'{k}={v[0]}' for k, v in stale.items())}: "
+        raise errors.UserError(f"{path} was prepared with {', '.join(f'{k}={v[0]}' for k, v in stale.items())}: "
                             f"run {prep_command(cfg)} (or set those values back)")
     return Split(stored["tokens"], stored["offsets"], stored["labels"], meta)
 

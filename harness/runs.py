@@ -13,15 +13,10 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-import cli
-import data
-import ledger
-import parallel
-import plots
-import scoring
-from layouts import answer_context, label_token_ids, make_layout
-from frozen import load_model, resolve_device
-from training import best_epoch
+from harness import data, errors, files, ledger, parallel, plots, scoring
+from harness.layouts import answer_context, label_token_ids, make_layout
+from harness.frozen import load_model, resolve_device
+from harness.training import best_epoch
 
 
 @dataclass
@@ -53,12 +48,12 @@ def hold_out(train: data.Split, cfg: SimpleNamespace) -> tuple[data.Split, Optio
     """The reviews to train on and the VAL_LIMIT validation reviews held out of them (seeded, label-balanced),
     or all of them and None when VAL_LIMIT is 0."""
     if cfg.KEEP_BEST and not cfg.VAL_LIMIT:
-        raise cli.UserError("--keep_best=True picks the best epoch on validation reviews, but --val_limit is 0: "
+        raise errors.UserError("--keep_best=True picks the best epoch on validation reviews, but --val_limit is 0: "
                             "set --val_limit (e.g. --val_limit=1000) or --keep_best=False")
     if not cfg.VAL_LIMIT:
         return train, None
     if not 0 < cfg.VAL_LIMIT < len(train):
-        raise cli.UserError(f"--val_limit={cfg.VAL_LIMIT} must be between 1 and {len(train) - 1}: validation reviews are "
+        raise errors.UserError(f"--val_limit={cfg.VAL_LIMIT} must be between 1 and {len(train) - 1}: validation reviews are "
                             f"held out of the {len(train):,} training reviews (--train_limit), and some must be left to train on")
     held = torch.from_numpy(data.balanced_sample(train.labels.numpy(), cfg.VAL_LIMIT, cfg.SEED))
     rest = torch.ones(len(train), dtype=torch.bool)
@@ -70,7 +65,7 @@ def write_atomic(path: str, text: str) -> None:
     """Write text to path atomically; under accelerate the main process alone writes (the others' text is the same)."""
     if not parallel.is_main():
         return
-    with cli.atomic_path(path) as tmp, open(tmp, "w") as f:
+    with files.atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
 
 
@@ -95,7 +90,7 @@ def run_folder(cfg: SimpleNamespace, script: str) -> str:
     if not cfg.RESUME:
         return start_run(cfg, script)
     if os.path.exists(os.path.join(cfg.RESUME, "metrics.json")):
-        raise cli.UserError(f"{cfg.RESUME} has finished: its scores are in {cfg.RESUME}/metrics.json and its row in the ledger")
+        raise errors.UserError(f"{cfg.RESUME} has finished: its scores are in {cfg.RESUME}/metrics.json and its row in the ledger")
     return cfg.RESUME
 
 
@@ -117,7 +112,7 @@ def record(task: Task, script: str, method: str, prompt_tokens: int, predictions
         return row  # under accelerate the main process alone writes the run folder and the ledger
     write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(row, indent=2))
     write_atomic(os.path.join(run_dir, "environment.json"), json.dumps(environment(task), indent=2))
-    with cli.atomic_path(os.path.join(run_dir, "predictions.safetensors")) as tmp:
+    with files.atomic_path(os.path.join(run_dir, "predictions.safetensors")) as tmp:
         save_file({**{k: v.contiguous() for k, v in predictions.items() if k != "seconds"}, "label_ids": task.label_ids.cpu()}, tmp)
     if log:
         write_atomic(os.path.join(run_dir, "losses.csv"), pd.DataFrame(log).to_csv(index=False))
