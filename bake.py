@@ -21,18 +21,19 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
-from harness import chat, cli, errors, files, frozen, parallel, prompts, runs, scoring, training
+from harness import batches, chat, cli, errors, files, frozen, parallel, prompts, runs, scoring, training
+from harness.data import Split
 from harness.layouts import Layout, assemble, make_layout, stop_token_ids
+from harness.task import Task
 
-TEACHER = "long"  # the prompt baked in: "long", "short" (those scripts' prompts), "text:<words>" (a system message) or "primer" (PRIMER_PATH)
+TEACHER = "long"  # the prompt baked in: "long", "short", "text:<words>" (a system message) or "primer" (PRIMER_PATH)
 LORA_RANK = 8  # rank of each LoRA update
 LORA_ALPHA = 16  # LoRA's scale numerator: updates are scaled by LORA_ALPHA / LORA_RANK
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # names of the modules that get an adapter: the attention projections
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the modules that get an adapter: the attention projections
 RATE_BY_EPOCH = [1e-3, 3e-4, 1e-4]  # (config.py's are for primers) Adam's rates for the LoRA weights, one epoch each
 RATE_SCALE = "absolute"  # (config.py has "embedding") LoRA weights have no embedding scale: the rates are Adam's own
-CONTINUATIONS = 0  # answers the prompted teacher samples per training review, once per run: their positions join the loss (prompt baking's recipe)
+CONTINUATIONS = 0  # answers the teacher samples per training review, once a run; their positions join the loss
 CONTINUATION_TOKENS = 16  # tokens per sampled answer
 CONTINUATION_TEMPERATURE = 1.0  # temperature the teacher samples them at
 RESCORE_WITH_PROMPT = False  # also score the baked student with the teacher's prompt in place (re-prompting)
@@ -44,20 +45,22 @@ def check(cfg) -> None:
     """One-line errors for settings that cannot work, before the model loads."""
     prompts.check_name("teacher", cfg.TEACHER, cfg.PRIMER_PATH)
     if cfg.RATE_SCALE != "absolute":
-        raise errors.UserError(f"--rate_scale={cfg.RATE_SCALE!r}: a LoRA adapter's rates are Adam's own, --rate_scale=absolute")
+        raise errors.UserError(f"--rate_scale={cfg.RATE_SCALE!r}: a LoRA adapter's rates are Adam's own, "
+                               f"--rate_scale=absolute")
     if cfg.LORA_RANK < 1:
         raise errors.UserError(f"--lora_rank={cfg.LORA_RANK} must be at least 1")
     if cfg.CONTINUATIONS and (cfg.CONTINUATION_TOKENS < 1 or cfg.CONTINUATION_TEMPERATURE <= 0):
         raise errors.UserError(f"--continuation_tokens={cfg.CONTINUATION_TOKENS} must be at least 1 and "
-                            f"--continuation_temperature={cfg.CONTINUATION_TEMPERATURE} above 0")
+                               f"--continuation_temperature={cfg.CONTINUATION_TEMPERATURE} above 0")
     if cfg.CONTINUATIONS and cfg.TEACHER == "primer" and cfg.PRIMER_POSITION == "suffix":
         raise errors.UserError("--continuations needs the teacher's prompt before the review: a primer at "
-                            "--primer_position=suffix sits where the answer goes")
+                               "--primer_position=suffix sits where the answer goes")
     if cfg.ADAPTER_PATH and not os.path.isfile(os.path.join(cfg.ADAPTER_PATH, "adapter_config.json")):
-        raise errors.UserError(f"--adapter_path={cfg.ADAPTER_PATH} holds no adapter (no adapter_config.json): give results/<run id>/adapter")
+        raise errors.UserError(f"--adapter_path={cfg.ADAPTER_PATH} holds no adapter (no adapter_config.json): give "
+                               f"results/<run id>/adapter")
 
 
-def with_adapter(task) -> torch.nn.Module:
+def with_adapter(task: Task) -> torch.nn.Module:
     """The frozen model wrapped with a LoRA adapter whose B matrices start at zero: at first the student is exactly
     the model without the prompt."""
     cfg = task.cfg
@@ -65,21 +68,22 @@ def with_adapter(task) -> torch.nn.Module:
     try:
         return get_peft_model(task.model, config).eval()
     except ValueError as e:  # peft: target modules not found in the base model
-        names = sorted({name.rsplit(".", 1)[-1] for name, m in task.model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise errors.UserError(f"--lora_targets={cfg.LORA_TARGETS} names no module of this model ({str(e).splitlines()[0][:80]}); "
-                            f"its linear layers are {', '.join(names)}") from e
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in task.model.named_modules()
+                        if isinstance(m, torch.nn.Linear)})
+        raise errors.UserError(f"--lora_targets={cfg.LORA_TARGETS} names no module of this model "
+                               f"({str(e).splitlines()[0][:80]}); its linear layers are {', '.join(names)}") from e
 
 
-def load_adapter(task, path: str) -> torch.nn.Module:
+def load_adapter(task: Task, path: str) -> torch.nn.Module:
     try:
         return PeftModel.from_pretrained(task.model, path).eval()
     except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names of another model
-        raise errors.UserError(f"--adapter_path={path} does not fit --model_id={task.cfg.MODEL_ID} ({type(e).__name__}): "
-                            f"use an adapter baked on this model") from e
+        raise errors.UserError(f"--adapter_path={path} does not fit --model_id={task.cfg.MODEL_ID} "
+                               f"({type(e).__name__}): use an adapter baked on this model") from e
 
 
-def answer_logits(task, layout: Layout, split, idx: torch.Tensor, primer=None,
-                  answers: Optional[torch.Tensor] = None) -> torch.Tensor:
+def answer_logits(task: Task, layout: Layout, split: Split, idx: torch.Tensor,
+                  primer: Optional[torch.Tensor] = None, answers: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Logits [B, vocab] at the answer position of reviews idx; with answer tokens [B, T] appended after the prompt,
     at the answer position and after each of them, [B, T + 1, vocab]."""
     ids, lengths = assemble(layout, split, idx)
@@ -92,7 +96,7 @@ def answer_logits(task, layout: Layout, split, idx: torch.Tensor, primer=None,
 
 
 @torch.inference_mode()
-def sample_continuations(task, teacher: Layout, primer) -> torch.Tensor:
+def sample_continuations(task: Task, teacher: Layout, primer: Optional[torch.Tensor]) -> torch.Tensor:
     """CONTINUATIONS answers [n, CONTINUATIONS, CONTINUATION_TOKENS] the prompted teacher samples to each training
     review (adapter disabled), token by token, each token drawn at a uniform of its own made up front: a review's
     answers depend on the seed alone, not on its batch mates or the number of processes."""
@@ -100,9 +104,9 @@ def sample_continuations(task, teacher: Layout, primer) -> torch.Tensor:
     shape = (len(train), cfg.CONTINUATIONS, cfg.CONTINUATION_TOKENS)
     uniforms = torch.rand(shape, generator=torch.Generator().manual_seed(cfg.SEED), dtype=torch.float64)
     found = torch.zeros(shape, dtype=torch.long, device=task.device)
-    for idx in tqdm(parallel.shard(train.lengths.argsort(descending=True)).split(cfg.SCORE_BATCH_SIZE), desc="teacher answers",
-                    unit="batch", disable=not parallel.is_main()):
-        rows, answers = idx.repeat_interleave(cfg.CONTINUATIONS), torch.zeros(len(idx) * cfg.CONTINUATIONS, 0, dtype=torch.long)
+    for idx in batches.longest_first(task, train, "teacher answers"):
+        rows = idx.repeat_interleave(cfg.CONTINUATIONS)
+        answers = torch.zeros(len(rows), 0, dtype=torch.long)
         for t in range(cfg.CONTINUATION_TOKENS):
             with task.model.disable_adapter():
                 logits = answer_logits(task, teacher, train, rows, primer, answers)
@@ -113,8 +117,10 @@ def sample_continuations(task, teacher: Layout, primer) -> torch.Tensor:
     return parallel.sum_across(found).cpu()
 
 
-def continuations(task, teacher: Layout, primer, run_dir: str) -> Optional[torch.Tensor]:
-    """The teacher's sampled answers of this run: made once and kept in the run folder, so a resume trains on the same."""
+def continuations(task: Task, teacher: Layout, primer: Optional[torch.Tensor],
+                  run_dir: str) -> Optional[torch.Tensor]:
+    """The teacher's sampled answers of this run: made once and kept in the run folder, so that a resume trains on
+    the same."""
     if not task.cfg.CONTINUATIONS:
         return None
     path = os.path.join(run_dir, "continuations.safetensors")
@@ -133,7 +139,8 @@ def kl_divergence(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return (teacher.exp() * (teacher - student)).sum(-1)
 
 
-def loss_of(task, student: Layout, teacher: Layout, primer, answers: Optional[torch.Tensor]) -> training.LossOf:
+def loss_of(task: Task, student: Layout, teacher: Layout, primer: Optional[torch.Tensor],
+            answers: Optional[torch.Tensor]) -> training.LossOf:
     """training.LossOf: the KL from the prompted, adapter-disabled teacher to the unprompted student at the answer
     position, and with `answers` [n, k, T] also after each token of the review's k sampled answers (up to the end of
     the turn), averaged over positions and answers."""
@@ -158,11 +165,11 @@ def loss_of(task, student: Layout, teacher: Layout, primer, answers: Optional[to
 
 
 @torch.inference_mode()
-def agreement(task, student: Layout, teacher: Layout, primer, split) -> dict:
+def agreement(task: Task, student: Layout, teacher: Layout, primer: Optional[torch.Tensor], split: Split) -> dict:
     """Over split: the mean KL(teacher || student) at the answer position, and the share of reviews whose argmax
     answers over the vocabulary are the same."""
     kl, same = torch.zeros(len(split), device=task.device), torch.zeros(len(split), device=task.device)
-    for idx in parallel.shard(split.lengths.argsort(descending=True)).split(task.cfg.SCORE_BATCH_SIZE):  # as scoring does
+    for idx in batches.longest_first(task, split, "agreement"):
         with task.model.disable_adapter():
             target = answer_logits(task, teacher, split, idx, primer)
         logits = answer_logits(task, student, split, idx)
@@ -181,12 +188,14 @@ def run(cfg) -> None:
         return
     task.model = with_adapter(task)
     weights = {name: p for name, p in task.model.named_parameters() if p.requires_grad}
-    run_dir = runs.run_folder(cfg, "bake")
+    run_dir = runs.run_dir_or_resume(cfg, "bake")
     evaluate = None
     if task.val is not None:
-        evaluate = lambda: {**scoring.score(task, student, split=task.val), **agreement(task, student, teacher, primer, task.val)}
+        evaluate = lambda: {**scoring.score(task, student, split=task.val),
+                            **agreement(task, student, teacher, primer, task.val)}
     answers = continuations(task, teacher, primer, run_dir)
-    log, status = training.train(task, weights, loss_of(task, student, teacher, primer, answers), run_dir, evaluate, script="bake.py")
+    loss = loss_of(task, student, teacher, primer, answers)
+    log, status = training.train(task, weights, loss, run_dir, evaluate, script="bake.py")
     if parallel.is_main():
         task.model.save_pretrained(os.path.join(run_dir, "adapter"))  # safetensors; its folder is the ADAPTER_PATH
     with task.model.disable_adapter():

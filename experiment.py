@@ -30,7 +30,7 @@ def run(cfg) -> None:
     else:
         primer = primers.initial_primer(task, cfg.PRIMER_INIT, cfg.PRIMER_LENGTH, cfg.SEED)
     layout = make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION)
-    run_dir = runs.run_folder(cfg, "experiment")
+    run_dir = runs.run_dir_or_resume(cfg, "experiment")
     log, status = (None, "finished") if cfg.PRIMER_PATH else train_primer(task, layout, primer, run_dir)
     primers.save_primer(run_dir, primer, cfg.MODEL_ID, cfg.PRIMER_POSITION)
     method = "primer" if log is not None else "saved primer"

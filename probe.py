@@ -103,7 +103,7 @@ def run(cfg) -> None:
     task = runs.setup(cfg)
     layout, primer = prompts.layout_of(task, task.cfg.CONDITION, task.cfg.PRIMER_PATH, task.cfg.PRIMER_POSITION)
     sample = probe_sample(task)
-    run_dir = runs.start_run(cfg, "probe")
+    run_dir = runs.new_run_dir(cfg, "probe")
     layers = tuple(range(activations.layer_count(task.model)))
     poolings = activations.POOLINGS if cfg.POOLING == "both" else (cfg.POOLING,)
     train, train_seconds = activations.features(task, layout, sample, layers, poolings, run_dir, "train", primer)

@@ -10,44 +10,45 @@ The review is in the user turn with no prompt; the vector is added after layer L
 --after_review=True, only after the review) with coefficient c. "pair" and "mean" vectors are swept over
 STEER_LAYERS x COEFFICIENTS on VAL_LIMIT validation reviews held out of training, scaled so that c is a multiple of the
 mean residual norm at L; the best is scored once on the test split. A "learned" vector trains at one layer through
-the shared loop (checkpoints, --resume, validation after each epoch) and is added as trained (c = 1).
+the shared loop (checkpoints, --resume, validation after each epoch) and is added as trained (c = 1). Every residual
+norm and "mean" vector is measured over the first VECTOR_REVIEWS training reviews (harness/steering.py). With
+--generate=True the script samples what the steered model writes instead (harness/generation.py).
 """
-import csv
 import os
 import time
-from typing import Optional
 
 import pandas as pd
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from harness import activations, chat, cli, data, errors, files, parallel, plots, primers, prompts, runs, scoring, training
+from harness import cli, errors, files, generation, parallel, plots, primers, prompts, runs, scoring, steering, training
 from harness.frozen import Steer
-from harness.layouts import make_layout
+from harness.layouts import Layout, make_layout
+from harness.task import Task
 
-VECTOR = "mean"  # the vector's source: "pair" (ActAdd), "mean" (prompted minus unprompted activations), "learned" (Adam)
-PAIR = [prompts.text_prompt("short")[0], ""]  # "pair": two system messages; the vector is the first's activation minus the second's
+VECTOR = "mean"  # the vector's source: "pair" (ActAdd), "mean" (prompted minus unprompted states), "learned" (Adam)
+PAIR = [prompts.text_prompt("short")[0], ""]  # "pair": two system messages; the vector: the first's minus the second's
 PROMPT = "short"  # "mean": the prompt the vector stands in for: "short", "long" or "text:<words>" (a system message)
 VECTOR_REVIEWS = 200  # training reviews that "mean" averages over and that measure each layer's residual norm
 STEER_LAYERS = []  # decoder layers (1-based) swept by "pair" and "mean"; []: every other layer, the last included
-COEFFICIENTS = [0.0, 0.25, 0.5, 1.0, 2.0]  # swept: the added vector's norm as a multiple of the mean residual norm at its layer
+COEFFICIENTS = [0.0, 0.25, 0.5, 1.0, 2.0]  # swept: the added vector's norm in mean residual norms at its layer
 LEARNED_LAYER = 0  # "learned": the decoder layer (1-based) it trains at; 0: the middle one
 AFTER_REVIEW = False  # add the vector only at the positions after the review (the answer cue), not at every position
 VAL_LIMIT = 200  # (config.py has 0) reviews held out of training, on which layer and coefficient are chosen
 VECTOR_PATH = None  # a saved steering.safetensors: score it on the test split, no sweep and no training
-GENERATE = False  # steer what the model writes instead: sample answers to GENERATE_PROMPTS at each GENERATE_COEFFICIENTS
+GENERATE = False  # steer what the model writes instead: answers to GENERATE_PROMPTS at each GENERATE_COEFFICIENTS
 GENERATE_PROMPTS = ["Write a short review of a restaurant.", "Tell me about a meal you had at a cafe.",
                     "Describe your last visit to a pizza place."]  # user messages the model answers
 PROMPTS_FILE = None  # a text file of user messages, one per line, instead of GENERATE_PROMPTS
-SENTIMENT = "pair"  # the sentiment vector: "pair" (SENTIMENT_PAIR's first system message minus its second) or "reviews" (positive minus negative training reviews, mean-pooled)
+SENTIMENT = "pair"  # the sentiment vector: "pair" (SENTIMENT_PAIR) or "reviews" (positive minus negative reviews)
 SENTIMENT_PAIR = ["Love", "Hate"]  # "pair": ActAdd's contrast pair for generation
 GENERATE_LAYER = 0  # the decoder layer (1-based) the sentiment vector is added after; 0: the middle one
 GENERATE_COEFFICIENTS = [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]  # multiples of the mean residual norm at that layer
 SAMPLES = 4  # answers sampled per prompt and coefficient
 MAX_NEW_TOKENS = 48  # tokens sampled per answer
 TEMPERATURE = 0.8  # sampling temperature
-JUDGE_PATH = None  # the classifier of each answer as a review: a run's primer.safetensors (experiment.py) or probe.safetensors (probe.py)
+JUDGE_PATH = None  # judges each answer as a review: a run's primer.safetensors or probe.safetensors (probe.py)
 SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
 VECTORS = ("pair", "mean", "learned")
 
@@ -63,29 +64,10 @@ def check(cfg) -> None:
     if not cfg.VAL_LIMIT and not cfg.VECTOR_PATH:
         raise errors.UserError("layer and coefficient are chosen on validation reviews: set --val_limit (e.g. 200)")
     if cfg.VECTOR_PATH and not os.path.isfile(cfg.VECTOR_PATH):
-        raise errors.UserError(f"--vector_path={cfg.VECTOR_PATH} does not exist: give the steering.safetensors of a steer.py run")
-
-
-def last_states(task, layout, split, layers: tuple[int, ...]) -> torch.Tensor:
-    """Hidden states at the last position [len(layers), len(split), hidden] in layout."""
-    return activations.extract(task, layout, split, layers, ("last",), desc="activations")["last"]
-
-
-def pair_difference(task, pair: list[str], layers: tuple[int, ...]) -> torch.Tensor:
-    """ActAdd [len(layers), hidden]: the last position's hidden state with the first system message minus with the
-    second, the user turn empty."""
-    empty = data.Split(torch.zeros(0, dtype=torch.int32), torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.long), {})
-    first, second = (last_states(task, make_layout(task, text), empty, layers)[:, 0] for text in pair)
-    return first - second
-
-
-def middle_or(task, name: str) -> int:
-    """The decoder layer (1-based) that setting `name` gives, the middle one for 0; checked against the model."""
-    count = len(task.model.get_decoder().layers)
-    layer = getattr(task.cfg, name) or (count + 1) // 2
-    if not 1 <= layer <= count:
-        raise errors.UserError(f"--{name.lower()}={layer} must be a decoder layer 1 to {count} of this model")
-    return layer
+        raise errors.UserError(f"--vector_path={cfg.VECTOR_PATH} does not exist: give the steering.safetensors of a "
+                               f"steer.py run")
+    if cfg.VECTOR_REVIEWS < 1:
+        raise errors.UserError(f"--vector_reviews={cfg.VECTOR_REVIEWS} must be at least 1")
 
 
 def sweep_layers(cfg, count: int) -> tuple[int, ...]:
@@ -95,22 +77,22 @@ def sweep_layers(cfg, count: int) -> tuple[int, ...]:
     return layers
 
 
-def directions(task, plain, layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def directions(task: Task, layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit steering directions [len(layers), hidden] of VECTOR ("pair" or "mean"), and the mean residual norm at
-    each layer [len(layers)] over VECTOR_REVIEWS training reviews with no prompt."""
+    each layer [len(layers)] (steering.residual)."""
     cfg = task.cfg
-    if not 1 <= cfg.VECTOR_REVIEWS <= len(task.train):
-        raise errors.UserError(f"--vector_reviews={cfg.VECTOR_REVIEWS} must be between 1 and the {len(task.train):,} training reviews")
-    reviews = task.train.subset(torch.arange(cfg.VECTOR_REVIEWS))  # the training split is already a seeded sample
-    unprompted = last_states(task, plain, reviews, layers)
+    unprompted, norm = steering.residual(task, layers)
     if cfg.VECTOR == "mean":
-        difference = (last_states(task, prompts.layout_of(task, cfg.PROMPT)[0], reviews, layers) - unprompted).mean(1)
+        prompt = prompts.layout_of(task, cfg.PROMPT)[0]
+        prompted = steering.last_states(task, prompt, steering.vector_reviews(task), layers)
+        difference = (prompted - unprompted).mean(1)
     else:
-        difference = pair_difference(task, cfg.PAIR, layers)
-    return difference / difference.norm(dim=-1, keepdim=True), unprompted.norm(dim=-1).mean(1)
+        difference = steering.pair_difference(task, cfg.PAIR, layers)
+    return difference / difference.norm(dim=-1, keepdim=True), norm
 
 
-def sweep(task, plain, layers: tuple[int, ...], unit: torch.Tensor, norm: torch.Tensor) -> tuple[pd.DataFrame, dict]:
+def sweep(task: Task, plain: Layout, layers: tuple[int, ...], unit: torch.Tensor,
+          norm: torch.Tensor) -> tuple[pd.DataFrame, dict]:
     """Validation scores of every layer and coefficient (coefficient 0, no steering, scored once), and the Steer
     of each (layer, coefficient)."""
     rows, steers, unsteered = [], {}, None
@@ -122,8 +104,10 @@ def sweep(task, plain, layers: tuple[int, ...], unit: torch.Tensor, norm: torch.
             else:
                 found = scoring.score(task, plain, None, task.val, steers[layer, c])
                 unsteered = found if c == 0 else unsteered
-            rows.append({"layer": layer, "coefficient": c, "residual_norm": float(norm[i]), **validation_columns(found)})
-            print(f"layer {layer:>3}  x{c:<5g} validation {found['score']:.1%} (label-restricted {found['restricted_score']:.1%})", flush=True)
+            rows.append({"layer": layer, "coefficient": c, "residual_norm": float(norm[i]),
+                         **validation_columns(found)})
+            print(f"layer {layer:>3}  x{c:<5g} validation {found['score']:.1%} "
+                  f"(label-restricted {found['restricted_score']:.1%})", flush=True)
     return pd.DataFrame(rows), steers
 
 
@@ -131,12 +115,11 @@ def validation_columns(found: dict) -> dict:
     return {"val_" + k: found[k] for k in ("correct", "total", "score", "score_low", "score_high", "restricted_score")}
 
 
-def learned(task, plain, run_dir: str) -> tuple[pd.DataFrame, dict, list[dict], str]:
+def learned(task: Task, plain: Layout, run_dir: str) -> tuple[pd.DataFrame, dict, list[dict], str]:
     """A vector trained at LEARNED_LAYER on the label token's cross-entropy, in units of one residual coordinate's
     RMS at that layer (RATE_SCALE "embedding") like a primer's rates; its validation row, steer, loss log and status."""
-    cfg, layer = task.cfg, middle_or(task, "LEARNED_LAYER")
-    reviews = task.train.subset(torch.arange(min(cfg.VECTOR_REVIEWS, len(task.train))))
-    norm = float(last_states(task, plain, reviews, (layer,)).norm(dim=-1).mean())
+    cfg, layer = task.cfg, steering.decoder_layer(task, "LEARNED_LAYER")
+    norm = float(steering.residual(task, (layer,))[1][0])
     vector = torch.zeros(task.model.get_input_embeddings().weight.shape[1], device=task.device)
     steer = Steer(vector, (layer,), 1.0, cfg.AFTER_REVIEW)
     primers.check_rate_scale(cfg.RATE_SCALE)
@@ -153,8 +136,8 @@ def learned(task, plain, run_dir: str) -> tuple[pd.DataFrame, dict, list[dict], 
 def save_steer(run_dir: str, steer: Steer, model_id: str, source: str) -> None:
     with files.atomic_path(os.path.join(run_dir, "steering.safetensors")) as tmp:
         save_file({"vector": (steer.coefficient * steer.vector).detach().float().cpu().contiguous()}, tmp,
-                  metadata={"layer": str(steer.layers[0]), "after_review": str(steer.after_review), "model_id": model_id,
-                            "source": source})
+                  metadata={"layer": str(steer.layers[0]), "after_review": str(steer.after_review),
+                            "model_id": model_id, "source": source})
 
 
 def load_steer(path: str, width: int) -> tuple[Steer, str]:
@@ -165,10 +148,10 @@ def load_steer(path: str, width: int) -> tuple[Steer, str]:
         steer = Steer(vector, (int(meta["layer"]),), 1.0, meta["after_review"] == "True")
     except Exception as e:  # not safetensors, or not a steering file
         raise errors.UserError(f"--vector_path={path} is not a steering vector ({type(e).__name__}): give the "
-                            f"steering.safetensors of a steer.py run") from e
+                               f"steering.safetensors of a steer.py run") from e
     if vector.shape != (width,):
         raise errors.UserError(f"--vector_path={path} holds a vector of shape {tuple(vector.shape)}, but this model is "
-                            f"{width} wide: use a vector made for --model_id")
+                               f"{width} wide: use a vector made for --model_id")
     return steer, meta["source"]
 
 
@@ -178,71 +161,10 @@ def describe(source: str, steer: Steer, saved: bool = False) -> str:
     return f"{'saved ' if saved else ''}steering vector ({source}, layer {steer.layers[0]}{scale}, {where})"
 
 
-def user_messages(cfg) -> list[str]:
-    if not cfg.PROMPTS_FILE:
-        return cfg.GENERATE_PROMPTS
-    if not os.path.isfile(cfg.PROMPTS_FILE):
-        raise errors.UserError(f"--prompts_file={cfg.PROMPTS_FILE} does not exist: give a text file, one user message per line")
-    with open(cfg.PROMPTS_FILE, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
-
-
-def sentiment_steer(task, layer: int, coefficient: float) -> Steer:
-    """SENTIMENT's direction at layer, scaled to the mean residual norm there over VECTOR_REVIEWS training reviews."""
-    cfg, plain = task.cfg, make_layout(task, None)
-    reviews = task.train.subset(torch.arange(min(cfg.VECTOR_REVIEWS, len(task.train))))
-    if cfg.SENTIMENT == "pair":
-        difference = pair_difference(task, cfg.SENTIMENT_PAIR, (layer,))[0]
-    else:
-        pooled = activations.extract(task, plain, reviews, (layer,), ("mean",), desc="activations")["mean"][0]
-        difference = pooled[reviews.labels == 1].mean(0) - pooled[reviews.labels == 0].mean(0)
-    norm = last_states(task, plain, reviews, (layer,)).norm(dim=-1).mean()
-    return Steer(difference / difference.norm() * norm, (layer,), coefficient)
-
-
-def sample(task, messages: list[str], steer: Optional[Steer]) -> tuple[list[str], torch.Tensor]:
-    """SAMPLES answers to each user message, steered, and each answer's mean token log-probability under the
-    unsteered model (a fluency proxy). Seeded by SEED alone, so every coefficient draws the same random numbers."""
-    cfg = task.cfg
-    answers = chat.sample(task.model, task.tokenizer, [m for m in messages for _ in range(cfg.SAMPLES)], cfg.TEMPLATE_KWARGS,
-                          cfg.MAX_NEW_TOKENS, cfg.TEMPERATURE, cfg.SEED, steer)
-    return answers.texts, chat.mean_logprob(task.model, answers)
-
-
-def generate(cfg) -> None:
-    """Sampled answers at each coefficient of the sentiment vector and for text prompts asking for a positive or a
-    negative answer, judged; the share judged positive and the fluency per coefficient, printed and drawn."""
-    if not cfg.JUDGE_PATH:
-        raise errors.UserError("--generate=True judges each answer with a trained classifier: set --judge_path to a run's "
-                            "primer.safetensors or probe.safetensors")
-    if cfg.SENTIMENT not in ("pair", "reviews"):
-        raise errors.UserError(f"--sentiment={cfg.SENTIMENT!r} is not one of pair, reviews")
-    messages = user_messages(cfg)
-    task = runs.setup(cfg)
-    layer = middle_or(task, "GENERATE_LAYER")
-    run_dir, direction, rows = runs.start_run(cfg, "steer"), sentiment_steer(task, layer, 1.0), []
-    for c in cfg.GENERATE_COEFFICIENTS:
-        texts, fluency = sample(task, messages, Steer(direction.vector, (layer,), c))
-        rows += [{"steering": f"vector at layer {layer}", "coefficient": c, "text": t, "fluency": float(f)} for t, f in zip(texts, fluency)]
-    for tone in ("positive", "negative"):
-        texts, fluency = sample(task, [f"{m} Make it {tone}." for m in messages], None)
-        rows += [{"steering": f"prompt: make it {tone}", "coefficient": float("nan"), "text": t, "fluency": float(f)} for t, f in zip(texts, fluency)]
-    table = pd.DataFrame(rows)
-    table["prompt"] = [m for _ in range(len(table) // (len(messages) * cfg.SAMPLES)) for m in messages for _ in range(cfg.SAMPLES)]
-    table["p_positive"] = scoring.judge_texts(task, table["text"].tolist(), cfg.JUDGE_PATH, cfg.PRIMER_POSITION).numpy()
-    runs.write_atomic(os.path.join(run_dir, "generations.csv"), table.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC))  # a quoted \r reads back
-    summary = table.groupby(["steering", "coefficient"], sort=False, dropna=False).agg(
-        answers=("text", "size"), judged_positive=("p_positive", lambda p: int((p > 0.5).sum())), fluency=("fluency", "mean")).reset_index()
-    summary["share_positive"] = summary["judged_positive"] / summary["answers"]
-    runs.write_atomic(os.path.join(run_dir, "generation_summary.csv"), summary.to_csv(index=False))
-    print(summary.to_string(index=False, float_format="{:.3f}".format))
-    print(f"saved {run_dir}: generations.csv (every answer, its judgement and fluency) and {plots.generation_curve(summary, run_dir)}")
-
-
 def run(cfg) -> None:
     check(cfg)
     if cfg.GENERATE:
-        return generate(cfg)
+        return generation.generate(cfg)
     task = runs.setup(cfg, with_train=not cfg.VECTOR_PATH)
     plain = make_layout(task, None)
     if cfg.VECTOR_PATH:
@@ -250,25 +172,26 @@ def run(cfg) -> None:
         steer.vector = steer.vector.to(task.device)
         runs.record(task, "steer", describe(source, steer, saved=True), 0, scoring.predict(task, plain, steer=steer))
         return
-    run_dir = runs.run_folder(cfg, "steer")
+    run_dir = runs.run_dir_or_resume(cfg, "steer")
     source = f"mean of {cfg.PROMPT}" if cfg.VECTOR == "mean" else "pair" if cfg.VECTOR == "pair" else "learned"
     log, status, start = None, "finished", time.perf_counter()
     if cfg.VECTOR == "learned":
         table, steers, log, status = learned(task, plain, run_dir)
     else:
         layers = sweep_layers(cfg, len(task.model.get_decoder().layers))
-        unit, norm = directions(task, plain, layers)
+        unit, norm = directions(task, layers)
         table, steers = sweep(task, plain, layers, unit, norm)
     best = table.sort_values(["val_score", "val_restricted_score"], ascending=False, kind="stable").iloc[0]
     steer = steers[int(best["layer"]), float(best["coefficient"])]
     runs.write_atomic(os.path.join(run_dir, "steer_sweep.csv"), table.to_csv(index=False))
     print(table.to_string(index=False, float_format="{:.3f}".format))
-    print(f"chosen on validation: layer {int(best['layer'])}, coefficient {best['coefficient']:g} ({best['val_score']:.1%})")
+    print(f"chosen on validation: layer {int(best['layer'])}, coefficient {best['coefficient']:g} "
+          f"({best['val_score']:.1%})")
     plots.steer_heatmap(table, os.path.join(run_dir, "steer_sweep.png"))
     save_steer(run_dir, steer, cfg.MODEL_ID, source)
+    trainable, samples = (steer.vector.numel(), len(task.train)) if log is not None else (0, cfg.VECTOR_REVIEWS)
     runs.record(task, "steer", describe(source, steer), 0, scoring.predict(task, plain, steer=steer), run_dir, log,
-                steer.vector.numel() if log is not None else 0, status, samples=len(task.train) if log else cfg.VECTOR_REVIEWS,
-                train_seconds=time.perf_counter() - start)
+                trainable, status, samples=samples, train_seconds=time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
-from harness import data, files, frozen, parallel
+from harness import batches, files, frozen, parallel
+from harness.data import Split
 from harness.layouts import Layout, assemble
+from harness.task import Task
 
 POOLINGS = ("last", "mean")  # the hidden state where the answer is predicted, and the mean over the review's tokens
 
@@ -24,42 +25,44 @@ def layer_count(model: torch.nn.Module) -> int:
 
 
 @torch.inference_mode()
-def extract(task, layout: Layout, split: data.Split, layers: tuple[int, ...], poolings: tuple[str, ...] = POOLINGS,
+def extract(task: Task, layout: Layout, split: Split, layers: tuple[int, ...], poolings: tuple[str, ...] = POOLINGS,
             primer: Optional[torch.Tensor] = None, desc: str = "features") -> dict[str, torch.Tensor]:
     """{pooling: float32 [len(layers), len(split), hidden]}: each review's hidden states in layout, in split's order.
-    Batched longest first like scoring, and sharded across processes under accelerate."""
+    Batched longest first and sharded across processes under accelerate (batches.longest_first)."""
     width = task.model.get_input_embeddings().weight.shape[1]
     found = {p: torch.zeros(len(layers), len(split), width, device=task.device) for p in poolings}
-    order = split.lengths.argsort(descending=True)
-    for idx in tqdm(parallel.shard(order).split(task.cfg.SCORE_BATCH_SIZE), desc=desc, unit="batch",
-                    disable=not parallel.is_main()):
+    for idx in batches.longest_first(task, split, desc):
         ids, lengths = assemble(layout, split, idx)
         out = frozen.forward(task.model, ids.to(task.device), lengths.to(task.device), layout, primer, layers=layers)
         for pooling in poolings:
-            found[pooling][:, idx.to(task.device)] = torch.stack([getattr(out, pooling)[l] for l in layers])
+            found[pooling][:, idx.to(task.device)] = torch.stack([getattr(out, pooling)[layer] for layer in layers])
     return {p: parallel.sum_across(f).cpu() for p, f in found.items()}
 
 
-def fingerprint(task, layout: Layout, split: data.Split, layers: tuple[int, ...], poolings: tuple[str, ...],
+def fingerprint(task: Task, layout: Layout, split: Split, layers: tuple[int, ...], poolings: tuple[str, ...],
                 primer: Optional[torch.Tensor]) -> str:
     """What a split's features depend on: the model, its dtype, the exact input ids around each review, the primer,
     the layers and poolings."""
     cfg, digest = task.cfg, hashlib.sha256()
-    settings = {"model_id": cfg.MODEL_ID, "gguf_file": cfg.GGUF_FILE, "dtype": str(next(task.model.parameters()).dtype),
-                "prefix": layout.prefix.tolist(), "suffix": layout.suffix.tolist(), "slot": [layout.slot.start, layout.slot.stop],
-                "in_suffix": layout.in_suffix, "joins": layout.joins, "layers": list(layers), "poolings": list(poolings)}
+    settings = {"model_id": cfg.MODEL_ID, "gguf_file": cfg.GGUF_FILE,
+                "dtype": str(next(task.model.parameters()).dtype), "prefix": layout.prefix.tolist(),
+                "suffix": layout.suffix.tolist(), "slot": [layout.slot.start, layout.slot.stop],
+                "in_suffix": layout.in_suffix, "joins": layout.joins, "layers": list(layers),
+                "poolings": list(poolings)}
     digest.update(json.dumps(settings).encode())
     for tensor in (split.tokens, split.offsets, split.labels) + (() if primer is None else (primer.float().cpu(),)):
         digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()[:24]
 
 
-def features(task, layout: Layout, split: data.Split, layers: tuple[int, ...], poolings: tuple[str, ...],
+def features(task: Task, layout: Layout, split: Split, layers: tuple[int, ...], poolings: tuple[str, ...],
              run_dir: str, name: str, primer: Optional[torch.Tensor] = None) -> tuple[dict[str, torch.Tensor], float]:
-    """extract()'s features of split (as float32) and the seconds they took, kept as run_dir/features-<name>.safetensors
-    (float16, with the reviews' labels, and their fingerprint in the metadata). Features of the same fingerprint in another run folder of
-    RESULTS_DIR are reused instead of extracted again (0 seconds)."""
-    key, path = fingerprint(task, layout, split, layers, poolings, primer), os.path.join(run_dir, f"features-{name}.safetensors")
+    """extract()'s features of split (as float32) and the seconds they took, kept as
+    run_dir/features-<name>.safetensors (float16, with the reviews' labels, and their fingerprint in the metadata).
+    Features of the same fingerprint in another run folder of RESULTS_DIR are reused instead of extracted again
+    (0 seconds)."""
+    key = fingerprint(task, layout, split, layers, poolings, primer)
+    path = os.path.join(run_dir, f"features-{name}.safetensors")
     earlier = next((p for p in sorted(glob.glob(os.path.join(task.cfg.RESULTS_DIR, "*", "features-*.safetensors")))
                     if saved_fingerprint(p) == key), None)
     if earlier is not None:

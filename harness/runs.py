@@ -4,7 +4,6 @@ import json
 import os
 import platform
 import subprocess
-from dataclasses import dataclass
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Optional
@@ -14,29 +13,18 @@ import torch
 from safetensors.torch import save_file
 
 from harness import data, errors, files, ledger, parallel, plots, scoring
-from harness.layouts import answer_context, label_token_ids, make_layout
 from harness.frozen import load_model, resolve_device
+from harness.layouts import answer_context, label_token_ids, make_layout
+from harness.task import Task  # runs.Task: what setup returns
 from harness.training import best_epoch
-
-
-@dataclass
-class Task:
-    """Everything a run needs: the config, the frozen model and tokenizer, the label tokens and the data."""
-    cfg: SimpleNamespace
-    tokenizer: object
-    model: torch.nn.Module
-    device: torch.device
-    label_ids: torch.Tensor  # token id of LABELS[0] and LABELS[1], on device
-    train: Optional[data.Split]
-    test: data.Split
-    val: Optional[data.Split] = None  # VAL_LIMIT reviews held out of the training sample, scored after each epoch
 
 
 def setup(cfg: SimpleNamespace, with_train: bool = True) -> Task:
     ledger.check(cfg.RESULTS_DIR)  # a damaged ledger is found before the work, not after it
     device = resolve_device(cfg.DEVICE)
     tokenizer = data.load_tokenizer(cfg.MODEL_ID, cfg.GGUF_FILE)
-    labels = torch.tensor(label_token_ids(tokenizer, cfg.LABELS, answer_context(tokenizer, cfg.TEMPLATE_KWARGS)), device=device)
+    answer_at = answer_context(tokenizer, cfg.TEMPLATE_KWARGS)
+    labels = torch.tensor(label_token_ids(tokenizer, cfg.LABELS, answer_at), device=device)
     with parallel.local_main_first():  # under accelerate one process per machine prepares missing data
         train, val = hold_out(data.load_split(cfg, tokenizer, "train"), cfg) if with_train else (None, None)
         test = data.load_split(cfg, tokenizer, "test")
@@ -49,12 +37,13 @@ def hold_out(train: data.Split, cfg: SimpleNamespace) -> tuple[data.Split, Optio
     or all of them and None when VAL_LIMIT is 0."""
     if cfg.KEEP_BEST and not cfg.VAL_LIMIT:
         raise errors.UserError("--keep_best=True picks the best epoch on validation reviews, but --val_limit is 0: "
-                            "set --val_limit (e.g. --val_limit=1000) or --keep_best=False")
+                               "set --val_limit (e.g. --val_limit=1000) or --keep_best=False")
     if not cfg.VAL_LIMIT:
         return train, None
     if not 0 < cfg.VAL_LIMIT < len(train):
-        raise errors.UserError(f"--val_limit={cfg.VAL_LIMIT} must be between 1 and {len(train) - 1}: validation reviews are "
-                            f"held out of the {len(train):,} training reviews (--train_limit), and some must be left to train on")
+        raise errors.UserError(f"--val_limit={cfg.VAL_LIMIT} must be between 1 and {len(train) - 1}: validation "
+                               f"reviews are held out of the {len(train):,} training reviews (--train_limit), and "
+                               f"some must be left to train on")
     held = torch.from_numpy(data.balanced_sample(train.labels.numpy(), cfg.VAL_LIMIT, cfg.SEED))
     rest = torch.ones(len(train), dtype=torch.bool)
     rest[held] = False
@@ -70,9 +59,9 @@ def write_atomic(path: str, text: str) -> None:
 
 
 @parallel.made_by_main
-def start_run(cfg: SimpleNamespace, script: str) -> str:
+def new_run_dir(cfg: SimpleNamespace, script: str) -> str:
     """A new run folder, results/<time>-<script>, holding the run's effective config (under accelerate the main
-    process makes it and every process gets its path)."""
+    process makes it and every process gets its path). A method that trains takes run_dir_or_resume instead."""
     base = os.path.join(cfg.RESULTS_DIR, f"{datetime.now():%Y%m%d-%H%M%S}-{script}")
     for n in itertools.count(1):
         path = base if n == 1 else f"{base}-{n}"
@@ -85,35 +74,43 @@ def start_run(cfg: SimpleNamespace, script: str) -> str:
     return path
 
 
-def run_folder(cfg: SimpleNamespace, script: str) -> str:
-    """The folder of RESUME (refused when that run has finished), or a new one."""
+start_run = new_run_dir  # the old name, until search_prompt.py calls new_run_dir
+
+
+def run_dir_or_resume(cfg: SimpleNamespace, script: str) -> str:
+    """The folder of RESUME (refused when that run has finished), or a new one: where a method that trains (and so
+    checkpoints) writes."""
     if not cfg.RESUME:
-        return start_run(cfg, script)
+        return new_run_dir(cfg, script)
     if os.path.exists(os.path.join(cfg.RESUME, "metrics.json")):
-        raise errors.UserError(f"{cfg.RESUME} has finished: its scores are in {cfg.RESUME}/metrics.json and its row in the ledger")
+        raise errors.UserError(f"{cfg.RESUME} has finished: its scores are in {cfg.RESUME}/metrics.json and its row "
+                               f"in the ledger")
     return cfg.RESUME
 
 
-def record(task: Task, script: str, method: str, prompt_tokens: int, predictions: dict, run_dir: Optional[str] = None,
-           log: Optional[list[dict]] = None, trainable_params: int = 0, status: str = "finished",
-           samples: Optional[int] = None, train_seconds: Optional[float] = None) -> dict:
+def record(task: Task, script: str, method: str, prompt_tokens: int, predictions: dict,
+           run_dir: Optional[str] = None, log: Optional[list[dict]] = None, trainable_params: int = 0,
+           status: str = "finished", samples: Optional[int] = None, train_seconds: Optional[float] = None) -> dict:
     """Write the run folder (metrics, per-review predictions, environment, loss log) and append its row to the
     results.csv ledger; prints and returns the row. A method saves its own artifacts in run_dir first. Samples and
     train seconds come from the training split and the loss log unless given."""
     cfg = task.cfg
-    run_dir = run_dir or start_run(cfg, script)
+    run_dir = run_dir or new_run_dir(cfg, script)
+    if samples is None:
+        samples = len(task.train) if log is not None else 0
+    if train_seconds is None:
+        train_seconds = log[-1]["seconds"] if log else 0.0
     row = {"run_id": os.path.basename(run_dir), "method": method, "script": script, "status": status,
-           "model_id": cfg.MODEL_ID, "samples": samples if samples is not None else len(task.train) if log is not None else 0,
-           "trainable_params": trainable_params, "tokens": prompt_tokens, **scoring.metrics(task.label_ids, predictions),
-           "seed": cfg.SEED, "best_epoch": best_epoch(run_dir),
-           "train_seconds": round(train_seconds if train_seconds is not None else log[-1]["seconds"] if log else 0.0, 1),
-           "score_seconds": round(predictions["seconds"], 1)}
+           "model_id": cfg.MODEL_ID, "samples": samples, "trainable_params": trainable_params, "tokens": prompt_tokens,
+           **scoring.metrics(task.label_ids, predictions), "seed": cfg.SEED, "best_epoch": best_epoch(run_dir),
+           "train_seconds": round(train_seconds, 1), "score_seconds": round(predictions["seconds"], 1)}
     if not parallel.is_main():
         return row  # under accelerate the main process alone writes the run folder and the ledger
     write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(row, indent=2))
     write_atomic(os.path.join(run_dir, "environment.json"), json.dumps(environment(task), indent=2))
     with files.atomic_path(os.path.join(run_dir, "predictions.safetensors")) as tmp:
-        save_file({**{k: v.contiguous() for k, v in predictions.items() if k != "seconds"}, "label_ids": task.label_ids.cpu()}, tmp)
+        tensors = {k: v.contiguous() for k, v in predictions.items() if k != "seconds"}
+        save_file({**tensors, "label_ids": task.label_ids.cpu()}, tmp)
     if log:
         write_atomic(os.path.join(run_dir, "losses.csv"), pd.DataFrame(log).to_csv(index=False))
         plots.loss_curve(run_dir)
@@ -134,7 +131,8 @@ def environment(task: Task) -> dict:
     gpu = torch.cuda.get_device_name(task.device) if task.device.type == "cuda" else None
     return {"git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "device": str(task.device), "gpu": gpu,
-            "dtype": str(next(task.model.parameters()).dtype).removeprefix("torch."), "processes": parallel.world_size()}
+            "dtype": str(next(task.model.parameters()).dtype).removeprefix("torch."),
+            "processes": parallel.world_size()}
 
 
 def score_text_prompt(cfg: SimpleNamespace, script: str, system: str, user: str) -> dict:

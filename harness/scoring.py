@@ -1,21 +1,20 @@
-"""Answers to scores: per-review predictions, the strict and label-restricted counts, Wilson intervals, and free
-texts judged as reviews by a saved classifier."""
+"""Answers to scores: per-review predictions, the strict and label-restricted counts, Wilson intervals."""
 import math
 import time
 from typing import Optional
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-from tqdm import tqdm
 
-from harness import activations, data, errors, frozen, parallel, primers
-from harness.layouts import Layout, assemble, make_layout
+from harness import batches, frozen, parallel
+from harness.data import Split
+from harness.layouts import Layout, assemble
+from harness.task import Task
 
 
 @torch.inference_mode()
-def predict_batch(task, layout: Layout, primer: Optional[torch.Tensor], idx: torch.Tensor,
-                  split: Optional[data.Split] = None, steer: Optional[frozen.Steer] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_batch(task: Task, layout: Layout, primer: Optional[torch.Tensor], idx: torch.Tensor,
+                  split: Optional[Split] = None,
+                  steer: Optional[frozen.Steer] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The answer (argmax token over the whole vocabulary) [B] and the log-probabilities of the two label tokens
     [B, 2] at each of reviews idx of split (the test split unless given)."""
     split = task.test if split is None else split
@@ -24,17 +23,15 @@ def predict_batch(task, layout: Layout, primer: Optional[torch.Tensor], idx: tor
     return logits.argmax(-1), logits.log_softmax(-1)[:, task.label_ids]
 
 
-def predict(task, layout: Layout, primer: Optional[torch.Tensor] = None, split: Optional[data.Split] = None,
+def predict(task: Task, layout: Layout, primer: Optional[torch.Tensor] = None, split: Optional[Split] = None,
             steer: Optional[frozen.Steer] = None) -> dict:
     """Per review of split (the test split unless given), in its order: "label" (0 negative, 1 positive), "answer"
     (the argmax token over the whole vocabulary), "logprobs" ([n, 2], of the two label tokens); and "seconds" taken.
     Under accelerate each process predicts its share of the split and the shares are summed into place."""
     split, start = task.test if split is None else split, time.perf_counter()
-    order = split.lengths.argsort(descending=True)  # longest first, so a batch too big for memory fails at once
     answers = torch.zeros(len(split), dtype=torch.long, device=task.device)
     logprobs = torch.zeros(len(split), 2, device=task.device)
-    for idx in tqdm(parallel.shard(order).split(task.cfg.SCORE_BATCH_SIZE), desc="score", unit="batch",
-                    disable=not parallel.is_main()):
+    for idx in batches.longest_first(task, split, "score"):
         answers[idx], logprobs[idx] = predict_batch(task, layout, primer, idx, split, steer)
     return {"label": split.labels.clone(), "answer": parallel.sum_across(answers).cpu(),
             "logprobs": parallel.sum_across(logprobs).cpu(), "seconds": time.perf_counter() - start}
@@ -61,7 +58,7 @@ def metrics(label_ids: torch.Tensor, predictions: dict) -> dict:
             "score_high": score_high, "restricted_low": restricted_low, "restricted_high": restricted_high}
 
 
-def score(task, layout: Layout, primer: Optional[torch.Tensor] = None, split: Optional[data.Split] = None,
+def score(task: Task, layout: Layout, primer: Optional[torch.Tensor] = None, split: Optional[Split] = None,
           steer: Optional[frozen.Steer] = None) -> dict:
     """metrics() of predict()."""
     return metrics(task.label_ids, predict(task, layout, primer, split, steer))
@@ -75,23 +72,3 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     half = z * math.sqrt(p * (1 - p) / total + z2 / (4 * total)) / (1 + z2)
     return max(0.0, center - half), min(1.0, center + half)
 
-
-def judge_texts(task, texts: list[str], path: str, position: str) -> torch.Tensor:
-    """Each free text's probability of being positive, read as a review alone in the user turn: between the two
-    labels under the primer saved at path (trained at `position`), or by the linear probe of probe.py saved there."""
-    tokens, offsets, _ = data.tokenize(task.tokenizer, texts, task.cfg.MAX_REVIEW_TOKENS)
-    split = data.Split(tokens, offsets, torch.zeros(len(texts), dtype=torch.long), {})
-    with safe_open(path, "pt") as f:
-        probe = "weight" in f.keys() and f.metadata()
-    if probe:
-        if probe.get("condition") != "none":  # the answers are judged as reviews alone in the user turn
-            raise errors.UserError(f"--judge_path={path} is a probe of condition {probe.get('condition')}: give the "
-                                f"probe.safetensors of a probe.py run with --condition=none")
-        tensors = load_file(path)
-        layer, pooling = int(probe["layer"]), probe["pooling"]
-        features = activations.extract(task, make_layout(task, None), split, (layer,), (pooling,), desc="judge")[pooling][0]
-        return torch.sigmoid(features @ tensors["weight"] + tensors["bias"])
-    primer = primers.load_primer(path, task.model, position)
-    layout = make_layout(task, None, primer_length=len(primer), position=position)
-    logprobs = predict(task, layout, primer, split)["logprobs"]
-    return (logprobs[:, 1] - logprobs.logsumexp(-1)).exp()

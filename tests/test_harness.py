@@ -145,7 +145,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_primer(tiny, tmp
     assert torch.equal(primer, start)  # the only primer whose loss was finite
     assert "training stopped at epoch 1, batch 1: loss nan; keeping the last good primer" in capsys.readouterr().out
     assert status == "stopped early at epoch 1, batch 1: non-finite loss nan"
-    run_dir = runs.start_run(cfg, "experiment")
+    run_dir = runs.new_run_dir(cfg, "experiment")
     runs.record(task, "experiment", "primer", 4, scoring.predict(task, layout, primer), run_dir, log, primer.numel(), status)
     (row,) = ledger.rows(cfg.RESULTS_DIR)
     assert row["status"] == status and json.load(open(f"{run_dir}/metrics.json"))["status"] == status

@@ -22,7 +22,7 @@ def known_primer_run(cfg):
     table = task.model.get_input_embeddings().weight.detach()
     primer = torch.stack([s * table[i[0]] for s, i in zip(SCALES, ids)])
     layout = layouts.make_layout(task, None, primer_length=len(primer))
-    run_dir = runs.start_run(cfg, "experiment")
+    run_dir = runs.new_run_dir(cfg, "experiment")
     primers.save_primer(run_dir, primer, cfg.MODEL_ID, cfg.PRIMER_POSITION)
     row = runs.record(task, "experiment", "primer", len(primer), scoring.predict(task, layout, primer), run_dir)
     return task, primer, os.path.join(cfg.RESULTS_DIR, row["run_id"])

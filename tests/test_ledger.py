@@ -16,7 +16,7 @@ from harness import ledger, runs
 results, start_at, rows = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 cfg = types.SimpleNamespace(RESULTS_DIR=results, SEED=0)
 time.sleep(max(0.0, start_at - time.time()))
-run_dir = runs.start_run(cfg, "race")
+run_dir = runs.new_run_dir(cfg, "race")
 for i in range(rows):
     ledger.append(results, {"run_id": run_dir.rsplit("/", 1)[1], "script": "race", "correct": i, "status": "finished"})
 """

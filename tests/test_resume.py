@@ -106,7 +106,7 @@ def test_ctrl_c_while_validating_stops_and_resumes_to_the_same_primer(tiny, tmp_
 def test_resume_takes_only_overrides_that_cannot_change_the_result(tiny, tmp_path, monkeypatch, capsys):
     from harness import cli
     from harness import runs
-    run = runs.start_run(cli.configure(overrides(tiny, tmp_path) + ["--score_batch_size=64"]), "experiment")
+    run = runs.new_run_dir(cli.configure(overrides(tiny, tmp_path) + ["--score_batch_size=64"]), "experiment")
     monkeypatch.setattr("sys.argv", ["experiment.py", f"--resume={run}", "--score_batch_size=8", "--checkpoint_every=7"])
     resumed = []
     cli.main(resumed.append)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from harness import chat, cli, errors, frozen, ledger, primers, runs, scoring
+from harness import chat, cli, errors, frozen, generation, ledger, primers, runs, scoring
 import steer
 from conftest import overrides, record_reads, run_until_first_checkpoint
 from harness.layouts import make_layout, prompt_text
@@ -107,10 +107,19 @@ def test_the_learned_vector_trains_and_resumes_bitwise_after_a_kill(tiny, tmp_pa
     ("--vector_path=nowhere.safetensors", "--vector_path=nowhere.safetensors does not exist"),
     ("--steer_layers=[3]", "--steer_layers=[3] must be decoder layers 1 to 2 of this model"),
     ("--vector_reviews=100", "--vector_reviews=100 must be between 1 and the 70 training reviews"),
+    ("--vector_reviews=0", "--vector_reviews=0 must be at least 1"),
 ])
 def test_bad_settings_are_one_line_errors(tiny, tmp_path, setting, message):
     with pytest.raises(errors.UserError, match="^" + re.escape(message)):
         steer.run(cli.configure(steer_args(tiny, tmp_path, setting), steer.SETTINGS))
+
+
+@pytest.mark.parametrize("pipeline", [["--vector=learned", "--learned_layer=2"], ["--vector=pair"],
+                                      ["--generate=True", "--sentiment=reviews"]])
+def test_too_many_vector_reviews_are_refused_by_every_pipeline_never_clipped(tiny, tmp_path, judge_primer, pipeline):
+    args = steer_args(tiny, tmp_path, *pipeline, f"--judge_path={judge_primer}", "--vector_reviews=71")
+    with pytest.raises(errors.UserError, match=r"^--vector_reviews=71 must be between 1 and the 70 training reviews"):
+        steer.run(cli.configure(args, steer.SETTINGS))
 
 
 @pytest.fixture(scope="module")
@@ -146,17 +155,17 @@ def test_generation_is_independent_of_batch_mates_and_coefficient_zero_is_unstee
     task = runs.setup(cli.configure(steer_args(tiny, tmp_path, "--temperature=1.0", "--max_new_tokens=6", "--samples=2"),
                                     steer.SETTINGS), with_train=False)
     messages = ["Hi", "Write a much longer request about the food at a restaurant, please."]
-    texts, fluency = steer.sample(task, messages, None)
+    texts, fluency = generation.sample(task, messages, None)
     assert texts[0] != texts[1] or texts[2] != texts[3]  # two samples of a message are two draws
     for i, message in enumerate(messages):
-        alone, alone_fluency = steer.sample(task, [message], None)
+        alone, alone_fluency = generation.sample(task, [message], None)
         assert alone == texts[2 * i:2 * i + 2]
         torch.testing.assert_close(alone_fluency, fluency[2 * i:2 * i + 2], atol=1e-4, rtol=1e-4)
     greedy = task.model.generate(**task.tokenizer(prompt_text(task.tokenizer, None, messages[0], task.cfg.TEMPLATE_KWARGS),
                                                   add_special_tokens=False, return_tensors="pt"), do_sample=False, max_new_tokens=6)
     near_zero = chat.sample(task.model, task.tokenizer, messages[:1], task.cfg.TEMPLATE_KWARGS, 6, 1e-6, 0)
     assert near_zero.ids.equal(greedy)  # near temperature 0, the greedy answer
-    zero = steer.sample(task, messages, frozen.Steer(torch.randn(64) * 50, (1,), 0.0))
+    zero = generation.sample(task, messages, frozen.Steer(torch.randn(64) * 50, (1,), 0.0))
     assert zero[0] == texts and torch.equal(zero[1], fluency)
 
 
