@@ -3,7 +3,7 @@
     python experiment.py [--name=value ...]        # e.g. --primer_length=16 --train_limit=5600 --test_limit=2400
     python experiment.py --primer_path=results/<run id>/primer.safetensors   # score a saved primer, no training
     python experiment.py --resume=results/<run id>                            # continue an interrupted run
-    python experiment.py --primer_position=suffix                             # the primer after the review (or "prefix")
+    python experiment.py --primer_position=suffix                             # the primer after the review
     python experiment.py --val_limit=2000 --keep_best=True --primer_init=labels   # validate each epoch, keep the best
 """
 from harness import cli, primers, runs, scoring, training

@@ -26,14 +26,15 @@ def configure(argv: list[str]) -> SimpleNamespace:
     missing = [name for name, path in files.items() if not os.path.isfile(path)]
     if missing:
         raise errors.UserError(f"{run_dir} is not the folder of a run with a primer (no {', '.join(missing)}): "
-                            f"give results/<run id> of an experiment.py run")
+                               f"give results/<run id> of an experiment.py run")
     if any(arg.startswith("--primer_path=") for arg in overrides):
         raise errors.UserError("the run folder names the primer: drop --primer_path")
     return cli.run_config(run_dir, overrides + [f"--primer_path={files['primer.safetensors']!r}"])
 
 
 def token_text(tokenizer, token_id: int) -> str:
-    """A token as text, or as its vocabulary entry when it is a piece of a multi-byte character that cannot decode alone."""
+    """A token as text, or as its vocabulary entry when it is a piece of a multi-byte character that cannot decode
+    alone."""
     text = tokenizer.decode([token_id])
     return tokenizer.convert_ids_to_tokens(token_id) if "\ufffd" in text else text
 
@@ -43,13 +44,15 @@ def token_table(task: runs.Task, primer: torch.Tensor, cosine: torch.Tensor, ids
     lines = [f"embedding rows: norm {norms.min():.3f} to {norms.max():.3f}, median {norms.median():.3f}",
              "| Vector | Norm | Nearest tokens (cosine) |", "|---|---|---|"]
     for i, (vector, sims, tokens) in enumerate(zip(primer, cosine, ids), 1):
-        nearest = "  ".join(f"{token_text(task.tokenizer, t)!r} ({s:.3f})" for s, t in zip(sims.tolist(), tokens.tolist()))
+        nearest = "  ".join(f"{token_text(task.tokenizer, t)!r} ({s:.3f})"
+                            for s, t in zip(sims.tolist(), tokens.tolist()))
         lines.append(f"| {i} | {vector.norm():.3f} | {nearest} |")
     return "\n".join(lines)
 
 
 def score_line(name: str, metrics: dict) -> str:
-    return (f"{name:<13}: score {100 * metrics['score']:.1f}% ({int(metrics['correct']):,} / {int(metrics['total']):,}), "
+    return (f"{name:<13}: score {100 * metrics['score']:.1f}% "
+            f"({int(metrics['correct']):,} / {int(metrics['total']):,}), "
             f"label-restricted {100 * metrics['restricted_score']:.1f}%")
 
 

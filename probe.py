@@ -24,10 +24,10 @@ from sklearn.preprocessing import StandardScaler
 
 from harness import activations, cli, data, errors, files, parallel, plots, prompts, runs, scoring
 
-CONDITION = "none"  # the prompt around the review: "none" (the review alone), "short", "long" (those scripts' prompts), "primer" (PRIMER_PATH)
+CONDITION = "none"  # the prompt around the review: "none" (the review alone), "short", "long", "primer" (PRIMER_PATH)
 POOLING = "both"  # "last" (hidden state where the answer is predicted), "mean" (over the review's tokens) or "both"
 PROBE = "linear"  # "linear" (logistic regression) or "mlp" (one hidden layer of PROBE_HIDDEN units)
-PROBE_TRAIN = 5600  # training reviews the probes are fit on: a seeded, label-balanced sample of those left after VAL_LIMIT
+PROBE_TRAIN = 5600  # training reviews the probes are fit on: a seeded, balanced sample of those left after VAL_LIMIT
 VAL_LIMIT = 1000  # (config.py has 0) reviews held out of training, on which C, layer and pooling are chosen
 PROBE_C = [1e-3, 1e-2, 1e-1, 1.0]  # inverse L2 strengths tried at each layer and pooling ("mlp": its alpha is 1/C)
 PROBE_HIDDEN = 256  # hidden units of the "mlp" probe
@@ -42,17 +42,19 @@ def check(cfg) -> None:
     if cfg.PROBE not in ("linear", "mlp"):
         raise errors.UserError(f"--probe={cfg.PROBE!r} is not one of linear, mlp")
     if not cfg.VAL_LIMIT:
-        raise errors.UserError("a probe's layer and regularization are chosen on validation reviews: set --val_limit (e.g. 1000)")
+        raise errors.UserError("a probe's layer and regularization are chosen on validation reviews: set --val_limit "
+                               "(e.g. 1000)")
     if min(cfg.PROBE_C) <= 0 or cfg.PROBE_HIDDEN < 1:
-        raise errors.UserError(f"--probe_c={cfg.PROBE_C} must all be positive and --probe_hidden={cfg.PROBE_HIDDEN} at least 1")
+        raise errors.UserError(f"--probe_c={cfg.PROBE_C} must all be positive and --probe_hidden={cfg.PROBE_HIDDEN} "
+                               f"at least 1")
 
 
 def probe_sample(task) -> data.Split:
     """PROBE_TRAIN of the training reviews left after the validation ones (seeded, label-balanced)."""
     cfg, train = task.cfg, task.train
     if not 2 <= cfg.PROBE_TRAIN <= len(train):
-        raise errors.UserError(f"--probe_train={cfg.PROBE_TRAIN} must be between 2 and the {len(train):,} training reviews "
-                            f"left after --val_limit={cfg.VAL_LIMIT}: lower it or raise --train_limit")
+        raise errors.UserError(f"--probe_train={cfg.PROBE_TRAIN} must be between 2 and the {len(train):,} training "
+                               f"reviews left after --val_limit={cfg.VAL_LIMIT}: lower it or raise --train_limit")
     return train.subset(torch.from_numpy(data.balanced_sample(train.labels.numpy(), cfg.PROBE_TRAIN, cfg.SEED)))
 
 
@@ -69,7 +71,8 @@ def probe_params(cfg, width: int) -> int:
     return width + 1 if cfg.PROBE == "linear" else width * cfg.PROBE_HIDDEN + 2 * cfg.PROBE_HIDDEN + 1
 
 
-def fit_layers(cfg, train: dict, val: dict, y_train: np.ndarray, y_val: np.ndarray, layers) -> tuple[pd.DataFrame, dict]:
+def fit_layers(cfg, train: dict, val: dict, y_train: np.ndarray, y_val: np.ndarray,
+               layers) -> tuple[pd.DataFrame, dict]:
     """Per layer and pooling, the best probe over PROBE_C by validation accuracy: the table of their validation
     scores, and the probes by (layer, pooling)."""
     rows, fitted = [], {}
@@ -77,7 +80,8 @@ def fit_layers(cfg, train: dict, val: dict, y_train: np.ndarray, y_val: np.ndarr
         for layer in layers:
             x, x_val = train[pooling][layer].numpy(), val[pooling][layer].numpy()
             tries = [(make_probe(cfg, c).fit(x, y_train), c) for c in cfg.PROBE_C]
-            correct, c, probe = max(((int((p.predict(x_val) == y_val).sum()), c, p) for p, c in tries), key=lambda t: t[0])
+            correct, c, probe = max(((int((p.predict(x_val) == y_val).sum()), c, p) for p, c in tries),
+                                    key=lambda t: t[0])
             low, high = scoring.wilson_interval(correct, len(y_val))
             rows.append({"condition": cfg.CONDITION, "probe": cfg.PROBE, "layer": layer, "pooling": pooling, "c": c,
                          "val_correct": correct, "val_total": len(y_val), "val_score": correct / len(y_val),
@@ -94,8 +98,10 @@ def save_linear(run_dir: str, probe, cfg, layer: int, pooling: str) -> None:
     weight = logistic.coef_[0] / scaler.scale_
     bias = logistic.intercept_[0] - float(weight @ scaler.mean_)
     with files.atomic_path(os.path.join(run_dir, "probe.safetensors")) as tmp:
-        save_file({"weight": torch.tensor(weight, dtype=torch.float32), "bias": torch.tensor([bias], dtype=torch.float32)},
-                  tmp, metadata={"layer": str(layer), "pooling": pooling, "condition": cfg.CONDITION, "model_id": cfg.MODEL_ID})
+        tensors = {"weight": torch.tensor(weight, dtype=torch.float32),
+                   "bias": torch.tensor([bias], dtype=torch.float32)}
+        save_file(tensors, tmp, metadata={"layer": str(layer), "pooling": pooling, "condition": cfg.CONDITION,
+                                          "model_id": cfg.MODEL_ID})
 
 
 def run(cfg) -> None:
@@ -111,7 +117,7 @@ def run(cfg) -> None:
     start = time.perf_counter()
     table, fitted = fit_layers(cfg, train, val, sample.labels.numpy(), task.val.labels.numpy(), layers)
     fit_seconds = time.perf_counter() - start
-    best = table.iloc[table["val_score"].to_numpy().argmax()]  # ties: "last" pooling before "mean", then the earliest layer
+    best = table.iloc[table["val_score"].to_numpy().argmax()]  # ties: "last" pooling before "mean", the earliest layer
     layer, pooling = int(best["layer"]), str(best["pooling"])
     runs.write_atomic(os.path.join(run_dir, "probe_layers.csv"), table.to_csv(index=False))
     print(table.to_string(index=False, float_format="{:.3f}".format))
@@ -127,8 +133,8 @@ def run(cfg) -> None:
     if cfg.PROBE == "linear":
         save_linear(run_dir, probe, cfg, layer, pooling)
     prompt = "" if cfg.CONDITION == "none" else f", {cfg.CONDITION}"
-    runs.record(task, "probe", f"{cfg.PROBE} probe (layer {layer}, {pooling}{prompt})", layout.prompt_tokens, predictions,
-                run_dir, trainable_params=probe_params(cfg, train[pooling].shape[-1]), samples=len(sample),
+    runs.record(task, "probe", f"{cfg.PROBE} probe (layer {layer}, {pooling}{prompt})", layout.prompt_tokens,
+                predictions, run_dir, trainable_params=probe_params(cfg, train[pooling].shape[-1]), samples=len(sample),
                 train_seconds=train_seconds + val_seconds + fit_seconds)
     print(f"wrote {plots.probe_layers(cfg.RESULTS_DIR, cfg.MODEL_ID, run_dir)}")
 

@@ -16,11 +16,10 @@ import traceback
 from types import SimpleNamespace
 from typing import Callable, Optional
 
-
-from harness import cli, errors, files, ledger, plots, runs, training
 import experiment
 import prompt_long
 import prompt_short
+from harness import cli, errors, files, ledger, plots, runs, training
 
 # Each point: the script that runs it, and overrides (command-line names) on top of the sweep's own config. The
 # default is the reference table's primer rows, 4, 8 and 16 vectors under the one-epoch and the three-epoch

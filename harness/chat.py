@@ -59,7 +59,8 @@ def sample(model: torch.nn.Module, tokenizer, messages: list[str], template_kwar
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # left-padded for generate
-    mask = (torch.arange(width, device=device) >= width - torch.tensor([len(p) for p in prompts], device=device)[:, None]).long()
+    starts = width - torch.tensor([len(p) for p in prompts], device=device)[:, None]  # where each prompt begins
+    mask = (torch.arange(width, device=device) >= starts).long()
     noise = LogitsProcessorList([DrawPerRow(row_generators(messages, seed), temperature)])
     with frozen.hooks(model, steer):  # greedy over DrawPerRow's scores: sampling, row by row
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, logits_processor=noise,

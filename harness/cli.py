@@ -16,8 +16,6 @@ from harness import parallel
 from harness.errors import UserError
 from harness.files import read_json
 
-
-
 # settings that cannot change a run's result, so a resumed run may take new values for them
 RESUMABLE = {"DEVICE", "SCORE_BATCH_SIZE", "CHECKPOINT_EVERY", "GRADIENT_CHECKPOINTING", "RESULTS_DIR", "DATA_DIR"}
 

@@ -97,7 +97,8 @@ def format_table(rows: list[dict]) -> str:
              "| Best epoch | Status |", "|---" * 10 + "|"]
     count = lambda value: f"{int(value):,}" if value not in ("", None) and value == value and int(value) else "–"
     for r in rows:
-        lines.append(f"| {r['run_id']} | {r['method'] or r['script']} | {count(r['samples'])} | {count(r['trainable_params'])} "
-                     f"| {int(r['tokens'])} | {format_score(r, 'score')} | {int(r['correct']):,} / {int(r['total']):,} "
+        lines.append(f"| {r['run_id']} | {r['method'] or r['script']} | {count(r['samples'])} "
+                     f"| {count(r['trainable_params'])} | {int(r['tokens'])} | {format_score(r, 'score')} "
+                     f"| {int(r['correct']):,} / {int(r['total']):,} "
                      f"| {format_score(r, 'restricted')} | {count(r['best_epoch'])} | {r['status'] or '–'} |")
     return "\n".join(lines)

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from harness import errors, files, frozen, parallel
+from harness import errors, files, frozen, parallel, training
 from harness.layouts import Layout, assemble, encode
+from harness.task import Task
 
 RATE_SCALES = ("embedding", "absolute")  # the values RATE_SCALE may take (see rate_unit)
 STALL_MOVE = 0.1  # a primer that moved less than this many embedding stds per coordinate (RMS) barely trained
@@ -27,7 +28,7 @@ def init_primer(model: torch.nn.Module, length: int, seed: int) -> torch.Tensor:
     return vectors / vectors.norm(dim=1, keepdim=True) * table[rows].float().norm(dim=1, keepdim=True)
 
 
-def initial_primer(task, init: str, length: int, seed: int) -> torch.Tensor:
+def initial_primer(task: Task, init: str, length: int, seed: int) -> torch.Tensor:
     """Float32 [length, hidden] starting vectors on the model's device, as PRIMER_INIT says: "random" (init_primer),
     or the embeddings of the tokens of primer_init_tokens."""
     if init == "random":
@@ -36,7 +37,7 @@ def initial_primer(task, init: str, length: int, seed: int) -> torch.Tensor:
     return table[primer_init_tokens(task, init, length, seed).to(table.device)].float()
 
 
-def primer_init_tokens(task, init: str, length: int, seed: int) -> torch.Tensor:
+def primer_init_tokens(task: Task, init: str, length: int, seed: int) -> torch.Tensor:
     """Token ids [length] whose embeddings start the primer, cycled to length: "vocab" seeded random ordinary tokens
     (no special or added ones, which may be untrained), "labels" the label tokens, "text:<words>" that text's tokens."""
     tok = task.tokenizer
@@ -48,19 +49,21 @@ def primer_init_tokens(task, init: str, length: int, seed: int) -> torch.Tensor:
     elif init.startswith("text:"):
         ids = encode(tok, init[len("text:"):])
         if not ids:
-            raise errors.UserError(f"--primer_init={init!r} has no text: write the words after 'text:', e.g. --primer_init='text:Classify the review'")
+            raise errors.UserError(f"--primer_init={init!r} has no text: write the words after 'text:', e.g. "
+                                   f"--primer_init='text:Classify the review'")
     else:
         raise errors.UserError(f"--primer_init={init!r} is not one of 'random', 'vocab', 'labels', 'text:<words>'")
     return torch.tensor(ids).repeat(-(-length // len(ids)))[:length]
 
 
 def ordinary_tokens(tokenizer) -> torch.Tensor:
-    """The ids of the tokenizer's ordinary tokens: no special or added ones, which text cannot hold or may be untrained."""
+    """The ids of the tokenizer's ordinary tokens: no special or added ones, which text cannot hold or may be
+    untrained."""
     return torch.tensor(sorted(set(range(len(tokenizer))) - set(tokenizer.added_tokens_decoder)))
 
 
 @torch.inference_mode()
-def nearest_tokens(task, primer: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_tokens(task: Task, primer: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarities and ids [length, k] of each vector's nearest tokens in the input embedding table.
     Special tokens are left out, since text in the system message cannot hold them, and so are padding rows past
     the tokenizer's vocabulary."""
@@ -82,7 +85,7 @@ def embedding_std(model: torch.nn.Module) -> float:
     return model.get_input_embeddings().weight.float().std().item()
 
 
-def rate_unit(task) -> float:
+def rate_unit(task: Task) -> float:
     """What RATE_BY_EPOCH is counted in: the embedding table's std ("embedding": Adam moves every coordinate by
     about its rate, whatever the model's scale), or 1 ("absolute", the reference's rates)."""
     check_rate_scale(task.cfg.RATE_SCALE)
@@ -98,10 +101,12 @@ def note_stall(log: list[dict], moved: torch.Tensor, std: float) -> None:
     rms = moved.float().pow(2).mean().sqrt().item() / std
     if rms < STALL_MOVE or last > STALL_LOSS * first:
         print(f"note: training barely changed the primer (it moved {rms:.2f} embedding stds per coordinate; loss "
-              f"{first:.3g} over the first and {last:.3g} over the last tenth of the steps): raise --rate_by_epoch", flush=True)
+              f"{first:.3g} over the first and {last:.3g} over the last tenth of the steps): raise --rate_by_epoch",
+              flush=True)
 
 
-def loss_of(task, layout: Layout, primer: Optional[torch.Tensor] = None, steer: Optional[frozen.Steer] = None):
+def loss_of(task: Task, layout: Layout, primer: Optional[torch.Tensor] = None,
+            steer: Optional[frozen.Steer] = None) -> training.LossOf:
     """training.LossOf: the cross-entropy of the label token at the answer position, with primer in layout's slot
     and steer in the residual stream (steer.py's learned vector trains on it too)."""
     trained = primer if primer is not None else steer.vector
@@ -132,11 +137,11 @@ def load_primer(path: str, model: torch.nn.Module, position: str) -> torch.Tenso
             primer, trained_at = f.get_tensor("primer").float(), (f.metadata() or {}).get("primer_position", position)
     except Exception as e:  # not safetensors, or no "primer" tensor in it
         raise errors.UserError(f"--primer_path={path} is not a primer file ({type(e).__name__}): give the "
-                            f"primer.safetensors of a run in results/") from e
+                               f"primer.safetensors of a run in results/") from e
     width = model.get_input_embeddings().weight.shape[1]
     if primer.ndim != 2 or primer.shape[1] != width:
         raise errors.UserError(f"--primer_path={path} holds vectors of shape {tuple(primer.shape)}, but this model's "
-                            f"embeddings are {width} wide: use a primer trained for --model_id")
+                               f"embeddings are {width} wide: use a primer trained for --model_id")
     if trained_at != position:
         print(f"note: {path} was trained at --primer_position={trained_at} and is scored at {position}", flush=True)
     return primer.to(model.device)

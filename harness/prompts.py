@@ -9,6 +9,7 @@ import torch
 from harness import primers
 from harness.errors import UserError
 from harness.layouts import Layout, make_layout
+from harness.task import Task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT_PROMPTS = ("short", "long")  # prompt_short.py and prompt_long.py
@@ -36,7 +37,7 @@ def check_name(setting: str, name: str, primer_path: Optional[str]) -> None:
         raise UserError(f"--{setting}=primer needs --primer_path=results/<run id>/primer.safetensors")
 
 
-def layout_of(task, name: str, primer_path: Optional[str] = None,
+def layout_of(task: Task, name: str, primer_path: Optional[str] = None,
               position: str = "system") -> tuple[Layout, Optional[torch.Tensor]]:
     """The layout of a prompt named `name` (one of NAMES) and its primer (None but for "primer", read from
     primer_path and placed at `position`)."""

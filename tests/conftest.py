@@ -13,8 +13,8 @@ sys.path.insert(0, ROOT)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub: everything they load is built here
 
-from harness import cli  # noqa: E402
 import tiny as tiny_files  # noqa: E402  (the fixture below is called tiny)
+from harness import cli  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import bake
-from harness import chat, cli, prompts, errors, frozen, ledger, primers, runs
 from conftest import overrides, run_until_first_checkpoint
+from harness import chat, cli, errors, frozen, ledger, primers, prompts, runs
 from harness.layouts import assemble, make_layout
 
 LORA_PARAMS_PER_RANK = 2 * (64 + 64 + 64 + 32 + 64 + 32 + 64 + 64)  # tiny: 2 layers of q, k, v (2 kv heads of 16), o
@@ -71,17 +71,20 @@ def test_the_student_starts_as_the_unprompted_model_and_the_teacher_is_the_plain
 def test_baking_a_primer_along_sampled_answers_resumes_bitwise_after_a_kill(tiny, tmp_path, monkeypatch):
     task = runs.setup(cli.configure(overrides(tiny, tmp_path)), with_train=False)
     primers.save_primer(str(tmp_path), primers.init_primer(task.model, 4, 0), tiny.model_dir, "system")
-    args = bake_args(tiny, tmp_path, "--teacher=primer", f"--primer_path={tmp_path}/primer.safetensors", "--batch_size=4",
-                     "--checkpoint_every=5", "--continuations=1", "--continuation_tokens=3", "--val_limit=20")
+    args = bake_args(tiny, tmp_path, "--teacher=primer", f"--primer_path={tmp_path}/primer.safetensors",
+                     "--batch_size=4", "--checkpoint_every=5", "--continuations=1", "--continuation_tokens=3",
+                     "--val_limit=20")
     bake.run(cli.configure(args + [f"--results_dir={tmp_path}/straight"], bake.SETTINGS))
     (straight,) = glob.glob(f"{tmp_path}/straight/*-bake")
     killed = f"{tmp_path}/killed"
-    run_until_first_checkpoint(lambda: bake.run(cli.configure(args + [f"--results_dir={killed}"], bake.SETTINGS)), monkeypatch)
+    run_until_first_checkpoint(lambda: bake.run(cli.configure(args + [f"--results_dir={killed}"], bake.SETTINGS)),
+                               monkeypatch)
     (killed,) = glob.glob(f"{killed}/*-bake")
     assert not os.path.exists(f"{killed}/adapter")
     sampled = load_file(f"{killed}/continuations.safetensors")["answers"]
     assert sampled.shape == (80, 1, 3)
-    monkeypatch.setattr(bake, "sample_continuations", lambda *args: pytest.fail("a resume samples the teacher's answers again"))
+    monkeypatch.setattr(bake, "sample_continuations",
+                        lambda *args: pytest.fail("a resume samples the teacher's answers again"))
     bake.run(cli.configure([f"--resume={killed}"], bake.SETTINGS))
     first, second = (load_file(f"{run}/adapter/adapter_model.safetensors") for run in (straight, killed))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
@@ -91,7 +94,8 @@ def test_baking_a_primer_along_sampled_answers_resumes_bitwise_after_a_kill(tiny
 
 
 def test_sampled_answers_are_each_reviews_own_and_follow_the_teachers_distribution(tiny, tmp_path):
-    task = runs.setup(cli.configure(bake_args(tiny, tmp_path, "--continuations=2", "--continuation_tokens=3"), bake.SETTINGS))
+    args = bake_args(tiny, tmp_path, "--continuations=2", "--continuation_tokens=3")
+    task = runs.setup(cli.configure(args, bake.SETTINGS))
     task.model = bake.with_adapter(task)
     teacher, _ = prompts.layout_of(task, task.cfg.TEACHER)
     sampled = {}
@@ -105,7 +109,7 @@ def test_sampled_answers_are_each_reviews_own_and_follow_the_teachers_distributi
     assert (sampled[7, 1e-4][:, :, 0] == greedy[:, None]).all()  # near temperature 0, the argmax
     assert (sampled[7, 1.0][:, :, 0] != greedy[:, None]).float().mean() > 0.5  # the tiny model's answers are spread
     assert (sampled[7, 1.0][:, 0] != sampled[7, 1.0][:, 1]).any()  # two answers per review, drawn apart
-    evenly = (torch.arange(1000) + 0.5) / 1000  # uniforms spread evenly: each token drawn in proportion to its probability
+    evenly = (torch.arange(1000) + 0.5) / 1000  # uniforms spread evenly: each token drawn in proportion to its chance
     for temperature, share in ((1.0, 0.2), (0.5, 0.04 / 0.68)):
         drawn = chat.draw(torch.tensor([[0.2, 0.8]]).log().expand(1000, 2), evenly, temperature)
         assert drawn.bincount().tolist() == [round(1000 * share), 1000 - round(1000 * share)]
@@ -132,7 +136,8 @@ def test_logits_along_appended_answers_are_each_rows_own(tiny, tmp_path):
      "--continuations needs the teacher's prompt before the review"),
     ("--lora_targets=['attention']", "--lora_targets=['attention'] names no module of this model"),
     ("--adapter_path=nowhere", "--adapter_path=nowhere holds no adapter"),
-    ("--teacher=primer --primer_path=WIDE", "--primer_path=WIDE holds vectors of shape (4, 32), but this model's embeddings are 64 wide"),
+    ("--teacher=primer --primer_path=WIDE",
+     "--primer_path=WIDE holds vectors of shape (4, 32), but this model's embeddings are 64 wide"),
 ])
 def test_bad_settings_are_one_line_errors(tiny, tmp_path, settings, message):
     wide = f"{tmp_path}/wide.safetensors"

@@ -5,11 +5,11 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
-from harness import cli, errors, runs
 import compare
 import experiment
 import prompt_short
 from conftest import overrides, run_script
+from harness import cli, errors, runs
 
 
 def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, tmp_path, capsys):

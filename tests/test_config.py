@@ -3,10 +3,10 @@ import shlex
 import pytest
 
 import bench
-from harness import cli, errors, hub
 import config
 import experiment
 from conftest import run_script
+from harness import cli, errors, hub
 
 
 def test_overrides_are_parsed_and_typed():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness import cli, data, errors
 from conftest import overrides, run_script
+from harness import cli, data, errors
 
 
 def test_csv_quirks_are_decoded(tmp_path):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from harness import cli, data, errors, frozen, hub, layouts, primers
 from conftest import overrides, run_script
+from harness import cli, data, errors, frozen, hub, layouts, primers
 
 
 def test_missing_csvs_without_network_say_where_to_put_them(tiny, tmp_path):

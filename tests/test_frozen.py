@@ -4,8 +4,8 @@ import copy
 import pytest
 import torch
 
-from harness import cli, frozen, layouts, primers, runs
 from conftest import overrides
+from harness import cli, frozen, layouts, primers, runs
 
 BATCHES = ([0], [0, 5], [5, 2, 0, 9])  # review 0 alone and among longer and shorter batch mates
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import experiment
-from harness import cli, errors, frozen, layouts, ledger, primers, runs, scoring
 import prompt_short
+from harness import cli, errors, frozen, layouts, ledger, primers, runs, scoring
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import re
 import pytest
 import torch
 
-from harness import errors, layouts, ledger, primers, runs, scoring
 import inspect_primer
 from conftest import run_script
+from harness import errors, layouts, ledger, primers, runs, scoring
 
 WORDS = [" great", " awful", " food"]  # one token each in the tiny vocabulary
 SCALES = [3.0, 1.0, 0.5]  # cosine ignores a vector's length; the norm column shows it

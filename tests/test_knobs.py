@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness import cli, errors, layouts, ledger, primers, runs, scoring
 import experiment
 from conftest import overrides, run_script
+from harness import cli, errors, layouts, ledger, primers, runs, scoring
 
 TINY_RUN = ["--train_limit=40", "--test_limit=20"]  # 4 batches of 10 per epoch, 20 test reviews
 TEXT = "text:great food"  # three tokens for the tiny tokenizer

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import cli, data, errors, frozen, layouts, primers, runs
 import experiment
 import prompt_long
 import prompt_short
 from conftest import overrides, run_script
+from harness import cli, data, errors, frozen, layouts, primers, runs
 
 # Mistral-7B-Instruct-v0.2's template: user and assistant turns only, a system message raises
 MISTRAL_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from harness import errors, ledger
 from conftest import ROOT, overrides, run_script
+from harness import errors, ledger
 
 WRITER = """
 import sys, time, types

@@ -11,10 +11,10 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from harness import cli, layouts, primers, runs
 import experiment
 import probe
 from conftest import ROOT, overrides
+from harness import cli, layouts, primers, runs
 
 # 40 reviews in batches of 3: shards of 2 and 1 reviews, and a last batch of 1 that leaves the second process none
 UNEVEN = ["--train_limit=40", "--batch_size=3", "--score_batch_size=7", "--rate_by_epoch=[0.1, 0.1, 0.1, 0.1, 0.1, 0.1]"]

@@ -2,12 +2,11 @@
 import json
 
 import pytest
-
 from safetensors.torch import load_file
 
-from harness import cli
 import experiment
 from conftest import overrides
+from harness import cli
 
 RUN = ["--train_limit=40", "--test_limit=20", "--val_limit=10", "--keep_best=True", "--rate_by_epoch=[0.1, 0.05]"]
 # from commit 889246d on a 2-core x86-64 CPU, float32; bitwise there, compared to 1e-5 so another CPU's rounding passes

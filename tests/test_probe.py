@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness import activations, cli, errors, ledger
 import probe
 from conftest import overrides, record_reads, run_script
+from harness import activations, cli, errors, ledger
 
 
 def probe_args(tiny, out, *more: str) -> list[str]:
@@ -23,7 +23,8 @@ def probe_args(tiny, out, *more: str) -> list[str]:
 
 
 def run_probe(args: list[str], monkeypatch) -> list[dict]:
-    """Run probe.py in this process; its extract() calls (conftest.record_reads), "chosen" once the layer table is written."""
+    """Run probe.py in this process; its extract() calls (conftest.record_reads), "chosen" once the layer table is
+    written."""
     calls = record_reads(monkeypatch, activations, "extract", "probe_layers.csv")
     probe.run(cli.configure(args, probe.SETTINGS))
     return calls
@@ -35,7 +36,8 @@ def probed(tiny, tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch:
         calls = run_probe(probe_args(tiny, out), monkeypatch)
     (run_dir,) = [e.path for e in os.scandir(out / "results") if e.is_dir()]
-    return types.SimpleNamespace(out=out, calls=calls, run_dir=run_dir, table=pd.read_csv(os.path.join(run_dir, "probe_layers.csv")))
+    table = pd.read_csv(os.path.join(run_dir, "probe_layers.csv"))
+    return types.SimpleNamespace(out=out, calls=calls, run_dir=run_dir, table=table)
 
 
 def test_features_are_every_layer_and_both_poolings_and_the_test_split_only_the_chosen_one(probed):

@@ -3,9 +3,9 @@ as real.py does (cached in real.CACHE_DIR between runs)."""
 import pytest
 import torch
 
-from harness import cli, data, layouts, primers, runs, scoring
 import experiment
 import real
+from harness import cli, data, layouts, primers, runs, scoring
 
 TRAIN, TEST = 60, 24  # snippets: 10 steps an epoch at batch 6, kept tiny for the suite's time
 

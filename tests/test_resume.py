@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness import errors
 from conftest import ROOT, overrides, run_script
+from harness import errors
 
 SLOW = ["--batch_size=4", "--checkpoint_every=5", "--rate_by_epoch=[0.1, 0.1, 0.1, 0.1]"]  # 80 steps
 VALIDATED = ["--val_limit=20", "--keep_best=True"]  # 20 of the 100 reviews scored after each epoch, the best primer kept
@@ -43,8 +43,8 @@ def test_killed_and_interrupted_runs_resume_bitwise(tiny, tmp_path):
         runs[name] = str(tmp_path / name)
         args = [*base, *SLOW, *VALIDATED, f"--results_dir={runs[name]}"]
         if name == "straight":  # as python experiment.py runs it, in this process
-            from harness import cli
             import experiment
+            from harness import cli
             experiment.run(cli.configure(args))
             continue
         # killed once the first epoch's validation is logged, so the resumed run must carry it on from the checkpoint
@@ -70,12 +70,8 @@ def test_killed_and_interrupted_runs_resume_bitwise(tiny, tmp_path):
 
 
 def test_ctrl_c_while_validating_stops_and_resumes_to_the_same_primer(tiny, tmp_path, monkeypatch):
-    from harness import cli
     import experiment
-    from harness import layouts
-    from harness import primers
-    from harness import runs
-    from harness import training
+    from harness import cli, layouts, primers, runs, training
     cfg = cli.configure(overrides(tiny, tmp_path) + ["--train_limit=40", "--val_limit=10", "--rate_by_epoch=[0.1, 0.1]"])
     task = runs.setup(cfg)
     layout = layouts.make_layout(task, None, primer_length=4)
@@ -104,8 +100,7 @@ def test_ctrl_c_while_validating_stops_and_resumes_to_the_same_primer(tiny, tmp_
 
 
 def test_resume_takes_only_overrides_that_cannot_change_the_result(tiny, tmp_path, monkeypatch, capsys):
-    from harness import cli
-    from harness import runs
+    from harness import cli, runs
     run = runs.new_run_dir(cli.configure(overrides(tiny, tmp_path) + ["--score_batch_size=64"]), "experiment")
     monkeypatch.setattr("sys.argv", ["experiment.py", f"--resume={run}", "--score_batch_size=8", "--checkpoint_every=7"])
     resumed = []

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import cli, errors, frozen, ledger, runs, scoring
 import prompt_long
 import prompt_short
 import search_prompt
 from conftest import overrides, record_reads
+from harness import cli, errors, frozen, ledger, runs, scoring
 from harness.layouts import assemble, make_layout
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from harness import chat, cli, errors, frozen, generation, ledger, primers, runs, scoring
 import steer
 from conftest import overrides, record_reads, run_until_first_checkpoint
+from harness import chat, cli, errors, frozen, generation, ledger, primers, runs, scoring
 from harness.layouts import make_layout, prompt_text
 
 
@@ -21,7 +21,8 @@ def steer_args(tiny, out, *more: str) -> list[str]:
 
 
 def run_steer(args: list[str], monkeypatch) -> list[dict]:
-    """Run steer.py in this process; its scoring.predict calls (conftest.record_reads), "chosen" once the sweep table is written."""
+    """Run steer.py in this process; its scoring.predict calls (conftest.record_reads), "chosen" once the sweep table
+    is written."""
     calls = record_reads(monkeypatch, scoring, "predict", "steer_sweep.csv")
     steer.run(cli.configure(args, steer.SETTINGS))
     return calls
@@ -37,13 +38,14 @@ def swept(tiny, tmp_path_factory):
 
 
 def test_the_sweep_writes_its_table_heatmap_vector_and_ledger_row(swept):
-    assert list(zip(swept.table["layer"], swept.table["coefficient"])) == [(1, 0.0), (1, 0.5), (1, 2.0), (2, 0.0), (2, 0.5), (2, 2.0)]
+    grid = list(zip(swept.table["layer"], swept.table["coefficient"]))
+    assert grid == [(1, 0.0), (1, 0.5), (1, 2.0), (2, 0.0), (2, 0.5), (2, 2.0)]
     assert (swept.table["val_total"] == 30).all()
     assert os.path.getsize(f"{swept.run_dir}/steer_sweep.png") > 0
     (row,) = ledger.rows(f"{swept.out}/results")
     best = swept.table.sort_values(["val_score", "val_restricted_score"], ascending=False, kind="stable").iloc[0]
-    assert row["method"] == (f"steering vector (mean of short, layer {int(best['layer'])}, x{best['coefficient']:g} residual norm, "
-                             f"every position)")
+    assert row["method"] == (f"steering vector (mean of short, layer {int(best['layer'])}, x{best['coefficient']:g} "
+                             f"residual norm, every position)")
     assert row["tokens"] == 0 and row["trainable_params"] == 0 and row["samples"] == 20
     assert load_file(f"{swept.run_dir}/steering.safetensors")["vector"].shape == (64,)
 
@@ -74,8 +76,9 @@ def test_a_saved_vector_scores_the_same_by_path(swept, tiny, tmp_path):
 
 
 def test_a_contrast_pair_runs_after_the_review_only(tiny, tmp_path):
-    steer.run(cli.configure(steer_args(tiny, tmp_path, "--vector=pair", "--pair=['Love', 'Hate']", "--after_review=True",
-                                       "--steer_layers=[2]", "--coefficients=[1.0]"), steer.SETTINGS))
+    args = steer_args(tiny, tmp_path, "--vector=pair", "--pair=['Love', 'Hate']", "--after_review=True",
+                      "--steer_layers=[2]", "--coefficients=[1.0]")
+    steer.run(cli.configure(args, steer.SETTINGS))
     (row,) = ledger.rows(f"{tmp_path}/results")
     assert row["method"] == "steering vector (pair, layer 2, x1 residual norm, after the review)"
 
@@ -92,11 +95,13 @@ def test_the_learned_vector_trains_and_resumes_bitwise_after_a_kill(tiny, tmp_pa
     (row,) = ledger.rows(straight)
     assert row["trainable_params"] == 64 and row["method"] == "steering vector (learned, layer 2, every position)"
     killed = f"{tmp_path}/killed"
-    run_until_first_checkpoint(lambda: steer.run(cli.configure(args + [f"--results_dir={killed}"], steer.SETTINGS)), monkeypatch)
+    run_until_first_checkpoint(lambda: steer.run(cli.configure(args + [f"--results_dir={killed}"], steer.SETTINGS)),
+                               monkeypatch)
     (run_killed,) = glob.glob(f"{killed}/*-steer")
     assert not os.path.exists(f"{run_killed}/steering.safetensors")
     steer.run(cli.configure([f"--resume={run_killed}"], steer.SETTINGS))
-    assert torch.equal(load_file(f"{run_killed}/steering.safetensors")["vector"], load_file(f"{run}/steering.safetensors")["vector"])
+    resumed, straight = (load_file(f"{r}/steering.safetensors")["vector"] for r in (run_killed, run))
+    assert torch.equal(resumed, straight)
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -135,25 +140,28 @@ def judge_primer(tiny, tmp_path_factory) -> str:
 def test_generation_writes_every_answer_its_judgement_and_the_curve(tiny, tmp_path, judge_primer, judge):
     if judge == "probe":  # a linear probe's file as probe.py writes it
         judge_primer = f"{tmp_path}/probe.safetensors"
-        save_file({"weight": torch.randn(64, generator=torch.Generator().manual_seed(0)), "bias": torch.zeros(1)}, judge_primer,
+        probe = {"weight": torch.randn(64, generator=torch.Generator().manual_seed(0)), "bias": torch.zeros(1)}
+        save_file(probe, judge_primer,
                   metadata={"layer": "1", "pooling": "mean", "condition": "none", "model_id": tiny.model_dir})
-    steer.run(cli.configure(steer_args(tiny, tmp_path, "--generate=True", f"--judge_path={judge_primer}", "--samples=2",
-                                       "--max_new_tokens=8", "--generate_coefficients=[-1.0, 0.0, 1.0]", "--sentiment=reviews"),
-                            steer.SETTINGS))
+    args = steer_args(tiny, tmp_path, "--generate=True", f"--judge_path={judge_primer}", "--samples=2",
+                      "--max_new_tokens=8", "--generate_coefficients=[-1.0, 0.0, 1.0]", "--sentiment=reviews")
+    steer.run(cli.configure(args, steer.SETTINGS))
     (run,) = glob.glob(f"{tmp_path}/results/*-steer")
     answers = pd.read_csv(f"{run}/generations.csv", keep_default_na=False)
     assert len(answers) == 5 * 3 * 2  # (3 coefficients + 2 text prompts) x 3 user messages x 2 samples
-    assert answers["p_positive"].between(0, 1).all() and answers["p_positive"].nunique() > 1 and (answers["fluency"] < 0).all()
+    assert answers["p_positive"].between(0, 1).all() and answers["p_positive"].nunique() > 1
+    assert (answers["fluency"] < 0).all()
     assert list(answers["prompt"][:2]) == [steer.GENERATE_PROMPTS[0]] * 2
     summary = pd.read_csv(f"{run}/generation_summary.csv")
-    assert list(summary["steering"]) == ["vector at layer 1"] * 3 + ["prompt: make it positive", "prompt: make it negative"]
+    assert list(summary["steering"]) == ["vector at layer 1"] * 3 + ["prompt: make it positive",
+                                                                     "prompt: make it negative"]
     assert (summary["answers"] == 6).all() and os.path.getsize(f"{run}/generation.png") > 0
 
 
 def test_generation_is_independent_of_batch_mates_and_coefficient_zero_is_unsteered(tiny, tmp_path):
     # each message's draws are its own: batched answers and fluency must equal lone ones, at any temperature
-    task = runs.setup(cli.configure(steer_args(tiny, tmp_path, "--temperature=1.0", "--max_new_tokens=6", "--samples=2"),
-                                    steer.SETTINGS), with_train=False)
+    args = steer_args(tiny, tmp_path, "--temperature=1.0", "--max_new_tokens=6", "--samples=2")
+    task = runs.setup(cli.configure(args, steer.SETTINGS), with_train=False)
     messages = ["Hi", "Write a much longer request about the food at a restaurant, please."]
     texts, fluency = generation.sample(task, messages, None)
     assert texts[0] != texts[1] or texts[2] != texts[3]  # two samples of a message are two draws
@@ -161,8 +169,9 @@ def test_generation_is_independent_of_batch_mates_and_coefficient_zero_is_unstee
         alone, alone_fluency = generation.sample(task, [message], None)
         assert alone == texts[2 * i:2 * i + 2]
         torch.testing.assert_close(alone_fluency, fluency[2 * i:2 * i + 2], atol=1e-4, rtol=1e-4)
-    greedy = task.model.generate(**task.tokenizer(prompt_text(task.tokenizer, None, messages[0], task.cfg.TEMPLATE_KWARGS),
-                                                  add_special_tokens=False, return_tensors="pt"), do_sample=False, max_new_tokens=6)
+    prompt = prompt_text(task.tokenizer, None, messages[0], task.cfg.TEMPLATE_KWARGS)
+    ids = task.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    greedy = task.model.generate(**ids, do_sample=False, max_new_tokens=6)
     near_zero = chat.sample(task.model, task.tokenizer, messages[:1], task.cfg.TEMPLATE_KWARGS, 6, 1e-6, 0)
     assert near_zero.ids.equal(greedy)  # near temperature 0, the greedy answer
     zero = generation.sample(task, messages, frozen.Steer(torch.randn(64) * 50, (1,), 0.0))
@@ -176,4 +185,5 @@ def test_generation_is_independent_of_batch_mates_and_coefficient_zero_is_unstee
 ])
 def test_bad_generation_settings_are_one_line_errors(tiny, tmp_path, judge_primer, setting, message):
     with pytest.raises(errors.UserError, match="^" + re.escape(message)):
-        steer.run(cli.configure(steer_args(tiny, tmp_path, "--generate=True", f"--judge_path={judge_primer}", setting), steer.SETTINGS))
+        args = steer_args(tiny, tmp_path, "--generate=True", f"--judge_path={judge_primer}", setting)
+        steer.run(cli.configure(args, steer.SETTINGS))

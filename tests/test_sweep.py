@@ -4,9 +4,9 @@ import matplotlib.image
 import pandas as pd
 import pytest
 
-from harness import cli, errors, files, ledger, plots, runs, scoring, training
 import sweep
 from conftest import overrides, run_script
+from harness import cli, errors, files, ledger, plots, runs, scoring, training
 
 TWO_POINTS = [{"script": "experiment", "primer_length": 2, "rate_by_epoch": [0.1]},
               {"script": "experiment", "primer_length": 4, "rate_by_epoch": [0.1], "primer_position": "suffix"}]
