@@ -16,7 +16,9 @@ from harness import parallel
 from harness.errors import UserError
 from harness.files import read_json
 
-# settings that cannot change a run's result, so a resumed run may take new values for them
+# settings a resumed run may take new values for: where files go, checkpointing, and how the work runs. These last
+# can move numbers: --score_batch_size moves logits by ~5e-5 in float32 on the CPU (answers equal) and can move answers
+# in bfloat16, and --device=cuda turns DTYPE=auto into bfloat16
 RESUMABLE = {"DEVICE", "SCORE_BATCH_SIZE", "CHECKPOINT_EVERY", "GRADIENT_CHECKPOINTING", "RESULTS_DIR", "DATA_DIR"}
 
 
