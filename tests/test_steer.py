@@ -20,19 +20,13 @@ def steer_args(tiny, out, *more: str) -> list[str]:
     return overrides(tiny, out) + ["--val_limit=30", "--vector_reviews=20", *more]
 
 
-def run_steer(args: list[str], monkeypatch) -> list[dict]:
-    """Run steer.py in this process; its scoring.predict calls (conftest.record_reads), "chosen" once the sweep table
-    is written."""
-    calls = record_reads(monkeypatch, scoring, "predict", "steer_sweep.csv")
-    steer.run(cli.configure(args, steer.SETTINGS))
-    return calls
-
-
 @pytest.fixture(scope="module")
 def swept(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("steer")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        calls = run_steer(steer_args(tiny, out, "--steer_layers=[1, 2]", "--coefficients=[0.0, 0.5, 2.0]"), monkeypatch)
+    with pytest.MonkeyPatch.context() as monkeypatch:  # scoring.predict calls, "chosen" once steer_sweep.csv exists
+        calls = record_reads(monkeypatch, scoring, "predict", "steer_sweep.csv")
+        steer.run(cli.configure(steer_args(tiny, out, "--steer_layers=[1, 2]", "--coefficients=[0.0, 0.5, 2.0]"),
+                                steer.SETTINGS))
     (run_dir,) = glob.glob(f"{out}/results/*-steer")
     return types.SimpleNamespace(out=out, calls=calls, run_dir=run_dir, table=pd.read_csv(f"{run_dir}/steer_sweep.csv"))
 
