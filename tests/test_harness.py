@@ -21,7 +21,8 @@ def test_text_layout_is_the_chat_template_tokenized(task):
     review = task.tokenizer.decode(task.test.tokens[task.test.offsets[3]:task.test.offsets[4]].tolist())
     messages = [{"role": "system", "content": prompt_short.SYSTEM},
                 {"role": "user", "content": prompt_short.USER.replace("{review}", review)}]
-    text = task.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, date_string="26 Jul 2024")
+    text = task.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                              date_string="26 Jul 2024")
     assert ids[0].tolist() == task.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert lengths.tolist() == [ids.shape[1]]
 
@@ -41,8 +42,8 @@ def test_assemble_right_pads_each_review_in_its_layout(task):
     idx = torch.tensor([5, 0, 9])
     ids, lengths = layouts.assemble(layout, task.test, idx)
     for row, i in enumerate(idx):
-        review = task.tokenizer("\n\n" + task.tokenizer.decode(task.test.tokens[task.test.offsets[i]:task.test.offsets[i + 1]]),
-                                add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        text = task.tokenizer.decode(task.test.tokens[task.test.offsets[i]:task.test.offsets[i + 1]])
+        review = task.tokenizer("\n\n" + text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         expected = torch.cat([layout.prefix, review, layout.suffix])
         assert lengths[row] == len(expected)
         assert torch.equal(ids[row, :len(expected)], expected) and (ids[row, len(expected):] == 0).all()
@@ -113,7 +114,8 @@ def test_gradient_checkpointing_changes_memory_not_results(task):
 
     def loss_and_grad():
         primer = primers.init_primer(task.model, 4, seed=0).requires_grad_(True)
-        loss = torch.nn.functional.cross_entropy(frozen.forward(task.model, ids, lengths, layout, primer).logits, targets)
+        logits = frozen.forward(task.model, ids, lengths, layout, primer).logits
+        loss = torch.nn.functional.cross_entropy(logits, targets)
         loss.backward()
         return loss.detach(), primer.grad
 
@@ -146,7 +148,8 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_primer(tiny, tmp
     assert "training stopped at epoch 1, batch 1: loss nan; keeping the last good primer" in capsys.readouterr().out
     assert status == "stopped early at epoch 1, batch 1: non-finite loss nan"
     run_dir = runs.new_run_dir(cfg, "experiment")
-    runs.record(task, "experiment", "primer", 4, scoring.predict(task, layout, primer), run_dir, log, primer.numel(), status)
+    runs.record(task, "experiment", "primer", 4, scoring.predict(task, layout, primer), run_dir, log, primer.numel(),
+                status)
     (row,) = ledger.rows(cfg.RESULTS_DIR)
     assert row["status"] == status and json.load(open(f"{run_dir}/metrics.json"))["status"] == status
     assert f"| {status} |" in capsys.readouterr().out
@@ -177,7 +180,8 @@ def test_rates_are_in_embedding_stds_and_a_stalled_run_says_so(task, tmp_path, c
         (tmp_path / run).mkdir()
     task.cfg.RATE_BY_EPOCH, task.cfg.RATE_SCALE = [0.5], "embedding"
     try:
-        log, _ = experiment.train_primer(task, layout, primers.init_primer(task.model, 4, seed=0), str(tmp_path / "scaled"))
+        primer = primers.init_primer(task.model, 4, seed=0)
+        log, _ = experiment.train_primer(task, layout, primer, str(tmp_path / "scaled"))
         assert [r["lr"] for r in log] == pytest.approx([0.5 * primers.embedding_std(task.model)] * 10)
         capsys.readouterr()
         task.cfg.RATE_BY_EPOCH = [0.0]

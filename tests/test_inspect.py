@@ -48,16 +48,19 @@ def test_nearest_tokens_and_hard_primer_through_the_command_line(known_primer_ru
     assert row["method"] == "hard primer" and row["total"] == 60
     config = json.loads(open(os.path.join(task.cfg.RESULTS_DIR, row["run_id"], "config.json")).read())
     assert config["primer_path"] == os.path.join(run_dir, "primer.safetensors")
-    assert config["score_batch_size"] == 7 and config["model_id"] == task.cfg.MODEL_ID  # the override, and the run's own
+    assert config["score_batch_size"] == 7  # the override
+    assert config["model_id"] == task.cfg.MODEL_ID  # and the run's own
 
     layout = layouts.make_layout(task, hard, "{review}")  # the hard primer scored as a plain text prompt
     expected = scoring.score(task, layout, None)
-    assert (row["correct"], row["restricted_correct"], row["tokens"]) == (expected["correct"], expected["restricted_correct"], len(WORDS))
+    assert (row["correct"], row["restricted_correct"], row["tokens"]) == (expected["correct"],
+                                                                         expected["restricted_correct"], len(WORDS))
     assert inspect_primer.score_line("hard primer", expected) in result.stdout
 
 
 def test_a_folder_without_a_primer_is_a_one_line_error(cfg, tmp_path):
-    run_dir = os.path.join(cfg.RESULTS_DIR, runs.score_text_prompt(cfg, "prompt_short", "Classify.", "{review}")["run_id"])
+    row = runs.score_text_prompt(cfg, "prompt_short", "Classify.", "{review}")
+    run_dir = os.path.join(cfg.RESULTS_DIR, row["run_id"])
     with pytest.raises(errors.UserError, match="no primer.safetensors"):
         inspect_primer.configure([run_dir])
     with pytest.raises(errors.UserError, match="give a run folder first"):
@@ -70,5 +73,6 @@ def test_a_folder_without_a_primer_is_a_one_line_error(cfg, tmp_path):
         inspect_primer.configure([run_dir])
     result = run_script("inspect_primer.py", str(tmp_path / "missing"))
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.strip() == f"error: {tmp_path}/missing is not the folder of a run with a primer (no config.json, " \
-                                    f"metrics.json, primer.safetensors): give results/<run id> of an experiment.py run"
+    assert result.stderr.strip() == (f"error: {tmp_path}/missing is not the folder of a run with a primer (no "
+                                     f"config.json, metrics.json, primer.safetensors): give results/<run id> of an "
+                                     f"experiment.py run")

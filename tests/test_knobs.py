@@ -83,7 +83,8 @@ def test_validation_reviews_are_held_out_balanced_and_seeded(task):
     cfg = cli.configure(["--val_limit=10"])
     train, val = runs.hold_out(task.train, cfg)
     assert (len(train), len(val)) == (30, 10) and val.labels.sum() == 5
-    reviews = lambda split: sorted(tuple(split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist()) for i in range(len(split)))
+    reviews = lambda split: sorted(tuple(split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist())
+                                   for i in range(len(split)))
     assert sorted(reviews(train) + reviews(val)) == reviews(task.train)  # every review in exactly one of them
     assert reviews(runs.hold_out(task.train, cfg)[1]) == reviews(val)
     assert reviews(runs.hold_out(task.train, cli.configure(["--val_limit=10", "--seed=1"]))[1]) != reviews(val)
@@ -111,7 +112,8 @@ def test_validation_run_keeps_the_best_epoch(tiny, tmp_path):
     assert validation["epoch"].tolist() == [1, 2, 3] and (validation["total"] == 10).all()
     for row in validation.itertuples():
         assert f"epoch {row.epoch}/3 validation: score {100 * row.score:.1f}% ±" in result.stdout
-        assert row.score_low <= row.score <= row.score_high and row.restricted_low <= row.restricted_score <= row.restricted_high
+        assert row.score_low <= row.score <= row.score_high
+        assert row.restricted_low <= row.restricted_score <= row.restricted_high
     best = validation.sort_values(["correct", "restricted_correct", "epoch"], ascending=[False, False, True]).iloc[0]
     best = {k: int(best[k]) for k in ("epoch", "correct", "restricted_correct")}
     metrics = json.loads((run / "metrics.json").read_text())

@@ -1,4 +1,5 @@
-"""Interrupted training resumes to exactly the primer, validation log and scores of an uninterrupted run (CPU, same seed)."""
+"""Interrupted training resumes to exactly the primer, validation log and scores of an uninterrupted run (CPU, same
+seed)."""
 import glob
 import json
 import os
@@ -15,7 +16,7 @@ from conftest import ROOT, overrides, run_script
 from harness import errors
 
 SLOW = ["--batch_size=4", "--checkpoint_every=5", "--rate_by_epoch=[0.1, 0.1, 0.1, 0.1]"]  # 80 steps
-VALIDATED = ["--val_limit=20", "--keep_best=True"]  # 20 of the 100 reviews scored after each epoch, the best primer kept
+VALIDATED = ["--val_limit=20", "--keep_best=True"]  # 20 of the 100 reviews scored after each epoch, the best kept
 
 
 def interrupt(args: list[str], results: str, sig: int, after: str) -> subprocess.CompletedProcess:
@@ -32,8 +33,9 @@ def interrupt(args: list[str], results: str, sig: int, after: str) -> subprocess
 def finished_run(results: str) -> tuple[torch.Tensor, torch.Tensor, dict, str]:
     """The saved (best) primer, the last epoch's primer, the metrics and the validation log of a finished run."""
     (run,) = glob.glob(f"{results}/*-experiment")
-    return (load_file(f"{run}/primer.safetensors")["primer"], torch.load(f"{run}/checkpoint.pt", weights_only=True)["params"]["primer"],
-            json.load(open(f"{run}/metrics.json")), open(f"{run}/validation.csv").read())
+    last = torch.load(f"{run}/checkpoint.pt", weights_only=True)["params"]["primer"]
+    return (load_file(f"{run}/primer.safetensors")["primer"], last, json.load(open(f"{run}/metrics.json")),
+            open(f"{run}/validation.csv").read())
 
 
 def test_killed_and_interrupted_runs_resume_bitwise(tiny, tmp_path):
@@ -48,14 +50,16 @@ def test_killed_and_interrupted_runs_resume_bitwise(tiny, tmp_path):
             experiment.run(cli.configure(args))
             continue
         # killed once the first epoch's validation is logged, so the resumed run must carry it on from the checkpoint
-        stopped = interrupt(args, runs[name], *((signal.SIGKILL, "validation.csv") if name == "killed" else (signal.SIGINT, "checkpoint.pt")))
+        how = (signal.SIGKILL, "validation.csv") if name == "killed" else (signal.SIGINT, "checkpoint.pt")
+        stopped = interrupt(args, runs[name], *how)
         assert stopped.returncode != 0, "the run ended before it could be interrupted"
         (run,) = glob.glob(f"{runs[name]}/*-experiment")
         state = torch.load(f"{run}/checkpoint.pt", weights_only=True)
         assert (state["epoch"], state["batch"]) < (4, 0) and not os.path.exists(f"{run}/metrics.json")
         if name == "ctrl_c":
             assert "Traceback" not in stopped.stderr
-            assert stopped.stderr.strip().splitlines()[-1] == f"error: interrupted; checkpoint saved: resume with python experiment.py --resume={run}"
+            assert stopped.stderr.strip().splitlines()[-1] == ("error: interrupted; checkpoint saved: resume with "
+                                                               f"python experiment.py --resume={run}")
         resumed = run_script("experiment.py", f"--resume={run}")
         assert resumed.returncode == 0, resumed.stderr
         assert f"resuming {run} at epoch" in resumed.stdout
@@ -72,7 +76,8 @@ def test_killed_and_interrupted_runs_resume_bitwise(tiny, tmp_path):
 def test_ctrl_c_while_validating_stops_and_resumes_to_the_same_primer(tiny, tmp_path, monkeypatch):
     import experiment
     from harness import cli, layouts, primers, runs, training
-    cfg = cli.configure(overrides(tiny, tmp_path) + ["--train_limit=40", "--val_limit=10", "--rate_by_epoch=[0.1, 0.1]"])
+    cfg = cli.configure(overrides(tiny, tmp_path) + ["--train_limit=40", "--val_limit=10",
+                                                     "--rate_by_epoch=[0.1, 0.1]"])
     task = runs.setup(cfg)
     layout = layouts.make_layout(task, None, primer_length=4)
     straight = primers.initial_primer(task, cfg.PRIMER_INIT, 4, cfg.SEED)
@@ -91,7 +96,8 @@ def test_ctrl_c_while_validating_stops_and_resumes_to_the_same_primer(tiny, tmp_
     with pytest.raises(training.Interrupted, match=f"resume with python experiment.py --resume={run}"):
         experiment.train_primer(task, layout, primer, run)
     state = torch.load(f"{run}/checkpoint.pt", weights_only=True)
-    assert (state["epoch"], state["batch"], len(state["validation"]["rows"])) == (1, 3, 1)  # before the second validation
+    # stopped before the second validation
+    assert (state["epoch"], state["batch"], len(state["validation"]["rows"])) == (1, 3, 1)
     monkeypatch.setattr(training, "validate", validate)
     primer = primers.initial_primer(task, cfg.PRIMER_INIT, 4, cfg.SEED)
     log, status = experiment.train_primer(task, layout, primer, run)
@@ -102,7 +108,8 @@ def test_ctrl_c_while_validating_stops_and_resumes_to_the_same_primer(tiny, tmp_
 def test_resume_takes_only_overrides_that_cannot_change_the_result(tiny, tmp_path, monkeypatch, capsys):
     from harness import cli, runs
     run = runs.new_run_dir(cli.configure(overrides(tiny, tmp_path) + ["--score_batch_size=64"]), "experiment")
-    monkeypatch.setattr("sys.argv", ["experiment.py", f"--resume={run}", "--score_batch_size=8", "--checkpoint_every=7"])
+    monkeypatch.setattr("sys.argv", ["experiment.py", f"--resume={run}", "--score_batch_size=8",
+                                     "--checkpoint_every=7"])
     resumed = []
     cli.main(resumed.append)
     (cfg,) = resumed
@@ -110,6 +117,7 @@ def test_resume_takes_only_overrides_that_cannot_change_the_result(tiny, tmp_pat
     printed = capsys.readouterr().out
     assert "score_batch_size       = 8" in printed and "batch_size             = 10" in printed
     with pytest.raises(errors.UserError, match=r"a resumed run keeps its config: --batch_size, --seed cannot change on "
-                                            r"--resume \(only --checkpoint_every, --data_dir, --device, --gradient_checkpointing, "
-                                            r"--results_dir, --score_batch_size can\); start a new run instead"):
+                                               r"--resume \(only --checkpoint_every, --data_dir, --device, "
+                                               r"--gradient_checkpointing, --results_dir, --score_batch_size can\); "
+                                               r"start a new run instead"):
         cli.configure([f"--resume={run}", "--seed=1", "--batch_size=3", "--device=cpu"])
