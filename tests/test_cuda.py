@@ -120,6 +120,22 @@ def test_joined_review_ids_are_made_once_and_are_the_tokenizers_own(task):
     assert key not in layout.cache  # a split's ids go with it
 
 
+def test_a_gguf_loads_dequantized_to_dtype_without_looking_for_packed_kernels(monkeypatch):
+    """transformers keeps a GGUF's weights packed wherever it finds its kernels; load_model never asks for them."""
+    import types
+    import real
+    from harness import hub
+    from transformers.quantizers import quantizer_gguf
+
+    def looked(*args, **kwargs):
+        raise AssertionError("transformers looked for GGUF kernels: the weights could stay packed on a machine that has them")
+    monkeypatch.setattr(quantizer_gguf, "get_gguf_kernel", looked)
+    cfg = types.SimpleNamespace(MODEL_ID=real.model_path(), GGUF_FILE=None, DTYPE="float32", GRADIENT_CHECKPOINTING=False)
+    model = frozen.load_model(cfg, torch.device("cpu"))
+    assert not hub.packed_gguf(model) and {p.dtype for p in model.parameters()} == {torch.float32}
+    assert 0.1 < primers.embedding_std(model) < 0.2  # dequantized SmolLM2 (its table's std is 0.136), not random
+
+
 # ---- on a CUDA GPU ----
 
 def cuda_args(tiny, out, *more: str) -> list[str]:
