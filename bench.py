@@ -33,6 +33,8 @@ BENCH = {
     "REF_TRAIN": 58000 * 5,  # training samples of the reference run (58,000 reviews x 5 epochs), for the projection
     "REF_TEST": 38000,  # test reviews of the reference run
     "INVARIANCE": 148,  # reviews scored alone and in batches of SCORE_BATCH_SIZE, to count the answers batching changes
+    "CUDNN_ATTENTION": False,  # leave cuDNN among SDPA's kernels on CUDA (it plans anew for every sequence length: slow)
+    "PAD_MULTIPLE": 1,  # pad every batch to a multiple of this many tokens (layouts.PAD_MULTIPLE): fewer distinct shapes
 }
 SYNTHETIC_REVIEWS = 20000  # synthetic split size when no prepared split is used
 YELP_MEDIAN_TOKENS, YELP_SIGMA = 110, 0.85  # log-normal fit of Yelp polarity review lengths: median 110, tail past 1,000
@@ -76,13 +78,24 @@ def random_model(cfg, device: torch.device) -> torch.nn.Module:
     return frozen.freeze(model, cfg.GRADIENT_CHECKPOINTING)
 
 
+def attention_line(task: runs.Task, batches: dict[str, list[torch.Tensor]], layout: layouts.Layout) -> str:
+    """The attention kernel in use, and how many distinct padded shapes each timed run meets: a kernel that plans or
+    compiles per shape pays that many times."""
+    shapes = {name: len({layouts.assemble(layout, task.train, idx)[0].shape for idx in found}) for name, found in batches.items()}
+    return (f"attention: {frozen.attention_backend(task.model, task.device)} (cuDNN {'allowed' if task.cfg.CUDNN_ATTENTION else 'off'}"
+            f" on CUDA), batches padded to a multiple of {layouts.PAD_MULTIPLE}; distinct padded shapes: "
+            + ", ".join(f"{name} {n} in {len(batches[name])} batches" for name, n in shapes.items()))
+
+
 def bench_task(cfg) -> tuple[runs.Task, layouts.Layout]:
     """The task to time: MODEL_ID (or its random twin) on the prepared train split, or on synthetic reviews."""
     device = frozen.resolve_device(cfg.DEVICE)
+    layouts.PAD_MULTIPLE = cfg.PAD_MULTIPLE
     if cfg.RANDOM_INIT:
         model, tokenizer = random_model(cfg, device), None
     else:
         tokenizer, model = data.load_tokenizer(cfg.MODEL_ID, cfg.GGUF_FILE), frozen.load_model(cfg, device)
+    frozen.choose_attention(device, cfg.CUDNN_ATTENTION)  # after load_model, which takes cuDNN out
     vocab = model.get_input_embeddings().weight.shape[0]
     prepared = tokenizer is not None and os.path.exists(data.split_path(cfg, "train"))
     split = data.load_split(cfg, tokenizer, "train") if prepared else synthetic_split(SYNTHETIC_REVIEWS, vocab, cfg.MAX_REVIEW_TOKENS, cfg.SEED)
@@ -218,8 +231,9 @@ def run(cfg) -> None:
     train_batches = training.length_grouped_batches(split.lengths, cfg.BATCH_SIZE, cfg.SEED)[:n]
     sample = torch.from_numpy(np.random.default_rng(cfg.SEED).permutation(len(split))[:n * cfg.SCORE_BATCH_SIZE])
     score_batches = list(sample[split.lengths[sample].argsort(descending=True)].split(cfg.SCORE_BATCH_SIZE))
+    print(attention_line(task, {"train": train_batches[cfg.WARMUP:], "score": score_batches[cfg.WARMUP:]}, layout), flush=True)
     real = lambda idx: split.lengths[idx] + fixed
-    grouped = lambda idx: len(idx) * int(real(idx).max())
+    grouped = lambda idx: len(idx) * layouts.padded_width(int(real(idx).max()))
     longest = int(split.lengths.max()) + fixed
     to_longest = lambda idx: len(idx) * longest
 
@@ -233,7 +247,7 @@ def run(cfg) -> None:
         """train_step timed in layout `at`; FLOPs counted as for a full forward and backward pass, whatever it skips."""
         real_at = lambda idx: split.lengths[idx] + len(at.prefix) + len(at.suffix)
         return measure(name, lambda idx: training.train_step([primer], optimizer, primers.loss_of(task, at, primer), idx), train_batches, real_at,
-                       lambda idx: len(idx) * int(real_at(idx).max()), lambda idx: batch_flops(shape, real_at(idx), False, True), task, peak)
+                       lambda idx: len(idx) * layouts.padded_width(int(real_at(idx).max())), lambda idx: batch_flops(shape, real_at(idx), False, True), task, peak)
 
     rows = [train_row("train", layout)]
     compared = [] if cfg.GRADIENT_CHECKPOINTING else [p for p in ("system", "suffix") if p != cfg.PRIMER_POSITION]

@@ -51,12 +51,38 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(cfg: SimpleNamespace, device: torch.device) -> torch.nn.Module:
-    """The frozen model: eval mode, no parameter ever requires a gradient."""
+    """The frozen model: eval mode, no parameter ever requires a gradient. A GGUF file is dequantized to DTYPE as it
+    loads (hub.model_kwargs), so one command runs the same arithmetic on every machine; attention is chosen once."""
     from transformers import AutoModelForCausalLM
     dtype = resolve_dtype(cfg.DTYPE, device)
     model = hub.from_hub(AutoModelForCausalLM.from_pretrained, cfg.MODEL_ID, cfg.GGUF_FILE, dtype=dtype,
-                         attn_implementation="sdpa")
+                         attn_implementation="sdpa", **hub.model_kwargs(cfg.MODEL_ID, cfg.GGUF_FILE))
+    choose_attention(device)
     return freeze(model.to(device), cfg.GRADIENT_CHECKPOINTING)
+
+
+def choose_attention(device: torch.device, cudnn: bool = False) -> None:
+    """Take cuDNN out of SDPA's choices on CUDA (unless `cudnn`): with a padding mask torch picks cuDNN attention on
+    Hopper, and cuDNN builds an execution plan for every new sequence length, so length-grouped batches, a new padded
+    length nearly every step, ran about 10x slower than with the memory-efficient kernel, which gives the same answers
+    (pytorch/pytorch#155958). Process-wide, like every torch.backends switch."""
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+
+
+def attention_backend(model: torch.nn.Module, device: torch.device) -> str:
+    """The SDPA kernel torch picks for this model's attention with forward's boolean padding mask, in its dtype on
+    device (e.g. EFFICIENT_ATTENTION on CUDA, FLASH_ATTENTION on the CPU)."""
+    from torch.nn.attention import SDPBackend
+    conf = model.config.get_text_config()
+    heads = conf.num_attention_heads
+    head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // heads
+    dtype = model.get_input_embeddings().weight.dtype
+    q = torch.zeros(2, heads, 64, head_dim, device=device, dtype=dtype)
+    mask = attention_mask(model, torch.ones(2, 64, dtype=torch.bool, device=device), 64)
+    if isinstance(mask, dict) or mask.dim() != 4:
+        return "transformers' own masks (sliding-window layers)"
+    return SDPBackend(torch._fused_sdp_choice(q, q, q, mask, 0.0, False)).name
 
 
 def freeze(model: torch.nn.Module, checkpointing: bool) -> torch.nn.Module:
@@ -81,17 +107,19 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, la
 
     Right padding with an attention mask and explicit positions keeps every row independent of its batch mates; the
     LM head runs only at the last real positions. A primer after the review runs on a cache of the rest
-    (suffix_logits). The decoder is reached through the public accessors, so a peft-wrapped model works too."""
+    (suffix_logits). The decoder is reached through the public accessors, so a peft-wrapped model works too. Inputs
+    are moved to the model's device without waiting on it, and nothing here reads a value back from the device."""
+    ids, lengths = to_model(model, ids), to_model(model, lengths)
     if layout.in_suffix and primer is not None and primer.dim() == 2 and steer is None and not layers and span == 1:
         return Output(suffix_logits(model, ids, lengths, layout, primer))
     embeds = model.get_input_embeddings()(ids)
     if primer is not None:
-        spliced = primer.to(embeds.dtype).expand(len(ids), -1, -1)
+        spliced = primer.to(embeds).expand(len(ids), -1, -1)
         start = layout.slot.start + (lengths - len(layout.suffix) if layout.in_suffix else torch.zeros_like(lengths))
         columns = start[:, None] + torch.arange(spliced.shape[1], device=ids.device)
         embeds = embeds.scatter(1, columns[:, :, None].expand(-1, -1, embeds.shape[2]), spliced)
     positions = torch.arange(ids.shape[1], device=ids.device)
-    mask = (positions < lengths[:, None]).long()
+    mask = attention_mask(model, positions < lengths[:, None], ids.shape[1])
     rows = torch.arange(len(ids), device=ids.device)
     review = (positions >= len(layout.prefix)) & (positions < (lengths - len(layout.suffix))[:, None])
     weights = review.float() / review.sum(1, keepdim=True).clamp(min=1)  # an empty review (steer.py's pair) pools to 0
@@ -126,7 +154,7 @@ def hooks(model: torch.nn.Module, steer: Optional[Steer], after_review: Optional
         def hook(module, inputs, output, number=number, add=add):
             hidden = output[0] if isinstance(output, tuple) else output
             if add:
-                shift = steer.coefficient * steer.vector.to(hidden.dtype)
+                shift = steer.coefficient * steer.vector.to(hidden)  # the hidden state's device and dtype
                 hidden = hidden + (after_review[:, :, None] * shift if steer.after_review else shift)
             if number in layers:
                 keep(number, hidden)
@@ -147,16 +175,17 @@ def suffix_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tens
     dense block for all rows; the mask hides the left padding and explicit positions keep rows independent."""
     decoder, suffix = model.get_decoder(), layout.suffix.to(ids.device)
     context = lengths - len(suffix)  # each row's prefix and review tokens
-    width = int(context.max())
+    width = ids.shape[1] - len(suffix)  # the longest row's context or more (never read from the device)
     positions = torch.arange(width, device=ids.device) - (width - context)[:, None]  # negative in the left padding
-    mask = (positions >= 0).long()
+    real = positions >= 0
     with torch.no_grad():
-        cache = decoder(input_ids=ids.gather(1, positions.clamp(min=0)), attention_mask=mask,
+        cache = decoder(input_ids=ids.gather(1, positions.clamp(min=0)), attention_mask=attention_mask(model, real, width),
                         position_ids=positions.clamp(min=0), use_cache=True).cache
     embeds = model.get_input_embeddings()(suffix)
-    embeds = torch.cat([embeds[:layout.slot.start], primer.to(embeds.dtype), embeds[layout.slot.stop:]])
+    embeds = torch.cat([embeds[:layout.slot.start], primer.to(embeds), embeds[layout.slot.stop:]])
+    keys = torch.cat([real, real.new_ones(len(ids), len(suffix))], dim=1)
     hidden = decoder(inputs_embeds=embeds.expand(len(ids), -1, -1), cache=cache, use_cache=True,
-                     attention_mask=torch.cat([mask, mask.new_ones(len(ids), len(suffix))], dim=1),
+                     attention_mask=attention_mask(model, keys, len(suffix)),
                      position_ids=context[:, None] + torch.arange(len(suffix), device=ids.device)).last_hidden_state
     return float32_logits(model, hidden[:, -1])
 
@@ -178,4 +207,27 @@ def unpadded_embeds(model: torch.nn.Module, layout: Layout, review: torch.Tensor
     if primer is None:
         return rows
     start = layout.slot.start + (len(layout.prefix) + len(review) if layout.in_suffix else 0)
-    return torch.cat([rows[:start], primer.to(rows.dtype), rows[start + len(primer):]])
+    return torch.cat([rows[:start], primer.to(rows), rows[start + len(primer):]])
+
+
+def to_model(model: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """tensor on the model's device; from the CPU to a GPU through pinned memory, so the host does not wait."""
+    device = model.get_input_embeddings().weight.device
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def attention_mask(model: torch.nn.Module, keys: torch.Tensor, queries: int) -> torch.Tensor:
+    """The decoder's attention mask for keys [B, K] (True at real tokens), the queries being the last `queries` of
+    those K positions: the boolean [B, 1, queries, K] mask transformers would build (each query sees the real keys at
+    or before it), built here because transformers' own check whether it may skip the mask reads the padding back
+    from the GPU at every forward. A model with sliding-window layers gets the 2D mask, and transformers' masks."""
+    conf = model.config.get_text_config()
+    if getattr(conf, "sliding_window", None) is not None or set(getattr(conf, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+        return keys.long()
+    width = keys.shape[1]
+    causal = torch.arange(width, device=keys.device) <= torch.arange(width - queries, width, device=keys.device)[:, None]
+    return keys[:, None, None, :] & causal

@@ -19,6 +19,24 @@ def gguf_source(model_id: str, gguf_file: Optional[str]) -> tuple[str, dict]:
     return model_id, {"gguf_file": gguf_file} if gguf_file else {}
 
 
+def model_kwargs(model_id: str, gguf_file: Optional[str]) -> dict:
+    """from_pretrained's keywords for the model (not the tokenizer): a GGUF file is dequantized to the dtype asked for
+    as it loads. transformers 5 otherwise keeps a quantized GGUF's weights packed wherever it finds its GGUF matmul
+    kernels (the `kernels` package installed and a kernel published for the device, GgufHfQuantizer.validate_environment)
+    and computes every matmul in float32 from the blocks, elsewhere it dequantizes: one command would run different
+    arithmetic, at a different speed, from machine to machine. environment.json records what was loaded."""
+    if not (model_id.endswith(".gguf") or gguf_file):
+        return {}
+    from transformers import GgufConfig
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def packed_gguf(model) -> bool:
+    """Whether any of the model's weights stayed in GGUF blocks (transformers' packed GGUF modules)."""
+    from transformers.integrations.gguf.utils import GgufEmbedding, GgufExperts, GgufLinear
+    return any(isinstance(m, (GgufEmbedding, GgufExperts, GgufLinear)) for m in model.modules())
+
+
 def from_hub(load: Callable, model_id: str, gguf_file: Optional[str] = None, **kwargs) -> Any:
     """load(model_id, **kwargs) of a local folder, a local .gguf file or a Hugging Face hub id (GGUF as gguf_source
     says). When it cannot load, one line says first what is wrong (no such folder or file, no network, offline mode,

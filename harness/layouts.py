@@ -1,7 +1,8 @@
 """The prompt around a review, built from the model's own chat template: text, or a slot for embeddings."""
 import functools
 import re
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -13,6 +14,7 @@ PRIMER_SLOT = "\x00PRIMER\x00"  # stands for the primer while the chat template 
 REVIEW_SLOT = "\x00REVIEW\x00"  # stands for the review likewise
 PRIMER_POSITIONS = ("system", "prefix", "suffix")  # the values PRIMER_POSITION may take (see make_layout)
 PLAIN_ANSWER_CUE = "\nAnswer:"  # ends the prompt of a model with no chat template; the label token follows it
+PAD_MULTIPLE = 1  # assemble pads a batch to a multiple of this many tokens (1: to its longest row; bench.py measures others)
 SYSTEM_SEPARATOR = "\n\n"  # between system content and the user message when both share the user turn (as Gemma's template does)
 
 
@@ -26,6 +28,7 @@ class Layout:
     in_suffix: bool = False  # the slot indexes the suffix: the primer follows the review (PRIMER_POSITION "suffix")
     joins: tuple[str, str] = ("", "")  # prompt text glued to the review on each side, tokenized together with it
     tokenizer: object = None  # needed only when joins are not empty
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # id(split) -> joined review ids (assemble)
 
     def review_ids(self, reviews: list[list[int]]) -> list[list[int]]:
         """The ids of each review with the text joined to it: where a prompt's text runs into the review with no
@@ -147,8 +150,44 @@ def encode_around_slot(tokenizer, text: str, primer_length: int) -> tuple[torch.
 
 
 def assemble(layout: Layout, split: data.Split, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input ids [B, L] of reviews idx in their layout, and each row's real length [B]."""
-    reviews = layout.review_ids([split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist() for i in idx.tolist()])
-    rows = [torch.cat([layout.prefix, torch.tensor(r, dtype=torch.long), layout.suffix]) for r in reviews]
+    """Right-padded input ids [B, L] of reviews idx in their layout, and each row's real length [B]; L is the
+    longest row rounded up to a multiple of PAD_MULTIPLE."""
+    rows = [torch.cat([layout.prefix, review, layout.suffix]) for review in review_rows(layout, split, idx)]
     lengths = torch.tensor([len(r) for r in rows])
-    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), lengths
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    return torch.nn.functional.pad(ids, (0, padded_width(ids.shape[1]) - ids.shape[1])), lengths
+
+
+def padded_width(longest: int) -> int:
+    """The width of a batch whose longest row has `longest` tokens."""
+    return -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
+def review_rows(layout: Layout, split: data.Split, idx: torch.Tensor) -> list[torch.Tensor]:
+    """The ids of reviews idx with the layout's joins (Layout.review_ids). Joined ids are tokenized once per layout
+    and split and kept on the layout, so later epochs and validations assemble a batch without the tokenizer."""
+    bounds = zip(split.offsets[idx].tolist(), split.offsets[idx + 1].tolist())
+    if layout.joins == ("", ""):
+        return [split.tokens[start:end].long() for start, end in bounds]
+    kept = joined_cache(layout, split)
+    missing = [i for i in dict.fromkeys(idx.tolist()) if i not in kept]
+    if missing:
+        reviews = [split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist() for i in missing]
+        kept.update((i, torch.tensor(r, dtype=torch.long)) for i, r in zip(missing, layout.review_ids(reviews)))
+    return [kept[i] for i in idx.tolist()]
+
+
+def joined_cache(layout: Layout, split: data.Split) -> dict[int, torch.Tensor]:
+    """The layout's joined ids of split's reviews made so far, by review index; dropped when the split is."""
+    key = id(split)
+    entry = layout.cache.get(key)
+    if entry is None or entry[0]() is not split:
+        entry = layout.cache[key] = (weakref.ref(split), {})
+        weakref.finalize(split, forget, weakref.ref(layout), key)  # neither keeps the other alive
+    return entry[1]
+
+
+def forget(layout_ref: weakref.ref, key: int) -> None:
+    layout = layout_ref()
+    if layout is not None:
+        layout.cache.pop(key, None)

@@ -121,8 +121,17 @@ def record(task: Task, script: str, method: str, prompt_tokens: int, predictions
 
 
 def environment(task: Task) -> dict:
-    """What the config cannot say about a run: the code's commit, the libraries, the device and dtype it resolved."""
+    """What the config cannot say about a run: the code's commit, the libraries (gguf and kernels decide how a GGUF
+    file loads: None when not installed), whether GGUF weights stayed packed, the device, dtype and attention kernel."""
+    from importlib.metadata import PackageNotFoundError, version
     import transformers
+    from harness import frozen, hub
+
+    def installed(name: str) -> Optional[str]:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
                                 capture_output=True, text=True).stdout.strip() or None
@@ -130,9 +139,10 @@ def environment(task: Task) -> dict:
         commit = None
     gpu = torch.cuda.get_device_name(task.device) if task.device.type == "cuda" else None
     return {"git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": str(task.device), "gpu": gpu,
+            "transformers": transformers.__version__, "gguf": installed("gguf"), "kernels": installed("kernels"),
+            "gguf_packed": hub.packed_gguf(task.model), "device": str(task.device), "gpu": gpu,
             "dtype": str(next(task.model.parameters()).dtype).removeprefix("torch."),
-            "processes": parallel.world_size()}
+            "attention": frozen.attention_backend(task.model, task.device), "processes": parallel.world_size()}
 
 
 def score_text_prompt(cfg: SimpleNamespace, script: str, system: str, user: str) -> dict:

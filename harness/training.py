@@ -1,6 +1,7 @@
 """One training loop for any trainable tensors (a primer, a steering vector, LoRA weights) and any loss on a batch:
 Adam with per-epoch rates, length-grouped batches, checkpoints and bitwise resume, Ctrl-C, non-finite-loss rollback,
 per-epoch validation and keep-best, data-parallel under accelerate launch."""
+import math
 import os
 import signal
 import time
@@ -15,6 +16,7 @@ from tqdm import tqdm
 from harness import errors, files, ledger, parallel
 
 CHUNK_BATCHES = 64  # length grouping sorts reviews within chunks of this many batches
+CHECK_EVERY = 16  # steps between reads of the losses on the host (non-finite check, progress bar); none waits in between
 
 # (this process's share of a batch of training reviews, the batch's size) -> its part of the batch's mean loss
 LossOf = Callable[[torch.Tensor, int], torch.Tensor]
@@ -22,10 +24,6 @@ LossOf = Callable[[torch.Tensor, int], torch.Tensor]
 
 class Interrupted(errors.UserError):
     """Ctrl-C stopped training after a checkpoint was saved."""
-
-
-class NonFiniteLoss(Exception):
-    """The loss of a training batch was NaN or infinite; nothing was updated."""
 
 
 @dataclass
@@ -49,19 +47,40 @@ def length_grouped_batches(lengths: torch.Tensor, batch_size: int, seed: int) ->
 
 def train_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, loss_of: LossOf,
                idx: torch.Tensor) -> torch.Tensor:
-    """One Adam step over training reviews idx; returns the batch's mean loss (a 0-dim tensor). A non-finite loss
-    raises NonFiniteLoss before anything is updated. Under accelerate idx is the global batch: each process runs its
-    shard, and the summed gradients are those of the mean over idx on every process."""
+    """One Adam step over training reviews idx; returns the batch's mean loss, a 0-dim tensor left on the device: the
+    step reads nothing back, so the host never waits for the device and queues the next batch while this one runs.
+    A non-finite loss updates like any other; the caller, which kept what came before (Pending), finds it when it
+    reads the losses and undoes it. Under accelerate idx is the global batch: each process runs its shard, and the
+    summed gradients are those of the mean over idx on every process."""
     loss = loss_of(parallel.shard(idx), len(idx))
     total = parallel.sum_across(loss.detach())  # every process sees the same loss, so all of them stop on a NaN
-    if not torch.isfinite(total):
-        raise NonFiniteLoss(f"loss {total.item()}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     for p in params:  # same gradient, same Adam step: the tensors stay identical on every process
         p.grad = parallel.sum_across(p.grad if p.grad is not None else torch.zeros_like(p))
     optimizer.step()
     return total
+
+
+@dataclass
+class Pending:
+    """A step whose loss the host has not read yet, and what undoing it takes."""
+    loss: torch.Tensor  # 0-dim, on the device
+    before: dict[str, torch.Tensor]  # the tensors before the step
+    state: list[dict]  # the optimizer's state of each tensor before the step
+    seconds: float  # training seconds so far when the step was queued
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[dict]:
+    return [{k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()} for p in params]
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], states: list[dict]) -> None:
+    for p, state in zip(params, states):
+        if state:
+            optimizer.state[p] = state
+        else:  # the step undone was the tensor's first: Adam starts afresh
+            optimizer.state.pop(p, None)
 
 
 def snapshot(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -136,35 +155,64 @@ def train(task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir: str,
 
 def train_epoch(task, params: dict[str, torch.Tensor], loss_of: LossOf, optimizer: torch.optim.Optimizer,
                 rates: list[float], progress: Progress, run_dir: str, clock: float, stop: list, script: str) -> Optional[str]:
-    """The rest of progress.epoch, step by step; why training must stop early, or None."""
+    """The rest of progress.epoch, step by step; why training must stop early, or None. The losses are read on the
+    host every CHECK_EVERY steps, before a checkpoint, at the epoch's end and on Ctrl-C (settle), never in between."""
     cfg, rate = task.cfg, rates[progress.epoch]
     for group in optimizer.param_groups:
         group["lr"] = rate
     batches = length_grouped_batches(task.train.lengths, cfg.BATCH_SIZE, cfg.SEED + progress.epoch)
     bar = tqdm(batches[progress.batch:], desc=f"epoch {progress.epoch + 1}/{len(rates)} lr {rate:.3g}",
                unit="batch", initial=progress.batch, total=len(batches), disable=not parallel.is_main())
-    running, seen, start = None, 0, time.perf_counter()
+    tensors, pending, seen, start = list(params.values()), [], 0, time.perf_counter()
+    running = None
     for idx in bar:
-        before = snapshot(params)
-        try:
-            value = train_step(list(params.values()), optimizer, loss_of, idx).item()
-        except NonFiniteLoss as e:
-            restore(params, progress.last_good)
-            save_checkpoint(run_dir, params, optimizer, progress)
-            where = f"epoch {progress.epoch + 1}, batch {progress.batch}"
-            print(f"training stopped at {where}: {e}; keeping the last good {', '.join(params)}", flush=True)
-            return f"stopped early at {where}: non-finite {e}"
-        progress.last_good, progress.batch, seen = before, progress.batch + 1, seen + len(idx)
-        running = value if running is None else 0.98 * running + 0.02 * value
-        progress.log.append({"step": len(progress.log) + 1, "epoch": progress.epoch + 1, "lr": rate, "loss": value,
-                             "seconds": time.perf_counter() - clock})
-        bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
+        before, state = snapshot(params), optimizer_state(optimizer, tensors)
+        loss = train_step(tensors, optimizer, loss_of, idx)
+        pending.append(Pending(loss, before, state, time.perf_counter() - clock))
+        progress.batch, seen = progress.batch + 1, seen + len(idx)
+        checkpoint = progress.batch % cfg.CHECKPOINT_EVERY == 0
+        # under accelerate the processes agree on Ctrl-C only at these steps: the vote is a collective that waits
+        if not (checkpoint or progress.batch % CHECK_EVERY == 0 or progress.batch == len(batches)
+                or (stop and not parallel.started())):
+            continue
         halt = parallel.anyone(bool(stop))  # under accelerate all processes stop after the same step
-        if halt or progress.batch % cfg.CHECKPOINT_EVERY == 0:
+        losses, failure = settle(params, optimizer, pending, progress, rate, clock, run_dir)
+        if failure:
+            return failure
+        for value in losses:
+            running = value if running is None else 0.98 * running + 0.02 * value
+        bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
+        if halt or checkpoint:
             save_checkpoint(run_dir, params, optimizer, progress)
         if halt:
             raise Interrupted(resume_hint(run_dir, script))
     return None
+
+
+def settle(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, pending: list[Pending], progress: Progress,
+           rate: float, clock: float, run_dir: str) -> tuple[list[float], Optional[str]]:
+    """Read the pending steps' losses (the one wait for the device) and log them; at the first non-finite one, undo
+    it and every step after it, put back the last tensors whose loss was finite, save a checkpoint and say why
+    training stops. Returns the losses logged and that reason (None when every loss was finite)."""
+    losses = torch.stack([step.loss for step in pending]).cpu().tolist()
+    now = time.perf_counter() - clock
+    bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
+    for i, value in enumerate(losses[:bad]):
+        seconds = now if i == len(pending) - 1 else pending[i].seconds
+        progress.log.append({"step": len(progress.log) + 1, "epoch": progress.epoch + 1, "lr": rate, "loss": value,
+                             "seconds": seconds})
+    if bad is None:
+        progress.last_good = pending[-1].before
+        pending.clear()
+        return losses, None
+    restore(params, pending[bad - 1].before if bad else progress.last_good)
+    restore_optimizer(optimizer, list(params.values()), pending[bad].state)  # as it was after the last finite step
+    progress.batch -= len(pending) - bad
+    pending.clear()
+    save_checkpoint(run_dir, params, optimizer, progress)
+    where = f"epoch {progress.epoch + 1}, batch {progress.batch}"
+    print(f"training stopped at {where}: loss {losses[bad]}; keeping the last good {', '.join(params)}", flush=True)
+    return losses[:bad], f"stopped early at {where}: non-finite loss {losses[bad]}"
 
 
 def resume_hint(run_dir: str, script: str) -> str:
