@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from harness import data, errors, files, ledger, parallel, plots, scoring
+from harness import cli, data, errors, files, ledger, parallel, plots, scoring
 from harness.layouts import answer_context, label_token_ids, make_layout
 from harness.frozen import load_model, resolve_device
 from harness.training import best_epoch
@@ -73,7 +73,7 @@ def write_atomic(path: str, text: str) -> None:
 def start_run(cfg: SimpleNamespace, script: str) -> str:
     """A new run folder, results/<time>-<script>, holding the run's effective config (under accelerate the main
     process makes it and every process gets its path)."""
-    base = os.path.join(cfg.RESULTS_DIR, f"{datetime.now():%Y%m%d-%H%M%S}-{script}")
+    base = os.path.join(cli.folder(cfg.RESULTS_DIR, "--results_dir"), f"{datetime.now():%Y%m%d-%H%M%S}-{script}")
     for n in itertools.count(1):
         path = base if n == 1 else f"{base}-{n}"
         try:
