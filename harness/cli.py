@@ -1,6 +1,7 @@
 """Plumbing shared by every script: config overrides, one-line errors, atomic writes."""
 import ast
 import difflib
+import functools
 import io
 import os
 import shlex
@@ -225,10 +226,10 @@ def folder(path: str, setting: str, write: bool = True) -> str:
 
 def quiet_progress_bars() -> None:
     """When stderr is not a terminal (a log file, a pipe), a progress bar redraws at most every PROGRESS_SECONDS and
-    on closing, so a redirected log keeps a few lines per bar instead of one per update; a terminal keeps live bars.
+    on closing, so a redirected log keeps one line per bar instead of one per update; a terminal keeps live bars.
     Done as tqdm's own TQDM_* environment variables do it (they are read only when tqdm is imported, too early here)."""
-    import functools
     from tqdm import std
     if not sys.stderr.isatty() and not getattr(std.tqdm, "_quiet", False):
         std.tqdm.__init__ = functools.partialmethod(std.tqdm.__init__, mininterval=PROGRESS_SECONDS, miniters=0)
+        std.tqdm.set_postfix = functools.partialmethod(std.tqdm.set_postfix, refresh=False)  # shown at the next redraw
         std.tqdm._quiet = True

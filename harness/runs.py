@@ -116,7 +116,7 @@ def record(task: Task, script: str, method: str, prompt_tokens: int, predictions
         save_file({**{k: v.contiguous() for k, v in predictions.items() if k != "seconds"}, "label_ids": task.label_ids.cpu()}, tmp)
     if log:
         write_atomic(os.path.join(run_dir, "losses.csv"), pd.DataFrame(log).to_csv(index=False))
-        plots.loss_curve(run_dir)
+        plots.loss_curve(run_dir, method, prompt_tokens)
     ledger.append(cfg.RESULTS_DIR, row)
     print(ledger.format_table([row]))
     print(f"saved {run_dir} and a row of {ledger.path(cfg.RESULTS_DIR)}")
