@@ -55,18 +55,20 @@ def fit_to_split(cfg, reviews: int):
     val, fit = cfg.VAL_LIMIT, cfg.PROBE_TRAIN
     if val == VAL_LIMIT and val > reviews // 5:
         val = max(2, reviews // 5)
+    if not 0 < val <= reviews - 2:
+        raise errors.UserError(f"--val_limit={val} must be between 1 and {reviews - 2:,}: validation reviews are held out of "
+                               f"the {reviews:,} training reviews (--train_limit), and --probe_train (at least 2) of the rest "
+                               "are fit on: lower --val_limit or raise --train_limit")
     if fit == PROBE_TRAIN and fit > reviews - val:
         fit = reviews - val
-    if not 0 < val < reviews - 1:
-        raise errors.UserError(f"--val_limit={val} must be between 1 and {reviews - 2:,}: validation reviews are held out of "
-                               f"the {reviews:,} training reviews (--train_limit), and --probe_train={fit} of the rest are fit on: "
-                               "lower both or raise --train_limit")
     if not 2 <= fit <= reviews - val:
         raise errors.UserError(f"--probe_train={fit} must be between 2 and the {reviews - val:,} training reviews left after "
                                f"--val_limit={val}: lower it or raise --train_limit")
-    if (val, fit) != (cfg.VAL_LIMIT, cfg.PROBE_TRAIN):
-        print(f"{reviews:,} training reviews: --val_limit={val} and --probe_train={fit} instead of the defaults "
-              f"{VAL_LIMIT} and {PROBE_TRAIN}", flush=True)
+    fitted = {name: (new, default) for name, new, old, default in (("val_limit", val, cfg.VAL_LIMIT, VAL_LIMIT),
+                                                                    ("probe_train", fit, cfg.PROBE_TRAIN, PROBE_TRAIN)) if new != old}
+    if fitted:
+        print(f"{reviews:,} training reviews: " + ", ".join(f"--{k}={new} (its default {default} does not fit)"
+                                                             for k, (new, default) in fitted.items()), flush=True)
     return SimpleNamespace(**{**vars(cfg), "VAL_LIMIT": val, "PROBE_TRAIN": fit})
 
 
