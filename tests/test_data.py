@@ -129,7 +129,7 @@ def test_load_split_prepares_again_for_another_sample_or_tokenizer_and_refuses_p
 def test_tokenizing_counts_reviews_not_thousands(tiny, capfd):
     tokenizer = data.load_tokenizer(tiny.model_dir)
     tokens, offsets, truncated = data.tokenize(tokenizer, ["good food"] * 1500, 1024)
-    assert len(offsets) == 1501 and truncated == 0
+    assert len(offsets) == 1501 and int(offsets[-1]) == len(tokens) and truncated == 0
     bar = capfd.readouterr().err
     assert "1500/1500" in bar and " reviews/s" in bar and "x1000" not in bar
 

@@ -155,8 +155,8 @@ def test_a_path_setting_naming_a_file_where_a_folder_is_wanted_is_one_line(tiny,
     a_file.write_text("not a folder")
     result = run_script("experiment.py", *overrides(tiny, tmp_path), f"--results_dir={a_file}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: --results_dir={a_file} is a file, not a folder: "
-                                                  "set --results_dir to a folder you can write in"]
+    assert result.stderr.strip().splitlines() == [(f"error: --results_dir={a_file} is a file, not a folder: "
+                                                   "set --results_dir to a folder you can write in")]
     cfg = cli.configure(overrides(tiny, tmp_path) + [f"--results_dir={a_file}/results"])
     with pytest.raises(errors.UserError, match=f"^--results_dir={a_file}/results cannot be made: part of that path is a file"):
         runs.start_run(cfg, "experiment")
