@@ -19,8 +19,8 @@ from harness.files import read_json
 
 
 
-# settings that cannot change a run's result, so a resumed run may take new values for them
 PROGRESS_SECONDS = 60  # in a log file rather than a terminal, progress bars redraw at most this often
+# settings that cannot change a run's result, so a resumed run may take new values for them
 RESUMABLE = {"DEVICE", "SCORE_BATCH_SIZE", "CHECKPOINT_EVERY", "GRADIENT_CHECKPOINTING", "RESULTS_DIR", "DATA_DIR"}
 
 
@@ -202,7 +202,6 @@ def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, 
 def out_of_memory(cfg: types.SimpleNamespace) -> str:
     return (f"out of GPU memory: lower --batch_size={cfg.BATCH_SIZE} (training) or --score_batch_size={cfg.SCORE_BATCH_SIZE} "
             f"(scoring), lower --max_review_tokens={cfg.MAX_REVIEW_TOKENS}, or set --gradient_checkpointing=True")
-
 
 
 def folder(path: str, setting: str, write: bool = True) -> str:
