@@ -7,12 +7,12 @@ the two-sided exact p-value (a binomial test on those discordant reviews), for e
 """
 import math
 import os
-import sys
+from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
 
-from harness import errors, files, scoring
+from harness import cli, errors, files, scoring
 
 SAME_SPLIT_KEYS = ("csv_dir", "test_limit", "seed", "labels")  # these choose the test reviews and their answers
 
@@ -55,14 +55,12 @@ def compare(run_a: str, run_b: str) -> None:
               f"| {only_a:,} | {only_b:,} | {mcnemar_exact(only_a, only_b):.3g} |")
 
 
-def main(argv: list[str]) -> None:
-    try:
-        if len(argv) != 2:
-            raise errors.UserError("give two run folders: python compare.py results/<run A> results/<run B>")
-        compare(*argv)
-    except errors.UserError as e:
-        sys.exit(f"error: {e}")
+def parse(argv: list[str]) -> SimpleNamespace:
+    """The two run folders of the command line (compare.py takes no settings)."""
+    if len(argv) != 2 or any(arg.startswith("--") for arg in argv):
+        raise errors.UserError("give two run folders: python compare.py results/<run A> results/<run B>")
+    return SimpleNamespace(RUN_A=argv[0], RUN_B=argv[1])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.main(lambda cfg: compare(cfg.RUN_A, cfg.RUN_B), parse=parse, shared=())

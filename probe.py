@@ -12,6 +12,7 @@ validation reviews held out of training; the test split is read once, at the cho
 """
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -27,8 +28,8 @@ from harness import activations, cli, data, errors, files, parallel, plots, prom
 CONDITION = "none"  # the prompt around the review: "none" (the review alone), "short", "long", "primer" (PRIMER_PATH)
 POOLING = "both"  # "last" (hidden state where the answer is predicted), "mean" (over the review's tokens) or "both"
 PROBE = "linear"  # "linear" (logistic regression) or "mlp" (one hidden layer of PROBE_HIDDEN units)
-PROBE_TRAIN = 5600  # training reviews the probes are fit on: a seeded, balanced sample of those left after VAL_LIMIT
-VAL_LIMIT = 1000  # (config.py has 0) reviews held out of training, on which C, layer and pooling are chosen
+PROBE_TRAIN = 5600  # training reviews the probes are fit on: a seeded, label-balanced sample of those left after VAL_LIMIT (all of them, if fewer)
+VAL_LIMIT = 1000  # (config.py has 0) reviews held out of training, on which C, layer and pooling are chosen (a fifth of a split under 5,000)
 PROBE_C = [1e-3, 1e-2, 1e-1, 1.0]  # inverse L2 strengths tried at each layer and pooling ("mlp": its alpha is 1/C)
 PROBE_HIDDEN = 256  # hidden units of the "mlp" probe
 SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
@@ -49,12 +50,33 @@ def check(cfg) -> None:
                                f"at least 1")
 
 
+def fit_to_split(cfg, reviews: int):
+    """cfg with VAL_LIMIT and PROBE_TRAIN fitted to a training split of `reviews` where they are this script's defaults
+    and the split is too small for them (a fifth held out, the rest fit on); one error naming both when given values
+    do not fit."""
+    val, fit = cfg.VAL_LIMIT, cfg.PROBE_TRAIN
+    if val == VAL_LIMIT and val > reviews // 5:
+        val = max(2, reviews // 5)
+    if not 0 < val <= reviews - 2:
+        raise errors.UserError(f"--val_limit={val} must be between 1 and {reviews - 2:,}: validation reviews are held out of "
+                               f"the {reviews:,} training reviews (--train_limit), and --probe_train (at least 2) of the rest "
+                               "are fit on: lower --val_limit or raise --train_limit")
+    if fit == PROBE_TRAIN and fit > reviews - val:
+        fit = reviews - val
+    if not 2 <= fit <= reviews - val:
+        raise errors.UserError(f"--probe_train={fit} must be between 2 and the {reviews - val:,} training reviews left after "
+                               f"--val_limit={val}: lower it or raise --train_limit")
+    fitted = {name: (new, default) for name, new, old, default in (("val_limit", val, cfg.VAL_LIMIT, VAL_LIMIT),
+                                                                    ("probe_train", fit, cfg.PROBE_TRAIN, PROBE_TRAIN)) if new != old}
+    if fitted:
+        print(f"{reviews:,} training reviews: " + ", ".join(f"--{k}={new} (its default {default} does not fit)"
+                                                             for k, (new, default) in fitted.items()), flush=True)
+    return SimpleNamespace(**{**vars(cfg), "VAL_LIMIT": val, "PROBE_TRAIN": fit})
+
+
 def probe_sample(task) -> data.Split:
     """PROBE_TRAIN of the training reviews left after the validation ones (seeded, label-balanced)."""
     cfg, train = task.cfg, task.train
-    if not 2 <= cfg.PROBE_TRAIN <= len(train):
-        raise errors.UserError(f"--probe_train={cfg.PROBE_TRAIN} must be between 2 and the {len(train):,} training "
-                               f"reviews left after --val_limit={cfg.VAL_LIMIT}: lower it or raise --train_limit")
     return train.subset(torch.from_numpy(data.balanced_sample(train.labels.numpy(), cfg.PROBE_TRAIN, cfg.SEED)))
 
 
@@ -106,7 +128,9 @@ def save_linear(run_dir: str, probe, cfg, layer: int, pooling: str) -> None:
 
 def run(cfg) -> None:
     check(cfg)
-    task = runs.setup(cfg)
+    task = runs.setup(SimpleNamespace(**{**vars(cfg), "VAL_LIMIT": 0, "KEEP_BEST": False}))  # held out below, by size
+    cfg = task.cfg = fit_to_split(cfg, len(task.train))
+    task.train, task.val = runs.hold_out(task.train, cfg)
     layout, primer = prompts.layout_of(task, task.cfg.CONDITION, task.cfg.PRIMER_PATH, task.cfg.PRIMER_POSITION)
     sample = probe_sample(task)
     run_dir = runs.new_run_dir(cfg, "probe")

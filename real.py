@@ -54,7 +54,7 @@ def write_reviews(csv_dir: str, test_snippets: int, seed: int) -> None:
     corpus = corpus[corpus.category.isin(LABEL_OF)]
     labels, texts = corpus.category.map(LABEL_OF).tolist(), corpus.text.tolist()
     test = set(np.random.default_rng(seed).permutation(len(texts))[:test_snippets].tolist())
-    os.makedirs(csv_dir, exist_ok=True)
+    files.folder(csv_dir, "--csv_dir")
     for split, keep in (("train", lambda i: i not in test), ("test", lambda i: i in test)):
         rows = [i for i in range(len(texts)) if keep(i)]
         data.write_csv(os.path.join(csv_dir, f"{split}.csv"), [labels[i] for i in rows], [texts[i] for i in rows])
@@ -70,4 +70,4 @@ def run(cfg) -> None:
 
 
 if __name__ == "__main__":
-    cli.main(run, REAL)
+    cli.main(run, REAL, shared=("SEED",))  # none of config.py's other settings: it trains nothing

@@ -8,7 +8,6 @@ model and CSVs (tests/conftest.py imports this file).
 """
 import os
 import random
-import sys
 
 TINY_DIR = "data/tiny"  # where `python tiny.py` writes: model/, csv/, and the runs of EXPERIMENT
 REVIEWS = {"train": 120, "test": 60}  # rows of each CSV
@@ -48,7 +47,7 @@ def build_tokenizer(corpus: list[str], path: str):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     specials = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                                    chat_template=CHAT_TEMPLATE)
@@ -61,6 +60,7 @@ def build(root: str) -> dict[str, list[tuple[int, str]]]:
     tokenizer trained on those reviews, saved like a real model; returns each split's (label, review) rows."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging
 
     from harness import data
     rng = random.Random(0)
@@ -75,15 +75,17 @@ def build(root: str) -> dict[str, list[tuple[int, str]]]:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          initializer_range=0.2)  # at the default 0.02 attention barely carries context, so no primer could steer it
+    logging.disable_progress_bar()  # its one "Writing model shards" bar says nothing here
     LlamaForCausalLM(config).save_pretrained(model_dir)
+    logging.enable_progress_bar()
     return splits
 
 
+def run(cfg) -> None:
+    build(TINY_DIR)
+    print(f"wrote {TINY_DIR}/model and {TINY_DIR}/csv; now train and score a primer on them:\n{EXPERIMENT}")
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] in (["-h"], ["--help"]):
-        print(__doc__.strip())
-    elif sys.argv[1:]:
-        sys.exit(f"error: tiny.py takes no arguments (it writes {TINY_DIR}/): run python tiny.py")
-    else:
-        build(TINY_DIR)
-        print(f"wrote {TINY_DIR}/model and {TINY_DIR}/csv; now train and score a primer on them:\n{EXPERIMENT}")
+    from harness import cli
+    cli.main(run, shared=())  # no settings: it always writes TINY_DIR

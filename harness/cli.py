@@ -1,6 +1,7 @@
 """Plumbing shared by every script: config overrides, one-line errors, atomic writes."""
 import ast
 import difflib
+import functools
 import io
 import os
 import shlex
@@ -16,6 +17,7 @@ from harness import parallel
 from harness.errors import UserError
 from harness.files import read_json
 
+PROGRESS_SECONDS = 60  # in a log file rather than a terminal, progress bars redraw at most this often
 # settings a resumed run may take new values for: where files go, checkpointing, and how the work runs. These last
 # can move numbers: --score_batch_size moves logits by ~5e-5 in float32 on the CPU (answers equal) and can move answers
 # in bfloat16, and --device=cuda turns DTYPE=auto into bfloat16
@@ -24,6 +26,13 @@ RESUMABLE = {"DEVICE", "SCORE_BATCH_SIZE", "CHECKPOINT_EVERY", "GRADIENT_CHECKPO
 
 def defaults() -> dict[str, Any]:
     return {k: v for k, v in vars(config).items() if k.isupper()}
+
+
+def settings(extra: Optional[dict[str, Any]] = None, shared: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
+    """The settings a script reads, with their defaults: config.py's (only those named in `shared` when a script
+    declares it reads no others), then the script's own `extra` ones."""
+    base = defaults() if shared is None else {k: v for k, v in defaults().items() if k in shared}
+    return {**base, **(extra or {})}
 
 
 def own_settings(namespace: dict[str, Any]) -> dict[str, Any]:
@@ -63,10 +72,12 @@ def check_type(name: str, value: Any, default: Any) -> Any:
     raise UserError(f"--{name.lower()}={value!r} has the wrong type: expected {expected}, as in config.py's {name} = {default!r}")
 
 
-def configure(argv: list[str], extra: Optional[dict[str, Any]] = None) -> types.SimpleNamespace:
-    """config.py's constants, plus a script's own `extra` ones, with the --name=value overrides of argv applied.
-    With --resume=<run folder> the base is that run's config, and only RESUMABLE keys may be overridden."""
-    base = {**defaults(), **(extra or {})}
+def configure(argv: list[str], extra: Optional[dict[str, Any]] = None,
+              shared: Optional[tuple[str, ...]] = None) -> types.SimpleNamespace:
+    """config.py's constants (those in `shared` alone when given), plus a script's own `extra` ones, with the
+    --name=value overrides of argv applied. With --resume=<run folder> the base is that run's config, and only
+    RESUMABLE keys may be overridden."""
+    base = settings(extra, shared)
     given = {}
     for i, arg in enumerate(argv):
         key, eq, text = arg[2:].partition("=")
@@ -74,8 +85,7 @@ def configure(argv: list[str], extra: Optional[dict[str, Any]] = None) -> types.
         if not arg.startswith("--"):
             raise UserError(f"cannot read argument {arg!r}: write overrides as --name=value, e.g. --batch_size=8")
         if name not in base:
-            close = difflib.get_close_matches(key.lower(), [k.lower() for k in base], n=1, cutoff=0.0)
-            raise UserError(f"unknown config key --{key}: did you mean --{close[0]}? (keys are config.py's constants, in lowercase)")
+            raise UserError(unknown_key(key, base, shared))
         if not eq:
             follows = i + 1 < len(argv) and not argv[i + 1].startswith("--")
             value = argv[i + 1] if follows else "True" if isinstance(base[name], bool) else "<value>"
@@ -88,6 +98,18 @@ def configure(argv: list[str], extra: Optional[dict[str, Any]] = None) -> types.
                             f"on --resume (only {', '.join('--' + k.lower() for k in sorted(RESUMABLE))} can); start a new run instead")
         base = {**base, **saved_config(given["RESUME"], base)}
     return types.SimpleNamespace(**{**base, **given})
+
+
+def unknown_key(key: str, base: dict[str, Any], shared: Optional[tuple[str, ...]]) -> str:
+    script = os.path.basename(sys.argv[0]) or "this script"
+    if not base:
+        return f"unknown setting --{key}: {script} takes no settings (see --help)"
+    if shared is None:
+        close = difflib.get_close_matches(key.lower(), [k.lower() for k in base], n=1, cutoff=0.0)
+        return f"unknown config key --{key}: did you mean --{close[0]}? (keys are config.py's constants, in lowercase)"
+    close = difflib.get_close_matches(key.lower(), [k.lower() for k in base], n=1)
+    guess = f"did you mean --{close[0]}? " if close else ""
+    return f"unknown setting --{key}: {guess}({script} reads only {', '.join('--' + k.lower() for k in base)})"
 
 
 def saved_config(run_dir: str, base: dict[str, Any]) -> dict[str, Any]:
@@ -121,18 +143,24 @@ def setting_comments(path: str) -> dict[str, str]:
     return found
 
 
-def usage(script: types.ModuleType, extra: Optional[dict[str, Any]] = None) -> str:
+def usage(script: types.ModuleType, extra: Optional[dict[str, Any]] = None, shared: Optional[tuple[str, ...]] = None) -> str:
     """--help: the script's docstring, then every setting it reads with its default and its comment."""
     notes = {**setting_comments(config.__file__), **(setting_comments(script.__file__) if extra else {})}
-    lines = [(script.__doc__ or "").strip(), "",
-             "settings: override any as --name=value (a Python literal of the default's type); defaults from config.py"
-             + (f" and {os.path.basename(script.__file__)}" if extra else "")]
-    for name, value in {**defaults(), **(extra or {})}.items():
+    values = settings(extra, shared)
+    sources = (["config.py"] if shared is None or shared else []) + ([os.path.basename(script.__file__)] if extra else [])
+    lines = [(script.__doc__ or "").strip(), ""]
+    if not values:
+        return "\n".join(lines + ["settings: none"])
+    lines.append("settings: override any as --name=value (a Python literal of the default's type); defaults from "
+                 + " and ".join(sources))
+    for name, value in values.items():
         lines += [f"  --{name.lower()}={value!r}", f"        {notes.get(name, '')}"]
     return "\n".join(lines)
 
 
 def print_config(cfg: types.SimpleNamespace) -> None:
+    if not vars(cfg):
+        return
     width = max(map(len, vars(cfg)))
     print("\n".join(f"{k.lower():<{width}} = {v!r}" for k, v in vars(cfg).items()), flush=True)
 
@@ -148,16 +176,19 @@ def shell_args(values: dict[str, Any]) -> str:
 
 
 def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, Any]] = None,
-         parse: Optional[Callable[[list[str]], types.SimpleNamespace]] = None) -> None:
+         parse: Optional[Callable[[list[str]], types.SimpleNamespace]] = None,
+         shared: Optional[tuple[str, ...]] = None) -> None:
     """Configure from sys.argv (with `parse` when the script reads more than overrides), print the config and call
     run(cfg); joins the other processes when accelerate launched several; a UserError exits with one line.
-    -h or --help prints usage() instead."""
+    -h or --help prints usage() instead. A script that reads few of config.py's settings names them in `shared`
+    (() for none): it then shows and accepts only those and its own `extra` ones."""
     if {"-h", "--help"} & set(sys.argv[1:]):
-        print(usage(sys.modules["__main__"], extra))
+        print(usage(sys.modules["__main__"], extra, shared))
         return
+    quiet_progress_bars()
     try:
-        cfg = parse(sys.argv[1:]) if parse else configure(sys.argv[1:], extra)
-        parallel.start(cfg.DEVICE)
+        cfg = parse(sys.argv[1:]) if parse else configure(sys.argv[1:], extra, shared)
+        parallel.start(getattr(cfg, "DEVICE", "cpu"))
         print_config(cfg)
         run(cfg)
     except UserError as e:
@@ -172,3 +203,14 @@ def out_of_memory(cfg: types.SimpleNamespace) -> str:
     return (f"out of GPU memory: lower --batch_size={cfg.BATCH_SIZE} (training) or --score_batch_size={cfg.SCORE_BATCH_SIZE} "
             f"(scoring), lower --max_review_tokens={cfg.MAX_REVIEW_TOKENS}, or set --gradient_checkpointing=True")
 
+
+
+def quiet_progress_bars() -> None:
+    """When stderr is not a terminal (a log file, a pipe), a progress bar redraws at most every PROGRESS_SECONDS and
+    on closing, so a redirected log keeps one line per bar instead of one per update; a terminal keeps live bars.
+    Done as tqdm's own TQDM_* environment variables do it (they are read only when tqdm is imported, too early here)."""
+    from tqdm import std
+    if not sys.stderr.isatty() and not getattr(std.tqdm, "_quiet", False):
+        std.tqdm.__init__ = functools.partialmethod(std.tqdm.__init__, mininterval=PROGRESS_SECONDS, miniters=0)
+        std.tqdm.set_postfix = functools.partialmethod(std.tqdm.set_postfix, refresh=False)  # shown at the next redraw
+        std.tqdm._quiet = True

@@ -52,29 +52,42 @@ def vocab_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
+def bad_row(row: list[str]) -> Optional[str]:
+    """Why a CSV row is not '"1" or "2","review"', or None when it is one."""
+    if len(row) != 2:
+        return f"{len(row)} fields, not 2"
+    if row[0].strip() not in ("1", "2"):
+        return f"label {row[0].strip()[:20]!r} is not \"1\" or \"2\""
+    if not row[1].strip():
+        return "empty review"
+    try:
+        row[1].encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes survive as lone surrogates
+        return "bytes that are not UTF-8"
+    return None
+
+
 def read_csv(path: str) -> tuple[np.ndarray, list[str], list[int]]:
-    """Labels (0/1), review texts with escapes decoded, and the line numbers of the rows skipped as bad."""
-    labels, texts, bad = [], [], []
+    """Labels (0/1), review texts with escapes decoded, and the line numbers of the rows skipped as bad: up to
+    MAX_BAD_SHARE of the rows may be bad (each is named with its reason), more and the file is refused."""
+    labels, texts, bad, reasons = [], [], [], []
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, skipinitialspace=True)  # so stray spaces before a quoted field leave it quoted
         for row in reader:
-            line = reader.line_num
-            if len(row) != 2 or row[0].strip() not in ("1", "2") or not row[1].strip():
-                bad.append(line)
-                continue
-            text = row[1].replace("\\n", "\n").strip()
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:  # undecodable bytes survive as lone surrogates
-                bad.append(line)
+            reason = bad_row(row)
+            if reason:
+                bad.append(reader.line_num)
+                reasons.append(f"line {reader.line_num}: {reason}")
                 continue
             labels.append(int(row[0]) - 1)
-            texts.append(text)
-    total = len(labels) + len(bad)
-    if bad:
-        print(f"{path}: skipped {len(bad):,} bad rows of {total:,} (first at lines {bad[:5]})")
+            texts.append(row[1].replace("\\n", "\n").strip())
+    total, form = len(labels) + len(bad), "'\"1\" or \"2\",\"review\"'"
+    lines = f"({'; '.join(reasons[:5])}{'; ...' if len(bad) > 5 else ''})"
     if not labels or len(bad) > MAX_BAD_SHARE * total:
-        raise errors.UserError(f"{path}: {len(bad):,} of {total:,} rows are not '\"1\" or \"2\",\"review\"' (first at lines {bad[:5]}); fix or replace the file")
+        raise errors.UserError(f"{path}: {len(bad):,} of {total:,} rows are not {form} {lines}, more than the "
+                               f"{MAX_BAD_SHARE:.0%} of rows tolerated: fix or replace the file")
+    if bad:
+        print(f"{path}: skipping {len(bad):,} of {total:,} rows that are not {form} {lines}; up to {MAX_BAD_SHARE:.0%} may be")
     return np.array(labels), texts, bad
 
 
@@ -104,7 +117,7 @@ def fetch_csvs(csv_dir: str) -> None:
     except Exception as e:
         raise errors.UserError(f"no CSVs in {csv_dir} and fetching {HF_DATASET[0]} failed ({type(e).__name__}); "
                             f"put the Yelp polarity train.csv and test.csv in {csv_dir} or set --csv_dir") from e
-    os.makedirs(csv_dir, exist_ok=True)
+    files.folder(csv_dir, "--csv_dir")
     for split in SPLITS:
         path = os.path.join(csv_dir, f"{split}.csv")
         with files.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
@@ -116,10 +129,12 @@ def fetch_csvs(csv_dir: str) -> None:
 def tokenize(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Flat int32 tokens, int64 offsets, and how many reviews were cut to max_tokens."""
     pieces, truncated = [], 0
-    for start in tqdm(range(0, len(texts), 1000), desc="tokenize", unit=" x1000 reviews"):
-        for ids in tokenizer(texts[start:start + 1000], add_special_tokens=False)["input_ids"]:
-            truncated += len(ids) > max_tokens
-            pieces.append(torch.tensor(ids[:max_tokens], dtype=torch.int32))
+    with tqdm(total=len(texts), desc="tokenize", unit=" reviews") as bar:
+        for start in range(0, len(texts), 1000):
+            for ids in tokenizer(texts[start:start + 1000], add_special_tokens=False)["input_ids"]:
+                truncated += len(ids) > max_tokens
+                pieces.append(torch.tensor(ids[:max_tokens], dtype=torch.int32))
+            bar.update(len(texts[start:start + 1000]))
     lengths = torch.tensor([0] + [len(p) for p in pieces])
     return torch.cat(pieces), lengths.cumsum(0), truncated
 
@@ -131,23 +146,17 @@ def expected_meta(cfg: SimpleNamespace, tokenizer, split: str) -> dict:
             "max_review_tokens": cfg.MAX_REVIEW_TOKENS, "seed": cfg.SEED}
 
 
-def prep_command(cfg: SimpleNamespace) -> str:
-    """The ./prep.sh line that prepares the data cfg needs: every setting expected_meta checks, and where the files are."""
-    keys = ("MODEL_ID", "CSV_DIR", "DATA_DIR", "TRAIN_LIMIT", "TEST_LIMIT", "MAX_REVIEW_TOKENS", "SEED")
-    return "./prep.sh " + cli.shell_args({k: getattr(cfg, k) for k in keys})
-
-
 def split_path(cfg: SimpleNamespace, split: str) -> str:
     return os.path.join(cfg.DATA_DIR, f"{split}.pt")
 
 
-def prepare(cfg: SimpleNamespace, tokenizer) -> None:
-    """Write DATA_DIR/train.pt and DATA_DIR/test.pt from the CSVs, fetching those first when absent."""
-    if not all(os.path.exists(os.path.join(cfg.CSV_DIR, f"{s}.csv")) for s in SPLITS):
+def prepare(cfg: SimpleNamespace, tokenizer, splits: tuple[str, ...] = SPLITS) -> None:
+    """Write DATA_DIR/<split>.pt for each of `splits` from the CSVs, fetching those first when absent."""
+    if not all(os.path.exists(os.path.join(files.folder(cfg.CSV_DIR, "--csv_dir", write=False), f"{s}.csv")) for s in splits):
         fetch_csvs(cfg.CSV_DIR)
-    sources = {split: os.path.join(cfg.CSV_DIR, f"{split}.csv") for split in SPLITS}
-    rows = {split: read_csv(source) for split, source in sources.items()}  # both checked before anything is written
-    os.makedirs(cfg.DATA_DIR, exist_ok=True)
+    sources = {split: os.path.join(cfg.CSV_DIR, f"{split}.csv") for split in splits}
+    rows = {split: read_csv(source) for split, source in sources.items()}  # all checked before anything is written
+    files.folder(cfg.DATA_DIR, "--data_dir")
     for split, source in sources.items():
         labels, texts, bad = rows[split]
         meta = expected_meta(cfg, tokenizer, split)
@@ -163,23 +172,29 @@ def prepare(cfg: SimpleNamespace, tokenizer) -> None:
 
 
 def load_split(cfg: SimpleNamespace, tokenizer, split: str) -> Split:
-    """A prepared split, preparing both when absent; refuses files prepared for another tokenizer or config."""
+    """A prepared split, preparing it from the CSVs when absent or prepared for another tokenizer or sample (the
+    other split is left as it is)."""
     path = split_path(cfg, split)
     if not os.path.exists(path):
-        print(f"{path} is missing: preparing the data as ./prep.sh would")
-        prepare(cfg, tokenizer)
+        print(f"{path} is missing: preparing it as ./prep.sh would", flush=True)
+        prepare(cfg, tokenizer, (split,))
+    stored = read_split(path)
+    meta, want = stored["meta"], expected_meta(cfg, tokenizer, split)
+    stale = {k: (meta.get(k), v) for k, v in want.items() if k != "model_id" and meta.get(k) != v}
+    if stale:
+        why = [f"{k}={old}, not {new}" for k, (old, new) in stale.items() if k not in ("vocab_fingerprint", "vocab_size")]
+        why = ([f"the tokenizer of {meta.get('model_id')}, not {cfg.MODEL_ID}'s"] if "vocab_fingerprint" in stale else []) + why
+        print(f"{path} was prepared with {'; '.join(why)}: preparing it again from {cfg.CSV_DIR}", flush=True)
+        prepare(cfg, tokenizer, (split,))
+        stored = read_split(path)
+    return Split(stored["tokens"], stored["offsets"], stored["labels"], stored["meta"])
+
+
+def read_split(path: str) -> dict:
     try:
-        stored = torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True)
     except Exception as e:
         raise errors.UserError(f"{path} is not a file prep wrote ({type(e).__name__}); delete it and run ./prep.sh") from e
-    meta, want = stored["meta"], expected_meta(cfg, tokenizer, split)
-    if meta["vocab_fingerprint"] != want["vocab_fingerprint"]:
-        raise errors.UserError(f"{path} was tokenized for {meta['model_id']}, not for {cfg.MODEL_ID}: run {prep_command(cfg)}")
-    stale = {k: (meta[k], v) for k, v in want.items() if k != "model_id" and meta[k] != v}
-    if stale:
-        raise errors.UserError(f"{path} was prepared with {', '.join(f'{k}={v[0]}' for k, v in stale.items())}: "
-                            f"run {prep_command(cfg)} (or set those values back)")
-    return Split(stored["tokens"], stored["offsets"], stored["labels"], meta)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def path(results_dir: str) -> str:
 @contextlib.contextmanager
 def locked(results_dir: str) -> Iterator[None]:
     """Every write of the ledger holds this lock, a file of its own, so a ledger replaced by rename stays locked."""
-    os.makedirs(results_dir, exist_ok=True)
+    files.folder(results_dir, "--results_dir")
     with open(os.path.join(results_dir, ".results.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
@@ -52,7 +52,9 @@ def read_lines(ledger: str) -> tuple[list[str], list[list[str]]]:
 
 
 def check(results_dir: str) -> None:
-    """A one-line error if the ledger cannot take a row: so a damaged file is found before the work, not after."""
+    """A one-line error if the ledger cannot take a row (a damaged file, a results folder that is a file or not
+    writable): so it is found before the work, not after."""
+    files.folder(results_dir, "--results_dir")
     if os.path.exists(path(results_dir)):
         read_lines(path(results_dir))
 

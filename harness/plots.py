@@ -1,57 +1,106 @@
 """The figures, as PNG files: test scores against primer length, training loss against step, probes against layer."""
+import json
 import os
+from typing import Optional
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: training machines have no display
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import StrMethodFormatter  # noqa: E402
+from matplotlib.ticker import MaxNLocator, StrMethodFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from harness import files# noqa: E402
+from harness import files  # noqa: E402
 from harness import ledger  # noqa: E402
 from harness import parallel  # noqa: E402
 
 SMOOTH_POINTS = 50  # a loss curve is averaged over windows of 1/SMOOTH_POINTS of its steps: batches of 6 are noisy
 
 
+def window(steps: int) -> int:
+    return max(1, steps // SMOOTH_POINTS)
+
+
 def smooth(loss: pd.Series) -> pd.Series:
-    return loss.rolling(max(1, len(loss) // SMOOTH_POINTS), min_periods=1).mean()
+    return loss.rolling(window(len(loss)), min_periods=1).mean()
 
 
 def loss_axis(ax: plt.Axes, ylabel: str, title: str) -> None:
-    """Log scale, since a loss falls by orders of magnitude, but with plain numbers on the ticks."""
-    ax.set(yscale="log", xlabel="step", ylabel=ylabel, title=title)
+    """Log scale, since a loss falls by orders of magnitude, but with plain numbers on the ticks; whole steps."""
+    ax.set(yscale="log", xlabel="training step (batch)", ylabel=ylabel, title=title)
     ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
     ax.yaxis.set_minor_formatter(StrMethodFormatter("{x:g}"))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def described(fig: plt.Figure) -> dict:
+    """What a reader sees of each axes: title, axis labels, the tick labels in view, the legend's entries."""
+    fig.canvas.draw()  # so the tick labels are the ones drawn
+    def ticks(axis, low_high):
+        low, high = sorted(low_high)
+        return [t.get_text() for t, at in zip(axis.get_ticklabels(), axis.get_majorticklocs()) if low <= at <= high]
+    return {"suptitle": fig._suptitle.get_text() if fig._suptitle else "",
+            "axes": [{"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+                      "xticks": ticks(ax.xaxis, ax.get_xlim()), "yticks": ticks(ax.yaxis, ax.get_ylim()),
+                      "legend": [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else []}
+                     for ax in fig.axes]}
 
 
 def save(fig: plt.Figure, path: str) -> str:
-    """Write the figure to path atomically (under accelerate the main process alone writes) and close it."""
+    """Write the figure to path atomically (under accelerate the main process alone writes) and close it. The PNG
+    carries described(fig) as JSON in its "Description" text, so a reader (or a test) can check it without pixels."""
     fig.tight_layout()
     if parallel.is_main():
         with files.atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
+            fig.savefig(tmp, format="png", dpi=120, metadata={"Description": json.dumps(described(fig))})
     plt.close(fig)
     return path
 
 
-def mark_epochs(ax: plt.Axes, log: pd.DataFrame, color: str) -> None:
-    """A dotted line where each epoch after the first starts, as its learning rate changes there."""
-    for step in log.groupby("epoch")["step"].min().iloc[1:]:
-        ax.axvline(step - 0.5, color=color, ls=":", lw=1)
+def description(path: str) -> dict:
+    """The described() JSON a PNG of save() carries."""
+    from PIL import Image
+    with Image.open(path) as image:
+        return json.loads(image.text["Description"])
 
 
-def loss_curve(run_dir: str) -> str:
-    """Write run_dir/loss.png from run_dir/losses.csv: each step's loss, its running mean, the epoch boundaries."""
+def mark_epochs(ax: plt.Axes, log: pd.DataFrame, color: str, label: Optional[str] = None) -> None:
+    """A dotted line where each epoch after the first starts, as its learning rate changes there (the first labeled)."""
+    for i, step in enumerate(log.groupby("epoch")["step"].min().iloc[1:]):
+        ax.axvline(step - 0.5, color=color, ls=":", lw=1, label=label if i == 0 else None)
+
+
+def model_name(model_id: str) -> str:
+    """A model id as a reader knows it: a hub id whole, a .gguf file's name, a local folder's last two parts."""
+    path = os.path.normpath(model_id)
+    if path.endswith(".gguf"):
+        return os.path.basename(path).removesuffix(".gguf")
+    if os.path.isdir(path):
+        return "/".join(path.split(os.sep)[-2:])
+    return model_id
+
+
+def loss_curve(run_dir: str, method: str = "", tokens: int = 0) -> str:
+    """Write run_dir/loss.png from run_dir/losses.csv: each step's loss, its running mean (where there are enough steps
+    to average), the epoch boundaries; the title names the model, method, length and rates (from config.json)."""
     log = pd.read_csv(os.path.join(run_dir, "losses.csv"))
+    cfg = files.read_json(os.path.join(run_dir, "config.json"))
+    rates = ", ".join(f"{r:g}" for r in cfg.get("rate_by_epoch", []))
+    unit = " x embedding std" if cfg.get("rate_scale") == "embedding" else ""
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(log["step"], log["loss"], lw=0.5, alpha=0.4, label="per step")
-    ax.plot(log["step"], smooth(log["loss"]), label="running mean")
-    mark_epochs(ax, log, "grey")
-    loss_axis(ax, "cross-entropy loss", os.path.basename(os.path.normpath(run_dir)))
-    ax.legend()
+    span = window(len(log))
+    ax.plot(log["step"], log["loss"], lw=0.8, alpha=0.5 if span > 1 else 1.0, marker="." if len(log) <= 200 else None,
+            label="loss of each step", zorder=3)
+    if span > 1:  # with one step per window the running mean is the per-step line itself
+        ax.plot(log["step"], smooth(log["loss"]), lw=2, label=f"running mean over {span} steps", zorder=2)
+    mark_epochs(ax, log, "grey", "epoch boundary (the rate changes)")
+    what = ", ".join(part for part in (method, f"{tokens} tokens" if tokens else "") if part)
+    loss_axis(ax, "cross-entropy loss of the label token",
+              f"Training loss: {what + ' on ' if what else ''}{model_name(cfg.get('model_id', '?'))}\n"
+              f"rates by epoch [{rates}]{unit}; run {os.path.basename(os.path.normpath(run_dir))}")
+    ax.title.set_fontsize(10)
+    ax.legend(fontsize=8)
     return save(fig, os.path.join(run_dir, "loss.png"))
 
 
@@ -95,8 +144,9 @@ def losses_plot(rows: list[dict], results_dir: str, path: str) -> str:
             log = pd.read_csv(losses)
             label = f"{r['method']}, {int(r['tokens'])} tokens, lr {r['lr_schedule']}"
             (line,) = ax.plot(log["step"], smooth(log["loss"]), label=label)
-            mark_epochs(ax, log, line.get_color())
-    loss_axis(ax, "cross-entropy loss (running mean)", "Training loss")
+            mark_epochs(ax, log, line.get_color(), None if any(l.get_linestyle() == ":" for l in ax.lines) else
+                        "epoch boundary (dotted, in the run's color)")
+    loss_axis(ax, "cross-entropy loss (running mean)", "Training loss of each run in the ledger")
     if ax.lines:
         ax.legend(fontsize=8)
     return save(fig, path)
@@ -115,14 +165,19 @@ def probe_layers(results_dir: str, model_id: str, run_dir: str) -> str:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for (condition, probe), table in tables.items():
         for pooling, rows in table.groupby("pooling"):
-            ax.plot(rows["layer"], 100 * rows["val_score"], marker=".", label=f"{probe} probe, {condition}, {pooling}")
+            ax.plot(rows["layer"], 100 * rows["val_score"], marker="o" if pooling == "last" else "s", ms=4, lw=1.5, zorder=3,
+                    label=f"{probe} probe, {'review alone' if condition == 'none' else condition + ' prompt'}, {pooling} pooling")
     latest = {r["script"]: r for r in ledger.rows(results_dir) if r["model_id"] == model_id and r["script"] != "probe"}
     probes = len(ax.lines)
-    for i, (script, r) in enumerate(sorted(latest.items())):
-        ax.axhline(100 * float(r["score"]), color=f"C{probes + i}", ls="--", label=f"{script} test score ({r['method']})")
+    for i, (script, r) in enumerate(sorted(latest.items())):  # thin and under the probes, so no probe line hides
+        ax.axhline(100 * float(r["score"]), color=f"C{probes + i}", ls="--", lw=1, zorder=2,
+                   label=f"{script} test score ({r['method']})")
     lowest = min([100 * float(r["score"]) for r in latest.values()] + [50.0])  # chance, or a reference line below it
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="layer (0: embeddings)", ylabel="validation reviews right (%)", ylim=(max(0.0, lowest - 5), 100),
-           title=f"Linear readout of the label, layer by layer: {os.path.basename(model_id)}")
+           title=f"Review sentiment read out of each layer of {model_name(model_id)} by a probe\n"
+                 "(the best probe per layer, on validation reviews; dashed: other methods' test scores)")
+    ax.title.set_fontsize(10)
     ax.legend(fontsize=7)
     return save(fig, os.path.join(run_dir, "probe_layers.png"))
 
@@ -154,6 +209,7 @@ def generation_curve(summary: pd.DataFrame, run_dir: str) -> str:
         ax.set(xlabel="coefficient (x mean residual norm)", ylabel=label)
         ax.legend(fontsize=8)
     axes[0].set_ylim(-0.05, 1.05)
+    fig.suptitle("Steered answers: how positive and how fluent, against the steering coefficient", fontsize=10)
     return save(fig, os.path.join(run_dir, "generation.png"))
 
 
@@ -162,6 +218,8 @@ def search_curve(candidates: pd.DataFrame, path: str) -> str:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.scatter(candidates["forwards"], 100 * candidates["val_score"], s=8, alpha=0.4, label="candidate")
     ax.step(candidates["forwards"], 100 * candidates["val_score"].cummax(), where="post", label="best so far")
-    ax.set(xlabel="reviews through forward passes", ylabel="validation reviews right (%)", title="Prompt search")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="reviews through forward passes", ylabel="validation reviews right (%)",
+           title="Prompt search: validation score of each candidate prompt, and the best so far")
     ax.legend()
     return save(fig, path)

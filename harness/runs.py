@@ -62,7 +62,7 @@ def write_atomic(path: str, text: str) -> None:
 def new_run_dir(cfg: SimpleNamespace, script: str) -> str:
     """A new run folder, results/<time>-<script>, holding the run's effective config (under accelerate the main
     process makes it and every process gets its path). A method that trains takes run_dir_or_resume instead."""
-    base = os.path.join(cfg.RESULTS_DIR, f"{datetime.now():%Y%m%d-%H%M%S}-{script}")
+    base = os.path.join(files.folder(cfg.RESULTS_DIR, "--results_dir"), f"{datetime.now():%Y%m%d-%H%M%S}-{script}")
     for n in itertools.count(1):
         path = base if n == 1 else f"{base}-{n}"
         try:
@@ -113,7 +113,7 @@ def record(task: Task, script: str, method: str, prompt_tokens: int, predictions
         save_file({**tensors, "label_ids": task.label_ids.cpu()}, tmp)
     if log:
         write_atomic(os.path.join(run_dir, "losses.csv"), pd.DataFrame(log).to_csv(index=False))
-        plots.loss_curve(run_dir)
+        plots.loss_curve(run_dir, method, prompt_tokens)
     ledger.append(cfg.RESULTS_DIR, row)
     print(ledger.format_table([row]))
     print(f"saved {run_dir} and a row of {ledger.path(cfg.RESULTS_DIR)}")
@@ -124,7 +124,9 @@ def environment(task: Task) -> dict:
     """What the config cannot say about a run: the code's commit, the libraries (gguf and kernels decide how a GGUF
     file loads: None when not installed), whether GGUF weights stayed packed, the device, dtype and attention kernel."""
     from importlib.metadata import PackageNotFoundError, version
+
     import transformers
+
     from harness import frozen, hub
 
     def installed(name: str) -> Optional[str]:

@@ -161,7 +161,7 @@ def train_epoch(task, params: dict[str, torch.Tensor], loss_of: LossOf, optimize
     for group in optimizer.param_groups:
         group["lr"] = rate
     batches = length_grouped_batches(task.train.lengths, cfg.BATCH_SIZE, cfg.SEED + progress.epoch)
-    bar = tqdm(batches[progress.batch:], desc=f"epoch {progress.epoch + 1}/{len(rates)} lr {rate:.3g}",
+    bar = tqdm(batches[progress.batch:], desc=f"epoch {progress.epoch + 1}/{len(rates)} rate {cfg.RATE_BY_EPOCH[progress.epoch]:g} (Adam lr {rate:.3g})",
                unit="batch", initial=progress.batch, total=len(batches), disable=not parallel.is_main())
     tensors, pending, seen, start = list(params.values()), [], 0, time.perf_counter()
     running = None

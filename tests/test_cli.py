@@ -9,7 +9,7 @@ import compare
 import experiment
 import prompt_short
 from conftest import overrides, run_script
-from harness import cli, errors, runs
+from harness import cli, errors, plots, runs
 
 
 def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, tmp_path, capsys):
@@ -17,7 +17,8 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
     trained = run_script("experiment.py", *args)  # no prep first: the data is prepared on the way
     assert trained.returncode == 0, trained.stderr
     assert "| Run | Method | Train reviews | Params | Tokens | Score | Correct / Total | Label-restricted | Best epoch | Status |" in trained.stdout
-    assert "epoch 3/3" in trained.stderr and "samples_s=" in trained.stderr  # progress bars
+    assert "epoch 3/3 rate 0.1 (Adam lr 0.1)" in trained.stderr and "samples_s=" in trained.stderr  # progress bars
+    assert trained.stderr.count("\r") <= 2 * trained.stderr.count("\n")  # in a log: each bar's start and end, no more
     assert any(line.startswith("batch_size ") for line in trained.stdout.splitlines())  # the effective config
 
     results = tmp_path / "results"
@@ -69,8 +70,15 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
     only_a, only_b = int((restricted & ~other_restricted).sum()), int((other_restricted & ~restricted).sum())
     assert (f"| label-restricted | {100 * metrics['restricted_score']:.1f}% ({metrics['restricted_correct']}) "
             f"| {100 * ledger.loc[2, 'restricted_score']:.1f}% ({ledger.loc[2, 'restricted_correct']}) | {only_a} | {only_b} | ") in compared.stdout
-    with pytest.raises(SystemExit, match=f"^error: {tmp_path} has no predictions.safetensors: give the folder of a finished run$"):
-        compare.main([str(run), str(tmp_path)])
+    with pytest.raises(errors.UserError, match=f"^{tmp_path} has no predictions.safetensors: give the folder of a finished run$"):
+        compare.compare(str(run), str(tmp_path))
+    (figure,) = plots.description(str(run / "loss.png"))["axes"]
+    assert figure["title"].startswith(f"Training loss: primer, 4 tokens on {plots.model_name(tiny.model_dir)}\nrates by epoch [0.1, 0.1, 0.1]; run {run_id}")
+
+
+def test_compare_needs_two_run_folders():
+    result = run_script("compare.py", "results/one")
+    assert result.returncode == 1 and result.stderr.strip() == "error: give two run folders: python compare.py results/<run A> results/<run B>"
 
 
 def test_mcnemar_exact_known_values():

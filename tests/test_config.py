@@ -75,3 +75,12 @@ def test_a_gguf_model_id_is_loaded_as_folder_and_file():
     assert hub.gguf_source("SmolLM2.Q4_1.gguf", None) == (".", {"gguf_file": "SmolLM2.Q4_1.gguf"})
     assert hub.gguf_source("org/model-GGUF", "model.Q8_0.gguf") == ("org/model-GGUF", {"gguf_file": "model.Q8_0.gguf"})
     assert hub.gguf_source("org/model", None) == ("org/model", {})
+
+
+def test_a_script_that_declares_its_settings_shows_only_those():
+    import real
+    import tiny
+    shown = cli.usage(real, real.REAL, ("SEED",))
+    assert "defaults from config.py and real.py" in shown and "--model_id" not in shown and "  --test_snippets=2400\n" in shown
+    assert cli.usage(tiny, None, ()).endswith("\n\nsettings: none")
+    assert vars(cli.configure([], shared=())) == {}

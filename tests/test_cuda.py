@@ -14,8 +14,8 @@ import os
 import pytest
 import torch
 
-from harness import cli, frozen, layouts, ledger, primers, runs, scoring, training
 from conftest import overrides, run_script
+from harness import cli, frozen, layouts, ledger, primers, runs, scoring, training
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 POSITIONS = layouts.PRIMER_POSITIONS
@@ -123,9 +123,11 @@ def test_joined_review_ids_are_made_once_and_are_the_tokenizers_own(task):
 def test_a_gguf_loads_dequantized_to_dtype_without_looking_for_packed_kernels(monkeypatch):
     """transformers keeps a GGUF's weights packed wherever it finds its kernels; load_model never asks for them."""
     import types
+
+    from transformers.quantizers import quantizer_gguf
+
     import real
     from harness import hub
-    from transformers.quantizers import quantizer_gguf
 
     def looked(*args, **kwargs):
         raise AssertionError("transformers looked for GGUF kernels: the weights could stay packed on a machine that has them")
@@ -154,7 +156,12 @@ def one_row(out) -> dict:
 
 @CUDA
 def test_every_script_runs_on_cuda_in_bfloat16(tiny, tmp_path, monkeypatch):
-    import bake, experiment, probe, search_prompt, steer, sweep
+    import bake
+    import experiment
+    import probe
+    import search_prompt
+    import steer
+    import sweep
     for position in POSITIONS:
         experiment.run(cli.configure(cuda_args(tiny, tmp_path / position, f"--primer_position={position}", "--rate_by_epoch=[0.1]")))
         assert one_row(tmp_path / position)["status"] == "finished"

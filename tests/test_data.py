@@ -1,6 +1,5 @@
 import os
 import pickle
-import shlex
 
 import numpy as np
 import pytest
@@ -32,7 +31,10 @@ def test_each_kind_of_dirty_row_is_counted_reported_and_skipped(tmp_path, capsys
     labels, texts, bad = data.read_csv(str(path))
     assert bad == list(range(301, 301 + len(DIRTY_ROWS)))  # every kind, at its own line
     assert len(texts) == 800 and labels.tolist() == [0, 1] * 400 and texts[:2] == ["fine", "stray whitespace around both fields"]
-    assert f"skipped {len(DIRTY_ROWS)} bad rows of 806 (first at lines [301, 302, 303, 304, 305])" in capsys.readouterr().out
+    assert capsys.readouterr().out == (
+        f"{path}: skipping 6 of 806 rows that are not '\"1\" or \"2\",\"review\"' (line 301: label '3' is not \"1\" or \"2\"; "
+        "line 302: 1 fields, not 2; line 303: empty review; line 304: empty review; line 305: bytes that are not UTF-8; ...); "
+        "up to 1% may be\n")  # each row's reason, and the share tolerated
 
 
 def test_prep_writes_nothing_when_one_csv_is_too_dirty(tiny, tmp_path):
@@ -43,7 +45,8 @@ def test_prep_writes_nothing_when_one_csv_is_too_dirty(tiny, tmp_path):
     result = run_script("prep.sh", *overrides(tiny, tmp_path), f"--csv_dir={csv_dir}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (f"error: {csv_dir}/test.csv: 1 of 51 rows are not '\"1\" or \"2\",\"review\"' "
-                                                      f"(first at lines [51]); fix or replace the file")
+                                                      "(line 51: label 'x' is not \"1\" or \"2\"), more than the 1% of rows "
+                                                      "tolerated: fix or replace the file")
     assert not os.path.exists(tmp_path / "data" / "train.pt")  # train.csv was fine, but nothing is written
 
 
@@ -58,11 +61,16 @@ def test_long_reviews_keep_their_first_tokens(tiny, tmp_path, cfg):
         assert any(ids[:8] == head for ids in full)
 
 
-def test_csv_with_too_many_bad_rows_is_refused(tmp_path):
+def test_csv_with_too_many_bad_rows_is_refused_without_saying_skipped(tmp_path, capsys):
     path = tmp_path / "bad.csv"
-    path.write_text('"1","fine"\n"x","label"\n', encoding="utf-8")
-    with pytest.raises(errors.UserError, match="rows are not"):
+    rows = ['"1","fine"'] * 117 + ['"x","label"', '"2",""']  # 2 of 119: over 1%
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(errors.UserError, match=r"2 of 119 rows are not .* \(line 118: label 'x' is not \"1\" or \"2\"; "
+                                               r"line 119: empty review\), more than the 1% of rows tolerated: fix"):
         data.read_csv(str(path))
+    assert capsys.readouterr().out == ""  # nothing was skipped: the file is refused
+    path.write_text("\n".join(rows[1:118]) + "\n", encoding="utf-8")  # 1 of 117: within 1%
+    assert len(data.read_csv(str(path))[1]) == 116 and "skipping 1 of 117 rows" in capsys.readouterr().out
 
 
 def test_balanced_sample_is_seeded_and_balanced():
@@ -93,27 +101,37 @@ def test_prep_writes_safe_tokenized_splits(tiny, tmp_path):
         assert any("\n\nThey said \"come back\"" in text for text in decoded)
 
 
-def test_load_split_refuses_other_tokenizer_stale_config_and_pickles(tiny, tmp_path, cfg):
+def test_load_split_prepares_again_for_another_sample_or_tokenizer_and_refuses_pickles(tiny, tmp_path, cfg, capsys):
     tokenizer = data.load_tokenizer(tiny.model_dir)
-    data.load_split(cfg, tokenizer, "test")  # prepares both splits itself when they are missing
-    path = tmp_path / "data" / "test.pt"
-    stored = torch.load(path, weights_only=True)
+    assert len(data.load_split(cfg, tokenizer, "test")) == 60  # prepares the split itself when it is missing
+    path, train = tmp_path / "data" / "test.pt", tmp_path / "data" / "train.pt"
+    assert not train.exists()  # only the split asked for
+    assert len(data.load_split(cfg, tokenizer, "train")) == 100
+    before = train.read_bytes()
     cfg.TEST_LIMIT = 50
-    with pytest.raises(errors.UserError, match=r"prepared with limit=60: run \./prep\.sh ") as error:
-        data.load_split(cfg, tokenizer, "test")
-    command = str(error.value).split("run ")[1].removesuffix(" (or set those values back)")
-    assert command == (f"./prep.sh --model_id={tiny.model_dir} --csv_dir={tiny.csv_dir} --data_dir={tmp_path}/data "
-                       f"--train_limit=100 --test_limit=50 --max_review_tokens=1024 --seed=0")  # the user's other flags kept
-    data.prepare(cli.configure(shlex.split(command)[1:]), tokenizer)  # the command as printed, as prep.sh reads it
-    assert len(data.load_split(cfg, tokenizer, "test")) == 50 and len(data.load_split(cfg, tokenizer, "train")) == 100
+    capsys.readouterr()
+    split = data.load_split(cfg, tokenizer, "test")  # another --test_limit: the CSVs are there, so prepared again
+    assert len(split) == 50 and split.meta["limit"] == 50 and int(split.labels.sum()) == 25
+    assert f"{path} was prepared with limit=60, not 50: preparing it again from {tiny.csv_dir}" in capsys.readouterr().out
+    assert train.read_bytes() == before  # the other split is kept as it was
+    assert len(data.load_split(cfg, tokenizer, "test")) == 50 and capsys.readouterr().out == ""  # now current: loaded as is
+    stored = torch.load(path, weights_only=True)
     stored["meta"].update(model_id="other/model", vocab_fingerprint="0" * 16)
     torch.save(stored, path)
-    with pytest.raises(errors.UserError, match=f"tokenized for other/model, not for {tiny.model_dir}: run {command}$"):
-        data.load_split(cfg, tokenizer, "test")
+    assert data.load_split(cfg, tokenizer, "test").meta["vocab_fingerprint"] == data.vocab_fingerprint(tokenizer)
+    assert f"prepared with the tokenizer of other/model, not {tiny.model_dir}'s" in capsys.readouterr().out
     with open(path, "wb") as f:
         pickle.dump({"meta": os.system}, f)  # a crafted pickle that would call a function if unpickled
     with pytest.raises(errors.UserError, match="not a file prep wrote"):
         data.load_split(cfg, tokenizer, "test")
+
+
+def test_tokenizing_counts_reviews_not_thousands(tiny, capfd):
+    tokenizer = data.load_tokenizer(tiny.model_dir)
+    tokens, offsets, truncated = data.tokenize(tokenizer, ["good food"] * 1500, 1024)
+    assert len(offsets) == 1501 and int(offsets[-1]) == len(tokens) and truncated == 0
+    bar = capfd.readouterr().err
+    assert "1500/1500" in bar and " reviews/s" in bar and "x1000" not in bar
 
 
 PUBLIC_LINES = ['"2","Said ""wow"", then left.\\n\\nGreat!"', '"1","Caf\u00e9 na\u00efve \u2014 \u201csmart\u201d quotes, \u00fcber-bad."',

@@ -1,4 +1,5 @@
 """Mistakes a user can make end with one line that says what to do."""
+import os
 import re
 import time
 
@@ -7,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import overrides, run_script
-from harness import cli, data, errors, frozen, hub, layouts, primers
+from harness import cli, data, errors, files, frozen, hub, layouts, ledger, primers, runs
 
 
 def test_missing_csvs_without_network_say_where_to_put_them(tiny, tmp_path):
@@ -147,3 +148,35 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setattr("sys.argv", ["experiment.py"])
     with pytest.raises(ZeroDivisionError):  # not turned into a one-line exit
         cli.main(lambda cfg: 1 / 0)
+
+
+def test_a_path_setting_naming_a_file_where_a_folder_is_wanted_is_one_line(tiny, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    result = run_script("experiment.py", *overrides(tiny, tmp_path), f"--results_dir={a_file}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [(f"error: --results_dir={a_file} is a file, not a folder: "
+                                                   "set --results_dir to a folder you can write in")]
+    cfg = cli.configure(overrides(tiny, tmp_path) + [f"--results_dir={a_file}/results"])
+    with pytest.raises(errors.UserError, match=f"^--results_dir={a_file}/results cannot be made: part of that path is a file"):
+        runs.start_run(cfg, "experiment")
+    tokenizer = data.load_tokenizer(tiny.model_dir)
+    for setting in ("data_dir", "csv_dir"):
+        cfg = cli.configure(overrides(tiny, tmp_path) + [f"--{setting}={a_file}"])
+        with pytest.raises(errors.UserError, match=f"^--{setting}={a_file} is a file, not a folder: set --{setting} to a folder"):
+            data.prepare(cfg, tokenizer)
+    assert a_file.read_text() == "not a folder" and not os.path.exists(tmp_path / "data")  # nothing written anywhere
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in any folder")
+def test_a_folder_without_write_permission_is_one_line(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(errors.UserError, match=f"^--results_dir={locked} is not writable by this user"):
+            ledger.check(str(locked))
+        with pytest.raises(errors.UserError, match="cannot be made: no permission to write there"):
+            files.folder(str(locked / "results"), "--results_dir")
+    finally:
+        locked.chmod(0o700)
