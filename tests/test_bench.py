@@ -79,7 +79,8 @@ def test_bench_figures_are_those_of_the_batches_it_timed(printed, tiny):
     out = printed
     assert "random weights" in out and "synthetic Yelp-length reviews" in out
     peak = float(re.search(rf"dense torch.float32 matmul: ({NUMBER}) TFLOP/s", out).group(1))
-    conf = json.load(open(os.path.join(tiny.model_dir, "config.json")))
+    with open(os.path.join(tiny.model_dir, "config.json")) as f:
+        conf = json.load(f)
     rows, expected = table(out), expected_rows(conf)
     assert set(ROWS) <= set(rows)
     for name in ROWS:
@@ -93,16 +94,16 @@ def test_bench_figures_are_those_of_the_batches_it_timed(printed, tiny):
     assert expected["score"]["padding"] > 0.01 and expected["train"]["tokens per sample"] < MAX_TOKENS  # lengths vary
 
     def speed_up(line: str) -> float:
-        return float(re.search(rf"^{re.escape(line)}: ([\d.]+)x", out, re.M).group(1))
+        return float(re.search(rf"^{re.escape(line)}: ([\d.]+)x", out, re.MULTILINE).group(1))
     sps = {name: number(rows[name]["Samples/s"]) for name in ROWS}
     for what in ("train", "score"):  # the speed-ups are those of the table's rows, not inverted or of other rows
         ratio = sps[what] / sps[f"{what}, straightforward loop"]
         assert speed_up(what) == pytest.approx(ratio, rel=2e-3, abs=0.051)
     assert speed_up("train, primer position suffix") == pytest.approx(sps["train, primer position suffix"] / sps["train"], rel=2e-3, abs=0.051)
-    projected = re.search(r"^reference run \(290,000 training samples, 38,000 test reviews\) projected: ([\d,.]+) minutes", out, re.M)
+    projected = re.search(r"^reference run \(290,000 training samples, 38,000 test reviews\) projected: ([\d,.]+) minutes", out, re.MULTILINE)
     assert number(projected.group(1)) == pytest.approx((290000 / sps["train"] + 38000 / sps["score"]) / 60, rel=3e-3, abs=0.051)
     moved = re.search(r"^batch size 1 vs 8: 0 of 16 answers over the vocabulary and 0 between the labels change; "
-                      rf"logits move by at most ({NUMBER}) ", out, re.M)
+                      rf"logits move by at most ({NUMBER}) ", out, re.MULTILINE)
     assert moved and float(moved.group(1)) < 1e-5
 
 
@@ -130,7 +131,7 @@ def test_the_suffix_row_runs_only_the_suffix_with_gradients(tiny):
     idx = training.length_grouped_batches(task.train.lengths, BATCH, 0)[0]
     primer = primers.init_primer(task.model, PRIMER, 0).requires_grad_(True)
     layouts = {position: bench.bench_layout(task, position) for position in ("system", "suffix")}
-    counts = {position: positions_with_gradient(task.model, lambda: primers.loss_of(task, at, primer)(idx, len(idx)).backward())
+    counts = {position: positions_with_gradient(task.model, lambda at=at: primers.loss_of(task, at, primer)(idx, len(idx)).backward())
               for position, at in layouts.items()}
     assert counts["suffix"] == len(idx) * len(layouts["suffix"].suffix)  # the primer and the answer cue alone
     system = layouts["system"]

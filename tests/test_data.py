@@ -119,17 +119,17 @@ def test_load_split_refuses_other_tokenizer_stale_config_and_pickles(tiny, tmp_p
 PUBLIC_LINES = ['"2","Said ""wow"", then left.\\n\\nGreat!"', '"1","Caf\u00e9 na\u00efve \u2014 \u201csmart\u201d quotes, \u00fcber-bad."',
                 '"2","A backslash-n at the end\\n"', '"1","Line one.\\nLine two ""quoted"" here?"'] * 30
 # the first two rows of the public train.csv, as huggingface/datasets' dummy data for yelp_polarity holds them
-REAL_LINES = ['"1","Unfortunately, the frustration of being Dr. Goldberg\'s patient is a repeat of the experience I\'ve had with so '
-              'many other doctors in NYC -- good doctor, terrible staff.  It seems that his staff simply never answers the phone.  '
-              'It usually takes 2 hours of repeated calling to get an answer.  Who has time for that or wants to deal with it?  I '
-              'have run into this problem with many other doctors and I just don\'t get it.  You have office workers, you have '
-              'patients with medical needs, why isn\'t anyone answering the phone?  It\'s incomprehensible and not work the '
-              'aggravation.  It\'s with regret that I feel that I have to give Dr. Goldberg 2 stars."',
-              '"2","Been going to Dr. Goldberg for over 10 years. I think I was one of his 1st patients when he started at MHMG. '
-              'He\'s been great over the years and is really all about the big picture. It is because of him, not my now former '
-              'gyn Dr. Markoff, that I found out I have fibroids. He explores all options with you and is very patient and '
-              'understanding. He doesn\'t judge and asks all the right questions. Very thorough and wants to be kept in the loop '
-              'on every aspect of your medical health and your life."']
+REAL_LINES = [('"1","Unfortunately, the frustration of being Dr. Goldberg\'s patient is a repeat of the experience I\'ve had with so '
+               'many other doctors in NYC -- good doctor, terrible staff.  It seems that his staff simply never answers the phone.  '
+               'It usually takes 2 hours of repeated calling to get an answer.  Who has time for that or wants to deal with it?  I '
+               'have run into this problem with many other doctors and I just don\'t get it.  You have office workers, you have '
+               'patients with medical needs, why isn\'t anyone answering the phone?  It\'s incomprehensible and not work the '
+               'aggravation.  It\'s with regret that I feel that I have to give Dr. Goldberg 2 stars."'),
+              ('"2","Been going to Dr. Goldberg for over 10 years. I think I was one of his 1st patients when he started at MHMG. '
+               'He\'s been great over the years and is really all about the big picture. It is because of him, not my now former '
+               'gyn Dr. Markoff, that I found out I have fibroids. He explores all options with you and is very patient and '
+               'understanding. He doesn\'t judge and asks all the right questions. Very thorough and wants to be kept in the loop '
+               'on every aspect of your medical health and your life."')]
 
 
 @pytest.fixture

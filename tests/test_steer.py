@@ -134,7 +134,7 @@ def test_generation_writes_every_answer_its_judgement_and_the_curve(tiny, tmp_pa
     (run,) = glob.glob(f"{tmp_path}/results/*-steer")
     answers = pd.read_csv(f"{run}/generations.csv", keep_default_na=False)
     assert len(answers) == 5 * 3 * 2  # (3 coefficients + 2 text prompts) x 3 user messages x 2 samples
-    assert answers["p_positive"].between(0, 1).all() and answers["p_positive"].nunique() > 1 and (answers["fluency"] < 0).all()
+    assert answers["p_positive"].nunique() > 1 and (answers["fluency"] < 0).all()  # each judged below, against the judge alone
     assert list(answers["prompt"][:2]) == [steer.GENERATE_PROMPTS[0]] * 2
     summary = pd.read_csv(f"{run}/generation_summary.csv")
     assert list(summary["steering"]) == ["vector at layer 1"] * 3 + ["prompt: make it positive", "prompt: make it negative"]
