@@ -9,6 +9,7 @@ import types
 import pandas as pd
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 import bake
@@ -41,8 +42,33 @@ def test_baking_a_text_prompt_lowers_the_kl_and_writes_its_adapter_row_and_valid
     (row,) = ledger.rows(f"{baked.out}/results")
     assert row["method"] == "baked long (LoRA r4, q_proj, k_proj, v_proj, o_proj)"
     assert row["trainable_params"] == 4 * LORA_PARAMS_PER_RANK and row["samples"] == 80
+
+
+def last_logits(model, layout, split, i: int) -> torch.Tensor:
+    """Review i of split alone in layout, unpadded, through the whole model: its answer logits in float64."""
+    ids, _ = assemble(layout, split, torch.tensor([i]))
+    return model(input_ids=ids).logits[0, -1].double()
+
+
+# catches: KL taken the other way (student || teacher) or over the label tokens alone, agreement or the student's
+# answers from the prompted student or the unadapted one, the teacher scored with the adapter on, rows mixed up
+def test_the_recovered_teacher_behaviour_equals_a_plain_recount_from_the_saved_adapter(baked, tiny):
+    task = runs.setup(cli.configure(bake_args(tiny, baked.out), bake.SETTINGS), with_train=False)
+    teacher, student = make_layout(task, *prompts.text_prompt("long")), make_layout(task, None)
+    label_ids, test = task.label_ids, task.test
+    with torch.no_grad():
+        taught = torch.stack([last_logits(task.model, teacher, test, i) for i in range(len(test))])
+        baked_model = PeftModel.from_pretrained(task.model, f"{baked.run_dir}/adapter").eval()
+        learned = torch.stack([last_logits(baked_model, student, test, i) for i in range(len(test))])
+    kl = (taught.softmax(-1) * (taught.log_softmax(-1) - learned.log_softmax(-1))).sum(-1)
     recovered = json.load(open(f"{baked.run_dir}/bake.json"))
-    assert 0 <= recovered["agreement"] <= 1 and recovered["kl"] >= 0 and 0 <= recovered["teacher_score"] <= 1
+    assert recovered["kl"] == pytest.approx(kl.mean().item(), rel=1e-4)
+    share = lambda same: pytest.approx(same.double().mean().item(), abs=1e-6)  # one review apart is 1/60
+    assert recovered["agreement"] == share(taught.argmax(-1) == learned.argmax(-1))
+    assert recovered["teacher_score"] == share(taught.argmax(-1) == label_ids[test.labels])
+    assert recovered["teacher_restricted_score"] == share(taught[:, label_ids].argmax(-1) == test.labels)
+    saved = load_file(f"{baked.run_dir}/predictions.safetensors")  # the student's answers, as the ledger row counts them
+    assert torch.equal(saved["answer"], learned.argmax(-1)) and torch.equal(saved["label"], test.labels)
 
 
 def test_a_saved_adapter_scores_the_same_counts(baked, tiny):

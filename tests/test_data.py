@@ -136,21 +136,52 @@ def test_tokenizing_counts_reviews_not_thousands(tiny, capfd):
 
 PUBLIC_LINES = ['"2","Said ""wow"", then left.\\n\\nGreat!"', '"1","Caf\u00e9 na\u00efve \u2014 \u201csmart\u201d quotes, \u00fcber-bad."',
                 '"2","A backslash-n at the end\\n"', '"1","Line one.\\nLine two ""quoted"" here?"'] * 30
+# the first two rows of the public train.csv, as huggingface/datasets' dummy data for yelp_polarity holds them
+REAL_LINES = [('"1","Unfortunately, the frustration of being Dr. Goldberg\'s patient is a repeat of the experience I\'ve had with so '
+               'many other doctors in NYC -- good doctor, terrible staff.  It seems that his staff simply never answers the phone.  '
+               'It usually takes 2 hours of repeated calling to get an answer.  Who has time for that or wants to deal with it?  I '
+               'have run into this problem with many other doctors and I just don\'t get it.  You have office workers, you have '
+               'patients with medical needs, why isn\'t anyone answering the phone?  It\'s incomprehensible and not work the '
+               'aggravation.  It\'s with regret that I feel that I have to give Dr. Goldberg 2 stars."'),
+              ('"2","Been going to Dr. Goldberg for over 10 years. I think I was one of his 1st patients when he started at MHMG. '
+               'He\'s been great over the years and is really all about the big picture. It is because of him, not my now former '
+               'gyn Dr. Markoff, that I found out I have fibroids. He explores all options with you and is very patient and '
+               'understanding. He doesn\'t judge and asks all the right questions. Very thorough and wants to be kept in the loop '
+               'on every aspect of your medical health and your life."')]
 
 
-def test_fetched_reviews_equal_the_public_csv_token_for_token(tiny, tmp_path, monkeypatch):
+@pytest.fixture
+def hub_yelp_polarity():
+    """A stand-in for datasets.load_dataset("fancyzhx/yelp_polarity", "plain_text"), built as the hub builds it: the
+    dataset script's features (Value("string") text, ClassLabel(names=["1", "2"]) label) and its row rule
+    {"text": line[5:-2].strip(), "label": line[1]} (the CSV field as it was: quotes doubled, newlines backslash-n),
+    applied to the public CSV lines."""
     import datasets
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["1", "2"])})
+    lines = [line + "\n" for line in REAL_LINES + PUBLIC_LINES]
+    rows = {"text": [line[5:-2].strip() for line in lines], "label": [features["label"].str2int(line[1]) for line in lines]}
+    return datasets.DatasetDict({split: datasets.Dataset.from_dict(rows, features=features) for split in data.SPLITS})
+
+
+# catches: the labels written back off by one (the hub's 0/1 against the CSV's "1"/"2"), the hub's escapes decoded
+# twice or not at all, and a stand-in drifted from what `datasets` gives users
+def test_fetched_reviews_equal_the_public_csv_token_for_token(tiny, tmp_path, monkeypatch, hub_yelp_polarity):
+    import datasets
+    served = hub_yelp_polarity["train"]
+    # the schema the dataset card documents: text a string, label a class label "1" (0) or "2" (1)
+    assert served.features == datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["1", "2"])})
+    assert served.features["label"].int2str([0, 1]) == ["1", "2"]
+    assert served[0]["label"] == 0 and served[0]["text"].startswith("Unfortunately, the frustration of being Dr. Goldberg's patient")
+    assert served[1]["label"] == 1 and served[2] == {"label": 1, "text": 'Said ""wow"", then left.\\n\\nGreat!'}
     public = tmp_path / "public"
     public.mkdir()
     for split in data.SPLITS:
-        (public / f"{split}.csv").write_text("".join(line + "\n" for line in PUBLIC_LINES), encoding="utf-8")
-    # the hub's rows keep the raw CSV field (its loader takes line[5:-2].strip()) and labels 0/1
-    hub_rows = [{"label": int(line[1]) - 1, "text": line[5:-1].strip()} for line in PUBLIC_LINES]
+        (public / f"{split}.csv").write_text("".join(line + "\n" for line in REAL_LINES + PUBLIC_LINES), encoding="utf-8")
 
     def load_dataset(path, name=None, **kwargs):
         if (path, name) != ("fancyzhx/yelp_polarity", "plain_text"):
             raise FileNotFoundError(f"Dataset '{path}' doesn't exist on the Hub")
-        return {split: hub_rows for split in data.SPLITS}
+        return hub_yelp_polarity
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     tokenizer = data.load_tokenizer(tiny.model_dir)
     stored = {}
@@ -161,8 +192,10 @@ def test_fetched_reviews_equal_the_public_csv_token_for_token(tiny, tmp_path, mo
     assert stored["fetched"]["meta"]["bad_rows"] == 0
     for key in ("tokens", "offsets", "labels"):
         assert torch.equal(stored["fetched"][key], stored["public"][key])
-    texts = data.read_csv(str(tmp_path / "fetched" / "train.csv"))[1]
-    assert texts[:2] == ['Said "wow", then left.\n\nGreat!', "Caf\u00e9 na\u00efve \u2014 \u201csmart\u201d quotes, \u00fcber-bad."]
+    assert (tmp_path / "fetched" / "train.csv").read_text(encoding="utf-8") == (public / "train.csv").read_text(encoding="utf-8")
+    labels, texts, _ = data.read_csv(str(tmp_path / "fetched" / "train.csv"))
+    assert labels[:3].tolist() == [0, 1, 1] and texts[1].startswith("Been going to Dr. Goldberg for over 10 years.")
+    assert texts[2:4] == ['Said "wow", then left.\n\nGreat!', "Caf\u00e9 na\u00efve \u2014 \u201csmart\u201d quotes, \u00fcber-bad."]
 
 
 def test_written_csvs_read_back_as_written(tmp_path):

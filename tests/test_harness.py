@@ -82,13 +82,25 @@ def test_score_matches_a_plain_full_forward(task):
     assert metrics["label_answer_share"] == answered / len(task.test) and metrics["total"] == len(task.test)
 
 
+# catches: the global mean and std (or those of the wrong axis) in place of each dimension's, dimensions shuffled,
+# and norms that are not some embedding row's
 def test_primer_init_matches_embedding_statistics(task):
-    table = task.model.get_input_embeddings().weight
-    primer = primers.init_primer(task.model, 16, seed=0)
-    assert primer.dtype == torch.float32 and primer.shape == (16, table.shape[1])
-    assert torch.equal(primer, primers.init_primer(task.model, 16, seed=0))
+    model = copy.deepcopy(task.model)  # its table given per-dimension means and spreads far apart, unlike a random init's
+    table = model.get_input_embeddings().weight
+    hidden = table.shape[1]
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        table.copy_(torch.linspace(-1, 1, hidden)[torch.randperm(hidden, generator=gen)]
+                    + torch.linspace(0.5, 1.5, hidden) * torch.randn(table.shape, generator=gen))
+    primer = primers.init_primer(model, 20000, seed=0)
+    assert primer.dtype == torch.float32 and primer.shape == (20000, hidden)
+    assert torch.equal(primer, primers.init_primer(model, 20000, seed=0))
+    assert not torch.equal(primer, primers.init_primer(model, 20000, seed=1))
+    mean, std = table.mean(0), table.std(0)
+    assert ((primer.mean(0) - mean).abs() < 0.03 * mean.abs() + 0.05 * std).all()  # each vector rescaled to a row norm: close, not equal
+    assert ((primer.std(0) - std).abs() < 0.08 * std).all()  # a global std is 20-40% off in some dimension
     row_norms = table.norm(dim=1)
-    assert all(torch.isclose(row_norms, n, rtol=1e-5).any() for n in primer.norm(dim=1))  # each norm is some row's
+    assert all(torch.isclose(row_norms, n, rtol=1e-5).any() for n in primer[:16].norm(dim=1))  # each norm is some row's
 
 
 def test_training_moves_only_the_primer_and_makes_the_model_answer_with_labels(task, tmp_path):
