@@ -11,8 +11,10 @@ def test_bench_runs_the_real_code_and_prints_its_figures(tiny):
     assert "random weights" in out and "synthetic Yelp-length reviews" in out
     assert re.search(r"dense torch.float32 matmul: [\d.e+-]+ TFLOP/s", out)
     shapes = re.search(r"^attention: (\w+) \(cuDNN off on CUDA\), batches padded to a multiple of 1; distinct padded "
-                       r"shapes: train (\d) in 2 batches, score (\d) in 2 batches$", out, re.M)
+                       r"shapes: train (\d) in 2 batches, score (\d) in 2 batches; a training epoch meets about (\d+) padded "
+                       r"lengths in 5,000 batches$", out, re.M)
     assert shapes and shapes.group(1) in ("FLASH_ATTENTION", "MATH") and 1 <= int(shapes.group(2)) <= 2, out
+    assert 10 < int(shapes.group(4)) <= 64  # reviews of 1 to 64 tokens in a fixed template: a new length nearly every batch
     for run in ("train", "train, primer position suffix", "train, straightforward loop", "score", "score, straightforward loop",
                 "probe features, every layer"):
         assert re.search(rf"^\| {re.escape(run)} \| [\d,.]+ \| [\d,]+ \| \d+% \| [\d.]+ GB RSS \| [\d.e+-]+ \| [\d.]+% \|$", out, re.M), run
