@@ -179,7 +179,7 @@ def test_every_script_runs_on_cuda_in_bfloat16(tiny, tmp_path, monkeypatch):
         steer.run(cli.configure(cuda_args(tiny, tmp_path / vector, f"--vector={vector}", "--val_limit=30", "--vector_reviews=20",
                                           "--steer_layers=[1, 2]", "--coefficients=[0.0, 0.5]", "--rate_by_epoch=[0.1]"), steer.SETTINGS))
         one_row(tmp_path / vector)
-    steer.run(cli.configure(cuda_args(tiny, tmp_path / "generate", "--generate=True", f"--judge_path={primer}", "--vector_reviews=20",
+    steer.run(cli.configure(cuda_args(tiny, tmp_path / "generate", "--generate=True", f"--judge_path={primer}", "--val_limit=30", "--vector_reviews=20",
                                       "--samples=2", "--max_new_tokens=4", "--generate_coefficients=[0.0, 1.0]"), steer.SETTINGS))
     assert glob.glob(f"{tmp_path}/generate/results/*-steer/generation_summary.csv")
     for search in ("edit", "tokens"):
