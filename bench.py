@@ -82,9 +82,13 @@ def attention_line(task: runs.Task, batches: dict[str, list[torch.Tensor]], layo
     """The attention kernel in use, and how many distinct padded shapes each timed run meets: a kernel that plans or
     compiles per shape pays that many times."""
     shapes = {name: len({layouts.assemble(layout, task.train, idx)[0].shape for idx in found}) for name, found in batches.items()}
+    lengths, fixed = task.train.lengths, len(layout.prefix) + len(layout.suffix)  # an epoch's widths, from the lengths alone
+    epoch = training.length_grouped_batches(lengths, task.cfg.BATCH_SIZE, task.cfg.SEED)
+    widths = len({layouts.padded_width(int(lengths[idx].max()) + fixed) for idx in epoch})
     return (f"attention: {frozen.attention_backend(task.model, task.device)} (cuDNN {'allowed' if task.cfg.CUDNN_ATTENTION else 'off'}"
             f" on CUDA), batches padded to a multiple of {layouts.PAD_MULTIPLE}; distinct padded shapes: "
-            + ", ".join(f"{name} {n} in {len(batches[name])} batches" for name, n in shapes.items()))
+            + ", ".join(f"{name} {n} in {len(batches[name])} batches" for name, n in shapes.items())
+            + f"; a training epoch meets about {widths} padded lengths in {len(epoch):,} batches")
 
 
 def bench_task(cfg) -> tuple[runs.Task, layouts.Layout]:

@@ -21,9 +21,10 @@ def gguf_source(model_id: str, gguf_file: Optional[str]) -> tuple[str, dict]:
 
 def model_kwargs(model_id: str, gguf_file: Optional[str]) -> dict:
     """from_pretrained's keywords for the model (not the tokenizer): a GGUF file is dequantized to the dtype asked for
-    as it loads. transformers 5 otherwise keeps a quantized GGUF's weights packed wherever it finds its GGUF matmul
-    kernels (the `kernels` package installed and a kernel published for the device, GgufHfQuantizer.validate_environment)
-    and computes every matmul in float32 from the blocks, elsewhere it dequantizes: one command would run different
+    as it loads. Otherwise transformers 5.24 keeps a quantized GGUF's weights packed, computing every matmul in
+    float32 from the blocks, wherever it finds its GGUF kernels (the `kernels` package and a kernel for the device:
+    GgufHfQuantizer.validate_environment) for the architectures of its new GGUF loader (qwen35, lfm2; llama's legacy
+    loader dequantizes, but warns of float32 matmuls), and dequantizes elsewhere: one command would run different
     arithmetic, at a different speed, from machine to machine. environment.json records what was loaded."""
     if not (model_id.endswith(".gguf") or gguf_file):
         return {}

@@ -103,8 +103,10 @@ def test_bench_figures_are_those_of_the_batches_it_timed(printed, tiny):
     projected = re.search(r"^reference run \(290,000 training samples, 38,000 test reviews\) projected: ([\d,.]+) minutes", out, re.MULTILINE)
     assert number(projected.group(1)) == pytest.approx((290000 / sps["train"] + 38000 / sps["score"]) / 60, rel=3e-3, abs=0.051)
     shapes = re.search(r"^attention: (\w+) \(cuDNN off on CUDA\), batches padded to a multiple of 1; distinct padded "
-                       r"shapes: train (\d) in 2 batches, score (\d) in 2 batches$", out, re.M)
+                       r"shapes: train (\d) in 2 batches, score (\d) in 2 batches; a training epoch meets about (\d+) padded "
+                       r"lengths in 5,000 batches$", out, re.M)
     assert shapes and shapes.group(1) in ("FLASH_ATTENTION", "MATH") and 1 <= int(shapes.group(2)) <= 2, out
+    assert 10 < int(shapes.group(4)) <= MAX_TOKENS  # lengths vary in a fixed template: a new length nearly every batch
     moved = re.search(r"^batch size 1 vs 8: 0 of 16 answers over the vocabulary and 0 between the labels change; "
                       rf"logits move by at most ({NUMBER}) ", out, re.MULTILINE)
     assert moved and float(moved.group(1)) < 1e-5

@@ -120,22 +120,31 @@ def test_joined_review_ids_are_made_once_and_are_the_tokenizers_own(task):
     assert key not in layout.cache  # a split's ids go with it
 
 
-def test_a_gguf_loads_dequantized_to_dtype_without_looking_for_packed_kernels(monkeypatch):
-    """transformers keeps a GGUF's weights packed wherever it finds its kernels; load_model never asks for them."""
-    import types
-
+def test_a_gguf_is_dequantized_without_looking_for_packed_kernels(task, monkeypatch):
+    """transformers 5.24 keeps a GGUF's weights packed wherever it finds its kernels (for the architectures of its
+    new loader: qwen35, lfm2; llama's legacy loader always dequantizes): with load_model's keywords its quantizer
+    decides to dequantize without looking for them; without, it looks."""
     from transformers.quantizers import quantizer_gguf
 
     import real
     from harness import hub
 
-    def looked(*args, **kwargs):
+    def looked():
         raise AssertionError("transformers looked for GGUF kernels: the weights could stay packed on a machine that has them")
     monkeypatch.setattr(quantizer_gguf, "get_gguf_kernel", looked)
-    cfg = types.SimpleNamespace(MODEL_ID=real.model_path(), GGUF_FILE=None, DTYPE="float32", GRADIENT_CHECKPOINTING=False)
-    model = frozen.load_model(cfg, torch.device("cpu"))
-    assert not hub.packed_gguf(model) and {p.dtype for p in model.parameters()} == {torch.float32}
-    assert 0.1 < primers.embedding_std(model) < 0.2  # dequantized SmolLM2 (its table's std is 0.136), not random
+    path = real.model_path()  # SmolLM2's Q4_1 file: llama, so read as if its architecture had the packed path
+    for config, packs in ((hub.model_kwargs(path, None)["quantization_config"], False), (quantizer_gguf.GgufConfig(), True)):
+        quantizer = quantizer_gguf.GgufHfQuantizer(config)
+        quantizer.read_header(path)
+        quantizer.supported, quantizer.header = True, quantizer_gguf.GgufHeader.from_file(path)
+        assert quantizer.header.has_quantized_weights
+        if packs:
+            with pytest.raises(AssertionError, match="looked for GGUF kernels"):
+                quantizer.validate_environment()
+        else:
+            quantizer.validate_environment()
+            assert quantizer.quantization_config.dequantize
+    assert hub.model_kwargs(task.cfg.MODEL_ID, None) == {} and hub.packed_gguf(task.model) is False
 
 
 # ---- on a CUDA GPU ----
@@ -176,7 +185,7 @@ def test_every_script_runs_on_cuda_in_bfloat16(tiny, tmp_path, monkeypatch):
         steer.run(cli.configure(cuda_args(tiny, tmp_path / vector, f"--vector={vector}", "--val_limit=30", "--vector_reviews=20",
                                           "--steer_layers=[1, 2]", "--coefficients=[0.0, 0.5]", "--rate_by_epoch=[0.1]"), steer.SETTINGS))
         one_row(tmp_path / vector)
-    steer.run(cli.configure(cuda_args(tiny, tmp_path / "generate", "--generate=True", f"--judge_path={primer}", "--vector_reviews=20",
+    steer.run(cli.configure(cuda_args(tiny, tmp_path / "generate", "--generate=True", f"--judge_path={primer}", "--val_limit=30", "--vector_reviews=20",
                                       "--samples=2", "--max_new_tokens=4", "--generate_coefficients=[0.0, 1.0]"), steer.SETTINGS))
     assert glob.glob(f"{tmp_path}/generate/results/*-steer/generation_summary.csv")
     for search in ("edit", "tokens"):
