@@ -92,7 +92,7 @@ def answer_logits(task: Task, layout: Layout, split: Split, idx: torch.Tensor,
         ids.scatter_(1, lengths[:, None] + torch.arange(answers.shape[1]), answers.cpu())
         lengths = lengths + answers.shape[1]
     span = 1 if answers is None else answers.shape[1] + 1
-    return frozen.forward(task.model, ids.to(task.device), lengths.to(task.device), layout, primer, span=span).logits
+    return frozen.forward(task.model, ids, lengths, layout, primer, span=span).logits
 
 
 @torch.inference_mode()

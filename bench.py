@@ -205,7 +205,7 @@ def batch_invariance(task: runs.Task, layout: layouts.Layout, primer: torch.Tens
     every dtype and kernel."""
     def logits(idx: torch.Tensor) -> torch.Tensor:
         ids, lengths = layouts.assemble(layout, task.train, idx)
-        return frozen.forward(task.model, ids.to(task.device), lengths.to(task.device), layout, primer).logits
+        return frozen.forward(task.model, ids, lengths, layout, primer).logits
     idx = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(task.cfg.SEED))[:n]
     alone = torch.cat([logits(i[None]) for i in idx])
     batched = torch.cat([logits(b) for b in idx.split(task.cfg.SCORE_BATCH_SIZE)])

@@ -33,7 +33,7 @@ def extract(task: Task, layout: Layout, split: Split, layers: tuple[int, ...], p
     found = {p: torch.zeros(len(layers), len(split), width, device=task.device) for p in poolings}
     for idx in batches.longest_first(task, split, desc):
         ids, lengths = assemble(layout, split, idx)
-        out = frozen.forward(task.model, ids.to(task.device), lengths.to(task.device), layout, primer, layers=layers)
+        out = frozen.forward(task.model, ids, lengths, layout, primer, layers=layers)
         for pooling in poolings:
             found[pooling][:, idx.to(task.device)] = torch.stack([getattr(out, pooling)[layer] for layer in layers])
     return {p: parallel.sum_across(f).cpu() for p, f in found.items()}

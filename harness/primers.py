@@ -115,8 +115,8 @@ def loss_of(task: Task, layout: Layout, primer: Optional[torch.Tensor] = None,
         if not len(shard):  # an empty shard's zero still joins the gradient sum under accelerate
             return trained.sum() * 0.0
         ids, lengths = assemble(layout, task.train, shard)
-        logits = frozen.forward(task.model, ids.to(task.device), lengths.to(task.device), layout, primer, steer).logits
-        targets = task.label_ids[task.train.labels[shard].to(task.device)]
+        logits = frozen.forward(task.model, ids, lengths, layout, primer, steer).logits
+        targets = task.label_ids[frozen.to_model(task.model, task.train.labels[shard])]
         return F.cross_entropy(logits, targets) * (len(shard) / batch_size)
     return shard_loss
 

@@ -19,7 +19,7 @@ def predict_batch(task: Task, layout: Layout, primer: Optional[torch.Tensor], id
     [B, 2] at each of reviews idx of split (the test split unless given)."""
     split = task.test if split is None else split
     ids, lengths = assemble(layout, split, idx)
-    logits = frozen.forward(task.model, ids.to(task.device), lengths.to(task.device), layout, primer, steer).logits
+    logits = frozen.forward(task.model, ids, lengths, layout, primer, steer).logits
     return logits.argmax(-1), logits.log_softmax(-1)[:, task.label_ids]
 
 
