@@ -33,8 +33,9 @@ def extract(task, layout: Layout, split: data.Split, layers: tuple[int, ...], po
     order = split.lengths.argsort(descending=True)
     for idx in tqdm(parallel.shard(order).split(task.cfg.SCORE_BATCH_SIZE), desc=desc, unit="batch",
                     disable=not parallel.is_main()):
-        ids, lengths = assemble(layout, split, idx)
-        out = frozen.forward(task.model, ids.to(task.device), lengths.to(task.device), layout, primer, layers=layers)
+        ids, lengths, joins = assemble(layout, split, idx, with_joins=True)
+        out = frozen.forward(task.model, ids.to(task.device), lengths.to(task.device), layout, primer, layers=layers,
+                             joins=joins.to(task.device))
         for pooling in poolings:
             found[pooling][:, idx.to(task.device)] = torch.stack([getattr(out, pooling)[l] for l in layers])
     return {p: parallel.sum_across(f).cpu() for p, f in found.items()}
@@ -47,7 +48,7 @@ def fingerprint(task, layout: Layout, split: data.Split, layers: tuple[int, ...]
     cfg, digest = task.cfg, hashlib.sha256()
     settings = {"model_id": cfg.MODEL_ID, "gguf_file": cfg.GGUF_FILE, "dtype": str(next(task.model.parameters()).dtype),
                 "prefix": layout.prefix.tolist(), "suffix": layout.suffix.tolist(), "slot": [layout.slot.start, layout.slot.stop],
-                "in_suffix": layout.in_suffix, "joins": layout.joins, "layers": list(layers), "poolings": list(poolings)}
+                "in_suffix": layout.in_suffix, "joins": layout.joins, "mean": "review tokens only", "layers": list(layers), "poolings": list(poolings)}
     digest.update(json.dumps(settings).encode())
     for tensor in (split.tokens, split.offsets, split.labels) + (() if primer is None else (primer.float().cpu(),)):
         digest.update(tensor.contiguous().numpy().tobytes())

@@ -31,11 +31,19 @@ class Layout:
         """The ids of each review with the text joined to it: where a prompt's text runs into the review with no
         special token between them, a BPE tokenizer merges across the seam ("!" + "\\n" is one token "!\\n"), so
         that text is tokenized with the review, as the tokenizer would tokenize the whole prompt."""
+        return self.joined_ids(reviews)[0]
+
+    def joined_ids(self, reviews: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+        """review_ids, and [n, 2]: how many of each one's first and last ids are the joined prompt text alone (a
+        token across the seam counts as the review's), so that pooling "over the review" takes its own tokens."""
         if self.joins == ("", ""):
-            return reviews
+            return reviews, torch.zeros(len(reviews), 2, dtype=torch.long)
         texts = self.tokenizer.batch_decode(reviews, clean_up_tokenization_spaces=False)
         head, tail = self.joins
-        return self.tokenizer([head + t + tail for t in texts], add_special_tokens=False)["input_ids"]
+        encoded = self.tokenizer([head + t + tail for t in texts], add_special_tokens=False, return_offsets_mapping=True)
+        counts = [[sum(end <= len(head) for _, end in spans), sum(start >= len(head) + len(text) for start, _ in spans)]
+                  for text, spans in zip(texts, encoded["offset_mapping"])]
+        return encoded["input_ids"], torch.tensor(counts, dtype=torch.long).view(-1, 2)
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -146,9 +154,11 @@ def encode_around_slot(tokenizer, text: str, primer_length: int) -> tuple[torch.
     return torch.tensor(before + [0] * primer_length + after), slice(len(before), len(before) + primer_length)
 
 
-def assemble(layout: Layout, split: data.Split, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input ids [B, L] of reviews idx in their layout, and each row's real length [B]."""
-    reviews = layout.review_ids([split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist() for i in idx.tolist()])
+def assemble(layout: Layout, split: data.Split, idx: torch.Tensor, with_joins: bool = False) -> tuple[torch.Tensor, ...]:
+    """Right-padded input ids [B, L] of reviews idx in their layout, and each row's real length [B]; with_joins, also
+    each row's count of joined prompt ids before and after its review's own [B, 2] (Layout.joined_ids)."""
+    reviews, joins = layout.joined_ids([split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist() for i in idx.tolist()])
     rows = [torch.cat([layout.prefix, torch.tensor(r, dtype=torch.long), layout.suffix]) for r in reviews]
     lengths = torch.tensor([len(r) for r in rows])
-    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), lengths
+    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    return (padded, lengths, joins) if with_joins else (padded, lengths)

@@ -71,9 +71,3 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
             f"| {100 * ledger.loc[2, 'restricted_score']:.1f}% ({ledger.loc[2, 'restricted_correct']}) | {only_a} | {only_b} | ") in compared.stdout
     with pytest.raises(SystemExit, match=f"^error: {tmp_path} has no predictions.safetensors: give the folder of a finished run$"):
         compare.main([str(run), str(tmp_path)])
-
-
-def test_mcnemar_exact_known_values():
-    assert compare.mcnemar_exact(10, 2) == pytest.approx(0.0385742, rel=1e-5)  # 2 * P(X <= 2), X ~ Bin(12, 1/2)
-    assert compare.mcnemar_exact(3, 3) == 1.0 and compare.mcnemar_exact(0, 0) == 1.0
-    assert compare.mcnemar_exact(0, 20) == pytest.approx(2 / 2 ** 20)
