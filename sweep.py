@@ -137,13 +137,14 @@ def sweep(cfg: SimpleNamespace, grid: list[dict]) -> tuple[list[dict], list[str]
     rows, failed = [], []
     for i, (point, point_cfg) in enumerate(zip(grid, configs), 1):
         script, args = point["script"], point_args(cfg, point)
-        name = " ".join([script] + cli.as_args({k: v for k, v in point.items() if k != "script"}))
+        name = " ".join([script] + cli.as_args({k: v for k, v in point.items() if k != "script"}))  # for one-line reports
         row = find_run(script, point_cfg)
         if row:
             print(f"sweep {i}/{len(grid)}: {name}: already in the ledger as {row['run_id']}, skipped", flush=True)
             rows.append(row)
             continue
-        print(f"sweep {i}/{len(grid)}: python {script}.py {cli.shell_args({k: v for k, v in point.items() if k != 'script'})}", flush=True)
+        own = {k: v for k, v in point.items() if k != "script"}
+        print(f"sweep {i}/{len(grid)}: python {script}.py {cli.shell_args(own)}", flush=True)
         status, last = run_command([sys.executable, os.path.join(ROOT, f"{script}.py"), *args])
         row = find_run(script, point_cfg) if status == 0 else None
         if row is None:  # one bad point must not cost the rest of the grid

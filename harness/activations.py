@@ -48,7 +48,8 @@ def fingerprint(task, layout: Layout, split: data.Split, layers: tuple[int, ...]
     cfg, digest = task.cfg, hashlib.sha256()
     settings = {"model_id": cfg.MODEL_ID, "gguf_file": cfg.GGUF_FILE, "dtype": str(next(task.model.parameters()).dtype),
                 "prefix": layout.prefix.tolist(), "suffix": layout.suffix.tolist(), "slot": [layout.slot.start, layout.slot.stop],
-                "in_suffix": layout.in_suffix, "joins": layout.joins, "mean": "review tokens only", "layers": list(layers), "poolings": list(poolings)}
+                "in_suffix": layout.in_suffix, "joins": layout.joins, "layers": list(layers), "poolings": list(poolings),
+                "mean": "review tokens only"}  # features pooled before the joined prompt text was left out are not reused
     digest.update(json.dumps(settings).encode())
     for tensor in (split.tokens, split.offsets, split.labels) + (() if primer is None else (primer.float().cpu(),)):
         digest.update(tensor.contiguous().numpy().tobytes())

@@ -95,7 +95,8 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, la
     mask = (positions < lengths[:, None]).long()
     rows = torch.arange(len(ids), device=ids.device)
     joins = torch.zeros(len(ids), 2, dtype=torch.long, device=ids.device) if joins is None else joins
-    review = (positions >= (len(layout.prefix) + joins[:, 0])[:, None]) & (positions < (lengths - len(layout.suffix) - joins[:, 1])[:, None])
+    start, stop = len(layout.prefix) + joins[:, 0], lengths - len(layout.suffix) - joins[:, 1]  # the review's own tokens
+    review = (positions >= start[:, None]) & (positions < stop[:, None])
     weights = review.float() / review.sum(1, keepdim=True).clamp(min=1)  # an empty review (steer.py's pair) pools to 0
     last, mean = {}, {}
 
