@@ -173,7 +173,7 @@ def configure(argv: list[str]) -> SimpleNamespace:
             where = f"grid {cfg.GRID}" if cfg.GRID else "sweep.py's DEFAULT_GRID"
             raise errors.UserError(f"{arg} would be ignored: {where} sets {key} for its points "
                                    f"({', '.join(dict.fromkeys(values))}); edit the grid to sweep other values, "
-                                   f"or run python {grid[0]['script']}.py {arg} for one run")
+                                   f"or run python {next(p['script'] for p in grid if key in p)}.py {arg} for one run")
     return cfg
 
 

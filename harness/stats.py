@@ -30,7 +30,7 @@ def correctness(predictions: dict) -> dict[str, torch.Tensor]:
 def test_reviews(config: dict, predictions: dict) -> tuple:
     """What identifies the test reviews a run was scored on: SAME_SPLIT_KEYS, but for the seed when the whole test
     file was scored (fewer reviews than --test_limit: no sample was drawn), and the labels in order."""
-    whole = len(predictions["label"]) < config["test_limit"]
+    whole = len(predictions["label"]) < (config.get("test_limit") or 0)
     keys = tuple(config.get(k) if not (k == "seed" and whole) else "whole file" for k in SAME_SPLIT_KEYS)
     return keys + (tuple(predictions["label"].tolist()),)
 
