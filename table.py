@@ -58,22 +58,25 @@ def fmt(mean: float, std: float) -> str:
     return f"{100 * mean:.1f}%" + ("" if math.isnan(std) else f" ± {100 * std:.1f}")
 
 
+def pooled(name: str, group: str, seeds: pd.DataFrame) -> dict:
+    """One group's row: its runs' costs, their scores' mean and std over seeds, and per-review correctness [seeds, n]."""
+    script, config = json.loads(group)
+    score, restricted = stats.mean_std(seeds["score"].tolist()), stats.mean_std(seeds["restricted_score"].tolist())
+    total = int(seeds["total"].iloc[0])
+    low, high = scoring.wilson_interval(score[0] * total, total)
+    return {"run": name, "script": script, "method": "; ".join(dict.fromkeys(seeds["method"])),
+            "trainable_params": int(seeds["trainable_params"].iloc[0]), "samples": int(seeds["samples"].mean()),
+            "seeds": len(seeds), "score_mean": score[0], "score_std": score[1], "score_low": low, "score_high": high,
+            "restricted_mean": restricted[0], "restricted_std": restricted[1],
+            "train_seconds": seeds["train_seconds"].mean(), "score_seconds": seeds["score_seconds"].mean(),
+            "scores": seeds["score"].tolist(), "right": torch.stack(list(seeds["right"])), "run_ids": " ".join(seeds["run_id"]),
+            "curve": json.dumps([script, {k: v for k, v in config.items() if k not in SIZE_KEYS}]), "config": json.dumps(config)}
+
+
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per group, best mean score first, with its seeds' spread and its paired test against the best row."""
-    named, rows = names(runs), []
-    for group, seeds in runs.groupby("group", sort=False):
-        seeds = seeds.sort_values("seed")
-        score, restricted = stats.mean_std(seeds["score"].tolist()), stats.mean_std(seeds["restricted_score"].tolist())
-        total = int(seeds["total"].iloc[0])
-        low, high = scoring.wilson_interval(score[0] * total, total)
-        rows.append({"run": named[group], "script": seeds["script"].iloc[0], "method": "; ".join(dict.fromkeys(seeds["method"])),
-                     "trainable_params": int(seeds["trainable_params"].iloc[0]), "samples": int(seeds["samples"].mean()),
-                     "seeds": len(seeds), "score_mean": score[0], "score_std": score[1], "score_low": low, "score_high": high,
-                     "restricted_mean": restricted[0], "restricted_std": restricted[1],
-                     "train_seconds": seeds["train_seconds"].mean(), "score_seconds": seeds["score_seconds"].mean(),
-                     "scores": seeds["score"].tolist(), "right": torch.stack(list(seeds["right"])),
-                     "curve": json.dumps([json.loads(group)[0], {k: v for k, v in json.loads(group)[1].items() if k not in SIZE_KEYS}]),
-                     "run_ids": " ".join(seeds["run_id"]), "config": json.dumps(json.loads(group)[1])})
+    named = names(runs)
+    rows = [pooled(named[group], group, seeds.sort_values("seed")) for group, seeds in runs.groupby("group", sort=False)]
     table = pd.DataFrame(rows).sort_values("score_mean", ascending=False, kind="stable").reset_index(drop=True)
     best, probes = table.iloc[0], table[table["script"] == "probe"]
     table["probe_share"] = table["score_mean"] / probes["score_mean"].max() if len(probes) else math.nan
