@@ -1,100 +1,157 @@
-"""Run a grid of configs one after another, skip those already in the ledger, then print the table and plot it.
+"""Run a grid of runs, each as its own command line, skip those already in the ledger, then print the table and plot it.
 
-    python sweep.py [--name=value ...]     # overrides apply to every point, e.g. --train_limit=5600 --test_limit=2400
+    python sweep.py [--name=value ...]                 # DEFAULT_GRID below; overrides apply to every point
+    python sweep.py --grid=cpu_table [--name=value ...]   # the grid of grids/cpu_table.json (or --grid=<path>.json)
+    python table.py results/                           # then the comparison: seeds pooled, paired tests, figures
 
-Overriding a key that a point of GRID sets is an error, not a new value for that axis (the point's value would win):
-edit GRID to sweep other values.
+Each point runs as `python <script>.py --name=value ...` (any script at the repo root that records a ledger row):
+the sweep's overrides (its settings that differ from config.py's), then the point's own. Overriding a key that a point
+sets is an error, not a new value for that axis (the point's value would win): edit the grid to sweep other values.
 
-Each point runs in this process through the same code as its script. A point is already done when the ledger
-(RESULTS_DIR/results.csv) has a row of the same script whose run folder's config.json equals the point's config on
-every key that can change the result: all keys but IGNORED_KEYS, and for a text prompt also TRAINING_KEYS. A point
-that fails is reported in one line and the sweep goes on; run the sweep again to retry it.
+A point is already done when the ledger (RESULTS_DIR/results.csv) has a row of the same script whose run folder's
+config.json equals the point's config on every key that can change the result (ledger.result_config). The point's
+config is its script's settings (`python <script>.py --help=json`: the sweep never imports a script) with the
+overrides on top. A point that fails is reported in one line and the sweep goes on; run the sweep again to retry it.
+
+A grid file is JSON: a list of points, each {"script": name, "<setting>": value, ...}; a point's "each" maps settings
+to lists of values, and the point stands for every combination of them (e.g. {"each": {"seed": [0, 1, 2]}}), a
+"{seed}" in a string value standing for the combination's value (e.g. "data_dir": "data/rt/seed{seed}").
 """
+import functools
+import itertools
 import json
 import os
-import traceback
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Optional
 
-import experiment
-import prompt_long
-import prompt_short
-from harness import cli, errors, files, ledger, plots, runs, training
+from harness import cli, errors, files, ledger, plots
 
-# Each point: the script that runs it, and overrides (command-line names) on top of the sweep's own config. The
-# default is the reference table's primer rows, 4, 8 and 16 vectors under the one-epoch and the three-epoch
-# schedule, plus both text prompts.
-GRID = [{"script": "experiment", "primer_length": length, "rate_by_epoch": rates, "rate_scale": "absolute"}
-        for rates in ([1e-5], [1e-4, 1e-5, 1e-6]) for length in (4, 8, 16)]
-GRID += [{"script": "prompt_long"}, {"script": "prompt_short"}]
+GRID = ""  # the grid to run: "" (DEFAULT_GRID below), a name in grids/ (e.g. cpu_table), or a path to a .json grid file
+SETTINGS = {"GRID": GRID}
 
-IGNORED_KEYS = cli.RESUMABLE - {"DEVICE"}  # what a resume may change, but for the device (CPU and GPU differ)
-TRAINING_KEYS = {"TRAIN_LIMIT", "BATCH_SIZE", "PRIMER_LENGTH", "RATE_BY_EPOCH", "RATE_SCALE", "PRIMER_PATH", "PRIMER_POSITION",
-                 "PRIMER_INIT", "VAL_LIMIT", "KEEP_BEST"}  # a text prompt uses none
+# The reference table's primer rows, 4, 8 and 16 vectors under the one-epoch and the three-epoch schedule, plus both
+# text prompts.
+DEFAULT_GRID = [{"script": "experiment", "primer_length": length, "rate_by_epoch": rates, "rate_scale": "absolute"}
+                for rates in ([1e-5], [1e-4, 1e-5, 1e-6]) for length in (4, 8, 16)]
+DEFAULT_GRID += [{"script": "prompt_long"}, {"script": "prompt_short"}]
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TAIL_BYTES = 4096  # of a point's stderr, kept to report its last line when it fails
 
 
-def text_prompt(module) -> Callable[[SimpleNamespace], str]:
-    """What `python prompt_long.py` (or prompt_short.py) runs."""
-    return lambda cfg: runs.score_text_prompt(cfg, module.__name__, module.SYSTEM, module.USER)
+def expand(points: list[dict]) -> list[dict]:
+    """The grid's points with each point's "each" axes spelled out, every combination a point of its own."""
+    out = []
+    for point in points:
+        axes = point.get("each", {})
+        for values in itertools.product(*axes.values()):
+            named = dict(zip(axes, values))
+            fixed = {k: fill(v, named) for k, v in point.items() if k != "each"}
+            out.append({**fixed, **named})
+    return out
 
 
-SCRIPTS = {"experiment": experiment.run, "prompt_long": text_prompt(prompt_long), "prompt_short": text_prompt(prompt_short)}
-EXTRAS = {}  # a script's own constants (what its cli.main takes as extra), which its grid points may set
+def fill(value, named: dict):
+    """A string value with each "{axis}" in it replaced by that axis's value (e.g. a data_dir per seed)."""
+    if isinstance(value, str):
+        for axis, v in named.items():
+            value = value.replace("{" + axis + "}", str(v))
+    return value
 
 
-def point_config(cfg: SimpleNamespace, overrides: dict, script: str = "experiment") -> SimpleNamespace:
-    """cfg with a grid point's overrides on top, checked like command-line ones (a script's own constants too)."""
-    return cli.configure(cli.as_args(vars(cfg)) + cli.as_args(overrides), EXTRAS.get(script))
+def load_grid(name: str) -> list[dict]:
+    """DEFAULT_GRID for "", else the points of grids/<name>.json or of the .json file at name."""
+    if not name:
+        return DEFAULT_GRID
+    path = name if name.endswith(".json") else os.path.join(ROOT, "grids", f"{name}.json")
+    if not os.path.isfile(path):
+        names = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "grids")) if f.endswith(".json"))
+        raise errors.UserError(f"--grid={name}: no grid file {path}: give one of {', '.join(names)} or a path to a .json file")
+    points = expand(files.read_json(path))
+    scripts = sorted({p.get("script") for p in points} - {s[:-3] for s in os.listdir(ROOT) if s.endswith(".py")}, key=str)
+    if scripts:
+        raise errors.UserError(f"{path} names scripts {scripts} that are not at the repo root: give each point a "
+                               f"\"script\" such as experiment or probe")
+    return points
+
+
+@functools.cache
+def script_settings(script: str) -> dict:
+    """A script's settings and their defaults, as `python <script>.py --help=json` prints them."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), "--help=json"], capture_output=True, text=True)
+    if done.returncode:
+        raise errors.UserError(f"python {script}.py --help=json failed: {(done.stderr.strip().splitlines() or [''])[-1]}")
+    return {k.upper(): v for k, v in json.loads(done.stdout).items()}
+
+
+def read_settings(grid: list[dict]) -> None:
+    """script_settings of every script of the grid, their interpreters started side by side."""
+    with ThreadPoolExecutor() as pool:
+        list(pool.map(script_settings, dict.fromkeys(point["script"] for point in grid)))
+
+
+def point_args(cfg: SimpleNamespace, point: dict) -> list[str]:
+    """The point's command-line overrides: the sweep's own (where they differ from config.py), then the point's."""
+    given = {k: v for k, v in vars(cfg).items() if k not in SETTINGS and v != cli.defaults()[k]}
+    return cli.as_args(given) + cli.as_args({k: v for k, v in point.items() if k != "script"})
+
+
+def point_config(cfg: SimpleNamespace, point: dict) -> SimpleNamespace:
+    """The config the point's script will run with, checked like its command line."""
+    return cli.configure(point_args(cfg, point), script_settings(point["script"]))
 
 
 def result_key(script: str, config: dict) -> str:
-    """What decides a run's result: its script and its config (any key case), less the keys that cannot change it."""
-    ignored = IGNORED_KEYS if script == "experiment" else IGNORED_KEYS | TRAINING_KEYS
-    return json.dumps([script, {k.upper(): v for k, v in config.items() if k.upper() not in ignored}], sort_keys=True)
+    return json.dumps([script, ledger.result_config(script, config)], sort_keys=True)
 
 
 def find_run(script: str, cfg: SimpleNamespace) -> Optional[dict]:
-    """The latest ledger row of a run of `script` whose saved config gives the same result key as cfg, or None."""
+    """The latest ledger row of a run of `script` whose saved config gives the same result as cfg, or None."""
     want = result_key(script, vars(cfg))
     for row in reversed(ledger.rows(cfg.RESULTS_DIR)):
-        path = os.path.join(cfg.RESULTS_DIR, row["run_id"], "config.json")
-        if row["script"] == script and os.path.exists(path) and result_key(script, files.read_json(path)) == want:
+        config = ledger.run_config(cfg.RESULTS_DIR, row) if row["script"] == script else None
+        if config is not None and result_key(script, config) == want:
             return row
     return None
 
 
-def one_line(error: Exception) -> str:
-    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+def run_command(command: list[str]) -> tuple[int, str]:
+    """Run a command line, its output passing through; its exit status and the last line it wrote to stderr."""
+    tail = b""
+    with subprocess.Popen(command, stderr=subprocess.PIPE) as process:
+        for chunk in iter(lambda: process.stderr.read1(TAIL_BYTES), b""):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+            tail = (tail + chunk)[-TAIL_BYTES:]
+    lines = tail.decode(errors="replace").replace("\r", "\n").strip().splitlines()
+    return process.returncode, lines[-1] if lines else ""
 
 
 def sweep(cfg: SimpleNamespace, grid: list[dict]) -> tuple[list[dict], list[str]]:
-    """Run the grid's points not yet in the ledger, in order. Returns the ledger row of each point done (in grid
-    order) and the points that failed."""
-    unknown = [p["script"] for p in grid if p["script"] not in SCRIPTS]
-    if unknown:
-        raise errors.UserError(f"grid scripts {unknown} are not among {sorted(SCRIPTS)}")
-    points = [(p["script"], {k: v for k, v in p.items() if k != "script"}) for p in grid]
-    configs = [point_config(cfg, overrides, script) for script, overrides in points]  # every point checked before any runs
+    """Run the grid's points not yet in the ledger, in order, each as a command line. Returns the ledger row of each
+    point done (in grid order) and the points that failed."""
+    read_settings(grid)
+    configs = [point_config(cfg, point) for point in grid]  # every point checked before any runs
     rows, failed = [], []
-    for i, ((script, overrides), point_cfg) in enumerate(zip(points, configs), 1):
-        name = " ".join([script] + cli.as_args(overrides))
+    for i, (point, point_cfg) in enumerate(zip(grid, configs), 1):
+        script, args = point["script"], point_args(cfg, point)
+        name = " ".join([script] + cli.as_args({k: v for k, v in point.items() if k != "script"}))  # for one-line reports
         row = find_run(script, point_cfg)
         if row:
             print(f"sweep {i}/{len(grid)}: {name}: already in the ledger as {row['run_id']}, skipped", flush=True)
             rows.append(row)
             continue
-        print(f"sweep {i}/{len(grid)}: {name}", flush=True)
-        try:
-            SCRIPTS[script](point_cfg)
-        except training.Interrupted:  # Ctrl-C stops the sweep, not just this point
-            raise
-        except Exception as e:  # one bad point must not cost the rest of the grid
-            if not isinstance(e, errors.UserError):
-                traceback.print_exc()  # an unexpected failure keeps its traceback, as everywhere else
-            print(f"sweep {i}/{len(grid)}: {name} failed: {one_line(e)}", flush=True)
+        own = {k: v for k, v in point.items() if k != "script"}
+        print(f"sweep {i}/{len(grid)}: python {script}.py {cli.shell_args(own)}", flush=True)
+        status, last = run_command([sys.executable, os.path.join(ROOT, f"{script}.py"), *args])
+        row = find_run(script, point_cfg) if status == 0 else None
+        if row is None:  # one bad point must not cost the rest of the grid
+            print(f"sweep {i}/{len(grid)}: {name} failed: {last if status else 'it wrote no ledger row'}", flush=True)
             failed.append(name)
             continue
-        rows.append(find_run(script, point_cfg))
+        rows.append(row)
     return rows, failed
 
 
@@ -105,30 +162,34 @@ def with_schedule(row: dict, results_dir: str) -> dict:
 
 
 def configure(argv: list[str]) -> SimpleNamespace:
-    """The sweep's config from its command line. Overriding a key that a point of GRID sets is an error, since
-    the point's own value would win: such a key is changed in GRID."""
-    cfg = cli.configure(argv)
+    """The sweep's config from its command line. Overriding a key that a point of the grid sets is an error, since
+    the point's own value would win: such a key is changed in the grid."""
+    cfg = cli.configure(argv, SETTINGS)
+    grid = load_grid(cfg.GRID)
     for arg in argv:
         key = arg[2:].split("=")[0].lower()
-        values = [repr(p[key]) for p in GRID if key in p]
+        values = [repr(p[key]) for p in grid if key in p]
         if values:
-            raise errors.UserError(f"{arg} would be ignored: sweep.py's GRID sets {key} for its points "
-                                f"({', '.join(dict.fromkeys(values))}); edit GRID in sweep.py to sweep other values, "
-                                f"or run python experiment.py {arg} for one run")
+            where = f"grid {cfg.GRID}" if cfg.GRID else "sweep.py's DEFAULT_GRID"
+            raise errors.UserError(f"{arg} would be ignored: {where} sets {key} for its points "
+                                   f"({', '.join(dict.fromkeys(values))}); edit the grid to sweep other values, "
+                                   f"or run python {next(p['script'] for p in grid if key in p)}.py {arg} for one run")
     return cfg
 
 
 def main(cfg: SimpleNamespace) -> None:
-    rows, failed = sweep(cfg, GRID)
+    grid = load_grid(cfg.GRID)
+    rows, failed = sweep(cfg, grid)
     print(ledger.format_table(rows))
     rows = [with_schedule(row, cfg.RESULTS_DIR) for row in rows]
     if rows:
         for path in (plots.score_plot(rows, os.path.join(cfg.RESULTS_DIR, "scores.png")),
                      plots.losses_plot(rows, cfg.RESULTS_DIR, os.path.join(cfg.RESULTS_DIR, "losses.png"))):
             print(f"saved {path}")
+    print(f"the comparison: python table.py {cfg.RESULTS_DIR}")
     if failed:
-        raise errors.UserError(f"{len(failed)} of {len(GRID)} points failed ({'; '.join(failed)}): run the sweep again to retry them")
+        raise errors.UserError(f"{len(failed)} of {len(grid)} points failed ({'; '.join(failed)}): run the sweep again to retry them")
 
 
 if __name__ == "__main__":
-    cli.main(main, parse=configure)
+    cli.main(main, SETTINGS, parse=configure)

@@ -32,8 +32,8 @@ def extract(task: Task, layout: Layout, split: Split, layers: tuple[int, ...], p
     width = task.model.get_input_embeddings().weight.shape[1]
     found = {p: torch.zeros(len(layers), len(split), width, device=task.device) for p in poolings}
     for idx in batches.longest_first(task, split, desc):
-        ids, lengths = assemble(layout, split, idx)
-        out = frozen.forward(task.model, ids, lengths, layout, primer, layers=layers)
+        ids, lengths, joins = assemble(layout, split, idx, with_joins=True)
+        out = frozen.forward(task.model, ids, lengths, layout, primer, layers=layers, joins=joins)
         for pooling in poolings:
             found[pooling][:, idx.to(task.device)] = torch.stack([getattr(out, pooling)[layer] for layer in layers])
     return {p: parallel.sum_across(f).cpu() for p, f in found.items()}
@@ -48,7 +48,7 @@ def fingerprint(task: Task, layout: Layout, split: Split, layers: tuple[int, ...
                 "dtype": str(next(task.model.parameters()).dtype), "prefix": layout.prefix.tolist(),
                 "suffix": layout.suffix.tolist(), "slot": [layout.slot.start, layout.slot.stop],
                 "in_suffix": layout.in_suffix, "joins": layout.joins, "layers": list(layers),
-                "poolings": list(poolings)}
+                "poolings": list(poolings), "mean": "review tokens only"}  # older features pooled the joined text too
     digest.update(json.dumps(settings).encode())
     for tensor in (split.tokens, split.offsets, split.labels) + (() if primer is None else (primer.float().cpu(),)):
         digest.update(tensor.contiguous().numpy().tobytes())

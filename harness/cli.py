@@ -3,6 +3,7 @@ import ast
 import difflib
 import functools
 import io
+import json
 import os
 import shlex
 import sys
@@ -185,6 +186,9 @@ def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, 
     if {"-h", "--help"} & set(sys.argv[1:]):
         print(usage(sys.modules["__main__"], extra, shared))
         return
+    if "--help=json" in sys.argv[1:]:
+        print(settings_json(extra))
+        return
     quiet_progress_bars()
     try:
         cfg = parse(sys.argv[1:]) if parse else configure(sys.argv[1:], extra, shared)
@@ -197,6 +201,12 @@ def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, 
         sys.exit(f"error: {out_of_memory(cfg)} ({str(e).splitlines()[0][:120]})")
     except KeyboardInterrupt:
         sys.exit("interrupted")
+
+
+def settings_json(extra: Optional[dict[str, Any]] = None) -> str:
+    """--help=json: every setting a script reads with its default, as JSON with config.json's lowercase keys, so a
+    sweep learns a script's own settings by running it, never by importing it."""
+    return json.dumps({k.lower(): v for k, v in {**defaults(), **(extra or {})}.items()})
 
 
 def out_of_memory(cfg: types.SimpleNamespace) -> str:

@@ -99,11 +99,12 @@ def freeze(model: torch.nn.Module, checkpointing: bool) -> torch.nn.Module:
 
 def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, layout: Layout,
             primer: Optional[torch.Tensor] = None, steer: Optional[Steer] = None, layers: tuple[int, ...] = (),
-            span: int = 1) -> Output:
+            span: int = 1, joins: Optional[torch.Tensor] = None) -> Output:
     """Float32 next-token logits at each row's last real position (at its last `span` ones, [B, span, vocab], when
     span > 1), with primer ([k, hidden] for every row, or [B, k, hidden] one per row) spliced into the layout's slot
     and `steer` added; with `layers` (0 the embeddings, l the output of decoder layer l) also their hidden states at
-    the last position and averaged over the review.
+    the last position and averaged over the review (its own tokens, less the `joins` [B, 2] of assemble's
+    with_joins: the prompt text tokenized with the review at its start and end).
 
     Right padding with an attention mask and explicit positions keeps every row independent of its batch mates; the
     LM head runs only at the last real positions. A primer after the review runs on a cache of the rest
@@ -121,7 +122,9 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, la
     positions = torch.arange(ids.shape[1], device=ids.device)
     mask = attention_mask(model, positions < lengths[:, None], ids.shape[1])
     rows = torch.arange(len(ids), device=ids.device)
-    review = (positions >= len(layout.prefix)) & (positions < (lengths - len(layout.suffix))[:, None])
+    joins = torch.zeros(len(ids), 2, dtype=torch.long, device=ids.device) if joins is None else to_model(model, joins)
+    start, stop = len(layout.prefix) + joins[:, 0], lengths - len(layout.suffix) - joins[:, 1]  # the review's own tokens
+    review = (positions >= start[:, None]) & (positions < stop[:, None])
     weights = review.float() / review.sum(1, keepdim=True).clamp(min=1)  # an empty review (steer.py's pair) pools to 0
     last, mean = {}, {}
 

@@ -34,11 +34,19 @@ class Layout:
         """The ids of each review with the text joined to it: where a prompt's text runs into the review with no
         special token between them, a BPE tokenizer merges across the seam ("!" + "\\n" is one token "!\\n"), so
         that text is tokenized with the review, as the tokenizer would tokenize the whole prompt."""
+        return self.joined_ids(reviews)[0]
+
+    def joined_ids(self, reviews: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+        """review_ids, and [n, 2]: how many of each one's first and last ids are the joined prompt text alone (a
+        token across the seam counts as the review's), so that pooling "over the review" takes its own tokens."""
         if self.joins == ("", ""):
-            return reviews
+            return reviews, torch.zeros(len(reviews), 2, dtype=torch.long)
         texts = self.tokenizer.batch_decode(reviews, clean_up_tokenization_spaces=False)
         head, tail = self.joins
-        return self.tokenizer([head + t + tail for t in texts], add_special_tokens=False)["input_ids"]
+        encoded = self.tokenizer([head + t + tail for t in texts], add_special_tokens=False, return_offsets_mapping=True)
+        counts = [[sum(end <= len(head) for _, end in spans), sum(start >= len(head) + len(text) for start, _ in spans)]
+                  for text, spans in zip(texts, encoded["offset_mapping"])]
+        return encoded["input_ids"], torch.tensor(counts, dtype=torch.long).view(-1, 2)
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -149,13 +157,16 @@ def encode_around_slot(tokenizer, text: str, primer_length: int) -> tuple[torch.
     return torch.tensor(before + [0] * primer_length + after), slice(len(before), len(before) + primer_length)
 
 
-def assemble(layout: Layout, split: data.Split, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def assemble(layout: Layout, split: data.Split, idx: torch.Tensor, with_joins: bool = False) -> tuple[torch.Tensor, ...]:
     """Right-padded input ids [B, L] of reviews idx in their layout, and each row's real length [B]; L is the
-    longest row rounded up to a multiple of PAD_MULTIPLE."""
-    rows = [torch.cat([layout.prefix, review, layout.suffix]) for review in review_rows(layout, split, idx)]
+    longest row rounded up to a multiple of PAD_MULTIPLE. With with_joins, also each row's count of joined prompt
+    ids before and after its review's own [B, 2] (Layout.joined_ids)."""
+    reviews, joins = review_rows(layout, split, idx)
+    rows = [torch.cat([layout.prefix, review, layout.suffix]) for review in reviews]
     lengths = torch.tensor([len(r) for r in rows])
     ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
-    return torch.nn.functional.pad(ids, (0, padded_width(ids.shape[1]) - ids.shape[1])), lengths
+    ids = torch.nn.functional.pad(ids, (0, padded_width(ids.shape[1]) - ids.shape[1]))
+    return (ids, lengths, joins) if with_joins else (ids, lengths)
 
 
 def padded_width(longest: int) -> int:
@@ -163,22 +174,25 @@ def padded_width(longest: int) -> int:
     return -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
-def review_rows(layout: Layout, split: data.Split, idx: torch.Tensor) -> list[torch.Tensor]:
-    """The ids of reviews idx with the layout's joins (Layout.review_ids). Joined ids are tokenized once per layout
-    and split and kept on the layout, so later epochs and validations assemble a batch without the tokenizer."""
+def review_rows(layout: Layout, split: data.Split, idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The ids of reviews idx with the layout's joins, and their joined-id counts [B, 2] (Layout.joined_ids). Joined
+    ids are tokenized once per layout and split and kept on the layout, so later epochs and validations assemble a
+    batch without the tokenizer."""
     bounds = zip(split.offsets[idx].tolist(), split.offsets[idx + 1].tolist())
     if layout.joins == ("", ""):
-        return [split.tokens[start:end].long() for start, end in bounds]
+        return [split.tokens[start:end].long() for start, end in bounds], torch.zeros(len(idx), 2, dtype=torch.long)
     kept = joined_cache(layout, split)
     missing = [i for i in dict.fromkeys(idx.tolist()) if i not in kept]
     if missing:
-        reviews = [split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist() for i in missing]
-        kept.update((i, torch.tensor(r, dtype=torch.long)) for i, r in zip(missing, layout.review_ids(reviews)))
-    return [kept[i] for i in idx.tolist()]
+        reviews, counts = layout.joined_ids([split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist() for i in missing])
+        kept.update((i, (torch.tensor(r, dtype=torch.long), c)) for i, r, c in zip(missing, reviews, counts))
+    rows = [kept[i] for i in idx.tolist()]
+    return [ids for ids, _ in rows], torch.stack([c for _, c in rows]) if rows else torch.zeros(0, 2, dtype=torch.long)
 
 
-def joined_cache(layout: Layout, split: data.Split) -> dict[int, torch.Tensor]:
-    """The layout's joined ids of split's reviews made so far, by review index; dropped when the split is."""
+def joined_cache(layout: Layout, split: data.Split) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The layout's joined ids (and counts) of split's reviews made so far, by review index; dropped when the split
+    is."""
     key = id(split)
     entry = layout.cache.get(key)
     if entry is None or entry[0]() is not split:

@@ -159,7 +159,7 @@ def test_a_path_setting_naming_a_file_where_a_folder_is_wanted_is_one_line(tiny,
                                                    "set --results_dir to a folder you can write in")]
     cfg = cli.configure(overrides(tiny, tmp_path) + [f"--results_dir={a_file}/results"])
     with pytest.raises(errors.UserError, match=f"^--results_dir={a_file}/results cannot be made: part of that path is a file"):
-        runs.start_run(cfg, "experiment")
+        runs.new_run_dir(cfg, "experiment")
     tokenizer = data.load_tokenizer(tiny.model_dir)
     for setting in ("data_dir", "csv_dir"):
         cfg = cli.configure(overrides(tiny, tmp_path) + [f"--{setting}={a_file}"])

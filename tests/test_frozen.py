@@ -1,5 +1,7 @@
 """The one forward pass: a primer per row, steering vectors, hidden states, and a peft-wrapped model."""
 import copy
+import dataclasses
+import types
 
 import pytest
 import torch
@@ -90,3 +92,29 @@ def test_the_forward_reaches_a_peft_wrapped_decoder(task):
     assert not torch.allclose(logits, base)
     logits.logsumexp(-1).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+
+
+def test_mean_pooling_takes_the_reviews_own_tokens_not_the_prompt_text_joined_to_it(task):
+    """A text prompt runs into the review ("Review: " + review + " Stars?"), tokenized together with it: extract's mean
+    is over the review's own tokens (found here by the tokenizer's char_to_token on the unpadded text), in any batch."""
+    from harness import activations
+    layout = layouts.make_layout(task, "Classify.", "Review: {review} Stars?")
+    assert all(layout.joins)
+    idx = [3, 0, 5, 9]
+    batched = lambda size: dataclasses.replace(task, cfg=types.SimpleNamespace(**{**vars(task.cfg), "SCORE_BATCH_SIZE": size}))
+    pooled = {size: activations.extract(batched(size), layout, task.test.subset(torch.tensor(idx)), (0, 1), ("mean",))
+              for size in (1, 4)}
+    torch.testing.assert_close(pooled[1]["mean"], pooled[4]["mean"], atol=1e-5, rtol=1e-5)
+    head, tail = layout.joins
+    for row, i in enumerate(idx):
+        review = task.test.tokens[task.test.offsets[i]:task.test.offsets[i + 1]].tolist()
+        text = task.tokenizer.decode(review, clean_up_tokenization_spaces=False)
+        encoding = task.tokenizer(head + text + tail, add_special_tokens=False)
+        first, last = encoding.char_to_token(len(head)), encoding.char_to_token(len(head) + len(text) - 1)
+        assert encoding.char_to_token(0) < first and last < encoding.char_to_token(len(head + text + tail) - 1)
+        ids = torch.cat([layout.prefix, torch.tensor(encoding["input_ids"]), layout.suffix])[None]
+        with torch.no_grad():
+            states = task.model(input_ids=ids, output_hidden_states=True).hidden_states
+        own = slice(len(layout.prefix) + first, len(layout.prefix) + last + 1)
+        for n, l in enumerate((0, 1)):  # (HF normalizes the last layer's hidden states)
+            torch.testing.assert_close(pooled[4]["mean"][n, row], states[l][0, own].mean(0), atol=1e-5, rtol=1e-5)

@@ -48,3 +48,12 @@ def test_a_short_primer_run_lowers_the_loss_and_makes_the_answers_labels(smol, t
     assert last < 0.5 * first
     assert before["label_answer_share"] < 0.5 and after["label_answer_share"] == 1.0
     assert "barely changed the primer" not in capsys.readouterr().out
+
+
+def test_no_snippet_is_in_both_splits(tmp_path):
+    """The corpus holds some texts twice (same label): they are deduplicated before the split, so none is both
+    trained on and scored, and the test split keeps its size."""
+    real.write_reviews(str(tmp_path), test_snippets=2400, seed=0)
+    train, test = (data.read_csv(str(tmp_path / f"{split}.csv")) for split in ("train", "test"))
+    assert len(test[1]) == 2400 and not set(train[1]) & set(test[1])
+    assert len(set(train[1])) == len(train[1]) and len(set(test[1])) == len(test[1])

@@ -1,16 +1,13 @@
+import json
 import os
 
 import matplotlib.image
 import pandas as pd
 import pytest
 
+from harness import cli, errors, files, ledger, plots, scoring
 import sweep
 from conftest import overrides, run_script
-from harness import cli, errors, files, ledger, plots, runs, scoring, training
-
-TWO_POINTS = [{"script": "experiment", "primer_length": 2, "rate_by_epoch": [0.1]},
-              {"script": "experiment", "primer_length": 4, "rate_by_epoch": [0.1], "primer_position": "suffix"}]
-
 
 def assert_png(path) -> None:
     with open(path, "rb") as f:
@@ -23,52 +20,46 @@ def ledger_frame(out) -> pd.DataFrame:
     return pd.DataFrame(ledger.rows(str(out / "results")))
 
 
-def test_two_point_sweep_plots_and_then_skips_what_is_done(tiny, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sweep, "GRID", TWO_POINTS)
-    cfg = cli.configure(overrides(tiny, tmp_path))
-    sweep.main(cfg)
-    out = capsys.readouterr().out
+def grid_args(tiny, out, grid: list[dict]) -> list[str]:
+    """The tiny model's overrides less the keys the grid sets (those are refused)."""
+    keys = {f"--{key}=" for point in sweep.expand(grid) for key in point}
+    return [arg for arg in overrides(tiny, out) if not arg.startswith(tuple(keys))]
+
+
+def test_a_grid_runs_as_command_lines_reports_failures_and_then_skips_what_is_done(tiny, tmp_path, capfd):
+    grid = [{"script": "experiment", "rate_by_epoch": [0.1], "primer_length": 2},
+            {"script": "experiment", "primer_path": f"{tmp_path}/missing.safetensors"},
+            {"script": "prompt_short"}]
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(grid))
+    cfg = sweep.configure(grid_args(tiny, tmp_path, grid) + [f"--grid={path}"])
+    with pytest.raises(errors.UserError, match=r"^1 of 3 points failed \(experiment --primer_path="):
+        sweep.main(cfg)
+    out = capfd.readouterr().out
+    assert f"sweep 2/3: experiment --primer_path='{tmp_path}/missing.safetensors' failed: error: --primer_path={tmp_path}/missing" in out
     first = ledger_frame(tmp_path)
-    assert first["script"].tolist() == ["experiment"] * 2 and first["tokens"].tolist() == [2, 4]
-    assert (first["samples"] == 100).all() and first["method"].tolist() == ["primer", "primer (suffix)"]
+    assert first["script"].tolist() == ["experiment", "prompt_short"] and first["tokens"][0] == 2
+    assert first["samples"].tolist() == [100, 0] and first["method"][0] == "primer"
+    config = files.read_json(str(tmp_path / "results" / first["run_id"][0] / "config.json"))
+    assert config["primer_length"] == 2 and config["rate_by_epoch"] == [0.1] and config["train_limit"] == 100
     table = out[out.rindex("| Run |"):]  # the combined table printed last
-    assert table.count(" | primer | 100 | ") == table.count(" | primer (suffix) | 100 | ") == 1
-    for name in ("scores.png", "losses.png", *(f"{run}/loss.png" for run in first["run_id"])):
+    assert table.count(" | primer | 100 | ") == 1 and "-prompt_short | text prompt | – | – |" in table
+    for name in ("scores.png", "losses.png", *(f"{run}/loss.png" for run in first["run_id"][:1])):
         assert_png(tmp_path / "results" / name)
 
-    sweep.main(cfg)  # everything is in the ledger now: nothing runs again
-    assert capsys.readouterr().out.count("already in the ledger") == 2
-    assert ledger_frame(tmp_path).equals(first)
-    point = {k: v for k, v in TWO_POINTS[0].items() if k != "script"}
+    done = [grid[0], grid[2]]  # everything else is in the ledger now: nothing runs again
+    rows, failed = sweep.sweep(cfg, sweep.expand(done))
+    assert capfd.readouterr().out.count("already in the ledger") == 2 and not failed
+    assert [r["run_id"] for r in rows] == first["run_id"].tolist() and ledger_frame(tmp_path).equals(first)
+    point = {"script": "experiment", "primer_length": 2, "rate_by_epoch": [0.1]}
     assert sweep.find_run("experiment", sweep.point_config(cfg, {**point, "score_batch_size": 7}))["run_id"] == first["run_id"][0]
     assert sweep.find_run("experiment", sweep.point_config(cfg, {**point, "batch_size": 5})) is None
-
-
-def test_result_key_tells_which_runs_are_the_same(tiny, tmp_path):
-    cfg = cli.configure(overrides(tiny, tmp_path))
-    sweep.sweep(cfg, [{"script": "prompt_short"}])
-    (row,) = ledger_frame(tmp_path).to_dict("records")
-    same = sweep.point_config(cfg, {"score_batch_size": 7, "train_limit": 50, "rate_by_epoch": [1.0]})  # no effect on a text prompt
-    assert sweep.find_run("prompt_short", same)["run_id"] == row["run_id"]
-    assert sweep.find_run("prompt_long", cfg) is None
-    assert sweep.find_run("prompt_short", sweep.point_config(cfg, {"test_limit": 50})) is None
-    assert sweep.find_run("prompt_short", sweep.point_config(cfg, {"labels": ["a", "b"]})) is None
-
-
-def test_command_line_reports_failed_points_and_goes_on(tiny, tmp_path):
-    """The default grid with a primer that does not exist: every primer point fails, the text prompts still run."""
-    grid_keys = {f"--{key}=" for point in sweep.GRID for key in point}  # the grid's own values: not overridable
-    args = [arg for arg in overrides(tiny, tmp_path) if not arg.startswith(tuple(grid_keys))]
-    result = run_script("sweep.py", *args, f"--primer_path={tmp_path}/missing.safetensors")
-    assert result.returncode == 1
-    primer_points = sum(p["script"] == "experiment" for p in sweep.GRID)
-    assert result.stdout.count("failed: UserError: --primer_path=") == primer_points
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {primer_points} of {len(sweep.GRID)} points failed")
-    assert ledger_frame(tmp_path)["script"].tolist() == ["prompt_long", "prompt_short"]
-    table = result.stdout[result.stdout.rindex("| Run |"):]
-    assert "-prompt_long | text prompt | – | – |" in table and "-prompt_short | text prompt | – | – |" in table
-    for name in ("scores.png", "losses.png"):
-        assert_png(tmp_path / "results" / name)
+    text = {"script": "prompt_short"}
+    same = sweep.point_config(cfg, {**text, "train_limit": 50, "rate_by_epoch": [1.0]})  # no effect on a text prompt
+    assert sweep.find_run("prompt_short", same)["run_id"] == first["run_id"][1]
+    assert sweep.find_run("prompt_short", sweep.point_config(cfg, {**text, "test_limit": 50})) is None
+    assert sweep.find_run("prompt_short", sweep.point_config(cfg, {**text, "labels": ["a", "b"]})) is None
+    assert sweep.find_run("prompt_long", sweep.point_config(cfg, {"script": "prompt_long"})) is None
 
 
 def test_unknown_grid_key_stops_before_anything_runs(tiny, tmp_path):
@@ -78,29 +69,40 @@ def test_unknown_grid_key_stops_before_anything_runs(tiny, tmp_path):
     assert not os.path.exists(tmp_path / "results")
 
 
-def test_unexpected_failure_keeps_its_traceback_and_the_sweep_goes_on(tiny, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sweep.SCRIPTS, "prompt_long", lambda cfg: 1 / 0)
-    rows, failed = sweep.sweep(cli.configure(overrides(tiny, tmp_path)), [{"script": "prompt_long"}, {"script": "prompt_short"}])
-    captured = capsys.readouterr()
-    assert "Traceback" in captured.err and "sweep 1/2: prompt_long failed: ZeroDivisionError: division by zero" in captured.out
-    assert failed == ["prompt_long"] and [r["script"] for r in rows] == ["prompt_short"]
+def test_grid_files_expand_their_axes_and_name_root_scripts(tmp_path):
+    assert sweep.expand([{"script": "a", "x": [1], "each": {"seed": [0, 1], "n": [5, 6]}}]) == [
+        {"script": "a", "x": [1], "seed": s, "n": n} for s in (0, 1) for n in (5, 6)]
+    with pytest.raises(errors.UserError, match=r"^--grid=nope: no grid file .*grids/nope.json: give one of .*cpu_table"):
+        sweep.load_grid("nope")
+    (tmp_path / "bad.json").write_text(json.dumps([{"script": "experiment"}, {"script": "tests/conftest"}]))
+    with pytest.raises(errors.UserError, match=r"names scripts \['tests/conftest'\] that are not at the repo root"):
+        sweep.load_grid(str(tmp_path / "bad.json"))
 
 
-def test_ctrl_c_stops_the_whole_sweep(tiny, tmp_path, monkeypatch):
-    def interrupted(cfg):
-        raise training.Interrupted("interrupted; checkpoint saved")
-    monkeypatch.setitem(sweep.SCRIPTS, "prompt_long", interrupted)
-    with pytest.raises(training.Interrupted):
-        sweep.sweep(cli.configure(overrides(tiny, tmp_path)), [{"script": "prompt_long"}, {"script": "prompt_short"}])
-    assert not os.path.exists(tmp_path / "results" / "results.csv")  # prompt_short never ran
+def test_the_cpu_table_grid_names_every_row_and_every_point_configures(tiny, tmp_path):
+    """Every point of grids/cpu_table.json is a valid command line of its script (each script's own settings read
+    with --help=json), and the grid holds 3 seeds of every trained method and the data curve."""
+    grid = sweep.load_grid("cpu_table")
+    cfg = cli.configure(overrides(tiny, tmp_path))
+    sweep.read_settings(grid)
+    configs = [sweep.point_config(cfg, point) for point in grid]
+    assert len({sweep.result_key(p["script"], vars(c)) for p, c in zip(grid, configs)}) == len(grid)  # no point twice
+    probe = next(c for p, c in zip(grid, configs) if p["script"] == "probe")
+    assert probe.PROBE_C == [1e-3, 1e-2, 1e-1, 1.0] and probe.CONDITION == "none"  # probe.py's own settings
+    curve = {}
+    for point, c in zip(grid, configs):
+        method = (point["script"], c.PRIMER_LENGTH if point["script"] == "experiment" else None)
+        curve.setdefault(method, set()).add((c.PROBE_TRAIN if point["script"] == "probe" else c.TRAIN_LIMIT - c.VAL_LIMIT, c.SEED))
+    for method in (("experiment", 4), ("experiment", 16), ("probe", None), ("steer", None)):
+        assert {(n, s) for n in (100, 300, 1000, 2000) for s in (0, 1, 2)} <= curve[method], method
 
 
 def test_an_override_of_a_grid_key_is_refused_naming_the_grid():
     result = run_script("sweep.py", "--train_limit=100", "--primer_length=32", "--rate_by_epoch=[0.1]")
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
-        "error: --primer_length=32 would be ignored: sweep.py's GRID sets primer_length for its points (4, 8, 16); "
-        "edit GRID in sweep.py to sweep other values, or run python experiment.py --primer_length=32 for one run"]
-    with pytest.raises(errors.UserError, match=r"GRID sets rate_by_epoch for its points \(\[1e-05\], \[0.0001, 1e-05, 1e-06\]\)"):
+        "error: --primer_length=32 would be ignored: sweep.py's DEFAULT_GRID sets primer_length for its points (4, 8, 16); "
+        "edit the grid to sweep other values, or run python experiment.py --primer_length=32 for one run"]
+    with pytest.raises(errors.UserError, match=r"DEFAULT_GRID sets rate_by_epoch for its points \(\[1e-05\], \[0.0001, 1e-05, 1e-06\]\)"):
         sweep.configure(["--rate_by_epoch=[0.1]"])
     assert sweep.configure(["--train_limit=100"]).TRAIN_LIMIT == 100
 
@@ -145,17 +147,3 @@ def test_losses_figure_marks_each_runs_epoch_boundaries(tmp_path, monkeypatch):
     marks = [(line.get_xdata()[0], line.get_color()) for line in fig.axes[0].lines if line.get_linestyle() == ":"]
     assert marks == [(5.5, curves[0].get_color()), (10.5, curves[0].get_color()),
                      (3.5, curves[1].get_color()), (6.5, curves[1].get_color())]
-
-
-def test_a_scripts_own_constants_reach_its_grid_points_and_their_runs(tiny, tmp_path, monkeypatch):
-    def probe(cfg):  # a method script with a constant of its own, LAYER, that records a run
-        run_dir = runs.start_run(cfg, "probe")
-        ledger.append(cfg.RESULTS_DIR, {"run_id": os.path.basename(run_dir), "script": "probe", "status": "finished"})
-    monkeypatch.setitem(sweep.SCRIPTS, "probe", probe)
-    monkeypatch.setitem(sweep.EXTRAS, "probe", {"LAYER": 8})
-    cfg = cli.configure(overrides(tiny, tmp_path))
-    grid = [{"script": "probe", "layer": 3}, {"script": "probe"}]
-    rows, failed = sweep.sweep(cfg, grid)
-    assert not failed and [files.read_json(str(tmp_path / "results" / r["run_id"] / "config.json"))["layer"] for r in rows] == [3, 8]
-    assert sweep.sweep(cfg, grid)[0] == rows  # both found in the ledger by their own constant: nothing runs again
-    assert len(ledger.rows(cfg.RESULTS_DIR)) == 2

@@ -1,0 +1,159 @@
+"""The comparison: one row per method configuration, its seeds pooled, with its cost and a paired test against the best.
+
+    python table.py results/                       # any folder holding a ledger (results.csv) and its run folders
+    python table.py results/published/table        # the README's table, from the run files committed there
+
+Runs whose config.json agree on every key that can change a result but the seed (ledger.result_config) form one
+row: trainable parameters, training reviews, seeds, the strict score and the label-restricted one as mean and
+standard deviation over seeds, the 95% Wilson interval one run of that score would have on these test reviews (the
+test-sampling noise, beside the seed noise), train and score seconds, the share of the best probe row's score, and
+McNemar's exact p against the best row, paired on each test review (stats.paired). Every run must have been scored
+on the same test reviews. Writes table.md, table.csv, table_params.png (score against trainable parameters) and
+table_data.png (score against training reviews) into that folder.
+"""
+import json
+import math
+import os
+import sys
+
+import pandas as pd
+import torch
+
+from harness import errors, files, ledger, plots, scoring, stats
+from harness.plots import plt
+
+SIZE_KEYS = ("TRAIN_LIMIT", "PROBE_TRAIN")  # what sets a run's training reviews: the data curve's axis, not a row's name
+COLUMNS = ["Run", "Method", "Params", "Train reviews", "Seeds", "Score (mean ± std)", "One run's 95% interval",
+           "Label-restricted (mean ± std)", "Train s", "Score s", "Of the probe", "McNemar p vs best"]
+
+
+def load_runs(results_dir: str) -> pd.DataFrame:
+    """Every finished ledger row with its run's config and per-review correctness [reviews] (strict, restricted)."""
+    rows = [r for r in ledger.rows(results_dir) if r["status"] == "finished"]
+    if not rows:
+        raise errors.UserError(f"{results_dir} holds no finished runs in {ledger.path(results_dir)}: give a results folder")
+    loaded = {r["run_id"]: stats.load_run(os.path.join(results_dir, r["run_id"])) for r in rows}
+    stats.check_same_reviews(loaded)
+    for r in rows:
+        config, predictions = loaded[r["run_id"]]
+        r["config"] = ledger.result_config(r["script"], config)
+        r["group"] = json.dumps([r["script"], {k: v for k, v in r["config"].items() if k != "SEED"}], sort_keys=True)
+        r["right"], r["restricted_right"] = stats.correctness(predictions).values()
+    return pd.DataFrame(rows)
+
+
+def names(runs: pd.DataFrame) -> dict[str, str]:
+    """Each group's name: its script and the settings in which it differs from the script's other rows."""
+    out = {}
+    for script, groups in runs.groupby("script"):
+        configs = {g: dict(json.loads(g)[1]) for g in groups["group"].unique()}
+        varying = sorted({k for c in configs.values() for k in c if k not in SIZE_KEYS
+                          and len({json.dumps(other.get(k)) for other in configs.values()}) > 1})
+        for group, config in configs.items():
+            out[group] = " ".join([script] + [f"{k.lower()}={config.get(k)!r}".replace("'", "") for k in varying])
+    return out
+
+
+def fmt(mean: float, std: float) -> str:
+    return f"{100 * mean:.1f}%" + ("" if math.isnan(std) else f" ± {100 * std:.1f}")
+
+
+def pooled(name: str, group: str, seeds: pd.DataFrame) -> dict:
+    """One group's row: its runs' costs, their scores' mean and std over seeds, and per-review correctness [seeds, n]."""
+    script, config = json.loads(group)
+    score, restricted = stats.mean_std(seeds["score"].tolist()), stats.mean_std(seeds["restricted_score"].tolist())
+    total = int(seeds["total"].iloc[0])
+    low, high = scoring.wilson_interval(score[0] * total, total)
+    return {"run": name, "script": script, "method": "; ".join(dict.fromkeys(seeds["method"])),
+            "trainable_params": int(seeds["trainable_params"].iloc[0]), "samples": int(seeds["samples"].mean()),
+            "seeds": len(seeds), "score_mean": score[0], "score_std": score[1], "score_low": low, "score_high": high,
+            "restricted_mean": restricted[0], "restricted_std": restricted[1],
+            "train_seconds": seeds["train_seconds"].mean(), "score_seconds": seeds["score_seconds"].mean(),
+            "scores": seeds["score"].tolist(), "right": torch.stack(list(seeds["right"])), "run_ids": " ".join(seeds["run_id"]),
+            "curve": json.dumps([script, {k: v for k, v in config.items() if k not in SIZE_KEYS}]), "config": json.dumps(config)}
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per group, best mean score first, with its seeds' spread and its paired test against the best row."""
+    named = names(runs)
+    rows = [pooled(named[group], group, seeds.sort_values("seed")) for group, seeds in runs.groupby("group", sort=False)]
+    table = pd.DataFrame(rows).sort_values("score_mean", ascending=False, kind="stable").reset_index(drop=True)
+    best, probes = table.iloc[0], table[table["script"] == "probe"]
+    table["probe_share"] = table["score_mean"] / probes["score_mean"].max() if len(probes) else math.nan
+    tests = [stats.paired(r["right"], best["right"]) if i else (0, 0, math.nan) for i, r in table.iterrows()]
+    table["only_this"], table["only_best"], table["mcnemar_p"] = zip(*tests)
+    return table
+
+
+def markdown(table: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
+    for i, r in table.iterrows():
+        p = "best" if i == 0 else f"{r['mcnemar_p']:.2g} ({r['only_this']} / {r['only_best']})"
+        cells = [r["run"], r["method"], f"{r['trainable_params']:,}", f"{r['samples']:,}" if r["samples"] else "–",
+                 str(r["seeds"]), fmt(r["score_mean"], r["score_std"]), f"[{100 * r['score_low']:.1f}, {100 * r['score_high']:.1f}]",
+                 fmt(r["restricted_mean"], r["restricted_std"]), f"{r['train_seconds']:,.0f}", f"{r['score_seconds']:,.0f}",
+                 "–" if math.isnan(r["probe_share"]) else f"{100 * r['probe_share']:.0f}%", p]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seed_spread(ax: plt.Axes, x: pd.Series, rows: pd.DataFrame, label: str, color: str) -> None:
+    """Each row's mean score with its seeds' standard deviation as an error bar, each seed's score a dot."""
+    ax.errorbar(x, 100 * rows["score_mean"], yerr=100 * rows["score_std"].fillna(0), marker="o", capsize=3, label=label, color=color)
+    for xi, scores in zip(x, rows["scores"]):
+        ax.scatter([xi] * len(scores), [100 * s for s in scores], s=10, alpha=0.5, color=color)
+
+
+def params_figure(table: pd.DataFrame, path: str) -> str:
+    """Strict score against trainable parameters (log scale), one color per script; methods with none as lines."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (script, rows) in enumerate(table.groupby("script", sort=False)):
+        trained, fixed = rows[rows["trainable_params"] > 0], rows[rows["trainable_params"] == 0]
+        if len(trained):
+            seed_spread(ax, trained["trainable_params"], trained, script, f"C{i}")
+        for _, r in fixed.iterrows():
+            ax.axhline(100 * r["score_mean"], color=f"C{i}", ls="--", lw=1, label=r["run"])
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel="test reviews right (%), mean ± std over seeds",
+           title="Score against trainable parameters", ylim=(0, 100))
+    ax.legend(fontsize=7)
+    return plots.save(fig, path)
+
+
+def data_figure(table: pd.DataFrame, path: str) -> str:
+    """Strict score against training reviews (log scale): one line per method configuration with two sizes or more."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    curves = [rows.sort_values("samples") for _, rows in table.groupby("curve", sort=False) if rows["samples"].nunique() > 1]
+    for i, rows in enumerate(curves):
+        seed_spread(ax, rows["samples"], rows, rows["run"].iloc[0], f"C{i}")
+    ax.set(xscale="log", xlabel="training reviews", ylabel="test reviews right (%), mean ± std over seeds",
+           title="Score against training reviews", ylim=(0, 100))
+    if curves:
+        ax.legend(fontsize=7)
+    return plots.save(fig, path)
+
+
+def write(results_dir: str) -> pd.DataFrame:
+    table = summarize(load_runs(results_dir))
+    text = markdown(table)
+    columns = [c for c in table.columns if c not in ("right", "scores", "curve")]
+    for name, content in (("table.md", text + "\n"), ("table.csv", table[columns].to_csv(index=False))):
+        with files.atomic_path(os.path.join(results_dir, name)) as tmp, open(tmp, "w") as f:
+            f.write(content)
+    print(text)
+    for path in (params_figure(table, os.path.join(results_dir, "table_params.png")),
+                 data_figure(table, os.path.join(results_dir, "table_data.png"))):
+        print(f"saved {path}")
+    return table
+
+
+def main(argv: list[str]) -> None:
+    try:
+        if len(argv) != 1 or not os.path.isdir(argv[0]):
+            raise errors.UserError("give one results folder: python table.py results/")
+        write(argv[0])
+    except errors.UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,105 @@
+"""table.py on tiny runs (three primer configurations, two seeds each, and a text prompt), and the statistics it shares
+with compare.py, checked against numpy and scipy."""
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+from scipy.stats import binomtest
+
+from harness import cli, ledger, runs, stats
+import experiment
+import prompt_short
+import table
+from conftest import overrides, run_script
+
+CONFIGS = [{"primer_length": 2, "train_limit": 100}, {"primer_length": 2, "train_limit": 50}, {"primer_length": 4, "train_limit": 100}]
+
+
+@pytest.fixture(scope="session")
+def results(tiny, tmp_path_factory):
+    """A results folder of 2 seeds x CONFIGS primer runs and one text prompt, all on the whole tiny test file."""
+    out = tmp_path_factory.mktemp("table")
+    base = overrides(tiny, out) + ["--test_limit=1000", "--rate_by_epoch=[0.1]"]  # 1000 > the 60 test rows: all of them, any seed
+    for seed in (0, 1):
+        for config in CONFIGS:
+            experiment.run(cli.configure(base + [f"--seed={seed}", f"--data_dir={out}/data-{seed}-{config['train_limit']}"]
+                                         + cli.as_args(config)))
+    runs.score_text_prompt(cli.configure(base), "prompt_short", prompt_short.SYSTEM, prompt_short.USER)
+    return out / "results"
+
+
+def correct(run_dir) -> np.ndarray:
+    """Per review, right by the strict metric, read straight from the run's predictions."""
+    p = load_file(str(run_dir / "predictions.safetensors"))
+    return (p["answer"] == p["label_ids"][p["label"]]).numpy()
+
+
+def test_one_row_per_configuration_with_its_seeds_spread_and_a_paired_test(results, capsys):
+    written = table.write(str(results))
+    printed = capsys.readouterr().out
+    assert (results / "table.md").read_text() in printed + "\n"
+    assert len(written) == 4 and written["seeds"].tolist().count(2) == 3 and sorted(written["samples"]) == [0, 50, 100, 100]
+    frame = pd.DataFrame(ledger.rows(str(results)))
+    best = written.iloc[0]
+    best_right = np.stack([correct(results / run) for run in best["run_ids"].split()]).astype(float).mean(0)
+    assert sorted(written["run"]) == ["experiment primer_length=2"] * 2 + ["experiment primer_length=4", "prompt_short"]
+    for i, r in enumerate(written.to_dict("records")):
+        runs = r["run_ids"].split()
+        scores = [correct(results / run).mean() for run in runs]
+        assert r["score_mean"] == pytest.approx(np.mean(scores))
+        assert (math.isnan(r["score_std"]) and len(runs) == 1) or r["score_std"] == pytest.approx(np.std(scores, ddof=1))
+        assert set(frame[frame["run_id"].isin(runs)]["seed"]) == ({0, 1} if r["script"] == "experiment" else {0})
+        if i == 0:
+            assert math.isnan(r["mcnemar_p"]) and "| best |" in printed
+            continue
+        mine = np.stack([correct(results / run) for run in runs]).astype(float).mean(0)
+        wins, losses = int((mine > best_right).sum()), int((mine < best_right).sum())
+        assert (r["only_this"], r["only_best"]) == (wins, losses)
+        assert r["mcnemar_p"] == pytest.approx(binomtest(wins, wins + losses).pvalue if wins + losses else 1.0)
+        assert f"{r['mcnemar_p']:.2g} ({wins} / {losses})" in printed
+    csv = pd.read_csv(results / "table.csv")
+    assert csv["score_mean"].tolist() == pytest.approx(written["score_mean"].tolist())
+    for name in ("table_params.png", "table_data.png"):
+        assert (results / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_data_figure_draws_one_curve_per_configuration_across_sizes(results, monkeypatch):
+    figures = []
+    monkeypatch.setattr(table.plots, "save", lambda fig, path: figures.append(fig) or path)
+    written = table.summarize(table.load_runs(str(results)))
+    table.data_figure(written, "unused.png")
+    curve = written[written["run"] == "experiment primer_length=2"].sort_values("samples")
+    (bars,) = figures[0].axes[0].containers  # one curve: the 4-vector primer has one size only, the text prompt none
+    line = bars.lines[0]
+    assert list(line.get_xdata()) == [50, 100] and list(line.get_ydata()) == pytest.approx(100 * curve["score_mean"])
+
+
+def test_runs_on_other_test_reviews_are_refused(results, tmp_path, tiny):
+    folder = tmp_path / "mixed"
+    shutil.copytree(results, folder)
+    primer = next(folder.glob("*-experiment/primer.safetensors"))  # re-scored, no training, on a sample of 40 reviews
+    experiment.run(cli.configure(overrides(tiny, tmp_path) + [f"--results_dir={folder}", "--test_limit=40", f"--primer_path={primer}"]))
+    with pytest.raises(SystemExit, match=r"^error: .* were not scored on the same test reviews \(their test_limit differ\)"):
+        table.main([str(folder)])
+    assert run_script("table.py", str(tmp_path / "none")).stderr.strip() == "error: give one results folder: python table.py results/"
+
+
+def test_mcnemar_exact_known_values():
+    assert stats.mcnemar_exact(10, 2) == pytest.approx(0.0385742, rel=1e-5)  # 2 * P(X <= 2), X ~ Bin(12, 1/2)
+    assert stats.mcnemar_exact(3, 3) == 1.0 and stats.mcnemar_exact(0, 0) == 1.0
+    assert stats.mcnemar_exact(0, 20) == pytest.approx(2 / 2 ** 20)
+
+
+def test_paired_is_mcnemar_on_one_seed_and_counts_each_review_once_on_several():
+    import torch
+    a = torch.tensor([[1, 1, 1, 0, 0, 1]], dtype=torch.bool)
+    b = torch.tensor([[0, 0, 1, 1, 0, 1]], dtype=torch.bool)
+    assert stats.paired(a, b) == (2, 1, stats.mcnemar_exact(2, 1))
+    three = a.repeat(3, 1)
+    three[2, 0] = False  # review 0: right 2 of 3 times for A, never for B; still one review for A
+    assert stats.paired(three, b.repeat(3, 1))[:2] == (2, 1)
+    assert stats.mean_std([0.5, 0.7, 0.9]) == (pytest.approx(0.7), pytest.approx(0.2))
+    assert math.isnan(stats.mean_std([0.5])[1])
