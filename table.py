@@ -128,6 +128,9 @@ def data_figure(table: pd.DataFrame, path: str) -> str:
     ax.set(xscale="log", xlabel="training reviews", ylabel="test reviews right (%), mean ± std over seeds",
            title="Score against training reviews", ylim=(0, 100))
     if curves:
+        sizes = sorted({int(n) for rows in curves for n in rows["samples"]})
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes])  # the sizes run, in plain numbers
+        ax.minorticks_off()
         ax.legend(fontsize=7)
     return plots.save(fig, path)
 
