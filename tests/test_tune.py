@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import tune
-from harness import adapters, cli, errors, frozen, layouts, ledger, primers, reft, runs
-from conftest import overrides, run_until_first_checkpoint
+from harness import adapters, cli, errors, frozen, layouts, ledger, primers, reft, runs, scoring
+from conftest import overrides, record_reads, run_until_first_checkpoint
 
 # tiny: hidden 64, 2 layers, 4 heads of 16, 2 kv heads (kv width 32), MLP 128
 PARAMS = {"lora": 4 * 2 * (64 + 64 + 64 + 32 + 64 + 32 + 64 + 64), "ia3": 2 * (32 + 32 + 128), "layernorm": 2 * 2 * 64 + 64,
@@ -117,7 +117,26 @@ def test_loreft_resumes_bitwise_after_a_kill(tiny, tmp_path, monkeypatch):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_a_rate_grid_is_chosen_on_validation_and_drawn(tiny, tmp_path, monkeypatch):
+    calls = record_reads(monkeypatch, scoring, "predict", "rate_grid.csv")
+    tune.run(cli.configure(tune_args(tiny, tmp_path, "loreft", "--rate_grid=[[1e-5], [3e-2, 1e-2]]"), tune.SETTINGS))
+    (run_dir,) = glob.glob(f"{tmp_path}/results/*-tune")
+    grid = pd.read_csv(f"{run_dir}/rate_grid.csv")
+    assert list(grid["rates"]) == ["[1e-05]", "[0.03, 0.01]"] and grid["chosen"].sum() == 1
+    chosen = int(grid.index[grid["chosen"]][0])
+    assert grid["val_correct"][chosen] == grid["val_correct"].max()
+    *selection, final = calls
+    assert len(selection) == 3 and not any(c["test"] for c in selection) and final["test"] and final["chosen"]
+    trained = torch.load(f"{run_dir}/rates_{chosen}/checkpoint.pt", weights_only=True)["params"]
+    saved = load_file(f"{run_dir}/adapter.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in trained.items())  # the chosen schedule's tensors are the ones kept
+    assert not torch.equal(trained["projections.0.bias"], torch.zeros(2))
+    (row,) = ledger.rows(f"{tmp_path}/results")
+    assert row["best_epoch"] == grid["best_epoch"][chosen] and os.path.getsize(f"{tmp_path}/results/rate_grid.png") > 0
+
+
 @pytest.mark.parametrize("setting, message", [
+    ("--val_limit=0 --rate_grid=[[1e-3]]", "--rate_grid chooses the rates on validation reviews: set --val_limit"),
     ("--method=bitfit", "--method='bitfit' is not one of lora, ia3, layernorm, prefix, loreft"),
     ("--rate_scale=embedding", "--rate_scale='embedding': tune.py's rates are Adam's own"),
     ("--reft_rank=0", "--reft_rank=0 must be at least 1"),
@@ -126,4 +145,4 @@ def test_loreft_resumes_bitwise_after_a_kill(tiny, tmp_path, monkeypatch):
 ])
 def test_bad_settings_are_one_line_errors(tiny, tmp_path, setting, message):
     with pytest.raises(errors.UserError, match="^" + re.escape(message)):
-        tune.run(cli.configure(tune_args(tiny, tmp_path, "loreft", setting), tune.SETTINGS))
+        tune.run(cli.configure(tune_args(tiny, tmp_path, "loreft", *setting.split()), tune.SETTINGS))
