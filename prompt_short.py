@@ -4,5 +4,8 @@ from harness import cli, runs
 SYSTEM = "Classify the given text as either negative (`1`) or positive (`2`). Write nothing else."
 USER = "```\n{review}\n```\n\n# Classification"
 
+SHOTS = 0  # training reviews put before the review with their labels, as earlier user and assistant turns (seeded, label-balanced)
+CALIBRATE = False  # divide the label probabilities by those the prompt gives content-free inputs (Zhao et al. 2021) for the label-restricted score
+
 if __name__ == "__main__":
-    cli.main(lambda cfg: runs.score_text_prompt(cfg, "prompt_short", SYSTEM, USER))
+    cli.main(lambda cfg: runs.score_text_prompt(cfg, "prompt_short", SYSTEM, USER), {"SHOTS": SHOTS, "CALIBRATE": CALIBRATE})

@@ -18,6 +18,7 @@ class Steer:
     layers: tuple[int, ...]  # 1-based: added to the output of these decoder layers
     coefficient: float = 1.0
     after_review: bool = False  # only at the positions after the review (the template's answer cue), not at all of them
+    edit: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None  # instead of vector: the shift as a function of (layer, its output [B, T, hidden]), e.g. LoReFT's
 
 
 @dataclass
@@ -157,7 +158,7 @@ def hooks(model: torch.nn.Module, steer: Optional[Steer], after_review: Optional
         def hook(module, inputs, output, number=number, add=add):
             hidden = output[0] if isinstance(output, tuple) else output
             if add:
-                shift = steer.coefficient * steer.vector.to(hidden)  # the hidden state's device and dtype
+                shift = steer.coefficient * (steer.vector.to(hidden) if steer.edit is None else steer.edit(number, hidden))
                 hidden = hidden + (after_review[:, :, None] * shift if steer.after_review else shift)
             if number in layers:
                 keep(number, hidden)

@@ -84,25 +84,30 @@ def say_once(message: str) -> None:
     print(message, flush=True)
 
 
-def prompt_text(tokenizer, system: Optional[str], user: str, template_kwargs: dict) -> str:
+def prompt_text(tokenizer, system: Optional[str], user: str, template_kwargs: dict,
+                turns: tuple[tuple[str, str], ...] = ()) -> str:
     """The prompt as text up to the answer: the chat template with `system` as its system message, or at the start of
-    the user turn when the template refuses or drops one; with no chat template, bos + system + user + PLAIN_ANSWER_CUE."""
+    the user turn when the template refuses or drops one; with no chat template, bos + system + user + PLAIN_ANSWER_CUE.
+    `turns` (user text, assistant answer) come first as earlier turns of the chat (in-context examples)."""
     if tokenizer.chat_template is None:
         say_once(f"{tokenizer.name_or_path} has no chat template: the prompt is bos, the system content or primer, "
                  f"the review and {PLAIN_ANSWER_CUE!r}")
-        return (tokenizer.bos_token or "") + (system + SYSTEM_SEPARATOR if system else "") + user + PLAIN_ANSWER_CUE
+        examples = "".join(u + PLAIN_ANSWER_CUE + a + SYSTEM_SEPARATOR for u, a in turns)
+        return (tokenizer.bos_token or "") + (system + SYSTEM_SEPARATOR if system else "") + examples + user + PLAIN_ANSWER_CUE
     render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
+    chat = [m for u, a in turns for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
+    chat.append({"role": "user", "content": user})
     if system is None:
-        return render([{"role": "user", "content": user}])
+        return render(chat)
     try:
-        text = render([{"role": "system", "content": system}, {"role": "user", "content": user}])
+        text = render([{"role": "system", "content": system}, *chat])
         if system.strip() in text:
             return text
     except TemplateError:
         pass
     say_once(f"the chat template of {tokenizer.name_or_path} takes no system message: the system content or primer "
              f"goes at the start of the user turn")
-    return render([{"role": "user", "content": system + SYSTEM_SEPARATOR + user}])
+    return render([{**chat[0], "content": system + SYSTEM_SEPARATOR + chat[0]["content"]}, *chat[1:]])
 
 
 def answer_context(tokenizer, template_kwargs: dict) -> str:
@@ -119,20 +124,20 @@ def check_primer_position(position: str, checkpointing: bool) -> None:
 
 
 def make_layout(task, system: Optional[str], user: str = "{review}", primer_length: int = 0,
-                position: str = "system") -> Layout:
+                position: str = "system", turns: tuple[tuple[str, str], ...] = ()) -> Layout:
     """The prompt (prompt_text) with `system` text, or a slot of primer_length embeddings, at `position`: "system" in
     the system message, "prefix" before everything (bos included), "suffix" right after the review at the end of the
-    user turn; `user` around {review}. The ids equal the tokenizer's own ids of the whole prompt text, but for the
-    slot's placeholder ids."""
+    user turn; `user` around {review}, after the chat `turns` (in-context examples, counted in prompt_tokens). The
+    ids equal the tokenizer's own ids of the whole prompt text, but for the slot's placeholder ids."""
     check_primer_position(position, task.cfg.GRADIENT_CHECKPOINTING)
     tok, kwargs = task.tokenizer, task.cfg.TEMPLATE_KWARGS
     content, user_text = PRIMER_SLOT if primer_length else system, user.replace("{review}", REVIEW_SLOT)
     if position == "system":
-        text = prompt_text(tok, content, user_text, kwargs)
+        text = prompt_text(tok, content, user_text, kwargs, turns)
     elif position == "prefix":
-        text = content + prompt_text(tok, None, user_text, kwargs)
+        text = content + prompt_text(tok, None, user_text, kwargs, turns)
     else:
-        text = prompt_text(tok, None, user_text + content, kwargs)
+        text = prompt_text(tok, None, user_text + content, kwargs, turns)
     head, tail = text.split(REVIEW_SLOT)
     seams = [re.escape(t) for t in (PRIMER_SLOT, *tok.added_tokens_encoder)]  # text is tokenized apart across these
     seam = re.compile("|".join(sorted(seams, key=len, reverse=True)))
@@ -145,6 +150,7 @@ def make_layout(task, system: Optional[str], user: str = "{review}", primer_leng
         prompt_tokens = len(encode(tok, system)) + sum(len(encode(tok, part)) for part in user.split("{review}"))
     else:
         prompt_tokens = primer_length
+    prompt_tokens += sum(len(encode(tok, u)) + len(encode(tok, a)) for u, a in turns)
     return Layout(prefix, suffix, (tail_slot if in_suffix else head_slot) or slice(0, 0), prompt_tokens, in_suffix,
                   (head[head_end:], tail[:tail_start]), tok)
 

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from harness import data, errors, files, ledger, parallel, plots, scoring
+from harness import data, errors, files, ledger, parallel, plots, scoring, shots
 from harness.frozen import load_model, resolve_device
 from harness.layouts import answer_context, label_token_ids, make_layout
 from harness.task import Task  # runs.Task: what setup returns
@@ -148,7 +148,20 @@ def environment(task: Task) -> dict:
 
 
 def score_text_prompt(cfg: SimpleNamespace, script: str, system: str, user: str) -> dict:
-    """Score a hand-written prompt (system message, and user message around {review}) and record it."""
-    task = setup(cfg, with_train=False)
-    layout = make_layout(task, system, user)
-    return record(task, script, "text prompt", layout.prompt_tokens, scoring.predict(task, layout))
+    """Score a hand-written prompt (system message, and user message around {review}) and record it; with SHOTS,
+    after that many training reviews and their labels as earlier chat turns; with CALIBRATE, its label-restricted
+    score calibrated on content-free inputs (harness.shots), the raw one kept in calibration.json."""
+    shot_count, calibrated = getattr(cfg, "SHOTS", 0), getattr(cfg, "CALIBRATE", False)
+    task = setup(cfg, with_train=shot_count > 0)
+    layout = make_layout(task, system, user, turns=shots.examples(task, shot_count))
+    predictions, method = scoring.predict(task, layout), "text prompt" + (f" ({shot_count} shots)" if shot_count else "")
+    if not calibrated:
+        return record(task, script, method, layout.prompt_tokens, predictions)
+    run_dir, bias = start_run(cfg, script), shots.label_bias(task, layout)
+    raw = scoring.metrics(task.label_ids, predictions)
+    write_atomic(os.path.join(run_dir, "calibration.json"), json.dumps(
+        {"content_free": list(shots.CONTENT_FREE), "label_probabilities": bias.exp().tolist(),
+         "raw_restricted_correct": raw["restricted_correct"], "raw_restricted_score": raw["restricted_score"]}, indent=2))
+    print(f"label-restricted score before calibration {ledger.format_score(raw, 'restricted')}; content-free label "
+          f"probabilities {', '.join(f'{p:.3f}' for p in bias.exp().tolist())}")
+    return record(task, script, method + ", calibrated", layout.prompt_tokens, shots.calibrate(predictions, bias), run_dir)

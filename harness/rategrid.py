@@ -1,0 +1,67 @@
+"""A method's learning rates chosen on validation reviews: every schedule of RATE_GRID trained from the same start in a
+folder of its own (checkpointed and resumed as any run), the one with the best validation epoch kept, the validation
+scores across the grid saved (rate_grid.csv) and drawn for every method of a results folder (rate_grid.png)."""
+import glob
+import os
+
+import pandas as pd
+import torch
+
+from harness import errors, plots, runs, training
+from harness.plots import plt
+
+
+def check(cfg) -> None:
+    if cfg.RATE_GRID and not cfg.VAL_LIMIT:
+        raise errors.UserError("--rate_grid chooses the rates on validation reviews: set --val_limit (e.g. --val_limit=200)")
+
+
+def train_grid(task, params: dict[str, torch.Tensor], loss_of: training.LossOf, run_dir: str, evaluate,
+               method: str, script: str) -> tuple[list[dict], str, float]:
+    """Each schedule of RATE_GRID (RATE_BY_EPOCH alone when empty) from the tensors' present values; leaves params at
+    the best schedule's (best validation epoch: most strict, then label-restricted answers right, then the earliest
+    schedule) and returns its loss log and status, and the seconds all schedules took. With a grid, run_dir gets
+    rate_grid.csv, the chosen schedule's validation.csv, and the figure of every rate_grid.csv beside it."""
+    cfg = task.cfg
+    if not cfg.RATE_GRID:
+        log, status = training.train(task, params, loss_of, run_dir, evaluate, script=script)
+        return log, status, log[-1]["seconds"] if log else 0.0
+    start, points, rows = training.snapshot(params), [], []
+    for i, rates in enumerate(cfg.RATE_GRID):
+        folder = os.path.join(run_dir, f"rates_{i}")
+        os.makedirs(folder, exist_ok=True)
+        training.restore(params, start)
+        cfg.RATE_BY_EPOCH = list(rates)  # what training.train reads
+        log, status = training.train(task, params, loss_of, folder, evaluate, script=script)
+        validation = pd.read_csv(os.path.join(folder, "validation.csv"))
+        best = training.best_validation(validation.to_dict("records"))
+        points.append({"tensors": training.snapshot(params), "log": log, "status": status, "validation": validation})
+        rows.append({"method": method, "rates": str(list(rates)), "first_rate": rates[0], "best_epoch": int(best["epoch"]),
+                     "val_correct": best["correct"], "val_total": best["total"], "val_score": best["score"],
+                     "val_restricted_score": best["restricted_score"], "train_seconds": log[-1]["seconds"] if log else 0.0})
+        print(f"rates {list(rates)}: best validation epoch {int(best['epoch'])}, score {best['score']:.1%} "
+              f"(label-restricted {best['restricted_score']:.1%})", flush=True)
+    table = pd.DataFrame(rows)
+    chosen = max(range(len(rows)), key=lambda i: (rows[i]["val_correct"], rows[i]["val_restricted_score"], -i))
+    table["chosen"] = table.index == chosen
+    training.restore(params, points[chosen]["tensors"])
+    cfg.RATE_BY_EPOCH = list(cfg.RATE_GRID[chosen])
+    runs.write_atomic(os.path.join(run_dir, "rate_grid.csv"), table.to_csv(index=False))
+    runs.write_atomic(os.path.join(run_dir, "validation.csv"), points[chosen]["validation"].to_csv(index=False))
+    print(f"chosen on validation: rates {cfg.RATE_BY_EPOCH}; every method's grid: {draw(os.path.dirname(run_dir))}")
+    return points[chosen]["log"], points[chosen]["status"], float(table["train_seconds"].sum())
+
+
+def draw(results_dir: str) -> str:
+    """rate_grid.png in results_dir: the best validation score against the first rate of each schedule, one line per
+    run's rate_grid.csv (its method), the chosen schedule marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for path in sorted(glob.glob(os.path.join(results_dir, "*", "rate_grid.csv"))):
+        table = pd.read_csv(path).sort_values("first_rate")
+        line, = ax.plot(table["first_rate"], table["val_score"], marker="o", label=table["method"].iloc[0])
+        chosen = table[table["chosen"]]
+        ax.scatter(chosen["first_rate"], chosen["val_score"], s=120, facecolors="none", edgecolors=line.get_color())
+    ax.set(xscale="log", xlabel="first epoch's learning rate", ylabel="validation score (strict)",
+           title="each method across its learning rates (circled: chosen)")
+    ax.legend(fontsize=7)
+    return plots.save(fig, os.path.join(results_dir, "rate_grid.png"))
