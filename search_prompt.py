@@ -1,17 +1,16 @@
 """Discrete prompt search: a readable system message (or k vocabulary tokens) found by search on validation reviews,
-instead of trained vectors, within a compute budget.
+instead of trained vectors, within a budget of CPU minutes (or forward passes).
 
     python search_prompt.py                          # "edit": word edits of the best prompts so far (GRIPS-like)
     python search_prompt.py --search=tokens          # GCG from the short prompt's tokens, its user message kept
     python search_prompt.py --search=propose --proposer_id=<a larger chat model>   # OPRO, APE
-    python search_prompt.py --curves=[results/<edit run>,results/<tokens run>]     # their validation curves, one figure
+    python search_prompt.py "--curves=[results/<edit run>,results/<tokens run>]"   # their curves in one figure
 
-Every search spends BUDGET minutes of this process's CPU time (or FORWARD_BUDGET reviews through forward passes).
 Each step screens many candidates on SEARCH_BATCH training reviews by the label token's cross-entropy over the whole
-vocabulary (low only when the model answers with the right label, so it rewards the answer format and the label),
-all candidates x reviews in batched forwards; the few best are scored with the shared scorer on VAL_LIMIT
-validation reviews held out of training (strict score, ties broken by the label-restricted one) and written to
-candidates.csv. The test split is scored once, with the best prompt on validation.
+vocabulary (low only when the model answers with the right label: it rewards the answer format and the label), all
+candidates x reviews in batched forwards; the best are scored on VAL_LIMIT validation reviews held out of training
+(strict score, ties broken by the label-restricted one) into candidates.csv. The test split is scored once, with the
+best prompt on validation.
 """
 import json
 import os
@@ -48,7 +47,7 @@ SWAPS = 128  # "tokens": single-token swaps scored per step, each a slot and one
 TOP_K = 64  # "tokens": substitutions per slot taken from the gradient
 VAL_EVERY = 3  # "tokens": steps between validations of the current prompt
 FORWARD_BATCH = 64  # prompt-review pairs per screening forward pass
-CURVES = None  # run folders of earlier searches: draw their validation curves in one figure and search nothing
+CURVES = []  # run folders of earlier searches: draw their validation curves in one figure and search nothing
 SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
 SEARCHES = ("edit", "propose", "tokens")
 META_PROMPT = """Write an instruction that makes an assistant classify a review as negative (answer {negative}) or positive (answer {positive}).
@@ -67,7 +66,8 @@ def check(cfg) -> None:
         raise errors.UserError(f"--search={cfg.SEARCH!r} is not one of {', '.join(SEARCHES)}")
     if not cfg.VAL_LIMIT:
         raise errors.UserError("candidates are scored on validation reviews: set --val_limit (e.g. 200)")
-    if min(cfg.CANDIDATES, cfg.VALIDATE, cfg.POOL, cfg.TOKENS or 1, cfg.SWAPS, cfg.TOP_K, cfg.SEARCH_BATCH, cfg.VAL_EVERY, cfg.FORWARD_BATCH) < 1:
+    sizes = (cfg.CANDIDATES, cfg.VALIDATE, cfg.POOL, cfg.TOKENS or 1, cfg.SWAPS, cfg.TOP_K, cfg.SEARCH_BATCH, cfg.VAL_EVERY, cfg.FORWARD_BATCH)
+    if min(sizes) < 1:
         raise errors.UserError("--candidates, --validate, --pool, --tokens, --swaps, --top_k, --search_batch, --val_every and --forward_batch must all be at least 1")
     if not (cfg.BUDGET or 0) > 0 and not (cfg.FORWARD_BUDGET or 0) > 0:
         raise errors.UserError("the search needs a budget: set --budget (CPU minutes) or --forward_budget (reviews through forward passes) above 0")
@@ -110,8 +110,7 @@ class Search:
         return self.scored[key]
 
     def score_text(self, step: int, prompt: tuple[str, str]) -> tuple[int, int]:
-        system, user = prompt
-        return self.score(step, system, encode(self.task.tokenizer, system), make_layout(self.task, system, user), user=user)
+        return self.score(step, prompt[0], encode(self.task.tokenizer, prompt[0]), make_layout(self.task, *prompt), user=prompt[1])
 
 
 def batch_losses(task, ids: torch.Tensor, lengths: torch.Tensor, layout, targets: torch.Tensor, slots=None) -> torch.Tensor:
@@ -294,8 +293,8 @@ def curves(run_dirs: list[str], path: str) -> str:
     fig, ax = plt.subplots(figsize=(7, 4))
     for run_dir in run_dirs:
         rows = pd.read_csv(os.path.join(run_dir, "candidates.csv"), keep_default_na=False)
-        search = files.read_json(os.path.join(run_dir, "config.json"))["search"]
-        ax.step(rows["cpu_minutes"], 100 * rows["val_score"].cummax(), where="post", marker=".", label=f"{search}")
+        label = files.read_json(os.path.join(run_dir, "config.json"))["search"]
+        ax.step(rows["cpu_minutes"], 100 * rows["val_score"].cummax(), where="post", marker=".", label=label)
     ax.set(xlabel="CPU minutes spent (one core)", ylabel="best validation score so far (%), strict", title="Prompt search")
     ax.legend()
     return plots.save(fig, path)
@@ -303,6 +302,7 @@ def curves(run_dirs: list[str], path: str) -> str:
 
 def run(cfg) -> None:
     if cfg.CURVES:
+        os.makedirs(cfg.RESULTS_DIR, exist_ok=True)
         print(f"saved {curves(cfg.CURVES, os.path.join(cfg.RESULTS_DIR, 'search_curves.png'))}")
         return
     check(cfg)
