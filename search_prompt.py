@@ -150,8 +150,8 @@ def search_text(task, search: Search, proposer) -> tuple[str, str]:
     starts = [prompts.text_prompt(name) for name in prompts.TEXT_PROMPTS]
     pool = {prompt: search.score_text(0, prompt) for prompt in starts}
     words = sorted(set(cfg.EDIT_WORDS) | {w for system, _ in starts for w in system.split()}) if cfg.EDIT_WORDS else []
-    step, order = 0, torch.Generator().manual_seed(cfg.SEED)
-    while search.left():
+    step, order, idle = 0, torch.Generator().manual_seed(cfg.SEED), 0
+    while search.left() and idle < 10:  # a proposer that writes nothing new would spend no forward budget
         step += 1
         parents = sorted(pool, key=pool.get)[-cfg.POOL:]
         if cfg.SEARCH == "propose":
@@ -161,6 +161,7 @@ def search_text(task, search: Search, proposer) -> tuple[str, str]:
             made = [(edit(task, proposer, system, words, rng, step), user) for system, user in
                     (rng.choice(parents) for _ in range(cfg.CANDIDATES))]
         candidates = list(dict.fromkeys(p for p in made if p[0] and p not in pool))  # a proposer may write nothing
+        idle = 0 if candidates else idle + 1
         if not candidates:
             continue
         reviews = torch.randperm(len(task.train), generator=order)[:cfg.SEARCH_BATCH]
