@@ -4,7 +4,7 @@ instead of trained vectors, within a budget of CPU minutes (or forward passes).
     python search_prompt.py                          # "edit": word edits of the best prompts so far (GRIPS-like)
     python search_prompt.py --search=tokens          # GCG from the short prompt's tokens, its user message kept
     python search_prompt.py --search=propose --proposer_id=<a larger chat model>   # OPRO, APE
-    python search_prompt.py "--curves=[results/<edit run>,results/<tokens run>]"   # their curves in one figure
+    python search_prompt.py "--curves=['results/<edit run>','results/<tokens run>']"   # their curves in one figure
 
 Each step screens many candidates on SEARCH_BATCH training reviews by the label token's cross-entropy over the whole
 vocabulary (low only when the model answers with the right label: it rewards the answer format and the label), all
