@@ -1,16 +1,16 @@
 """Discrete prompt search: a readable system message (or k vocabulary tokens) found by search on validation reviews,
-instead of trained vectors.
+instead of trained vectors, within a budget of CPU minutes (or forward passes).
 
     python search_prompt.py                          # "edit": word edits of the best prompts so far (GRIPS-like)
-    python search_prompt.py --search=propose         # a chat model proposes instructions from the best so far (OPRO, APE)
-    python search_prompt.py --search=tokens --tokens=8 --token_init=primer:results/<run id>/primer.safetensors
+    python search_prompt.py --search=tokens          # GCG from the short prompt's tokens, its user message kept
+    python search_prompt.py --search=propose --proposer_id=<a larger chat model>   # OPRO, APE
+    python search_prompt.py "--curves=['results/<edit run>','results/<tokens run>']"   # their curves in one figure
 
-Text searches start from the two hand-written prompts and change only the system message (each candidate keeps a
-user message of theirs around the review, so step 0 scores as the baselines do); every candidate is scored with the
-shared scorer on VAL_LIMIT validation reviews held out of training (strict score, ties broken by the label-restricted
-one) and written to candidates.csv. The token search (AutoPrompt, GCG) swaps one of TOKENS system-slot tokens per
-step along the gradient of the loss on SEARCH_BATCH training reviews, every candidate swap measured in one batched
-forward. The test split is scored once, with the best prompt on validation.
+Each step screens many candidates on SEARCH_BATCH training reviews by the label token's cross-entropy over the whole
+vocabulary (low only when the model answers with the right label: it rewards the answer format and the label), all
+candidates x reviews in batched forwards; the best are scored on VAL_LIMIT validation reviews held out of training
+(strict score, ties broken by the label-restricted one) into candidates.csv. The test split is scored once, with the
+best prompt on validation.
 """
 import json
 import os
@@ -22,27 +22,35 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from harness import chat, cli, data, errors, frozen, plots, primers, prompts, runs, scoring
+from harness import chat, cli, data, errors, files, frozen, plots, primers, prompts, runs, scoring
 from harness.layouts import assemble, encode, make_layout
 
 SEARCH = "edit"  # the method: "edit" (word edits), "propose" (a chat model writes instructions), "tokens" (gradient-guided swaps)
-STEPS = 10  # search steps
-PATIENCE = 4  # stop after this many steps in a row without a better validation score
-CANDIDATES = 4  # new prompts per step ("edit", "propose"), single-token swaps tried per step ("tokens")
+BUDGET = 10.0  # minutes of this process's CPU time the search may spend (one core's minutes under OMP_NUM_THREADS=1); the test scoring comes after
+FORWARD_BUDGET = 0  # (0: none) or a budget in reviews through forward passes (a backward pass counting as two), reproducible to the candidate
+CANDIDATES = 32  # "edit", "propose": new prompts screened per step on SEARCH_BATCH training reviews
+VALIDATE = 1  # "edit", "propose": the best screened prompts of each step scored on validation
 POOL = 4  # best prompts kept: the parents of edits and the examples in the proposer's meta-prompt
-VAL_LIMIT = 200  # (config.py has 0) reviews held out of training that score every candidate
+VAL_LIMIT = 200  # (config.py has 0) reviews held out of training that score every validated candidate
+SEARCH_BATCH = 4  # training reviews each step screens its candidates (and takes its gradient) on, drawn anew each step
 PROPOSER_ID = None  # chat model (hub id or folder) that proposes ("propose") or paraphrases ("edit") instructions; None: the model under test for "propose", no paraphrases for "edit"
 PROPOSER_TEMPERATURE = 1.0  # the proposer's sampling temperature
 PROPOSER_TOKENS = 64  # tokens per proposed instruction
 EXAMPLES = 3  # labelled training reviews shown in the meta-prompt
-EDIT_WORDS = ["review", "sentiment", "positive", "negative", "only", "digit", "answer", "classify"]  # words an insert edit draws from; []: any ordinary token
-TOKENS = 8  # "tokens": vocabulary tokens in the system slot
-TOKEN_INIT = "random"  # "tokens" start: "random" (ordinary tokens), "text:<words>" or "primer:<path>" (each vector's nearest token)
-TOP_K = 16  # "tokens": substitutions per slot taken from the gradient
-SEARCH_BATCH = 8  # "tokens": training reviews each step's gradient and swaps are measured on
+EDIT_WORDS = ["review", "sentiment", "positive", "negative", "only", "digit", "answer", "classify", "text", "output",
+              "label", "write", "reply", "single", "number", "one", "two", "rotten", "fresh", "good", "bad", "movie",
+              "film", "critic", "opinion", "tone", "judge", "decide", "whether", "respond", "exactly", "nothing",
+              "else", "just", "the", "is", "if", "or", "and", "Output:", "Answer:", "1", "2", "`1`", "`2`"]  # words insert and replace edits draw from, with the hand-written prompts' own; []: any ordinary token
+TOKENS = 0  # "tokens": vocabulary tokens in the system slot; 0: as many as the start's text has (8 for random and primer starts)
+TOKEN_INIT = "short"  # "tokens" start: "short"/"long" (that prompt's system tokens, its user message kept around the review), "text:<words>", "random" (ordinary tokens), "primer:<path>" (each vector's nearest token)
+SWAPS = 128  # "tokens": single-token swaps scored per step, each a slot and one of its TOP_K gradient tokens
+TOP_K = 64  # "tokens": substitutions per slot taken from the gradient
+VAL_EVERY = 3  # "tokens": steps between validations of the current prompt
+FORWARD_BATCH = 64  # prompt-review pairs per screening forward pass
+CURVES = []  # run folders of earlier searches: draw their validation curves in one figure and search nothing
 SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
 SEARCHES = ("edit", "propose", "tokens")
-META_PROMPT = """Write an instruction that makes an assistant classify a restaurant review as negative (answer {negative}) or positive (answer {positive}).
+META_PROMPT = """Write an instruction that makes an assistant classify a review as negative (answer {negative}) or positive (answer {positive}).
 
 Reviews with their answers:
 {examples}
@@ -58,19 +66,32 @@ def check(cfg) -> None:
         raise errors.UserError(f"--search={cfg.SEARCH!r} is not one of {', '.join(SEARCHES)}")
     if not cfg.VAL_LIMIT:
         raise errors.UserError("candidates are scored on validation reviews: set --val_limit (e.g. 200)")
-    if min(cfg.STEPS, cfg.CANDIDATES, cfg.POOL, cfg.TOKENS, cfg.TOP_K, cfg.SEARCH_BATCH) < 1:
-        raise errors.UserError("--steps, --candidates, --pool, --tokens, --top_k and --search_batch must all be at least 1")
-    if not (cfg.TOKEN_INIT in ("random",) or cfg.TOKEN_INIT.startswith(("text:", "primer:"))):
-        raise errors.UserError(f"--token_init={cfg.TOKEN_INIT!r} is not one of random, text:<words>, primer:<path>")
+    sizes = (cfg.CANDIDATES, cfg.VALIDATE, cfg.POOL, cfg.TOKENS or 1, cfg.SWAPS, cfg.TOP_K, cfg.SEARCH_BATCH, cfg.VAL_EVERY, cfg.FORWARD_BATCH)
+    if min(sizes) < 1:
+        raise errors.UserError("--candidates, --validate, --pool, --tokens, --swaps, --top_k, --search_batch, --val_every and --forward_batch must all be at least 1")
+    if not (cfg.BUDGET or 0) > 0 and not (cfg.FORWARD_BUDGET or 0) > 0:
+        raise errors.UserError("the search needs a budget: set --budget (CPU minutes) or --forward_budget (reviews through forward passes) above 0")
+    if not (cfg.TOKEN_INIT in ("random", *prompts.TEXT_PROMPTS) or cfg.TOKEN_INIT.startswith(("text:", "primer:"))):
+        raise errors.UserError(f"--token_init={cfg.TOKEN_INIT!r} is not one of short, long, text:<words>, random, primer:<path>")
 
 
 class Search:
-    """Every candidate scored on validation, the budget spent, and the run folder's candidates.csv kept current."""
+    """Every validated candidate with the budget spent so far, the run folder's candidates.csv kept current."""
 
     def __init__(self, task, run_dir: str):
         self.task, self.run_dir, self.rows, self.scored = task, run_dir, [], {}
-        self.forwards, self.backwards, self.start = 0, 0, time.perf_counter()
-        self.losses = []  # "tokens": each step's batch loss before and after its swap
+        self.forwards, self.backwards = 0, 0  # reviews through forward and backward passes
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        self.steps = []  # "tokens": each step's reviews, prompt before and after, and their losses on those reviews
+
+    def cpu_minutes(self) -> float:
+        return (time.process_time() - self.cpu_start) / 60
+
+    def left(self) -> bool:
+        """Whether budget is left: BUDGET CPU minutes and FORWARD_BUDGET forward-pass reviews, whichever are set."""
+        cfg = self.task.cfg
+        return (not cfg.BUDGET or self.cpu_minutes() < cfg.BUDGET) and \
+            (not cfg.FORWARD_BUDGET or self.forwards + 2 * self.backwards < cfg.FORWARD_BUDGET)
 
     def score(self, step: int, text: str, ids: list[int], layout, primer=None, user: str = "{review}") -> tuple[int, int]:
         """The candidate's (strict, label-restricted) counts on validation, scored once per distinct prompt."""
@@ -82,39 +103,72 @@ class Search:
             self.rows.append({"step": step, "text": text, "user": user, "token_ids": json.dumps(ids), "val_correct": found["correct"],
                               "val_score": found["score"], "val_restricted_score": found["restricted_score"],
                               "forwards": self.forwards, "backwards": self.backwards,
-                              "seconds": round(time.perf_counter() - self.start, 1)})
+                              "cpu_minutes": round(self.cpu_minutes(), 2), "seconds": round(time.perf_counter() - self.start, 1)})
             runs.write_atomic(os.path.join(self.run_dir, "candidates.csv"), pd.DataFrame(self.rows).to_csv(index=False))
-            print(f"step {step:>3}  validation {found['score']:.1%} ({found['restricted_score']:.1%} label-restricted)  {text[:70]!r}", flush=True)
+            print(f"step {step:>3}  {self.cpu_minutes():5.1f} cpu min  validation {found['score']:.1%} "
+                  f"({found['restricted_score']:.1%} label-restricted)  {text[:70]!r}", flush=True)
         return self.scored[key]
 
     def score_text(self, step: int, prompt: tuple[str, str]) -> tuple[int, int]:
-        system, user = prompt
-        layout = make_layout(self.task, system, user)
-        return self.score(step, system, encode(self.task.tokenizer, system), layout, user=user)
+        return self.score(step, prompt[0], encode(self.task.tokenizer, prompt[0]), make_layout(self.task, *prompt), user=prompt[1])
+
+
+def batch_losses(task, ids: torch.Tensor, lengths: torch.Tensor, layout, targets: torch.Tensor, slots=None) -> torch.Tensor:
+    """Per-row label cross-entropy over the whole vocabulary, FORWARD_BATCH rows a forward pass (right padding with
+    explicit positions keeps each row's loss independent of its batch mates)."""
+    out = []
+    for rows in torch.arange(len(ids)).split(task.cfg.FORWARD_BATCH):
+        width = int(lengths[rows].max())
+        primer = None if slots is None else slots[rows]
+        logits = frozen.forward(task.model, ids[rows, :width], lengths[rows], layout, primer).logits
+        out.append(F.cross_entropy(logits, targets[rows], reduction="none"))
+    return torch.cat(out)
+
+
+def text_losses(task, candidates: list[tuple[str, str]], reviews: torch.Tensor) -> torch.Tensor:
+    """The mean label cross-entropy over `reviews` of each (system, user) prompt: every prompt-review pair a row of
+    batched forwards, whatever the prompts' lengths."""
+    rows = []
+    for system, user in candidates:
+        ids, lengths = assemble(make_layout(task, system, user), task.train, reviews)
+        rows += [r[:n] for r, n in zip(ids, lengths)]
+    lengths = torch.tensor([len(r) for r in rows])
+    order = lengths.argsort(descending=True)  # rows of a length together: less padding
+    ids = torch.nn.utils.rnn.pad_sequence([rows[i] for i in order], batch_first=True)
+    targets = task.label_ids[task.train.labels[reviews].to(task.device)].repeat(len(candidates))
+    with torch.no_grad():
+        losses = torch.empty(len(rows), device=task.device)
+        losses[order.to(task.device)] = batch_losses(task, ids, lengths[order], make_layout(task, *candidates[0]), targets[order.to(task.device)])
+    return losses.view(len(candidates), len(reviews)).mean(1)
 
 
 def search_text(task, search: Search, proposer) -> tuple[str, str]:
-    """Edit or propose system messages, keeping the POOL best (system, user) prompts; the best on validation. An
-    edit keeps its parent's user message, a proposed instruction takes the best prompt's."""
+    """Edit or propose system messages, screen them on a batch of training reviews, validate the VALIDATE best of
+    each step, and keep the POOL best (system, user) prompts; the best on validation. An edit keeps its parent's
+    user message, a proposed instruction takes the best prompt's."""
     cfg, rng = task.cfg, random.Random(task.cfg.SEED)
     starts = [prompts.text_prompt(name) for name in prompts.TEXT_PROMPTS]
     pool = {prompt: search.score_text(0, prompt) for prompt in starts}
-    best, stale = max(pool.values()), 0
-    for step in range(1, cfg.STEPS + 1):
+    words = sorted(set(cfg.EDIT_WORDS) | {w for system, _ in starts for w in system.split()}) if cfg.EDIT_WORDS else []
+    step, order, idle = 0, torch.Generator().manual_seed(cfg.SEED), 0
+    while search.left() and idle < 10:  # a proposer that writes nothing new would spend no forward budget
+        step += 1
         parents = sorted(pool, key=pool.get)[-cfg.POOL:]
         if cfg.SEARCH == "propose":
             texts = propose(task, proposer, {system: pool[system, user] for system, user in parents}, rng, step)
-            candidates = [(text, parents[-1][1]) for text in texts]
+            made = [(text, parents[-1][1]) for text in texts]
         else:
-            candidates = [(edit(task, proposer, system, rng, step), user) for system, user in
-                       (rng.choice(parents) for _ in range(cfg.CANDIDATES))]
-        for prompt in [p for p in candidates if p[0]]:  # a proposer may write nothing
-            pool[prompt] = search.score_text(step, prompt)
-        stale = 0 if max(pool.values()) > best else stale + 1
-        best = max(pool.values())
-        if stale >= cfg.PATIENCE:
-            print(f"no better prompt for {stale} steps: stopping", flush=True)
-            break
+            made = [(edit(task, proposer, system, words, rng, step), user) for system, user in
+                    (rng.choice(parents) for _ in range(cfg.CANDIDATES))]
+        candidates = list(dict.fromkeys(p for p in made if p[0] and p not in pool))  # a proposer may write nothing
+        idle = 0 if candidates else idle + 1
+        if not candidates:
+            continue
+        reviews = torch.randperm(len(task.train), generator=order)[:cfg.SEARCH_BATCH]
+        losses = text_losses(task, candidates, reviews)
+        search.forwards += len(candidates) * len(reviews)
+        for i in losses.argsort()[:cfg.VALIDATE].tolist():
+            pool[candidates[i]] = search.score_text(step, candidates[i])
     return max(pool, key=pool.get)
 
 
@@ -141,80 +195,88 @@ def clean(text: str) -> str:
     return text[:500]
 
 
-def edit(task, proposer, text: str, rng: random.Random, step: int) -> str:
-    """One random edit of text's space-separated words: delete, swap, repeat, insert (an EDIT_WORDS word or any
-    ordinary token), or with a proposer paraphrase."""
-    words = text.split(" ")
-    kind = rng.choice(["delete", "swap", "repeat", "insert"] + (["paraphrase"] if proposer else []))
-    i, j = rng.randrange(len(words)), rng.randrange(len(words))
-    if kind == "delete" and len(words) > 1:
-        del words[i]
+def edit(task, proposer, text: str, words: list[str], rng: random.Random, step: int) -> str:
+    """One random edit of text's space-separated words: delete, swap, repeat, insert or replace (with one of `words`,
+    or any ordinary token when it is empty), or with a proposer paraphrase."""
+    parts = text.split(" ")
+    kind = rng.choice(["delete", "swap", "repeat", "insert", "replace"] + (["paraphrase"] if proposer else []))
+    i, j = rng.randrange(len(parts)), rng.randrange(len(parts))
+    if kind == "delete" and len(parts) > 1:
+        del parts[i]
     elif kind == "swap":
-        words[i], words[j] = words[j], words[i]
+        parts[i], parts[j] = parts[j], parts[i]
     elif kind == "repeat":
-        words.insert(i, words[i])
-    elif kind == "insert":
-        ordinary = primers.ordinary_tokens(task.tokenizer)
-        new = rng.choice(task.cfg.EDIT_WORDS) if task.cfg.EDIT_WORDS else task.tokenizer.decode([int(rng.choice(ordinary))]).strip()
-        words.insert(i, new)
+        parts.insert(i, parts[i])
+    elif kind in ("insert", "replace"):
+        new = rng.choice(words) if words else task.tokenizer.decode([int(rng.choice(primers.ordinary_tokens(task.tokenizer)))]).strip()
+        parts[i:i + (kind == "replace")] = [new]
     elif kind == "paraphrase":
         request = f"Rewrite this instruction in other words, keeping its meaning:\n{text}\nWrite only the new instruction."
         return clean(ask(proposer, [request], task.cfg, step)[0])
-    return " ".join(words)
+    return " ".join(parts)
 
 
 def label_losses(task, layout, slots: torch.Tensor, reviews: torch.Tensor) -> torch.Tensor:
     """The mean label cross-entropy over `reviews` [R] for each row of candidate slot embeddings [C, k, hidden]: the
-    C x R pairs in one batched forward, a different prompt in each row."""
+    C x R pairs in batched forwards, a different prompt in each row."""
     ids, lengths = assemble(layout, task.train, reviews.repeat(len(slots)))
-    logits = frozen.forward(task.model, ids.to(task.device), lengths.to(task.device), layout, slots.repeat_interleave(len(reviews), 0)).logits
     targets = task.label_ids[task.train.labels[reviews].to(task.device)].repeat(len(slots))
-    return F.cross_entropy(logits, targets, reduction="none").view(len(slots), len(reviews)).mean(1)
+    losses = batch_losses(task, ids, lengths, layout, targets, slots.repeat_interleave(len(reviews), 0))
+    return losses.view(len(slots), len(reviews)).mean(1)
 
 
-def initial_tokens(task) -> torch.Tensor:
-    """The token search's starting ids [TOKENS], as TOKEN_INIT says."""
+def token_start(task) -> tuple[torch.Tensor, str]:
+    """The token search's starting ids [k] and the user message around the review, as TOKEN_INIT says."""
     cfg = task.cfg
     if cfg.TOKEN_INIT.startswith("primer:"):  # "discretize a primer": each vector's nearest token, cycled to TOKENS
         primer = primers.load_primer(cfg.TOKEN_INIT[len("primer:"):], task.model, "system")
         nearest = primers.nearest_tokens(task, primer, 1)[1][:, 0]
-        return nearest.repeat(-(-cfg.TOKENS // len(nearest)))[:cfg.TOKENS]
-    return primers.primer_init_tokens(task, "vocab" if cfg.TOKEN_INIT == "random" else cfg.TOKEN_INIT, cfg.TOKENS, cfg.SEED).to(task.device)
+        return nearest.repeat(-(-(cfg.TOKENS or 8) // len(nearest)))[:cfg.TOKENS or 8], "{review}"
+    if cfg.TOKEN_INIT in prompts.TEXT_PROMPTS:
+        system, user = prompts.text_prompt(cfg.TOKEN_INIT)
+        init = f"text:{system}"
+    else:
+        init, user = ("vocab" if cfg.TOKEN_INIT == "random" else cfg.TOKEN_INIT), "{review}"
+    length = cfg.TOKENS or (len(encode(task.tokenizer, init[len("text:"):])) if init.startswith("text:") else 8)
+    return primers.primer_init_tokens(task, init, length, cfg.SEED).to(task.device), user
 
 
-def search_tokens(task, search: Search) -> torch.Tensor:
-    """TOKENS ids in the system slot, greedy coordinate search along the gradient (GCG); the best on validation."""
+def search_tokens(task, search: Search) -> tuple[torch.Tensor, str]:
+    """Greedy coordinate gradient (GCG): each step the gradient of the batch loss at each slot's one-hot token gives
+    its TOP_K most loss-lowering tokens; SWAPS random single-token swaps among them are scored on the same reviews
+    and the best replaces the prompt when it lowers the loss there. Every VAL_EVERY steps the prompt is validated;
+    the best ids on validation, and the user message."""
     cfg, table = task.cfg, task.model.get_input_embeddings().weight
-    layout, rng = make_layout(task, None, primer_length=cfg.TOKENS), torch.Generator().manual_seed(cfg.SEED)
+    current, user = token_start(task)
+    layout, rng = make_layout(task, None, user, primer_length=len(current)), torch.Generator().manual_seed(cfg.SEED)
     allowed = torch.full((len(table),), float("inf"), device=task.device)
     allowed[primers.ordinary_tokens(task.tokenizer).to(task.device)] = 0.0
-    current = initial_tokens(task).to(task.device)
-    score = lambda step, ids: search.score(step, task.tokenizer.decode(ids.tolist()), ids.tolist(), layout, table[ids].float())
-    best, best_ids, stale = score(0, current), current, 0
-    for step in range(1, cfg.STEPS + 1):
+    score = lambda step, ids: search.score(step, task.tokenizer.decode(ids.tolist()), ids.tolist(), layout, table[ids].float(), user)
+    best, best_ids, step = score(0, current), current, 0
+    while search.left():
+        step += 1
         reviews = torch.randperm(len(task.train), generator=rng)[:cfg.SEARCH_BATCH]
         onehot = F.one_hot(current, len(table)).float().requires_grad_(True)
         loss = label_losses(task, layout, (onehot @ table.float())[None], reviews)[0]
         loss.backward()
         search.forwards, search.backwards = search.forwards + len(reviews), search.backwards + len(reviews)
-        top = (onehot.grad + allowed).topk(cfg.TOP_K, dim=1, largest=False).indices  # [TOKENS, TOP_K]: most loss-lowering swaps
-        slots = torch.randint(cfg.TOKENS, (cfg.CANDIDATES,), generator=rng)
-        swaps = top[slots, torch.randint(cfg.TOP_K, (cfg.CANDIDATES,), generator=rng)]
-        candidates = current.repeat(cfg.CANDIDATES, 1)
-        candidates[torch.arange(cfg.CANDIDATES), slots] = swaps
+        top = (onehot.grad + allowed).topk(cfg.TOP_K, dim=1, largest=False).indices  # [k, TOP_K]: most loss-lowering swaps
+        slots = torch.randint(len(current), (cfg.SWAPS,), generator=rng).to(task.device)
+        candidates = current.repeat(cfg.SWAPS, 1)
+        candidates[torch.arange(cfg.SWAPS), slots] = top[slots, torch.randint(cfg.TOP_K, (cfg.SWAPS,), generator=rng).to(task.device)]
+        candidates = candidates.unique(dim=0)
         with torch.no_grad():
             losses = label_losses(task, layout, table[candidates].float(), reviews)
-        search.forwards += cfg.CANDIDATES * len(reviews)
-        search.losses.append((loss.item(), min(loss.item(), losses.min().item())))
+        search.forwards += len(candidates) * len(reviews)
+        before = current
         if losses.min() < loss:
             current = candidates[losses.argmin()]
-        found = score(step, current)
-        stale = 0 if found > best else stale + 1
-        best, best_ids = (found, current) if found > best else (best, best_ids)
-        if stale >= cfg.PATIENCE:
-            print(f"no better prompt for {stale} steps: stopping", flush=True)
-            break
-    return best_ids
+        search.steps.append({"reviews": reviews, "before": before, "after": current, "loss_before": loss.item(),
+                             "loss_after": min(loss.item(), losses.min().item())})
+        if step % cfg.VAL_EVERY == 0 or not search.left():
+            found = score(step, current)
+            best, best_ids = (found, current) if found > best else (best, best_ids)
+    return best_ids, user
 
 
 def load_proposer(task):
@@ -226,32 +288,50 @@ def load_proposer(task):
     return SimpleNamespace(model=frozen.load_model(other, task.device), tokenizer=data.load_tokenizer(cfg.PROPOSER_ID))
 
 
+def curves(run_dirs: list[str], path: str) -> str:
+    """The best validation score so far against CPU minutes spent, one line per search run, in one figure."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run_dir in run_dirs:
+        rows = pd.read_csv(os.path.join(run_dir, "candidates.csv"), keep_default_na=False)
+        label = files.read_json(os.path.join(run_dir, "config.json"))["search"]
+        ax.step(rows["cpu_minutes"], 100 * rows["val_score"].cummax(), where="post", marker=".", label=label)
+    ax.set(xlabel="CPU minutes spent (one core)", ylabel="best validation score so far (%), strict", title="Prompt search")
+    ax.legend()
+    return plots.save(fig, path)
+
+
 def run(cfg) -> None:
+    if cfg.CURVES:
+        os.makedirs(cfg.RESULTS_DIR, exist_ok=True)
+        print(f"saved {curves(cfg.CURVES, os.path.join(cfg.RESULTS_DIR, 'search_curves.png'))}")
+        return
     check(cfg)
     task = runs.setup(cfg)
-    run_dir = runs.start_run(cfg, "search_prompt")
+    run_dir = runs.new_run_dir(cfg, "search_prompt")
     search = Search(task, run_dir)
     if cfg.SEARCH == "tokens":
-        ids = search_tokens(task, search)
-        text, user = task.tokenizer.decode(ids.tolist()), "{review}"
+        ids, user = search_tokens(task, search)
+        text = task.tokenizer.decode(ids.tolist())
     else:
-        text, user = search_text(task, search, load_proposer(task))
-    print(f"budget: {search.forwards:,} reviews through forward passes, {search.backwards:,} through backward passes, "
-          f"{time.perf_counter() - search.start:.0f} s")
-    token_ids = ids.tolist() if cfg.SEARCH == "tokens" else encode(task.tokenizer, text)
-    saved = {"text": text, "user": user, "token_ids": token_ids}
-    runs.write_atomic(os.path.join(run_dir, "prompt.json"), json.dumps(saved, indent=2))
-    print(f"saved {plots.search_curve(pd.DataFrame(search.rows), os.path.join(run_dir, 'search.png'))}")
+        (text, user), ids = search_text(task, search, load_proposer(task)), None
     seconds = time.perf_counter() - search.start
-    if cfg.SEARCH == "tokens":  # the exact ids, then the text they decode to, tokenized again
-        layout = make_layout(task, None, primer_length=cfg.TOKENS)
+    print(f"budget: {search.cpu_minutes():.1f} CPU minutes, {search.forwards:,} reviews through forward passes, "
+          f"{search.backwards:,} through backward passes, {seconds:.0f} s")
+    print(f"best prompt on validation: system {text!r}, user {user!r}")
+    token_ids = ids.tolist() if ids is not None else encode(task.tokenizer, text)
+    runs.write_atomic(os.path.join(run_dir, "prompt.json"), json.dumps({"text": text, "user": user, "token_ids": token_ids}, indent=2))
+    print(f"saved {plots.search_curve(pd.DataFrame(search.rows), os.path.join(run_dir, 'search.png'))}")
+    budget = f"{search.cpu_minutes():.1f} CPU min, {search.forwards:,} fwd + {search.backwards:,} bwd reviews"
+    if ids is not None:  # the exact ids, then the text they decode to, tokenized again
+        layout = make_layout(task, None, user, primer_length=len(ids))
         table = task.model.get_input_embeddings().weight
-        runs.record(task, "search_prompt", f"token search, exact ids: {text[:40]!r}", cfg.TOKENS,
+        runs.record(task, "search_prompt", f"token search, exact ids ({budget}): {text[:40]!r}", layout.prompt_tokens,
                     scoring.predict(task, layout, table[ids].float()), run_dir, samples=len(task.train), train_seconds=seconds)
     layout = make_layout(task, text, user)
-    method = f"prompt search ({cfg.SEARCH}{', decoded text' if cfg.SEARCH == 'tokens' else ''}): {text[:40]!r}"
+    method = f"prompt search ({cfg.SEARCH}{', decoded text' if ids is not None else ''}; {budget}): {text[:40]!r}"
     runs.record(task, "search_prompt", method, layout.prompt_tokens, scoring.predict(task, layout),
-                runs.start_run(cfg, "search_prompt") if cfg.SEARCH == "tokens" else run_dir,
+                runs.new_run_dir(cfg, "search_prompt") if ids is not None else run_dir,
                 samples=len(task.train), train_seconds=seconds)
 
 

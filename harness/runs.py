@@ -74,7 +74,6 @@ def new_run_dir(cfg: SimpleNamespace, script: str) -> str:
     return path
 
 
-start_run = new_run_dir  # the old name, until search_prompt.py calls new_run_dir
 
 
 def run_dir_or_resume(cfg: SimpleNamespace, script: str) -> str:
@@ -157,7 +156,7 @@ def score_text_prompt(cfg: SimpleNamespace, script: str, system: str, user: str)
     predictions, method = scoring.predict(task, layout), "text prompt" + (f" ({shot_count} shots)" if shot_count else "")
     if not calibrated:
         return record(task, script, method, layout.prompt_tokens, predictions)
-    run_dir, bias = start_run(cfg, script), shots.label_bias(task, layout)
+    run_dir, bias = new_run_dir(cfg, script), shots.label_bias(task, layout)
     raw = scoring.metrics(task.label_ids, predictions)
     write_atomic(os.path.join(run_dir, "calibration.json"), json.dumps(
         {"content_free": list(shots.CONTENT_FREE), "label_probabilities": bias.exp().tolist(),
