@@ -108,7 +108,7 @@ def run(cfg) -> None:
             runs.record(task, "tune", f"saved {method} ({cfg.ADAPTER_PATH})", 0, scoring.predict(task, plain, steer=steer),
                         trainable_params=trainable)
         return
-    run_dir = runs.run_folder(cfg, "tune")
+    run_dir = runs.run_dir_or_resume(cfg, "tune")
     evaluate = None if task.val is None else lambda: scoring.score(task, plain, split=task.val, steer=steer)
     loss = primers.loss_of(task, plain, steer=steer, trained=tuple(params.values()))
     log, status, seconds = rategrid.train_grid(task, params, loss, run_dir, evaluate, method, "tune.py")

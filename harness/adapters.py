@@ -70,7 +70,8 @@ class PrefixedDecoder:
         cache = DynamicCache(config=self.decoder.config)
         for layer, (keys, values) in enumerate(self.prefix.to(inputs_embeds.dtype)):
             cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), layer)
-        mask = torch.cat([attention_mask.new_ones(rows, length), attention_mask], dim=1)
+        # every query sees the prefix's keys: ones before the keys of forward's 2D or 4D mask
+        mask = torch.cat([attention_mask.new_ones(*attention_mask.shape[:-1], length), attention_mask], dim=-1)
         return self.decoder(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids + length,
                             cache=cache, use_cache=True)
 

@@ -178,7 +178,8 @@ def judged_alone(task, judge: str, path: str, text: str) -> float:
     probe, layout = load_file(path), make_layout(task, None)
     rows = frozen.unpadded_embeds(task.model, layout, review, None)
     states = task.model(inputs_embeds=rows[None], output_hidden_states=True).hidden_states[1][0]  # decoder layer 1's output
-    pooled = states[len(layout.prefix):len(rows) - len(layout.suffix)].double()
+    (head, tail), = layout.joined_ids([review.tolist()])[1].tolist()  # the prompt text tokenized with the review
+    pooled = states[len(layout.prefix) + head:len(rows) - len(layout.suffix) - tail].double()  # its own tokens
     mean = pooled.mean(0) if len(pooled) else torch.zeros(states.shape[1], dtype=torch.float64)
     return torch.sigmoid(mean @ probe["weight"].double() + probe["bias"].double()).item()
 
