@@ -251,7 +251,8 @@ def run(cfg) -> None:
         """train_step timed in layout `at`; FLOPs counted as for a full forward and backward pass, whatever it skips."""
         real_at = lambda idx: split.lengths[idx] + len(at.prefix) + len(at.suffix)
         return measure(name, lambda idx: training.train_step([primer], optimizer, primers.loss_of(task, at, primer), idx), train_batches, real_at,
-                       lambda idx: len(idx) * layouts.padded_width(int(real_at(idx).max())), lambda idx: batch_flops(shape, real_at(idx), False, True), task, peak)
+                       lambda idx: len(idx) * layouts.padded_width(int(real_at(idx).max())),
+                       lambda idx: batch_flops(shape, real_at(idx), False, True), task, peak)
 
     rows = [train_row("train", layout)]
     compared = [] if cfg.GRADIENT_CHECKPOINTING else [p for p in ("system", "suffix") if p != cfg.PRIMER_POSITION]

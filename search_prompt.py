@@ -33,16 +33,16 @@ VALIDATE = 1  # "edit", "propose": the best screened prompts of each step scored
 POOL = 4  # best prompts kept: the parents of edits and the examples in the proposer's meta-prompt
 VAL_LIMIT = 200  # (config.py has 0) reviews held out of training that score every validated candidate
 SEARCH_BATCH = 4  # training reviews each step screens its candidates (and takes its gradient) on, drawn anew each step
-PROPOSER_ID = None  # chat model (hub id or folder) that proposes ("propose") or paraphrases ("edit") instructions; None: the model under test for "propose", no paraphrases for "edit"
+PROPOSER_ID = None  # chat model (hub id or folder) proposing ("propose") or paraphrasing ("edit"); None: the model under test, no paraphrases
 PROPOSER_TEMPERATURE = 1.0  # the proposer's sampling temperature
 PROPOSER_TOKENS = 64  # tokens per proposed instruction
 EXAMPLES = 3  # labelled training reviews shown in the meta-prompt
 EDIT_WORDS = ["review", "sentiment", "positive", "negative", "only", "digit", "answer", "classify", "text", "output",
               "label", "write", "reply", "single", "number", "one", "two", "rotten", "fresh", "good", "bad", "movie",
-              "film", "critic", "opinion", "tone", "judge", "decide", "whether", "respond", "exactly", "nothing",
-              "else", "just", "the", "is", "if", "or", "and", "Output:", "Answer:", "1", "2", "`1`", "`2`"]  # words insert and replace edits draw from, with the hand-written prompts' own; []: any ordinary token
+              "film", "critic", "opinion", "tone", "judge", "decide", "whether", "respond", "exactly", "nothing", "else",
+              "just", "the", "is", "if", "or", "and", "Output:", "Answer:", "1", "2", "`1`", "`2`"]  # edits' words; []: any token
 TOKENS = 0  # "tokens": vocabulary tokens in the system slot; 0: as many as the start's text has (8 for random and primer starts)
-TOKEN_INIT = "short"  # "tokens" start: "short"/"long" (that prompt's system tokens, its user message kept around the review), "text:<words>", "random" (ordinary tokens), "primer:<path>" (each vector's nearest token)
+TOKEN_INIT = "short"  # "tokens" start: "short"/"long" (that prompt's system tokens and user message), "text:<words>", "random", "primer:<path>"
 SWAPS = 128  # "tokens": single-token swaps scored per step, each a slot and one of its TOP_K gradient tokens
 TOP_K = 64  # "tokens": substitutions per slot taken from the gradient
 VAL_EVERY = 3  # "tokens": steps between validations of the current prompt
@@ -68,7 +68,8 @@ def check(cfg) -> None:
         raise errors.UserError("candidates are scored on validation reviews: set --val_limit (e.g. 200)")
     sizes = (cfg.CANDIDATES, cfg.VALIDATE, cfg.POOL, cfg.TOKENS or 1, cfg.SWAPS, cfg.TOP_K, cfg.SEARCH_BATCH, cfg.VAL_EVERY, cfg.FORWARD_BATCH)
     if min(sizes) < 1:
-        raise errors.UserError("--candidates, --validate, --pool, --tokens, --swaps, --top_k, --search_batch, --val_every and --forward_batch must all be at least 1")
+        raise errors.UserError("--candidates, --validate, --pool, --tokens, --swaps, --top_k, --search_batch, --val_every and "
+                               "--forward_batch must all be at least 1")
     if not (cfg.BUDGET or 0) > 0 and not (cfg.FORWARD_BUDGET or 0) > 0:
         raise errors.UserError("the search needs a budget: set --budget (CPU minutes) or --forward_budget (reviews through forward passes) above 0")
     if not (cfg.TOKEN_INIT in ("random", *prompts.TEXT_PROMPTS) or cfg.TOKEN_INIT.startswith(("text:", "primer:"))):

@@ -18,7 +18,7 @@ class Steer:
     layers: tuple[int, ...]  # 1-based: added to the output of these decoder layers
     coefficient: float = 1.0
     after_review: bool = False  # only at the positions after the review (the template's answer cue), not at all of them
-    edit: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None  # instead of vector: the shift as a function of (layer, its output [B, T, hidden]), e.g. LoReFT's
+    edit: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None  # instead of vector: the shift given (layer, its output [B, T, hidden]): LoReFT
 
 
 @dataclass

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import prompt_short
-from harness import cli, errors, frozen, layouts, ledger, runs, scoring, shots
 from conftest import overrides
+from harness import cli, errors, frozen, layouts, ledger, runs, scoring, shots
 
 
 def shot_args(tiny, out, *more: str) -> list[str]:

@@ -5,9 +5,10 @@ import matplotlib.image
 import pandas as pd
 import pytest
 
-from harness import cli, errors, files, ledger, plots, scoring
 import sweep
 from conftest import overrides, run_script
+from harness import cli, errors, files, ledger, plots, scoring
+
 
 def assert_png(path) -> None:
     with open(path, "rb") as f:
@@ -95,6 +96,8 @@ def test_the_cpu_table_grid_names_every_row_and_every_point_configures(tiny, tmp
         curve.setdefault(method, set()).add((c.PROBE_TRAIN if point["script"] == "probe" else c.TRAIN_LIMIT - c.VAL_LIMIT, c.SEED))
     for method in (("experiment", 4), ("experiment", 16), ("probe", None), ("steer", None)):
         assert {(n, s) for n in (100, 300, 1000, 2000) for s in (0, 1, 2)} <= curve[method], method
+    for method in ("lora", "ia3", "layernorm", "prefix", "loreft"):  # tune.py's rows, 3 seeds each
+        assert {c.SEED for p, c in zip(grid, configs) if p["script"] == "tune" and c.METHOD == method} == {0, 1, 2}
 
 
 def test_an_override_of_a_grid_key_is_refused_naming_the_grid():

@@ -9,11 +9,11 @@ import pytest
 from safetensors.torch import load_file
 from scipy.stats import binomtest
 
-from harness import cli, ledger, runs, stats
 import experiment
 import prompt_short
 import table
 from conftest import overrides, run_script
+from harness import cli, ledger, runs, stats
 
 CONFIGS = [{"primer_length": 2, "train_limit": 100}, {"primer_length": 2, "train_limit": 50}, {"primer_length": 4, "train_limit": 100}]
 

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import tune
-from harness import adapters, cli, errors, frozen, layouts, ledger, primers, reft, runs, scoring
 from conftest import overrides, record_reads, run_until_first_checkpoint
+from harness import adapters, cli, errors, frozen, layouts, ledger, primers, reft, runs, scoring
 
 # tiny: hidden 64, 2 layers, 4 heads of 16, 2 kv heads (kv width 32), MLP 128
 PARAMS = {"lora": 4 * 2 * (64 + 64 + 64 + 32 + 64 + 32 + 64 + 64), "ia3": 2 * (32 + 32 + 128), "layernorm": 2 * 2 * 64 + 64,
