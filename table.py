@@ -14,12 +14,12 @@ table_data.png (score against training reviews) into that folder.
 import json
 import math
 import os
-import sys
+from types import SimpleNamespace
 
 import pandas as pd
 import torch
 
-from harness import errors, files, ledger, plots, scoring, stats
+from harness import cli, errors, files, ledger, plots, scoring, stats
 from harness.plots import plt
 
 SIZE_KEYS = ("TRAIN_LIMIT", "PROBE_TRAIN")  # what sets a run's training reviews: the data curve's axis, not a row's name
@@ -149,14 +149,12 @@ def write(results_dir: str) -> pd.DataFrame:
     return table
 
 
-def main(argv: list[str]) -> None:
-    try:
-        if len(argv) != 1 or not os.path.isdir(argv[0]):
-            raise errors.UserError("give one results folder: python table.py results/")
-        write(argv[0])
-    except errors.UserError as e:
-        sys.exit(f"error: {e}")
+def parse(argv: list[str]) -> SimpleNamespace:
+    """The results folder of the command line (table.py takes no settings)."""
+    if len(argv) != 1 or argv[0].startswith("--") or not os.path.isdir(argv[0]):
+        raise errors.UserError("give one results folder: python table.py results/")
+    return SimpleNamespace(RESULTS_DIR=argv[0])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.main(lambda cfg: write(cfg.RESULTS_DIR), parse=parse, shared=())

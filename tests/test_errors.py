@@ -1,4 +1,5 @@
 """Mistakes a user can make end with one line that says what to do."""
+import importlib
 import os
 import re
 import time
@@ -7,6 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import test_probe
+import test_steer
+import test_tune
 from conftest import overrides, run_script
 from harness import cli, data, errors, files, frozen, hub, layouts, ledger, primers, runs
 
@@ -180,3 +184,36 @@ def test_a_folder_without_write_permission_is_one_line(tmp_path):
             files.folder(str(locked / "results"), "--results_dir")
     finally:
         locked.chmod(0o700)
+
+# each script's own settings that cannot work, refused in one line before any work (the args point it at the tiny model)
+ARGS = {"probe": lambda tiny, out, *more: test_probe.probe_args(tiny, out, *more),
+        "steer": lambda tiny, out, *more: test_steer.steer_args(tiny, out, *more),
+        "tune": lambda tiny, out, *more: test_tune.tune_args(tiny, out, "loreft", *more)}
+
+
+@pytest.mark.parametrize("script, setting, message", [
+    ("probe", "--condition=nothing", "--condition='nothing' is not one of none, short, long, text:<words> or primer"),
+    ("probe", "--pooling=max", "--pooling='max' is not one of last, mean, both"),
+    ("probe", "--probe=svm", "--probe='svm' is not one of linear, mlp"),
+    ("probe", "--condition=primer", "--condition=primer needs --primer_path="),
+    ("probe", "--val_limit=0", "a probe's layer and regularization are chosen on validation reviews: set --val_limit"),
+    ("probe", "--probe_train=81", "--probe_train=81 must be between 2 and the 80 training reviews left after --val_limit=40"),
+    ("steer", "--vector=random", "--vector='random' is not one of pair, mean, learned"),
+    ("steer", "--pair=['Love']", "--pair=['Love'] must be two different texts"),
+    ("steer", "--prompt=medium", "--prompt='medium' is not one of short, long, text:<words>"),
+    ("steer", "--val_limit=0", "layer and coefficient are chosen on validation reviews: set --val_limit"),
+    ("steer", "--vector_path=nowhere.safetensors", "--vector_path=nowhere.safetensors does not exist"),
+    ("steer", "--steer_layers=[3]", "--steer_layers=[3] must be decoder layers 1 to 2 of this model"),
+    ("steer", "--vector_reviews=100", "--vector_reviews=100 must be between 1 and the 70 training reviews"),
+    ("steer", "--vector_reviews=0", "--vector_reviews=0 must be at least 1"),
+    ("tune", "--val_limit=0 --rate_grid=[[1e-3]]", "--rate_grid chooses the rates on validation reviews: set --val_limit"),
+    ("tune", "--method=bitfit", "--method='bitfit' is not one of lora, ia3, layernorm, prefix, loreft"),
+    ("tune", "--rate_scale=embedding", "--rate_scale='embedding': tune.py's rates are Adam's own"),
+    ("tune", "--reft_rank=0", "--reft_rank=0 must be at least 1"),
+    ("tune", "--reft_layers=[3]", "--reft_layers=[3] must be different decoder layers 1 to 2 of this model"),
+    ("tune", "--adapter_path=nowhere", "--adapter_path=nowhere does not exist"),
+])
+def test_bad_settings_of_a_script_are_one_line_errors(tiny, tmp_path, script, setting, message):
+    module = importlib.import_module(script)
+    with pytest.raises(errors.UserError, match="^" + re.escape(message)):
+        module.run(cli.configure(ARGS[script](tiny, tmp_path, *setting.split()), module.SETTINGS))

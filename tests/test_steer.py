@@ -98,21 +98,6 @@ def test_the_learned_vector_trains_and_resumes_bitwise_after_a_kill(tiny, tmp_pa
     assert torch.equal(resumed, straight)
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("--vector=random", "--vector='random' is not one of pair, mean, learned"),
-    ("--pair=['Love']", "--pair=['Love'] must be two different texts"),
-    ("--prompt=medium", "--prompt='medium' is not one of short, long, text:<words>"),
-    ("--val_limit=0", "layer and coefficient are chosen on validation reviews: set --val_limit"),
-    ("--vector_path=nowhere.safetensors", "--vector_path=nowhere.safetensors does not exist"),
-    ("--steer_layers=[3]", "--steer_layers=[3] must be decoder layers 1 to 2 of this model"),
-    ("--vector_reviews=100", "--vector_reviews=100 must be between 1 and the 70 training reviews"),
-    ("--vector_reviews=0", "--vector_reviews=0 must be at least 1"),
-])
-def test_bad_settings_are_one_line_errors(tiny, tmp_path, setting, message):
-    with pytest.raises(errors.UserError, match="^" + re.escape(message)):
-        steer.run(cli.configure(steer_args(tiny, tmp_path, setting), steer.SETTINGS))
-
-
 @pytest.mark.parametrize("pipeline", [["--vector=learned", "--learned_layer=2"], ["--vector=pair"],
                                       ["--generate=True", "--sentiment=reviews"]])
 def test_too_many_vector_reviews_are_refused_by_every_pipeline_never_clipped(tiny, tmp_path, judge_primer, pipeline):

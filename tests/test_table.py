@@ -13,7 +13,7 @@ import experiment
 import prompt_short
 import table
 from conftest import overrides, run_script
-from harness import cli, ledger, runs, stats
+from harness import cli, errors, ledger, runs, stats
 
 CONFIGS = [{"primer_length": 2, "train_limit": 100}, {"primer_length": 2, "train_limit": 50}, {"primer_length": 4, "train_limit": 100}]
 
@@ -82,8 +82,8 @@ def test_runs_on_other_test_reviews_are_refused(results, tmp_path, tiny):
     shutil.copytree(results, folder)
     primer = next(folder.glob("*-experiment/primer.safetensors"))  # re-scored, no training, on a sample of 40 reviews
     experiment.run(cli.configure(overrides(tiny, tmp_path) + [f"--results_dir={folder}", "--test_limit=40", f"--primer_path={primer}"]))
-    with pytest.raises(SystemExit, match=r"^error: .* were not scored on the same test reviews \(their test_limit differ\)"):
-        table.main([str(folder)])
+    with pytest.raises(errors.UserError, match=r" were not scored on the same test reviews \(their test_limit differ\)"):
+        table.write(str(folder))
     assert run_script("table.py", str(tmp_path / "none")).stderr.strip() == "error: give one results folder: python table.py results/"
 
 
