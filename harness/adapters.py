@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from harness import errors, files, parallel, primers
+from harness.task import Task
 
 PEFT_METHODS = ("lora", "ia3", "layernorm")  # wrapped by peft; saved as a peft adapter folder
 
@@ -24,7 +25,7 @@ def peft_config(cfg: SimpleNamespace):
     return LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])  # every RMSNorm's weight
 
 
-def with_peft(task) -> torch.nn.Module:
+def with_peft(task: Task) -> torch.nn.Module:
     """The frozen model wrapped by peft for METHOD, in eval mode; only the adapter's parameters require gradients."""
     from peft import get_peft_model
     try:
@@ -35,7 +36,7 @@ def with_peft(task) -> torch.nn.Module:
                                f"its linear layers are {', '.join(names)}") from e
 
 
-def load_peft(task, path: str) -> torch.nn.Module:
+def load_peft(task: Task, path: str) -> torch.nn.Module:
     from peft import PeftModel
     try:
         return PeftModel.from_pretrained(task.model, path).eval()
@@ -77,7 +78,7 @@ class PrefixedDecoder:
 
 
 @torch.no_grad()
-def initial_prefix(task, length: int, seed: int) -> torch.Tensor:
+def initial_prefix(task: Task, length: int, seed: int) -> torch.Tensor:
     """The keys and values [layers, 2, kv heads, length, head dim] the frozen model gives `length` seeded random
     ordinary tokens at positions 0 onwards: the prefix starts where real tokens' would be, at their scale."""
     ordinary = primers.ordinary_tokens(task.tokenizer)
@@ -106,7 +107,7 @@ def load_tensors(path: str, method: str) -> tuple[dict[str, torch.Tensor], dict]
     return tensors, meta
 
 
-def check_prefix(task, prefix: torch.Tensor, path: Optional[str] = None) -> None:
+def check_prefix(task: Task, prefix: torch.Tensor, path: Optional[str] = None) -> None:
     config = task.model.config
     width = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     expected = (config.num_hidden_layers, 2, config.num_key_value_heads, width)

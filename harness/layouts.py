@@ -9,6 +9,7 @@ import torch
 from jinja2.exceptions import TemplateError
 
 from harness import data, errors
+from harness.task import Task
 
 PRIMER_SLOT = "\x00PRIMER\x00"  # stands for the primer while the chat template is rendered
 REVIEW_SLOT = "\x00REVIEW\x00"  # stands for the review likewise
@@ -123,7 +124,7 @@ def check_primer_position(position: str, checkpointing: bool) -> None:
                             "pass covers only the primer and the answer cue, so it needs little memory): set it to False")
 
 
-def make_layout(task, system: Optional[str], user: str = "{review}", primer_length: int = 0,
+def make_layout(task: Task, system: Optional[str], user: str = "{review}", primer_length: int = 0,
                 position: str = "system", turns: tuple[tuple[str, str], ...] = ()) -> Layout:
     """The prompt (prompt_text) with `system` text, or a slot of primer_length embeddings, at `position`: "system" in
     the system message, "prefix" before everything (bos included), "suffix" right after the review at the end of the

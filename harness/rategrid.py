@@ -9,6 +9,7 @@ import torch
 
 from harness import errors, plots, runs, training
 from harness.plots import plt
+from harness.task import Task
 
 
 def check(cfg) -> None:
@@ -16,7 +17,7 @@ def check(cfg) -> None:
         raise errors.UserError("--rate_grid chooses the rates on validation reviews: set --val_limit (e.g. --val_limit=200)")
 
 
-def train_grid(task, params: dict[str, torch.Tensor], loss_of: training.LossOf, run_dir: str, evaluate,
+def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.LossOf, run_dir: str, evaluate,
                method: str, script: str) -> tuple[list[dict], str, float]:
     """Each schedule of RATE_GRID (RATE_BY_EPOCH alone when empty) from the tensors' present values; leaves params at
     the best schedule's (best validation epoch: most strict, then label-restricted answers right, then the earliest

@@ -8,11 +8,12 @@ import torch
 
 from harness import data, errors, scoring
 from harness.layouts import Layout
+from harness.task import Task
 
 CONTENT_FREE = ("N/A", "", "[MASK]")  # the content-free "reviews" of Zhao et al. 2021, each scored in the prompt's layout
 
 
-def examples(task, k: int) -> tuple[tuple[str, str], ...]:
+def examples(task: Task, k: int) -> tuple[tuple[str, str], ...]:
     """k (review text, label string) turns from the training split (never the test or validation reviews): a seeded,
     label-balanced sample, in a seeded order (the order of examples moves few-shot scores, so it is fixed by SEED)."""
     if k < 0:
@@ -29,12 +30,12 @@ def examples(task, k: int) -> tuple[tuple[str, str], ...]:
     return tuple((text, task.cfg.LABELS[int(train.labels[i])]) for text, i in zip(texts, picked))
 
 
-def content_free_split(task) -> data.Split:
+def content_free_split(task: Task) -> data.Split:
     tokens, offsets, _ = data.tokenize(task.tokenizer, list(CONTENT_FREE), task.cfg.MAX_REVIEW_TOKENS)
     return data.Split(tokens, offsets, torch.zeros(len(CONTENT_FREE), dtype=torch.long), {})
 
 
-def label_bias(task, layout: Layout) -> torch.Tensor:
+def label_bias(task: Task, layout: Layout) -> torch.Tensor:
     """The log of the mean probability [2] of each label, normalized over the two, that layout gives CONTENT_FREE."""
     logprobs = scoring.predict(task, layout, split=content_free_split(task))["logprobs"]
     return logprobs.log_softmax(-1).exp().mean(0).log()

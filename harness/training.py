@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from harness import errors, files, ledger, parallel
+from harness.task import Task
 
 CHUNK_BATCHES = 64  # length grouping sorts reviews within chunks of this many batches
 CHECK_EVERY = 16  # steps between reads of the losses on the host (non-finite check, progress bar); none waits in between
@@ -115,7 +116,7 @@ def load_checkpoint(run_dir: str, params: dict[str, torch.Tensor], optimizer: to
     return Progress(state["epoch"], state["batch"], state["log"], state["validation"], snapshot(params))
 
 
-def train(task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir: str,
+def train(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir: str,
           evaluate: Optional[Callable[[], dict]] = None, script: str = "experiment.py",
           rate_unit: float = 1.0) -> tuple[list[dict], str]:
     """Adam on `params` alone, one epoch per RATE_BY_EPOCH entry (times rate_unit) over task.train, checkpointed in
@@ -153,7 +154,7 @@ def train(task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir: str,
     return progress.log, "finished"
 
 
-def train_epoch(task, params: dict[str, torch.Tensor], loss_of: LossOf, optimizer: torch.optim.Optimizer,
+def train_epoch(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, optimizer: torch.optim.Optimizer,
                 rates: list[float], progress: Progress, run_dir: str, clock: float, stop: list, script: str) -> Optional[str]:
     """The rest of progress.epoch, step by step; why training must stop early, or None. The losses are read on the
     host every CHECK_EVERY steps, before a checkpoint, at the epoch's end and on Ctrl-C (settle), never in between."""
@@ -219,7 +220,7 @@ def resume_hint(run_dir: str, script: str) -> str:
     return f"interrupted; checkpoint saved: resume with {parallel.launch_command()} {script} --resume={run_dir}"
 
 
-def validate(task, params: dict[str, torch.Tensor], evaluate: Callable[[], dict], progress: Progress, run_dir: str) -> None:
+def validate(task: Task, params: dict[str, torch.Tensor], evaluate: Callable[[], dict], progress: Progress, run_dir: str) -> None:
     """Score the validation reviews after progress.epoch, print the scores, add them to the validation rows and
     run_dir/validation.csv (rewritten every epoch, to follow a long run), and copy the tensors if they are the best."""
     validation = progress.validation
@@ -242,7 +243,7 @@ def best_validation(rows: list[dict]) -> Optional[dict]:
     return max(rows, key=lambda r: (r["correct"], r["restricted_correct"]), default=None)
 
 
-def keep_best(task, params: dict[str, torch.Tensor], validation: dict) -> None:
+def keep_best(task: Task, params: dict[str, torch.Tensor], validation: dict) -> None:
     """With KEEP_BEST, put the tensors of the best validation epoch in place of the last ones."""
     best = best_validation(validation["rows"])
     if task.cfg.KEEP_BEST and best is not None:
