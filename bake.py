@@ -19,10 +19,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from harness import batches, chat, cli, errors, files, frozen, parallel, prompts, runs, scoring, training
+from harness import adapters, batches, chat, cli, errors, files, frozen, parallel, prompts, runs, scoring, training
 from harness.data import Split
 from harness.layouts import Layout, assemble, make_layout, stop_token_ids
 from harness.task import Task
@@ -65,21 +65,7 @@ def with_adapter(task: Task) -> torch.nn.Module:
     the model without the prompt."""
     cfg = task.cfg
     config = LoraConfig(r=cfg.LORA_RANK, lora_alpha=cfg.LORA_ALPHA, target_modules=cfg.LORA_TARGETS, lora_dropout=0.0)
-    try:
-        return get_peft_model(task.model, config).eval()
-    except ValueError as e:  # peft: target modules not found in the base model
-        names = sorted({name.rsplit(".", 1)[-1] for name, m in task.model.named_modules()
-                        if isinstance(m, torch.nn.Linear)})
-        raise errors.UserError(f"--lora_targets={cfg.LORA_TARGETS} names no module of this model "
-                               f"({str(e).splitlines()[0][:80]}); its linear layers are {', '.join(names)}") from e
-
-
-def load_adapter(task: Task, path: str) -> torch.nn.Module:
-    try:
-        return PeftModel.from_pretrained(task.model, path).eval()
-    except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names of another model
-        raise errors.UserError(f"--adapter_path={path} does not fit --model_id={task.cfg.MODEL_ID} "
-                               f"({type(e).__name__}): use an adapter baked on this model") from e
+    return adapters.with_peft(task, config, f"--lora_targets={cfg.LORA_TARGETS}")
 
 
 def answer_logits(task: Task, layout: Layout, split: Split, idx: torch.Tensor,
@@ -183,7 +169,7 @@ def run(cfg) -> None:
     teacher, primer = prompts.layout_of(task, task.cfg.TEACHER, task.cfg.PRIMER_PATH, task.cfg.PRIMER_POSITION)
     student = make_layout(task, None)
     if cfg.ADAPTER_PATH:
-        task.model = load_adapter(task, cfg.ADAPTER_PATH)
+        task.model = adapters.load_peft(task, cfg.ADAPTER_PATH)
         runs.record(task, "bake", f"saved baked adapter ({cfg.ADAPTER_PATH})", 0, scoring.predict(task, student))
         return
     task.model = with_adapter(task)

@@ -25,14 +25,15 @@ def peft_config(cfg: SimpleNamespace):
     return LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])  # every RMSNorm's weight
 
 
-def with_peft(task: Task) -> torch.nn.Module:
-    """The frozen model wrapped by peft for METHOD, in eval mode; only the adapter's parameters require gradients."""
+def with_peft(task: Task, config, setting: str) -> torch.nn.Module:
+    """The frozen model wrapped by peft with `config`, in eval mode (only the adapter's parameters require gradients);
+    a one-line error naming `setting` (the setting that chose the modules) when the model has none of them."""
     from peft import get_peft_model
     try:
-        return get_peft_model(task.model, peft_config(task.cfg)).eval()
+        return get_peft_model(task.model, config).eval()
     except ValueError as e:  # peft: target modules not found in the base model
         names = sorted({name.rsplit(".", 1)[-1] for name, m in task.model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise errors.UserError(f"--method={task.cfg.METHOD} finds none of its modules in this model ({str(e).splitlines()[0][:80]}); "
+        raise errors.UserError(f"{setting} names none of this model's modules ({str(e).splitlines()[0][:80]}); "
                                f"its linear layers are {', '.join(names)}") from e
 
 

@@ -160,7 +160,7 @@ def test_logits_along_appended_answers_are_each_rows_own(tiny, tmp_path):
     ("--rate_scale=embedding", "--rate_scale='embedding': a LoRA adapter's rates are Adam's own"),
     ("--continuations=1 --teacher=primer --primer_path=x --primer_position=suffix",
      "--continuations needs the teacher's prompt before the review"),
-    ("--lora_targets=['attention']", "--lora_targets=['attention'] names no module of this model"),
+    ("--lora_targets=['attention']", "--lora_targets=['attention'] names none of this model's modules"),
     ("--adapter_path=nowhere", "--adapter_path=nowhere holds no adapter"),
     ("--teacher=primer --primer_path=WIDE",
      "--primer_path=WIDE holds vectors of shape (4, 32), but this model's embeddings are 64 wide"),
