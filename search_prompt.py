@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from harness import chat, cli, data, errors, files, frozen, plots, primers, prompts, runs, scoring
-from harness.layouts import assemble, encode, make_layout
+from harness import chat, cli, data, errors, files, frozen, plots, primers, prompts, runs, scoring, screening
+from harness.layouts import encode, make_layout
 
 SEARCH = "edit"  # the method: "edit" (word edits), "propose" (a chat model writes instructions), "tokens" (gradient-guided swaps)
 BUDGET = 10.0  # minutes of this process's CPU time the search may spend (one core's minutes under OMP_NUM_THREADS=1); the test scoring comes after
@@ -76,74 +76,7 @@ def check(cfg) -> None:
         raise errors.UserError(f"--token_init={cfg.TOKEN_INIT!r} is not one of short, long, text:<words>, random, primer:<path>")
 
 
-class Search:
-    """Every validated candidate with the budget spent so far, the run folder's candidates.csv kept current."""
-
-    def __init__(self, task, run_dir: str):
-        self.task, self.run_dir, self.rows, self.scored = task, run_dir, [], {}
-        self.forwards, self.backwards = 0, 0  # reviews through forward and backward passes
-        self.start, self.cpu_start = time.perf_counter(), time.process_time()
-        self.steps = []  # "tokens": each step's reviews, prompt before and after, and their losses on those reviews
-
-    def cpu_minutes(self) -> float:
-        return (time.process_time() - self.cpu_start) / 60
-
-    def left(self) -> bool:
-        """Whether budget is left: BUDGET CPU minutes and FORWARD_BUDGET forward-pass reviews, whichever are set."""
-        cfg = self.task.cfg
-        return (not cfg.BUDGET or self.cpu_minutes() < cfg.BUDGET) and \
-            (not cfg.FORWARD_BUDGET or self.forwards + 2 * self.backwards < cfg.FORWARD_BUDGET)
-
-    def score(self, step: int, text: str, ids: list[int], layout, primer=None, user: str = "{review}") -> tuple[int, int]:
-        """The candidate's (strict, label-restricted) counts on validation, scored once per distinct prompt."""
-        key = json.dumps([text, ids, user])
-        if key not in self.scored:
-            found = scoring.score(self.task, layout, primer, self.task.val)
-            self.forwards += len(self.task.val)
-            self.scored[key] = (found["correct"], found["restricted_correct"])
-            self.rows.append({"step": step, "text": text, "user": user, "token_ids": json.dumps(ids), "val_correct": found["correct"],
-                              "val_score": found["score"], "val_restricted_score": found["restricted_score"],
-                              "forwards": self.forwards, "backwards": self.backwards,
-                              "cpu_minutes": round(self.cpu_minutes(), 2), "seconds": round(time.perf_counter() - self.start, 1)})
-            runs.write_atomic(os.path.join(self.run_dir, "candidates.csv"), pd.DataFrame(self.rows).to_csv(index=False))
-            print(f"step {step:>3}  {self.cpu_minutes():5.1f} cpu min  validation {found['score']:.1%} "
-                  f"({found['restricted_score']:.1%} label-restricted)  {text[:70]!r}", flush=True)
-        return self.scored[key]
-
-    def score_text(self, step: int, prompt: tuple[str, str]) -> tuple[int, int]:
-        return self.score(step, prompt[0], encode(self.task.tokenizer, prompt[0]), make_layout(self.task, *prompt), user=prompt[1])
-
-
-def batch_losses(task, ids: torch.Tensor, lengths: torch.Tensor, layout, targets: torch.Tensor, slots=None) -> torch.Tensor:
-    """Per-row label cross-entropy over the whole vocabulary, FORWARD_BATCH rows a forward pass (right padding with
-    explicit positions keeps each row's loss independent of its batch mates)."""
-    out = []
-    for rows in torch.arange(len(ids)).split(task.cfg.FORWARD_BATCH):
-        width = int(lengths[rows].max())
-        primer = None if slots is None else slots[rows]
-        logits = frozen.forward(task.model, ids[rows, :width], lengths[rows], layout, primer).logits
-        out.append(F.cross_entropy(logits, targets[rows], reduction="none"))
-    return torch.cat(out)
-
-
-def text_losses(task, candidates: list[tuple[str, str]], reviews: torch.Tensor) -> torch.Tensor:
-    """The mean label cross-entropy over `reviews` of each (system, user) prompt: every prompt-review pair a row of
-    batched forwards, whatever the prompts' lengths."""
-    rows = []
-    for system, user in candidates:
-        ids, lengths = assemble(make_layout(task, system, user), task.train, reviews)
-        rows += [r[:n] for r, n in zip(ids, lengths)]
-    lengths = torch.tensor([len(r) for r in rows])
-    order = lengths.argsort(descending=True)  # rows of a length together: less padding
-    ids = torch.nn.utils.rnn.pad_sequence([rows[i] for i in order], batch_first=True)
-    targets = task.label_ids[task.train.labels[reviews].to(task.device)].repeat(len(candidates))
-    with torch.no_grad():
-        losses = torch.empty(len(rows), device=task.device)
-        losses[order.to(task.device)] = batch_losses(task, ids, lengths[order], make_layout(task, *candidates[0]), targets[order.to(task.device)])
-    return losses.view(len(candidates), len(reviews)).mean(1)
-
-
-def search_text(task, search: Search, proposer) -> tuple[str, str]:
+def search_text(task, search: screening.Search, proposer) -> tuple[str, str]:
     """Edit or propose system messages, screen them on a batch of training reviews, validate the VALIDATE best of
     each step, and keep the POOL best (system, user) prompts; the best on validation. An edit keeps its parent's
     user message, a proposed instruction takes the best prompt's."""
@@ -166,7 +99,7 @@ def search_text(task, search: Search, proposer) -> tuple[str, str]:
         if not candidates:
             continue
         reviews = torch.randperm(len(task.train), generator=order)[:cfg.SEARCH_BATCH]
-        losses = text_losses(task, candidates, reviews)
+        losses = screening.text_losses(task, candidates, reviews)
         search.forwards += len(candidates) * len(reviews)
         for i in losses.argsort()[:cfg.VALIDATE].tolist():
             pool[candidates[i]] = search.score_text(step, candidates[i])
@@ -217,15 +150,6 @@ def edit(task, proposer, text: str, words: list[str], rng: random.Random, step: 
     return " ".join(parts)
 
 
-def label_losses(task, layout, slots: torch.Tensor, reviews: torch.Tensor) -> torch.Tensor:
-    """The mean label cross-entropy over `reviews` [R] for each row of candidate slot embeddings [C, k, hidden]: the
-    C x R pairs in batched forwards, a different prompt in each row."""
-    ids, lengths = assemble(layout, task.train, reviews.repeat(len(slots)))
-    targets = task.label_ids[task.train.labels[reviews].to(task.device)].repeat(len(slots))
-    losses = batch_losses(task, ids, lengths, layout, targets, slots.repeat_interleave(len(reviews), 0))
-    return losses.view(len(slots), len(reviews)).mean(1)
-
-
 def token_start(task) -> tuple[torch.Tensor, str]:
     """The token search's starting ids [k] and the user message around the review, as TOKEN_INIT says."""
     cfg = task.cfg
@@ -242,7 +166,7 @@ def token_start(task) -> tuple[torch.Tensor, str]:
     return primers.primer_init_tokens(task, init, length, cfg.SEED).to(task.device), user
 
 
-def search_tokens(task, search: Search) -> tuple[torch.Tensor, str]:
+def search_tokens(task, search: screening.Search) -> tuple[torch.Tensor, str]:
     """Greedy coordinate gradient (GCG): each step the gradient of the batch loss at each slot's one-hot token gives
     its TOP_K most loss-lowering tokens; SWAPS random single-token swaps among them are scored on the same reviews
     and the best replaces the prompt when it lowers the loss there. Every VAL_EVERY steps the prompt is validated;
@@ -258,7 +182,7 @@ def search_tokens(task, search: Search) -> tuple[torch.Tensor, str]:
         step += 1
         reviews = torch.randperm(len(task.train), generator=rng)[:cfg.SEARCH_BATCH]
         onehot = F.one_hot(current, len(table)).float().requires_grad_(True)
-        loss = label_losses(task, layout, (onehot @ table.float())[None], reviews)[0]
+        loss = screening.label_losses(task, layout, (onehot @ table.float())[None], reviews)[0]
         loss.backward()
         search.forwards, search.backwards = search.forwards + len(reviews), search.backwards + len(reviews)
         top = (onehot.grad + allowed).topk(cfg.TOP_K, dim=1, largest=False).indices  # [k, TOP_K]: most loss-lowering swaps
@@ -267,7 +191,7 @@ def search_tokens(task, search: Search) -> tuple[torch.Tensor, str]:
         candidates[torch.arange(cfg.SWAPS), slots] = top[slots, torch.randint(cfg.TOP_K, (cfg.SWAPS,), generator=rng).to(task.device)]
         candidates = candidates.unique(dim=0)
         with torch.no_grad():
-            losses = label_losses(task, layout, table[candidates].float(), reviews)
+            losses = screening.label_losses(task, layout, table[candidates].float(), reviews)
         search.forwards += len(candidates) * len(reviews)
         before = current
         if losses.min() < loss:
@@ -310,7 +234,7 @@ def run(cfg) -> None:
     check(cfg)
     task = runs.setup(cfg)
     run_dir = runs.new_run_dir(cfg, "search_prompt")
-    search = Search(task, run_dir)
+    search = screening.Search(task, run_dir)
     if cfg.SEARCH == "tokens":
         ids, user = search_tokens(task, search)
         text = task.tokenizer.decode(ids.tolist())
