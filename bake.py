@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from harness import adapters, batches, chat, cli, errors, files, frozen, parallel, prompts, runs, scoring, training
+from harness import adapters, batches, chat, cli, errors, files, frozen, parallel, prompts, rategrid, runs, scoring, training
 from harness.data import Split
 from harness.layouts import Layout, assemble, make_layout, stop_token_ids
 from harness.task import Task
@@ -181,7 +181,7 @@ def run(cfg) -> None:
                             **agreement(task, student, teacher, primer, task.val)}
     answers = continuations(task, teacher, primer, run_dir)
     loss = loss_of(task, student, teacher, primer, answers)
-    log, status = training.train(task, weights, loss, run_dir, evaluate, script="bake.py")
+    log, status, seconds = rategrid.train_grid(task, weights, loss, run_dir, evaluate, f"baked {cfg.TEACHER}", "bake.py")
     if parallel.is_main():
         task.model.save_pretrained(os.path.join(run_dir, "adapter"))  # safetensors; its folder is the ADAPTER_PATH
     with task.model.disable_adapter():
@@ -194,7 +194,7 @@ def run(cfg) -> None:
     print("on the test split: " + ", ".join(f"{k} {v:.3f}" for k, v in recovered.items()))
     trainable = sum(w.numel() for w in weights.values())
     runs.record(task, "bake", f"baked {cfg.TEACHER} (LoRA r{cfg.LORA_RANK}, {', '.join(cfg.LORA_TARGETS)})", 0,
-                scoring.predict(task, student), run_dir, log, trainable, status)
+                scoring.predict(task, student), run_dir, log, trainable, status, train_seconds=seconds)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ PRIMER_INIT = "random"  # primer's start: "random" (embedding statistics, the re
 BATCH_SIZE = 6  # training reviews per optimizer step (the reference used 6)
 SCORE_BATCH_SIZE = 32  # test reviews per forward pass when scoring (no gradients, so larger fits)
 RATE_BY_EPOCH = [3e-2, 1e-2, 3e-3]  # learning rate of each epoch (see RATE_SCALE); its length is the number of epochs
+RATE_GRID = []  # RATE_BY_EPOCH schedules each trained from the same start, the best on validation kept (e.g. [[1e-1], [3e-2], [1e-2]]; needs VAL_LIMIT); []: RATE_BY_EPOCH alone
 RATE_SCALE = "embedding"  # RATE_BY_EPOCH in units of the embedding table's std ("embedding"; Adam moves every coordinate by about its rate, whatever the model's scale), or "absolute" (the reference's)
 GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: less memory for long reviews, about 1/3 slower
 SEED = 0  # seeds the data sample, the primer's initial vectors and the batch order

@@ -5,20 +5,23 @@
     python experiment.py --resume=results/<run id>                            # continue an interrupted run
     python experiment.py --primer_position=suffix                             # the primer after the review
     python experiment.py --val_limit=2000 --keep_best=True --primer_init=labels   # validate each epoch, keep the best
+    python experiment.py --val_limit=200 '--rate_grid=[[1e-1], [3e-2], [1e-2]]'   # rates chosen on validation
 """
-from harness import cli, primers, runs, scoring, training
+from harness import cli, primers, rategrid, runs, scoring
 from harness.layouts import check_primer_position, make_layout
 
 
-def train_primer(task, layout, primer, run_dir: str) -> tuple[list[dict], str]:
-    """The primer alone trained on the label token's cross-entropy at rates in RATE_SCALE's unit, validated after each
-    epoch when VAL_LIMIT is set; a note when it barely moved."""
+def train_primer(task, layout, primer, run_dir: str) -> tuple[list[dict], str, float]:
+    """The primer alone trained on the label token's cross-entropy at rates in RATE_SCALE's unit (each schedule of
+    RATE_GRID, the best on validation kept), validated after each epoch when VAL_LIMIT is set; a note when it barely
+    moved. Its loss log, status and training seconds."""
     evaluate = (lambda: scoring.score(task, layout, primer, task.val)) if task.val is not None else None
     start = primer.detach().clone()
-    log, status = training.train(task, {"primer": primer}, primers.loss_of(task, layout, primer), run_dir, evaluate,
-                                 rate_unit=primers.rate_unit(task))
+    method = f"{len(primer)}-token primer ({task.cfg.PRIMER_POSITION})"  # rate_grid.csv's, one line of the figure
+    log, status, seconds = rategrid.train_grid(task, {"primer": primer}, primers.loss_of(task, layout, primer), run_dir,
+                                               evaluate, method, "experiment.py", rate_unit=primers.rate_unit(task))
     primers.note_stall(log, primer.detach() - start, primers.embedding_std(task.model))
-    return log, status
+    return log, status, seconds
 
 
 def run(cfg) -> None:
@@ -31,12 +34,12 @@ def run(cfg) -> None:
         primer = primers.initial_primer(task, cfg.PRIMER_INIT, cfg.PRIMER_LENGTH, cfg.SEED)
     layout = make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION)
     run_dir = runs.run_dir_or_resume(cfg, "experiment")
-    log, status = (None, "finished") if cfg.PRIMER_PATH else train_primer(task, layout, primer, run_dir)
-    primers.save_primer(run_dir, primer, cfg.MODEL_ID, cfg.PRIMER_POSITION)
-    method = "primer" if log is not None else "saved primer"
+    method = "primer" if cfg.PRIMER_PATH is None else "saved primer"
     method += "" if cfg.PRIMER_POSITION == "system" else f" ({cfg.PRIMER_POSITION})"  # the ledger tells positions apart
+    log, status, seconds = (None, "finished", None) if cfg.PRIMER_PATH else train_primer(task, layout, primer, run_dir)
+    primers.save_primer(run_dir, primer, cfg.MODEL_ID, cfg.PRIMER_POSITION)
     runs.record(task, "experiment", method, len(primer), scoring.predict(task, layout, primer), run_dir, log,
-                primer.numel(), status)
+                primer.numel(), status, train_seconds=seconds)
 
 
 if __name__ == "__main__":

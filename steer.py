@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from harness import cli, errors, files, generation, parallel, plots, primers, prompts, runs, scoring, steering, training
+from harness import cli, errors, files, generation, parallel, plots, primers, prompts, rategrid, runs, scoring, steering
 from harness.frozen import Steer
 from harness.layouts import Layout, make_layout
 from harness.task import Task
@@ -125,8 +125,8 @@ def learned(task: Task, plain: Layout, run_dir: str) -> tuple[pd.DataFrame, dict
     primers.check_rate_scale(cfg.RATE_SCALE)
     unit = norm / vector.numel() ** 0.5 if cfg.RATE_SCALE == "embedding" else 1.0
     evaluate = lambda: scoring.score(task, plain, None, task.val, steer)
-    log, status = training.train(task, {"vector": vector}, primers.loss_of(task, plain, steer=steer), run_dir, evaluate,
-                                 script="steer.py", rate_unit=unit)
+    log, status, _ = rategrid.train_grid(task, {"vector": vector}, primers.loss_of(task, plain, steer=steer), run_dir,
+                                         evaluate, f"learned steering vector (layer {layer})", "steer.py", rate_unit=unit)
     vector.requires_grad_(False)
     row = {"layer": layer, "coefficient": 1.0, "residual_norm": norm, **validation_columns(evaluate())}
     return pd.DataFrame([row]), {(layer, 1.0): steer}, log, status
@@ -166,6 +166,9 @@ def run(cfg) -> None:
     if cfg.GENERATE:
         return generation.generate(cfg)
     task = runs.setup(cfg, with_train=not cfg.VECTOR_PATH)
+    if task.train is not None and cfg.VECTOR_REVIEWS == VECTOR_REVIEWS > len(task.train):  # the default fits a small split
+        print(f"--vector_reviews: all {len(task.train)} training reviews (the default, {VECTOR_REVIEWS}, is more than the split has)")
+        cfg.VECTOR_REVIEWS = len(task.train)
     plain = make_layout(task, None)
     if cfg.VECTOR_PATH:
         steer, source = load_steer(cfg.VECTOR_PATH, task.model.get_input_embeddings().weight.shape[1])

@@ -28,7 +28,6 @@ PREFIX_LENGTH = 4  # "prefix": virtual tokens, each a key and a value in every l
 REFT_RANK = 4  # "loreft": rank r of the edit at each layer
 REFT_LAYERS = []  # "loreft": decoder layers (1-based) edited after the review; []: the middle one
 RATE_BY_EPOCH = [1e-3, 3e-4, 1e-4]  # (config.py's are for primers) Adam's own rates, one epoch each
-RATE_GRID = []  # RATE_BY_EPOCH schedules each trained from the same start, the best on validation kept (e.g. [[1e-2], [1e-3], [1e-4]]); []: RATE_BY_EPOCH alone
 RATE_SCALE = "absolute"  # (config.py has "embedding") these parameters have no embedding scale: the rates are Adam's own
 ADAPTER_PATH = None  # a saved adapter (results/<run id>/adapter, or adapter.safetensors for prefix and loreft): score it, no training
 SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
@@ -44,7 +43,6 @@ def check(cfg) -> None:
     for name in ("LORA_RANK", "PREFIX_LENGTH", "REFT_RANK"):
         if getattr(cfg, name) < 1:
             raise errors.UserError(f"--{name.lower()}={getattr(cfg, name)} must be at least 1")
-    rategrid.check(cfg)
     if cfg.ADAPTER_PATH and not os.path.exists(cfg.ADAPTER_PATH):
         raise errors.UserError(f"--adapter_path={cfg.ADAPTER_PATH} does not exist: give a tune.py run's adapter or adapter.safetensors")
 

@@ -7,25 +7,20 @@ import os
 import pandas as pd
 import torch
 
-from harness import errors, plots, runs, training
+from harness import plots, runs, training
 from harness.plots import plt
 from harness.task import Task
 
 
-def check(cfg) -> None:
-    if cfg.RATE_GRID and not cfg.VAL_LIMIT:
-        raise errors.UserError("--rate_grid chooses the rates on validation reviews: set --val_limit (e.g. --val_limit=200)")
-
-
 def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.LossOf, run_dir: str, evaluate,
-               method: str, script: str) -> tuple[list[dict], str, float]:
+               method: str, script: str, rate_unit: float = 1.0) -> tuple[list[dict], str, float]:
     """Each schedule of RATE_GRID (RATE_BY_EPOCH alone when empty) from the tensors' present values; leaves params at
     the best schedule's (best validation epoch: most strict, then label-restricted answers right, then the earliest
     schedule) and returns its loss log and status, and the seconds all schedules took. With a grid, run_dir gets
     rate_grid.csv, the chosen schedule's validation.csv, and the figure of every rate_grid.csv beside it."""
     cfg = task.cfg
     if not cfg.RATE_GRID:
-        log, status = training.train(task, params, loss_of, run_dir, evaluate, script=script)
+        log, status = training.train(task, params, loss_of, run_dir, evaluate, script=script, rate_unit=rate_unit)
         return log, status, log[-1]["seconds"] if log else 0.0
     start, points, rows = training.snapshot(params), [], []
     for i, rates in enumerate(cfg.RATE_GRID):
@@ -33,7 +28,7 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
         os.makedirs(folder, exist_ok=True)
         training.restore(params, start)
         cfg.RATE_BY_EPOCH = list(rates)  # what training.train reads
-        log, status = training.train(task, params, loss_of, folder, evaluate, script=script)
+        log, status = training.train(task, params, loss_of, folder, evaluate, script=script, rate_unit=rate_unit)
         validation = pd.read_csv(os.path.join(folder, "validation.csv"))
         best = training.best_validation(validation.to_dict("records"))
         points.append({"tensors": training.snapshot(params), "log": log, "status": status, "validation": validation})

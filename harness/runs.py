@@ -21,6 +21,8 @@ from harness.training import best_epoch
 
 def setup(cfg: SimpleNamespace, with_train: bool = True) -> Task:
     ledger.check(cfg.RESULTS_DIR)  # a damaged ledger is found before the work, not after it
+    if with_train:
+        check_choices(cfg)
     device = resolve_device(cfg.DEVICE)
     tokenizer = data.load_tokenizer(cfg.MODEL_ID, cfg.GGUF_FILE)
     answer_at = answer_context(tokenizer, cfg.TEMPLATE_KWARGS)
@@ -32,12 +34,21 @@ def setup(cfg: SimpleNamespace, with_train: bool = True) -> Task:
     return Task(cfg, tokenizer, load_model(cfg, device), device, labels, train, test, val)
 
 
-def hold_out(train: data.Split, cfg: SimpleNamespace) -> tuple[data.Split, Optional[data.Split]]:
-    """The reviews to train on and the VAL_LIMIT validation reviews held out of them (seeded, label-balanced),
-    or all of them and None when VAL_LIMIT is 0."""
+def check_choices(cfg: SimpleNamespace) -> None:
+    """Choices made on validation reviews need some: one line before data prep and loading when VAL_LIMIT is 0."""
     if cfg.KEEP_BEST and not cfg.VAL_LIMIT:
         raise errors.UserError("--keep_best=True picks the best epoch on validation reviews, but --val_limit is 0: "
                                "set --val_limit (e.g. --val_limit=1000) or --keep_best=False")
+    if cfg.RATE_GRID and not cfg.VAL_LIMIT:
+        raise errors.UserError("--rate_grid chooses the rates on validation reviews: set --val_limit (e.g. --val_limit=200)")
+    if not all(isinstance(rates, list) and rates and all(isinstance(r, (int, float)) for r in rates) for rates in cfg.RATE_GRID):
+        raise errors.UserError(f"--rate_grid={cfg.RATE_GRID!r} must be a list of schedules, each a non-empty list of rates: "
+                               "e.g. '--rate_grid=[[1e-1], [3e-2], [1e-2]]'")
+
+
+def hold_out(train: data.Split, cfg: SimpleNamespace) -> tuple[data.Split, Optional[data.Split]]:
+    """The reviews to train on and the VAL_LIMIT validation reviews held out of them (seeded, label-balanced),
+    or all of them and None when VAL_LIMIT is 0."""
     if not cfg.VAL_LIMIT:
         return train, None
     if not 0 < cfg.VAL_LIMIT < len(train):

@@ -1,4 +1,5 @@
 """The research knobs: PRIMER_INIT, VAL_LIMIT with KEEP_BEST, and the Wilson intervals on every score."""
+import glob
 import json
 import os
 
@@ -8,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import experiment
+import steer
 from conftest import overrides, run_script
 from harness import cli, errors, layouts, ledger, primers, runs, scoring
 
@@ -95,10 +97,13 @@ def test_validation_reviews_are_held_out_balanced_and_seeded(task):
 @pytest.mark.parametrize("args, message", [
     (["--val_limit=40"], "--val_limit=40 must be between 1 and 39: validation reviews are held out of the 40 training"),
     (["--keep_best=True"], "--keep_best=True picks the best epoch on validation reviews, but --val_limit is 0"),
+    (["--rate_grid=[[1e-2], [1e-3]]"], "--rate_grid chooses the rates on validation reviews: set --val_limit"),
 ])
 def test_bad_validation_settings_are_refused(task, args, message):
+    cfg = cli.configure(args)
     with pytest.raises(errors.UserError, match=message.replace("(", r"\(")):
-        runs.hold_out(task.train, cli.configure(args))
+        runs.check_choices(cfg)
+        runs.hold_out(task.train, cfg)
 
 
 def test_validation_run_keeps_the_best_epoch(tiny, tmp_path):
@@ -140,3 +145,28 @@ def test_validation_run_keeps_the_best_epoch(tiny, tmp_path):
     assert row["score_low"] <= row["score"] <= row["score_high"]
     assert row["restricted_low"] <= row["restricted_score"] <= row["restricted_high"]
     assert f"| {ledger.format_score(metrics, 'score')} | {metrics['correct']} / 20 |" in result.stdout
+
+
+@pytest.mark.parametrize("script, more, saved", [
+    ("experiment", [], ("primer.safetensors", "primer", "primer")),
+    ("steer", ["--vector=learned", "--learned_layer=2"], ("steering.safetensors", "vector", "vector")),
+])
+def test_a_rate_grid_keeps_the_schedule_best_on_validation(tiny, tmp_path, script, more, saved):
+    module = {"experiment": experiment, "steer": steer}[script]
+    args = [*overrides(tiny, tmp_path), *TINY_RUN, "--val_limit=10", "--rate_grid=[[1e-6], [0.5, 0.5]]", *more]
+    module.run(cli.configure(args, getattr(module, "SETTINGS", None)))
+    (run,) = glob.glob(f"{tmp_path}/results/*-{script}")
+    grid = pd.read_csv(f"{run}/rate_grid.csv")
+    assert list(grid["rates"]) == ["[1e-06]", "[0.5, 0.5]"] and grid["chosen"].sum() == 1
+    for i, schedule in grid.iterrows():  # each schedule's best epoch, from its own validation file
+        validation = pd.read_csv(f"{run}/rates_{i}/validation.csv")
+        assert len(validation) == len(eval(schedule["rates"])) and schedule["val_correct"] == validation["correct"].max()
+    chosen = int(grid.index[grid["chosen"]][0])
+    assert grid["val_correct"][chosen] == grid["val_correct"].max()
+    file, key, param = saved
+    trained = torch.load(f"{run}/rates_{chosen}/checkpoint.pt", weights_only=True)["params"][param]
+    assert torch.equal(load_file(f"{run}/{file}")[key].flatten(), trained.flatten())
+    start, moved = (torch.load(f"{run}/rates_{i}/checkpoint.pt", weights_only=True)["params"][param] for i in (0, 1))
+    assert (moved - start).abs().max() > 100 * 1e-6 and os.path.getsize(f"{tmp_path}/results/rate_grid.png") > 0
+    (row,) = ledger.rows(f"{tmp_path}/results")
+    assert row["train_seconds"] >= grid["train_seconds"].sum() - 1e-6
