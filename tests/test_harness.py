@@ -108,7 +108,7 @@ def test_training_moves_only_the_primer_and_makes_the_model_answer_with_labels(t
     primer = primers.init_primer(task.model, 4, task.cfg.SEED)
     weights = {k: v.clone() for k, v in task.model.state_dict().items()}
     before = scoring.score(task, layout, primer)
-    log, status = experiment.train_primer(task, layout, primer, str(tmp_path))
+    log, status, _ = experiment.train_primer(task, layout, primer, str(tmp_path))
     after = scoring.score(task, layout, primer)
     assert before["label_answer_share"] < 0.1 and after["label_answer_share"] > 0.9
     first, last = (sum(r["loss"] for r in log if r["epoch"] == e) for e in (1, 3))
@@ -154,7 +154,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_primer(tiny, tmp
     layout = layouts.make_layout(task, None, primer_length=4)
     primer = primers.init_primer(task.model, 4, seed=0)
     start = primer.clone()
-    log, status = experiment.train_primer(task, layout, primer, str(tmp_path))
+    log, status, _ = experiment.train_primer(task, layout, primer, str(tmp_path))
     assert len(log) == 1 and torch.isfinite(torch.tensor(log[0]["loss"]))
     assert torch.equal(primer, start)  # the only primer whose loss was finite
     assert "training stopped at epoch 1, batch 1: loss nan; keeping the last good primer" in capsys.readouterr().out
@@ -193,7 +193,7 @@ def test_rates_are_in_embedding_stds_and_a_stalled_run_says_so(task, tmp_path, c
     task.cfg.RATE_BY_EPOCH, task.cfg.RATE_SCALE = [0.5], "embedding"
     try:
         primer = primers.init_primer(task.model, 4, seed=0)
-        log, _ = experiment.train_primer(task, layout, primer, str(tmp_path / "scaled"))
+        log, *_ = experiment.train_primer(task, layout, primer, str(tmp_path / "scaled"))
         assert [r["lr"] for r in log] == pytest.approx([0.5 * primers.embedding_std(task.model)] * 10)
         capsys.readouterr()
         task.cfg.RATE_BY_EPOCH = [0.0]

@@ -42,7 +42,7 @@ def test_a_short_primer_run_lowers_the_loss_and_makes_the_answers_labels(smol, t
     layout = layouts.make_layout(smol, None, primer_length=4, position="suffix")
     primer = primers.init_primer(smol.model, 4, seed=0)
     before = scoring.score(smol, layout, primer)
-    log, status = experiment.train_primer(smol, layout, primer, str(tmp_path))
+    log, status, _ = experiment.train_primer(smol, layout, primer, str(tmp_path))
     after = scoring.score(smol, layout, primer)
     first, last = (sum(r["loss"] for r in log if r["epoch"] == e) for e in (1, 2))
     assert last < 0.5 * first

@@ -100,7 +100,7 @@ def test_ctrl_c_while_validating_stops_and_resumes_to_the_same_primer(tiny, tmp_
     assert (state["epoch"], state["batch"], len(state["validation"]["rows"])) == (1, 3, 1)
     monkeypatch.setattr(training, "validate", validate)
     primer = primers.initial_primer(task, cfg.PRIMER_INIT, 4, cfg.SEED)
-    log, status = experiment.train_primer(task, layout, primer, run)
+    log, status, _ = experiment.train_primer(task, layout, primer, run)
     assert status == "finished" and torch.equal(primer.detach(), straight.detach())
     assert len(open(f"{run}/validation.csv").read().splitlines()) == 3  # a header and both epochs
 
