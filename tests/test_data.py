@@ -115,6 +115,10 @@ def test_load_split_prepares_again_for_another_sample_or_tokenizer_and_refuses_p
     assert f"{path} was prepared with limit=60, not 50: preparing it again from {tiny.csv_dir}" in capsys.readouterr().out
     assert train.read_bytes() == before  # the other split is kept as it was
     assert len(data.load_split(cfg, tokenizer, "test")) == 50 and capsys.readouterr().out == ""  # now current: loaded as is
+    cfg.SEED, tested = 1, path.read_bytes()  # another seed: other training reviews, the same test reviews
+    assert data.load_split(cfg, tokenizer, "train").meta["seed"] == 1 and train.read_bytes() != before
+    assert data.load_split(cfg, tokenizer, "test").meta["seed"] == 0 and path.read_bytes() == tested
+    assert "test.pt" not in capsys.readouterr().out
     stored = torch.load(path, weights_only=True)
     stored["meta"].update(model_id="other/model", vocab_fingerprint="0" * 16)
     torch.save(stored, path)
