@@ -4,7 +4,8 @@
     python table.py results/published/table        # the README's table, from the run files committed there
 
 Runs whose config.json agree on every key that can change a result but the seed (ledger.result_config) form one
-row: trainable parameters, training reviews, seeds, the strict score and the label-restricted one as mean and
+row, a rate grid's run counting as the run of the schedule it chose on validation (with that schedule's train
+seconds): trainable parameters, training reviews, seeds, the strict score and the label-restricted one as mean and
 standard deviation over seeds, the 95% Wilson interval one run of that score would have on these test reviews (the
 test-sampling noise, beside the seed noise), train and score seconds, the share of the best probe row's score, and
 McNemar's exact p against the best row, paired on each test review (stats.paired). Every run must have been scored
@@ -19,7 +20,7 @@ from types import SimpleNamespace
 import pandas as pd
 import torch
 
-from harness import cli, errors, files, ledger, plots, scoring, stats
+from harness import cli, errors, files, ledger, plots, rategrid, scoring, stats
 from harness.plots import plt
 
 SIZE_KEYS = ("TRAIN_LIMIT", "PROBE_TRAIN")  # what sets a run's training reviews: the data curve's axis, not a row's name
@@ -36,6 +37,8 @@ def load_runs(results_dir: str) -> pd.DataFrame:
     stats.check_same_reviews(loaded)
     for r in rows:
         config, predictions = loaded[r["run_id"]]
+        config, seconds = rategrid.as_chosen(os.path.join(results_dir, r["run_id"]), config)
+        r["train_seconds"] = r["train_seconds"] if seconds is None else seconds  # the chosen schedule's alone
         r["config"] = ledger.result_config(r["script"], config)
         r["group"] = json.dumps([r["script"], {k: v for k, v in r["config"].items() if k != "SEED"}], sort_keys=True)
         r["right"], r["restricted_right"] = stats.correctness(predictions).values()

@@ -1,8 +1,10 @@
 """A method's learning rates chosen on validation reviews: every schedule of RATE_GRID trained from the same start in a
 folder of its own (checkpointed and resumed as any run), the one with the best validation epoch kept, the validation
 scores across the grid saved (rate_grid.csv) and drawn for every method of a results folder (rate_grid.png)."""
+import ast
 import glob
 import os
+from typing import Optional
 
 import pandas as pd
 import torch
@@ -46,6 +48,17 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
     runs.write_atomic(os.path.join(run_dir, "validation.csv"), points[chosen]["validation"].to_csv(index=False))
     print(f"chosen on validation: rates {cfg.RATE_BY_EPOCH}; every method's grid: {draw(os.path.dirname(run_dir))}")
     return points[chosen]["log"], points[chosen]["status"], float(table["train_seconds"].sum())
+
+
+def as_chosen(run_dir: str, config: dict) -> tuple[dict, Optional[float]]:
+    """A rate-grid run's config (config.json's keys) as that of the plain run of its chosen schedule, which trains the
+    same tensors from the same start on the same batches, and that schedule's training seconds; any other run's
+    config as it is, and None."""
+    if not config.get("rate_grid"):
+        return config, None
+    grid = pd.read_csv(os.path.join(run_dir, "rate_grid.csv"))
+    chosen = grid[grid["chosen"]].iloc[0]
+    return {**config, "rate_by_epoch": ast.literal_eval(chosen["rates"]), "rate_grid": []}, float(chosen["train_seconds"])
 
 
 def draw(results_dir: str) -> str:

@@ -100,6 +100,24 @@ def test_the_cpu_table_grid_names_every_row_and_every_point_configures(tiny, tmp
         assert {c.SEED for p, c in zip(grid, configs) if p["script"] == "tune" and c.METHOD == method} == {0, 1, 2}
 
 
+def test_the_published_tables_grid_chooses_each_rate_on_validation_then_runs_it_at_more_seeds(tiny, tmp_path):
+    """grids/cpu_300.json, the README's table: every point is a valid command line; every trained method has a rate
+    grid at seed 0 (chosen on validation reviews) and seeds 1 and 2 at one of that grid's schedules."""
+    grid = sweep.load_grid("cpu_300")
+    sweep.read_settings(grid)
+    configs = [sweep.point_config(cli.configure(overrides(tiny, tmp_path)), point) for point in grid]
+    assert len({sweep.result_key(p["script"], vars(c)) for p, c in zip(grid, configs)}) == len(grid)
+    assert all(c.VAL_LIMIT == 200 and c.TEST_LIMIT == 400 and c.TRAIN_LIMIT == 500 for c in configs)
+    trained = {}
+    for point, c in zip(grid, configs):
+        if point["script"] in ("experiment", "tune"):
+            trained.setdefault((point["script"], c.METHOD if point["script"] == "tune" else c.PRIMER_LENGTH), {})[c.SEED] = c
+    assert {m for _, m in trained} >= {4, "lora", "ia3", "layernorm", "prefix", "loreft"}
+    for method, seeds in trained.items():
+        assert sorted(seeds) == [0, 1, 2] and len(seeds[0].RATE_GRID) >= 3, method
+        assert all(not seeds[s].RATE_GRID and seeds[s].RATE_BY_EPOCH in seeds[0].RATE_GRID for s in (1, 2)), method
+
+
 def test_an_override_of_a_grid_key_is_refused_naming_the_grid():
     result = run_script("sweep.py", "--train_limit=100", "--primer_length=32", "--rate_by_epoch=[0.1]")
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
