@@ -24,7 +24,8 @@ def last_states(task: Task, layout: Layout, split: Split, layers: tuple[int, ...
 
 def vector_reviews(task: Task) -> Split:
     """The first VECTOR_REVIEWS training reviews (the training split is already a seeded sample), which every
-    vector and residual norm is measured over; a count the training split cannot give is refused (steer.py fits its default to a small split)."""
+    vector and residual norm is measured over; a count the training split cannot give is refused (steer.py fits
+    its default to a small split)."""
     count = task.cfg.VECTOR_REVIEWS
     if not 1 <= count <= len(task.train):
         raise errors.UserError(f"--vector_reviews={count} must be between 1 and the {len(task.train):,} training "
