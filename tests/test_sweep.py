@@ -108,7 +108,7 @@ def test_the_published_tables_grid_chooses_each_rate_on_validation_then_runs_it_
     configs = [sweep.point_config(cli.configure(overrides(tiny, tmp_path)), point) for point in grid]
     assert len({sweep.result_key(p["script"], vars(c)) for p, c in zip(grid, configs)}) == len(grid)
     assert all(c.VAL_LIMIT == 200 and c.TEST_LIMIT == 400 and c.SEED in (0, 1, 2) for c in configs)  # one test split
-    assert {c.SEARCH for p, c in zip(grid, configs) if p["script"] == "search_prompt"} == {"edit", "tokens", "propose"}
+    assert {c.SEARCH for p, c in zip(grid, configs) if p["script"] == "search_prompt"} == {"edit", "tokens"}
     trained = {}
     for point, c in zip(grid, configs):
         if point["script"] in ("experiment", "tune"):
