@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from harness import errors, files, scoring
 
-SAME_SPLIT_KEYS = ("csv_dir", "test_limit", "seed", "labels")  # these choose the test reviews and their answers
+SAME_SPLIT_KEYS = ("csv_dir", "test_limit", "labels")  # these choose the test reviews (the same at every seed) and their answers
 
 
 def load_run(run_dir: str) -> tuple[dict, dict]:
@@ -28,11 +28,8 @@ def correctness(predictions: dict) -> dict[str, torch.Tensor]:
 
 
 def test_reviews(config: dict, predictions: dict) -> tuple:
-    """What identifies the test reviews a run was scored on: SAME_SPLIT_KEYS, but for the seed when the whole test
-    file was scored (fewer reviews than --test_limit: no sample was drawn), and the labels in order."""
-    whole = len(predictions["label"]) < (config.get("test_limit") or 0)
-    keys = tuple(config.get(k) if not (k == "seed" and whole) else "whole file" for k in SAME_SPLIT_KEYS)
-    return keys + (tuple(predictions["label"].tolist()),)
+    """What identifies the test reviews a run was scored on: SAME_SPLIT_KEYS, and the labels in order."""
+    return tuple(config.get(k) for k in SAME_SPLIT_KEYS) + (tuple(predictions["label"].tolist()),)
 
 
 def check_same_reviews(runs: dict[str, tuple[dict, dict]]) -> None:
@@ -44,7 +41,7 @@ def check_same_reviews(runs: dict[str, tuple[dict, dict]]) -> None:
             differ = [k for k in SAME_SPLIT_KEYS if config.get(k) != other_config.get(k)]
             raise errors.UserError(f"{first} and {other} were not scored on the same test reviews (their "
                                    f"{', '.join(differ) or 'labels'} differ): compare runs with the same --csv_dir, "
-                                   f"--test_limit and --labels, and the same --seed unless --test_limit covers the whole test file")
+                                   f"--test_limit and --labels")
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:

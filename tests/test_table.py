@@ -84,6 +84,13 @@ def test_runs_on_other_test_reviews_are_refused(results, tmp_path, tiny):
     experiment.run(cli.configure(overrides(tiny, tmp_path) + [f"--results_dir={folder}", "--test_limit=40", f"--primer_path={primer}"]))
     with pytest.raises(errors.UserError, match=r" were not scored on the same test reviews \(their test_limit differ\)"):
         table.write(str(folder))
+    other_seed = tmp_path / "other_seed"  # the test sample is the same at every seed: a seed-1 re-score pairs with it
+    experiment.run(cli.configure(overrides(tiny, tmp_path) + [f"--results_dir={other_seed}", "--test_limit=40", f"--primer_path={primer}",
+                                                              "--seed=1", f"--data_dir={tmp_path}/data-seed1"]))
+    runs = {str(d): stats.load_run(str(d)) for d in [*folder.glob("*-experiment"), *other_seed.glob("*-experiment")]
+            if stats.load_run(str(d))[0]["test_limit"] == 40}
+    assert len(runs) == 2
+    stats.check_same_reviews(runs)
     assert run_script("table.py", str(tmp_path / "none")).stderr.strip() == "error: give one results folder: python table.py results/"
 
 
