@@ -15,6 +15,7 @@ table_data.png (score against training reviews) into that folder.
 import json
 import math
 import os
+import re
 from types import SimpleNamespace
 
 import pandas as pd
@@ -40,20 +41,31 @@ def load_runs(results_dir: str) -> pd.DataFrame:
         config, seconds = rategrid.as_chosen(os.path.join(results_dir, r["run_id"]), config)
         r["train_seconds"] = r["train_seconds"] if seconds is None else seconds  # the chosen schedule's alone
         r["config"] = ledger.result_config(r["script"], config)
-        r["group"] = json.dumps([r["script"], {k: v for k, v in r["config"].items() if k != "SEED"}], sort_keys=True)
+        settings = {k: v for k, v in r["config"].items() if k != "SEED" and v not in (None, [])}  # unset as absent
+        r["group"] = json.dumps([r["script"], family(r["method"]), settings], sort_keys=True)
         r["right"], r["restricted_right"] = stats.correctness(predictions).values()
     return pd.DataFrame(rows)
 
 
+def family(method: str) -> str:
+    """A ledger method's name without what one run chose (a probe's layer, a search's budget and prompt), so seeds
+    pool, while a script's two records of one run (a token search's exact ids and its decoded text) stay apart."""
+    return re.split(r"\s*[(:]", method, maxsplit=1)[0]
+
+
 def names(runs: pd.DataFrame) -> dict[str, str]:
-    """Each group's name: its script and the settings in which it differs from the script's other rows."""
+    """Each group's name: its script, its method's family where the script's rows have several, and the settings in
+    which it differs from the script's other rows."""
     out = {}
     for script, groups in runs.groupby("script"):
-        configs = {g: dict(json.loads(g)[1]) for g in groups["group"].unique()}
+        parsed = {g: json.loads(g) for g in groups["group"].unique()}
+        configs = {g: dict(p[2]) for g, p in parsed.items()}
         varying = sorted({k for c in configs.values() for k in c if k not in SIZE_KEYS
                           and len({json.dumps(other.get(k)) for other in configs.values()}) > 1})
+        families = len({p[1] for p in parsed.values()}) > 1
         for group, config in configs.items():
-            out[group] = " ".join([script] + [f"{k.lower()}={config.get(k)!r}".replace("'", "") for k in varying])
+            out[group] = " ".join([script] + ([f"({parsed[group][1]})"] if families else [])
+                                  + [f"{k.lower()}={config.get(k)!r}".replace("'", "") for k in varying])
     return out
 
 
@@ -63,7 +75,7 @@ def fmt(mean: float, std: float) -> str:
 
 def pooled(name: str, group: str, seeds: pd.DataFrame) -> dict:
     """One group's row: its runs' costs, their scores' mean and std over seeds, and per-review correctness [seeds, n]."""
-    script, config = json.loads(group)
+    script, _, config = json.loads(group)
     score, restricted = stats.mean_std(seeds["score"].tolist()), stats.mean_std(seeds["restricted_score"].tolist())
     total = int(seeds["total"].iloc[0])
     low, high = scoring.wilson_interval(score[0] * total, total)

@@ -110,3 +110,8 @@ def test_paired_is_mcnemar_on_one_seed_and_counts_each_review_once_on_several():
     assert stats.paired(three, b.repeat(3, 1))[:2] == (2, 1)
     assert stats.mean_std([0.5, 0.7, 0.9]) == (pytest.approx(0.7), pytest.approx(0.2))
     assert math.isnan(stats.mean_std([0.5])[1])
+
+
+def test_a_family_pools_what_seeds_choose_and_keeps_two_records_of_one_run_apart():
+    assert table.family("linear probe (layer 22, last)") == table.family("linear probe (layer 17, mean)") == "linear probe"
+    assert table.family("token search, exact ids (27.2 CPU min): 'Classify'") != table.family("prompt search (tokens, decoded text): 'C'")
