@@ -1,16 +1,18 @@
 """The comparison: one row per method configuration, its seeds pooled, with its cost and a paired test against the best.
 
     python table.py results/                       # any folder holding a ledger (results.csv) and its run folders
-    python table.py results/published/table        # the README's table, from the run files committed there
+    python table.py results/published/table        # every row of the README's runs, from the run files committed there
+    python table.py results/published/table --train_reviews=300 --against=primer_length=4   # the README's table
 
 Runs whose config.json agree on every key that can change a result but the seed (ledger.result_config) form one
 row, a rate grid's run counting as the run of the schedule it chose on validation (with that schedule's train
 seconds): trainable parameters, training reviews, seeds, the strict score and the label-restricted one as mean and
 standard deviation over seeds, the 95% Wilson interval one run of that score would have on these test reviews (the
 test-sampling noise, beside the seed noise), train and score seconds, the share of the best probe row's score, and
-McNemar's exact p against the best row, paired on each test review (stats.paired). Every run must have been scored
-on the same test reviews. Writes table.md, table.csv, table_params.png (score against trainable parameters) and
-table_data.png (score against training reviews) into that folder.
+McNemar's exact p against the best row (or the best row named like AGAINST), paired on each test review
+(stats.paired). Every run must have been scored on the same test reviews. Writes table.md and table.csv (with
+TRAIN_REVIEWS: table_<n>.md and table_<n>.csv, that size's rows alone), table_params.png (score against trainable
+parameters) and table_data.png (score against training reviews, every size) into that folder.
 """
 import json
 import math
@@ -24,9 +26,12 @@ import torch
 from harness import cli, errors, files, ledger, plots, rategrid, scoring, stats
 from harness.plots import plt
 
+TRAIN_REVIEWS = 0  # the table's rows: those trained on this many reviews, and those trained on none; 0: every row
+AGAINST = ""  # the paired tests' reference: the best row whose name contains this text; "": the best row
+SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
 SIZE_KEYS = ("TRAIN_LIMIT", "PROBE_TRAIN")  # what sets a run's training reviews: the data curve's axis, not a row's name
 COLUMNS = ["Run", "Method", "Params", "Train reviews", "Seeds", "Score (mean ± std)", "One run's 95% interval",
-           "Label-restricted (mean ± std)", "Train s", "Score s", "Of the probe", "McNemar p vs best"]
+           "Label-restricted (mean ± std)", "Train s", "Score s", "Of the probe", "McNemar p"]
 
 
 def load_runs(results_dir: str) -> pd.DataFrame:
@@ -88,22 +93,40 @@ def pooled(name: str, group: str, seeds: pd.DataFrame) -> dict:
             "curve": json.dumps([script, {k: v for k, v in config.items() if k not in SIZE_KEYS}]), "config": json.dumps(config)}
 
 
-def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per group, best mean score first, with its seeds' spread and its paired test against the best row."""
+def summarize(runs: pd.DataFrame, train_reviews: int = 0, against: str = "") -> pd.DataFrame:
+    """One row per group (those of train_reviews and of none, when given), best mean score first, with its seeds'
+    spread and its paired test against the reference row: the best one whose name contains `against`."""
     named = names(runs)
     rows = [pooled(named[group], group, seeds.sort_values("seed")) for group, seeds in runs.groupby("group", sort=False)]
     table = pd.DataFrame(rows).sort_values("score_mean", ascending=False, kind="stable").reset_index(drop=True)
-    best, probes = table.iloc[0], table[table["script"] == "probe"]
+    if train_reviews:
+        if not (table["samples"] == train_reviews).any():
+            raise errors.UserError(f"no run was trained on --train_reviews={train_reviews:,} reviews: give a size of "
+                                   f"the Train reviews column ({', '.join(map(str, sorted(set(table['samples']) - {0})))}), or 0 for every row")
+        table = table[table["samples"].isin([0, train_reviews])].reset_index(drop=True)
+    reference = reference_row(table, against)
+    probes = table[table["script"] == "probe"]
     table["probe_share"] = table["score_mean"] / probes["score_mean"].max() if len(probes) else math.nan
-    tests = [stats.paired(r["right"], best["right"]) if i else (0, 0, math.nan) for i, r in table.iterrows()]
-    table["only_this"], table["only_best"], table["mcnemar_p"] = zip(*tests)
+    tests = [stats.paired(r["right"], table.at[reference, "right"]) if i != reference else (0, 0, math.nan)
+             for i, r in table.iterrows()]
+    table["only_this"], table["only_reference"], table["mcnemar_p"] = zip(*tests)
+    table["reference"] = table.index == reference
     return table
+
+
+def reference_row(table: pd.DataFrame, against: str) -> int:
+    """The index of the best row whose name contains `against` (the best row for "")."""
+    matches = table.index[table["run"].str.contains(against, regex=False)]
+    if not len(matches):
+        raise errors.UserError(f"no row is named like --against={against!r}: give a part of a name in the Run column "
+                               f"({', '.join(dict.fromkeys(table['run']))})")
+    return int(matches[0])
 
 
 def markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
     for i, r in table.iterrows():
-        p = "best" if i == 0 else f"{r['mcnemar_p']:.2g} ({r['only_this']} / {r['only_best']})"
+        p = ("reference" if i else "best") if r["reference"] else f"{r['mcnemar_p']:.2g} ({r['only_this']} / {r['only_reference']})"
         cells = [r["run"], r["method"], f"{r['trainable_params']:,}", f"{r['samples']:,}" if r["samples"] else "–",
                  str(r["seeds"]), fmt(r["score_mean"], r["score_std"]), f"[{100 * r['score_low']:.1f}, {100 * r['score_high']:.1f}]",
                  fmt(r["restricted_mean"], r["restricted_std"]), f"{r['train_seconds']:,.0f}", f"{r['score_seconds']:,.0f}",
@@ -150,26 +173,32 @@ def data_figure(table: pd.DataFrame, path: str) -> str:
     return plots.save(fig, path)
 
 
-def write(results_dir: str) -> pd.DataFrame:
-    table = summarize(load_runs(results_dir))
+def write(results_dir: str, train_reviews: int = 0, against: str = "") -> pd.DataFrame:
+    runs = load_runs(results_dir)
+    table = summarize(runs, train_reviews, against)
     text = markdown(table)
     columns = [c for c in table.columns if c not in ("right", "scores", "curve")]
-    for name, content in (("table.md", text + "\n"), ("table.csv", table[columns].to_csv(index=False))):
+    stem = f"table_{train_reviews}" if train_reviews else "table"
+    for name, content in ((f"{stem}.md", text + "\n"), (f"{stem}.csv", table[columns].to_csv(index=False))):
         with files.atomic_path(os.path.join(results_dir, name)) as tmp, open(tmp, "w") as f:
             f.write(content)
     print(text)
-    for path in (params_figure(table, os.path.join(results_dir, "table_params.png")),
-                 data_figure(table, os.path.join(results_dir, "table_data.png"))):
+    every = summarize(runs)  # the figures draw every size
+    for path in (params_figure(every, os.path.join(results_dir, "table_params.png")),
+                 data_figure(every, os.path.join(results_dir, "table_data.png"))):
         print(f"saved {path}")
     return table
 
 
 def parse(argv: list[str]) -> SimpleNamespace:
-    """The results folder of the command line (table.py takes no settings)."""
-    if len(argv) != 1 or argv[0].startswith("--") or not os.path.isdir(argv[0]):
+    """The results folder of the command line, then table.py's own settings."""
+    folders = [arg for arg in argv if not arg.startswith("--")]
+    if len(folders) != 1 or not os.path.isdir(folders[0]):
         raise errors.UserError("give one results folder: python table.py results/")
-    return SimpleNamespace(RESULTS_DIR=argv[0])
+    cfg = cli.configure([arg for arg in argv if arg.startswith("--")], SETTINGS, shared=())
+    cfg.RESULTS_DIR = folders[0]
+    return cfg
 
 
 if __name__ == "__main__":
-    cli.main(lambda cfg: write(cfg.RESULTS_DIR), parse=parse, shared=())
+    cli.main(lambda cfg: write(cfg.RESULTS_DIR, cfg.TRAIN_REVIEWS, cfg.AGAINST), SETTINGS, parse=parse, shared=())

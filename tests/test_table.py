@@ -57,7 +57,7 @@ def test_one_row_per_configuration_with_its_seeds_spread_and_a_paired_test(resul
             continue
         mine = np.stack([correct(results / run) for run in runs]).astype(float).mean(0)
         wins, losses = int((mine > best_right).sum()), int((mine < best_right).sum())
-        assert (r["only_this"], r["only_best"]) == (wins, losses)
+        assert (r["only_this"], r["only_reference"]) == (wins, losses)
         assert r["mcnemar_p"] == pytest.approx(binomtest(wins, wins + losses).pvalue if wins + losses else 1.0)
         assert f"{r['mcnemar_p']:.2g} ({wins} / {losses})" in printed
     csv = pd.read_csv(results / "table.csv")
@@ -115,3 +115,28 @@ def test_paired_is_mcnemar_on_one_seed_and_counts_each_review_once_on_several():
 def test_a_family_pools_what_seeds_choose_and_keeps_two_records_of_one_run_apart():
     assert table.family("linear probe (layer 22, last)") == table.family("linear probe (layer 17, mean)") == "linear probe"
     assert table.family("token search, exact ids (27.2 CPU min): 'Classify'") != table.family("prompt search (tokens, decoded text): 'C'")
+
+
+def test_one_size_against_a_named_row_and_the_mistakes_of_both_settings(results, capsys):
+    written = table.write(str(results), train_reviews=100, against="primer_length=2")
+    printed = capsys.readouterr().out
+    assert sorted(written["samples"]) == [0, 100, 100] and (results / "table_100.md").read_text() in printed + "\n"
+    reference = written[written["reference"]]
+    assert list(reference["run"]) == ["experiment primer_length=2"] and int(reference["samples"].iloc[0]) == 100
+    for i, r in written.iterrows():
+        if not r["reference"]:
+            assert (r["only_this"], r["only_reference"], r["mcnemar_p"]) == stats.paired(r["right"], reference["right"].iloc[0])
+    assert ("| reference |" in printed) == (reference.index[0] != 0)
+    for args, error in ((["--train_reviews=7"], "no run was trained on --train_reviews=7 reviews"),
+                        (["--against=lora"], "no row is named like --against='lora'")):
+        assert run_script("table.py", str(results), *args).stderr.strip().startswith(f"error: {error}")
+
+
+def test_the_published_folder_reproduces_the_readme_table():
+    """Every run folder behind the README's table is committed: table.py on them prints the README's rows."""
+    import os
+    folder = os.path.join(os.path.dirname(table.__file__), "results", "published", "table")
+    written = table.summarize(table.load_runs(folder), 300, "primer_length=4")
+    readme = open(os.path.join(os.path.dirname(table.__file__), "README.md"), encoding="utf-8").read()
+    assert table.markdown(written) in readme
+    assert (written["seeds"][written["trainable_params"] > 0] >= 3).all()  # every trained row has its seeds
