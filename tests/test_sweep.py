@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 import sweep
+import tune
 from conftest import overrides, run_script
 from harness import cli, errors, files, ledger, plots, scoring
 
@@ -80,44 +81,44 @@ def test_grid_files_expand_their_axes_and_name_root_scripts(tmp_path):
         sweep.load_grid(str(tmp_path / "bad.json"))
 
 
-def test_the_cpu_table_grid_names_every_row_and_every_point_configures(tiny, tmp_path):
-    """Every point of grids/cpu_table.json is a valid command line of its script (each script's own settings read
-    with --help=json), and the grid holds 3 seeds of every trained method and the data curve."""
+METHOD_KEYS = {"tune": "METHOD", "experiment": "PRIMER_LENGTH", "steer": "VECTOR"}  # what names a script's method
+
+
+def what(script: str, c) -> object:
+    return getattr(c, METHOD_KEYS[script]) if script in METHOD_KEYS else None
+
+
+def test_the_published_tables_grid_chooses_each_rate_on_validation_then_runs_more_seeds_and_the_data_curve(tiny, tmp_path):
+    """grids/cpu_table.json, the README's table: every point is a valid command line of its script (its own settings
+    read with --help=json), none twice, all on one test split; every trained method has a rate grid at seed 0 on 300
+    snippets (chosen on validation reviews) and seeds 1 and 2 at one of its schedules; the data curve runs that
+    schedule of both primers, the learned vector and IA3, and the probe, on 100 to 2,000 snippets."""
     grid = sweep.load_grid("cpu_table")
-    cfg = cli.configure(overrides(tiny, tmp_path))
-    sweep.read_settings(grid)
-    configs = [sweep.point_config(cfg, point) for point in grid]
-    assert len({sweep.result_key(p["script"], vars(c)) for p, c in zip(grid, configs)}) == len(grid)  # no point twice
-    probe = next(c for p, c in zip(grid, configs) if p["script"] == "probe")
-    assert probe.PROBE_C == [1e-3, 1e-2, 1e-1, 1.0] and probe.CONDITION == "none"  # probe.py's own settings
-    curve = {}
-    for point, c in zip(grid, configs):
-        method = (point["script"], c.PRIMER_LENGTH if point["script"] == "experiment" else None)
-        curve.setdefault(method, set()).add((c.PROBE_TRAIN if point["script"] == "probe" else c.TRAIN_LIMIT - c.VAL_LIMIT, c.SEED))
-    for method in (("experiment", 4), ("experiment", 16), ("probe", None), ("steer", None)):
-        assert {(n, s) for n in (100, 300, 1000, 2000) for s in (0, 1, 2)} <= curve[method], method
-    for method in ("lora", "ia3", "layernorm", "prefix", "loreft"):  # tune.py's rows, 3 seeds each
-        assert {c.SEED for p, c in zip(grid, configs) if p["script"] == "tune" and c.METHOD == method} == {0, 1, 2}
-
-
-def test_the_published_tables_grid_chooses_each_rate_on_validation_then_runs_it_at_more_seeds(tiny, tmp_path):
-    """grids/cpu_300.json, the README's table: every point is a valid command line; every trained method has a rate
-    grid at seed 0 (chosen on validation reviews) and seeds 1 and 2 at one of that grid's schedules."""
-    grid = sweep.load_grid("cpu_300")
     sweep.read_settings(grid)
     configs = [sweep.point_config(cli.configure(overrides(tiny, tmp_path)), point) for point in grid]
     assert len({sweep.result_key(p["script"], vars(c)) for p, c in zip(grid, configs)}) == len(grid)
     assert all(c.VAL_LIMIT == 200 and c.TEST_LIMIT == 400 and c.SEED in (0, 1, 2) for c in configs)  # one test split
     assert {c.SEARCH for p, c in zip(grid, configs) if p["script"] == "search_prompt"} == {"edit", "tokens"}
-    trained = {}
+    trained, curve = {}, {}
     for point, c in zip(grid, configs):
-        if point["script"] in ("experiment", "tune"):
-            assert c.TRAIN_LIMIT == 500, point
-            trained.setdefault((point["script"], c.METHOD if point["script"] == "tune" else c.PRIMER_LENGTH), {})[c.SEED] = c
-    assert {m for _, m in trained} >= {4, "lora", "ia3", "layernorm", "prefix", "loreft"}
+        script = point["script"]
+        method = what(script, c)
+        size = c.PROBE_TRAIN if script == "probe" else c.TRAIN_LIMIT - c.VAL_LIMIT
+        curve.setdefault((script, method), set()).add(size)
+        if script in ("experiment", "tune", "steer") and size == 300:
+            trained.setdefault((script, method), {})[c.SEED] = c
+        if script == "probe":
+            assert c.TRAIN_LIMIT - c.VAL_LIMIT == size and c.PROBE_C == [1e-3, 1e-2, 1e-1, 1.0], point
+    assert set(trained) >= {("experiment", 4), ("experiment", 16), ("steer", "learned"), *(("tune", m) for m in tune.METHODS)}
     for method, seeds in trained.items():
         assert sorted(seeds) == [0, 1, 2] and len(seeds[0].RATE_GRID) >= 3, method
         assert all(not seeds[s].RATE_GRID and seeds[s].RATE_BY_EPOCH in seeds[0].RATE_GRID for s in (1, 2)), method
+    for method in (("experiment", 4), ("experiment", 16), ("steer", "learned"), ("tune", "ia3"), ("probe", None)):
+        assert curve[method] >= {100, 300, 1000, 2000}, method
+    for point, c in zip(grid, configs):  # the curve trains at the schedule chosen on 300 snippets
+        method = what(point["script"], c)
+        if (point["script"], method) in trained and not c.RATE_GRID:
+            assert c.RATE_BY_EPOCH == trained[point["script"], method][1].RATE_BY_EPOCH, point
 
 
 def test_an_override_of_a_grid_key_is_refused_naming_the_grid():
