@@ -145,11 +145,20 @@ def sample_seed(cfg: SimpleNamespace, split: str) -> int:
     return cfg.SEED if split == "train" else 0
 
 
+def csv_fingerprint(path: str) -> Optional[str]:
+    """A digest of a CSV's bytes (None when it is gone): a split drawn from an edited or other CSV is drawn again."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
 def expected_meta(cfg: SimpleNamespace, tokenizer, split: str) -> dict:
-    """What a split file must have been prepared with to be used under cfg."""
+    """What a split file must have been prepared with to be used under cfg (its CSV's digest while the CSV is there)."""
+    digest = csv_fingerprint(os.path.join(cfg.CSV_DIR, f"{split}.csv"))
     return {"model_id": cfg.MODEL_ID, "vocab_size": len(tokenizer), "vocab_fingerprint": vocab_fingerprint(tokenizer),
             "limit": cfg.TRAIN_LIMIT if split == "train" else cfg.TEST_LIMIT,
-            "max_review_tokens": cfg.MAX_REVIEW_TOKENS, "seed": sample_seed(cfg, split)}
+            "max_review_tokens": cfg.MAX_REVIEW_TOKENS, "seed": sample_seed(cfg, split), **({"csv": digest} if digest else {})}
 
 
 def split_path(cfg: SimpleNamespace, split: str) -> str:
@@ -188,8 +197,9 @@ def load_split(cfg: SimpleNamespace, tokenizer, split: str) -> Split:
     meta, want = stored["meta"], expected_meta(cfg, tokenizer, split)
     stale = {k: (meta.get(k), v) for k, v in want.items() if k != "model_id" and meta.get(k) != v}
     if stale:
-        why = [f"{k}={old}, not {new}" for k, (old, new) in stale.items() if k not in ("vocab_fingerprint", "vocab_size")]
+        why = [f"{k}={old}, not {new}" for k, (old, new) in stale.items() if k not in ("vocab_fingerprint", "vocab_size", "csv")]
         why = ([f"the tokenizer of {meta.get('model_id')}, not {cfg.MODEL_ID}'s"] if "vocab_fingerprint" in stale else []) + why
+        why += [f"another {split}.csv than {cfg.CSV_DIR}'s"] if "csv" in stale else []
         print(f"{path} was prepared with {'; '.join(why)}: preparing it again from {cfg.CSV_DIR}", flush=True)
         prepare(cfg, tokenizer, (split,))
         stored = read_split(path)

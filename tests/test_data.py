@@ -1,5 +1,6 @@
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -207,3 +208,19 @@ def test_written_csvs_read_back_as_written(tmp_path):
     data.write_csv(str(tmp_path / "r.csv"), [2, 1, 2], texts)
     labels, read, bad = data.read_csv(str(tmp_path / "r.csv"))
     assert labels.tolist() == [1, 0, 1] and read == texts and bad == []
+
+
+def test_a_split_drawn_from_an_edited_csv_is_drawn_again_and_one_whose_csv_is_gone_is_kept(tiny, tmp_path, cfg, capsys):
+    tokenizer = data.load_tokenizer(tiny.model_dir)
+    cfg.CSV_DIR = str(tmp_path / "csv")
+    shutil.copytree(tiny.csv_dir, cfg.CSV_DIR)
+    first = data.load_split(cfg, tokenizer, "test")
+    test_csv = tmp_path / "csv" / "test.csv"
+    rows = test_csv.read_text().splitlines(keepends=True)
+    test_csv.write_text("".join(rows[:-2]))  # two reviews fewer, as a deduplication would leave it
+    capsys.readouterr()
+    again = data.load_split(cfg, tokenizer, "test")
+    assert f"test.pt was prepared with another test.csv than {cfg.CSV_DIR}'s: preparing it again" in capsys.readouterr().out
+    assert again.meta["rows"] == first.meta["rows"] - 2 and again.meta["csv"] != first.meta["csv"]
+    test_csv.unlink()  # the CSVs deleted after prep (Yelp's take 430 MB): the split is used as it is
+    assert torch.equal(data.load_split(cfg, tokenizer, "test").tokens, again.tokens) and capsys.readouterr().out == ""
