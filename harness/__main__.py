@@ -10,8 +10,8 @@ only harness/data.py runs alone, as ./prep.sh. Run a script from the repository 
     python experiment.py --help         # train and score a primer; every script takes --help
     python compare.py results/<A> results/<B>
 
-The scripts: experiment.py, prompt_long.py, prompt_short.py, probe.py, steer.py, search_prompt.py, bake.py,
-inspect_primer.py, sweep.py, compare.py, bench.py, real.py, tiny.py (README.md says which to run when)."""
+The scripts: experiment.py, prompt_long.py, prompt_short.py, probe.py, steer.py, search_prompt.py, tune.py, bake.py,
+inspect_primer.py, sweep.py, table.py, compare.py, bench.py, real.py, tiny.py (README.md says which to run when)."""
 
 
 def main(module: str = "harness") -> None:
