@@ -11,8 +11,9 @@ standard deviation over seeds, the 95% Wilson interval one run of that score wou
 test-sampling noise, beside the seed noise), train and score seconds, the share of the best probe row's score, and
 McNemar's exact p against the best row (or the best row named like AGAINST), paired on each test review
 (stats.paired). Every run must have been scored on the same test reviews. Writes table.md and table.csv (with
-TRAIN_REVIEWS: table_<n>.md and table_<n>.csv, that size's rows alone), table_params.png (score against trainable
-parameters) and table_data.png (score against training reviews, every size) into that folder.
+TRAIN_REVIEWS: table_<n>.md and table_<n>.csv, that size's rows and those of prompts and searches),
+table_params.png (score against trainable parameters) and table_data.png (score against training reviews, every
+size) into that folder.
 """
 import json
 import math
@@ -26,7 +27,7 @@ import torch
 from harness import cli, errors, files, ledger, plots, rategrid, scoring, stats
 from harness.plots import plt
 
-TRAIN_REVIEWS = 0  # the table's rows: those trained on this many reviews, and those trained on none; 0: every row
+TRAIN_REVIEWS = 0  # the table's rows: those trained on this many reviews, and those with no trained parameters (prompts, searches); 0: every row
 AGAINST = ""  # the paired tests' reference: the best row whose name contains this text; "": the best row
 SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
 SIZE_KEYS = ("TRAIN_LIMIT", "PROBE_TRAIN")  # what sets a run's training reviews: the data curve's axis, not a row's name
@@ -94,8 +95,9 @@ def pooled(name: str, group: str, seeds: pd.DataFrame) -> dict:
 
 
 def summarize(runs: pd.DataFrame, train_reviews: int = 0, against: str = "") -> pd.DataFrame:
-    """One row per group (those of train_reviews and of none, when given), best mean score first, with its seeds'
-    spread and its paired test against the reference row: the best one whose name contains `against`."""
+    """One row per group (those trained on train_reviews and those with no trained parameters, when given), best mean
+    score first, with its seeds' spread and its paired test against the reference row: the best one whose name
+    contains `against`."""
     named = names(runs)
     rows = [pooled(named[group], group, seeds.sort_values("seed")) for group, seeds in runs.groupby("group", sort=False)]
     table = pd.DataFrame(rows).sort_values("score_mean", ascending=False, kind="stable").reset_index(drop=True)
@@ -103,7 +105,7 @@ def summarize(runs: pd.DataFrame, train_reviews: int = 0, against: str = "") -> 
         if not (table["samples"] == train_reviews).any():
             raise errors.UserError(f"no run was trained on --train_reviews={train_reviews:,} reviews: give a size of "
                                    f"the Train reviews column ({', '.join(map(str, sorted(set(table['samples']) - {0})))}), or 0 for every row")
-        table = table[table["samples"].isin([0, train_reviews])].reset_index(drop=True)
+        table = table[(table["samples"] == train_reviews) | (table["trainable_params"] == 0)].reset_index(drop=True)
     reference = reference_row(table, against)
     probes = table[table["script"] == "probe"]
     table["probe_share"] = table["score_mean"] / probes["score_mean"].max() if len(probes) else math.nan
