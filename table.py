@@ -27,7 +27,7 @@ import torch
 from harness import cli, errors, files, ledger, plots, rategrid, scoring, stats
 from harness.plots import plt
 
-TRAIN_REVIEWS = 0  # the table's rows: those trained on this many reviews, and those with no trained parameters (prompts, searches); 0: every row
+TRAIN_REVIEWS = 0  # the rows trained on this many reviews, and those with no trained parameters (prompts, searches); 0: all
 AGAINST = ""  # the paired tests' reference: the best row whose name contains this text; "": the best row
 SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
 SIZE_KEYS = ("TRAIN_LIMIT", "PROBE_TRAIN")  # what sets a run's training reviews: the data curve's axis, not a row's name
@@ -103,8 +103,9 @@ def summarize(runs: pd.DataFrame, train_reviews: int = 0, against: str = "") -> 
     table = pd.DataFrame(rows).sort_values("score_mean", ascending=False, kind="stable").reset_index(drop=True)
     if train_reviews:
         if not (table["samples"] == train_reviews).any():
+            sizes = ", ".join(f"{n:,}" for n in sorted(set(table["samples"]) - {0}))
             raise errors.UserError(f"no run was trained on --train_reviews={train_reviews:,} reviews: give a size of "
-                                   f"the Train reviews column ({', '.join(map(str, sorted(set(table['samples']) - {0})))}), or 0 for every row")
+                                   f"the Train reviews column ({sizes}), or 0 for every row")
         table = table[(table["samples"] == train_reviews) | (table["trainable_params"] == 0)].reset_index(drop=True)
     reference = reference_row(table, against)
     probes = table[table["script"] == "probe"]
