@@ -186,7 +186,7 @@ def write(results_dir: str, train_reviews: int = 0, against: str = "") -> pd.Dat
         with files.atomic_path(os.path.join(results_dir, name)) as tmp, open(tmp, "w") as f:
             f.write(content)
     print(text)
-    every = summarize(runs)  # the figures draw every size
+    every = summarize(runs) if train_reviews else table  # the figures draw every size
     for path in (params_figure(every, os.path.join(results_dir, "table_params.png")),
                  data_figure(every, os.path.join(results_dir, "table_data.png"))):
         print(f"saved {path}")

@@ -1,6 +1,7 @@
 """table.py on tiny runs (three primer configurations, two seeds each, and a text prompt), and the statistics it shares
 with compare.py, checked against numpy and scipy."""
 import math
+import os
 import shutil
 
 import numpy as np
@@ -134,7 +135,6 @@ def test_one_size_against_a_named_row_and_the_mistakes_of_both_settings(results,
 
 def test_the_published_folder_reproduces_the_readme_table():
     """Every run folder behind the README's table is committed: table.py on them prints the README's rows."""
-    import os
     folder = os.path.join(os.path.dirname(table.__file__), "results", "published", "table")
     written = table.summarize(table.load_runs(folder), 300, "primer_length=4")
     readme = open(os.path.join(os.path.dirname(table.__file__), "README.md"), encoding="utf-8").read()
