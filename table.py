@@ -30,7 +30,8 @@ from harness.plots import plt
 TRAIN_REVIEWS = 0  # the rows trained on this many reviews, and those with no trained parameters (prompts, searches); 0: all
 AGAINST = ""  # the paired tests' reference: the best row whose name contains this text; "": the best row
 SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
-SIZE_KEYS = ("TRAIN_LIMIT", "PROBE_TRAIN")  # what sets a run's training reviews: the data curve's axis, not a row's name
+SIZE_KEYS = ("TRAIN_LIMIT", "PROBE_TRAIN", "VECTOR_REVIEWS")  # set by the training reviews (steer takes all of a
+# small split): the data curve's axis, not a row's name
 COLUMNS = ["Run", "Method", "Params", "Train reviews", "Seeds", "Score (mean ± std)", "One run's 95% interval",
            "Label-restricted (mean ± std)", "Train s", "Score s", "Of the probe", "McNemar p"]
 
@@ -46,6 +47,7 @@ def load_runs(results_dir: str) -> pd.DataFrame:
         config, predictions = loaded[r["run_id"]]
         config, seconds = rategrid.as_chosen(os.path.join(results_dir, r["run_id"]), config)
         r["train_seconds"] = r["train_seconds"] if seconds is None else seconds  # the chosen schedule's alone
+        r["rate_chosen"] = seconds is not None
         r["config"] = ledger.result_config(r["script"], config)
         settings = {k: v for k, v in r["config"].items() if k != "SEED" and v not in (None, [])}  # unset as absent
         r["group"] = json.dumps([r["script"], family(r["method"]), settings], sort_keys=True)
@@ -79,19 +81,24 @@ def fmt(mean: float, std: float) -> str:
     return f"{100 * mean:.1f}%" + ("" if math.isnan(std) else f" ± {100 * std:.1f}")
 
 
-def pooled(name: str, group: str, seeds: pd.DataFrame) -> dict:
-    """One group's row: its runs' costs, their scores' mean and std over seeds, and per-review correctness [seeds, n]."""
+def pooled(name: str, group: str, runs: pd.DataFrame) -> dict:
+    """One group's row: its runs' costs, their scores' mean and std over seeds (a seed run twice counts once, its
+    latest run), and per-review correctness [seeds, n]."""
     script, _, config = json.loads(group)
+    seeds = runs.drop_duplicates("seed", keep="last").sort_values("seed")
     score, restricted = stats.mean_std(seeds["score"].tolist()), stats.mean_std(seeds["restricted_score"].tolist())
     total = int(seeds["total"].iloc[0])
     low, high = scoring.wilson_interval(score[0] * total, total)
+    chosen = bool(runs["rate_chosen"].any())  # on validation at this size: the curve joins sizes whatever the rate
     return {"run": name, "script": script, "method": "; ".join(dict.fromkeys(seeds["method"])),
             "trainable_params": int(seeds["trainable_params"].iloc[0]), "samples": int(seeds["samples"].mean()),
             "seeds": len(seeds), "score_mean": score[0], "score_std": score[1], "score_low": low, "score_high": high,
             "restricted_mean": restricted[0], "restricted_std": restricted[1],
             "train_seconds": seeds["train_seconds"].mean(), "score_seconds": seeds["score_seconds"].mean(),
             "scores": seeds["score"].tolist(), "right": torch.stack(list(seeds["right"])), "run_ids": " ".join(seeds["run_id"]),
-            "curve": json.dumps([script, {k: v for k, v in config.items() if k not in SIZE_KEYS}]), "config": json.dumps(config)}
+            "rate_chosen": chosen, "config": json.dumps(config),
+            "curve": json.dumps([script, {k: v for k, v in config.items()
+                                          if k not in SIZE_KEYS and not (chosen and k == "RATE_BY_EPOCH")}, chosen])}
 
 
 def summarize(runs: pd.DataFrame, train_reviews: int = 0, against: str = "") -> pd.DataFrame:
@@ -99,7 +106,7 @@ def summarize(runs: pd.DataFrame, train_reviews: int = 0, against: str = "") -> 
     score first, with its seeds' spread and its paired test against the reference row: the best one whose name
     contains `against`."""
     named = names(runs)
-    rows = [pooled(named[group], group, seeds.sort_values("seed")) for group, seeds in runs.groupby("group", sort=False)]
+    rows = [pooled(named[group], group, seeds) for group, seeds in runs.groupby("group", sort=False)]
     table = pd.DataFrame(rows).sort_values("score_mean", ascending=False, kind="stable").reset_index(drop=True)
     if train_reviews:
         if not (table["samples"] == train_reviews).any():
@@ -160,12 +167,22 @@ def params_figure(table: pd.DataFrame, path: str) -> str:
     return plots.save(fig, path)
 
 
+def curve_label(rows: pd.DataFrame) -> str:
+    name = rows["run"].iloc[0]
+    return re.sub(r" rate_by_epoch=\S+", "", name) + ", rate chosen at each size" if rows["rate_chosen"].all() else name
+
+
 def data_figure(table: pd.DataFrame, path: str) -> str:
-    """Strict score against training reviews (log scale): one line per method configuration with two sizes or more."""
+    """Strict score against training reviews (log scale): one line per method configuration with two sizes or more,
+    its rate left out where each size chose its own on validation (written beside each point)."""
     fig, ax = plt.subplots(figsize=(8, 5))
     curves = [rows.sort_values("samples") for _, rows in table.groupby("curve", sort=False) if rows["samples"].nunique() > 1]
     for i, rows in enumerate(curves):
-        seed_spread(ax, rows["samples"], rows, rows["run"].iloc[0], f"C{i}")
+        seed_spread(ax, rows["samples"], rows, curve_label(rows), f"C{i}")
+        for _, r in rows[rows["rate_chosen"]].iterrows():
+            rates = ",".join(f"{rate:g}" for rate in json.loads(r["config"])["RATE_BY_EPOCH"])
+            ax.annotate(rates, (r["samples"], 100 * r["score_mean"]), xytext=(4, -10), textcoords="offset points",
+                        fontsize=6, color=f"C{i}")
     ax.set(xscale="log", xlabel="training reviews", ylabel="test reviews right (%), mean ± std over seeds",
            title="Score against training reviews", ylim=(0, 100))
     if curves:

@@ -152,7 +152,7 @@ def test_validation_run_keeps_the_best_epoch(tiny, tmp_path):
     ("experiment", [], ("primer.safetensors", "primer", "primer")),
     ("steer", ["--vector=learned", "--learned_layer=2"], ("steering.safetensors", "vector", "vector")),
 ])
-def test_a_rate_grid_keeps_the_schedule_best_on_validation(tiny, tmp_path, script, more, saved):
+def test_a_rate_grid_keeps_the_schedule_best_on_validation(tiny, tmp_path, monkeypatch, script, more, saved):
     module = {"experiment": experiment, "steer": steer}[script]
     args = [*overrides(tiny, tmp_path), *TINY_RUN, "--val_limit=10", "--rate_grid=[[1e-6], [0.5, 0.5]]", *more]
     module.run(cli.configure(args, getattr(module, "SETTINGS", None)))
@@ -177,5 +177,14 @@ def test_a_rate_grid_keeps_the_schedule_best_on_validation(tiny, tmp_path, scrip
     assert torch.equal(load_file(f"{plain}/{file}")[key], load_file(f"{run}/{file}")[key])
     runs_read = table.load_runs(f"{tmp_path}/results")
     (pooled,) = table.summarize(runs_read).itertuples()
-    assert pooled.seeds == 2 and set(pooled.run_ids.split()) == {os.path.basename(run), os.path.basename(plain)}
+    assert pooled.seeds == 1 and pooled.run_ids == os.path.basename(plain)  # one seed trained twice: its latest run
     assert runs_read.set_index("run_id")["train_seconds"][os.path.basename(run)] == grid["train_seconds"][chosen]
+    # a grid on fewer reviews chooses its own rate; the data curve joins the two sizes whatever each chose
+    module.run(cli.configure([*args, "--train_limit=30", "--rate_grid=[[0.3, 0.3]]"], getattr(module, "SETTINGS", None)))
+    figures = []
+    monkeypatch.setattr(table.plots, "save", lambda fig, path: figures.append(fig) or path)
+    table.data_figure(table.summarize(table.load_runs(f"{tmp_path}/results")), "unused.png")
+    (bars,) = figures[0].axes[0].containers
+    assert list(bars.lines[0].get_xdata()) == [20, 30] and bars.get_label().endswith(", rate chosen at each size")
+    first = ",".join(f"{rate:g}" for rate in eval(grid["rates"][chosen]))
+    assert sorted(t.get_text() for t in figures[0].axes[0].texts) == sorted(["0.3,0.3", first])  # each size's own rate
