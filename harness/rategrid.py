@@ -34,9 +34,10 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
         validation = pd.read_csv(os.path.join(folder, "validation.csv"))
         best = training.best_validation(validation.to_dict("records"))
         points.append({"tensors": training.snapshot(params), "log": log, "status": status, "validation": validation})
-        rows.append({"method": method, "train_reviews": len(task.train), "rates": str(list(rates)), "first_rate": rates[0], "best_epoch": int(best["epoch"]),
-                     "val_correct": best["correct"], "val_total": best["total"], "val_score": best["score"],
-                     "val_restricted_score": best["restricted_score"], "train_seconds": log[-1]["seconds"] if log else 0.0})
+        rows.append({"method": method, "train_reviews": len(task.train), "rates": str(list(rates)), "first_rate": rates[0],
+                     "best_epoch": int(best["epoch"]), "val_correct": best["correct"], "val_total": best["total"],
+                     "val_score": best["score"], "val_restricted_score": best["restricted_score"],
+                     "train_seconds": log[-1]["seconds"] if log else 0.0})
         print(f"rates {list(rates)}: best validation epoch {int(best['epoch'])}, score {best['score']:.1%} "
               f"(label-restricted {best['restricted_score']:.1%})", flush=True)
     table = pd.DataFrame(rows)
@@ -66,14 +67,16 @@ def draw(results_dir: str) -> str:
     run's rate_grid.csv (its method), the chosen schedule marked, one panel per training-set size."""
     grids = [pd.read_csv(path).sort_values("first_rate")
              for path in sorted(glob.glob(os.path.join(results_dir, "*", "rate_grid.csv")))]
-    sizes = sorted({int(t["train_reviews"].iloc[0]) if "train_reviews" in t else 0 for t in grids}) or [0]
-    fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes) + 2.5, 4.5), sharey=True, squeeze=False)
+    size = lambda table: int(table["train_reviews"].iloc[0]) if "train_reviews" in table else 0  # 0: not recorded
+    sizes = sorted({size(t) for t in grids}) or [0]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes) + 2.5, 4.5), sharex=True, sharey=True, squeeze=False)
     panels = dict(zip(sizes, axes[0]))
+    colors = {method: f"C{i}" for i, method in enumerate(dict.fromkeys(t["method"].iloc[0] for t in grids))}  # across panels
     for table in grids:
-        ax = panels[int(table["train_reviews"].iloc[0]) if "train_reviews" in table else 0]
-        line, = ax.plot(table["first_rate"], table["val_score"], marker="o", label=table["method"].iloc[0])
+        ax, color = panels[size(table)], colors[table["method"].iloc[0]]
+        ax.plot(table["first_rate"], table["val_score"], marker="o", label=table["method"].iloc[0], color=color)
         chosen = table[table["chosen"]]
-        ax.scatter(chosen["first_rate"], chosen["val_score"], s=120, facecolors="none", edgecolors=line.get_color())
+        ax.scatter(chosen["first_rate"], chosen["val_score"], s=120, facecolors="none", edgecolors=color)
     for size, ax in panels.items():
         ax.set(xscale="log", xlabel="first epoch's learning rate", title=f"{size:,} training reviews" if size else "")
         ax.legend(fontsize=6)

@@ -12,7 +12,7 @@ import experiment
 import steer
 import table
 from conftest import overrides, run_script
-from harness import cli, errors, layouts, ledger, primers, runs, scoring
+from harness import cli, errors, layouts, ledger, primers, rategrid, runs, scoring
 
 TINY_RUN = ["--train_limit=40", "--test_limit=20"]  # 4 batches of 10 per epoch, 20 test reviews
 TEXT = "text:great food"  # three tokens for the tiny tokenizer
@@ -188,3 +188,6 @@ def test_a_rate_grid_keeps_the_schedule_best_on_validation(tiny, tmp_path, monke
     assert list(bars.lines[0].get_xdata()) == [20, 30] and bars.get_label().endswith(", rate chosen at each size")
     first = ",".join(f"{rate:g}" for rate in eval(grid["rates"][chosen]))
     assert sorted(t.get_text() for t in figures[0].axes[0].texts) == sorted(["0.3,0.3", first])  # each size's own rate
+    rategrid.draw(f"{tmp_path}/results")  # every grid of the folder, one panel per training size
+    assert [ax.get_title() for ax in figures[1].axes] == ["20 training reviews", "30 training reviews"]
+    assert (grid["train_reviews"] == 30).all()
