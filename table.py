@@ -6,14 +6,15 @@
 
 Runs whose config.json agree on every key that can change a result but the seed (ledger.result_config) form one
 row, a rate grid's run counting as the run of the schedule it chose on validation (with that schedule's train
-seconds): trainable parameters, training reviews, seeds, the strict score and the label-restricted one as mean and
-standard deviation over seeds, the 95% Wilson interval one run of that score would have on these test reviews (the
-test-sampling noise, beside the seed noise), train and score seconds, the share of the best probe row's score, and
-McNemar's exact p against the best row (or the best row named like AGAINST), paired on each test review
-(stats.paired). Every run must have been scored on the same test reviews. Writes table.md and table.csv (with
+seconds) and a seed run twice once (its latest run): trainable parameters, training reviews, seeds, the strict
+score and the label-restricted one as mean and standard deviation over seeds, the 95% Wilson interval one run of
+that score would have on these test reviews (the test-sampling noise, beside the seed noise), train and score
+seconds, the share of the best probe row's score, and McNemar's exact p against the best row (or the best row named
+like AGAINST), paired on each test review (stats.paired). Every run must have been scored on the same test reviews. Writes table.md and table.csv (with
 TRAIN_REVIEWS: table_<n>.md and table_<n>.csv, that size's rows and those of prompts and searches),
 table_params.png (score against trainable parameters) and table_data.png (score against training reviews, every
-size) into that folder.
+size: a method whose rate was chosen on validation at each size is one curve, each point's rate written beside it)
+into that folder.
 """
 import json
 import math
