@@ -10,11 +10,11 @@ seconds) and a seed run twice once (its latest run): trainable parameters, train
 score and the label-restricted one as mean and standard deviation over seeds, the 95% Wilson interval one run of
 that score would have on these test reviews (the test-sampling noise, beside the seed noise), train and score
 seconds, the share of the best probe row's score, and McNemar's exact p against the best row (or the best row named
-like AGAINST), paired on each test review (stats.paired). Every run must have been scored on the same test reviews. Writes table.md and table.csv (with
-TRAIN_REVIEWS: table_<n>.md and table_<n>.csv, that size's rows and those of prompts and searches),
-table_params.png (score against trainable parameters) and table_data.png (score against training reviews, every
-size: a method whose rate was chosen on validation at each size is one curve, each point's rate written beside it)
-into that folder.
+like AGAINST), paired on each test review (stats.paired). Every run must have been scored on the same test reviews.
+Writes table.md and table.csv (with TRAIN_REVIEWS: table_<n>.md and table_<n>.csv, that size's rows and those of
+prompts and searches), table_params.png (score against trainable parameters) and table_data.png (score against
+training reviews, every size: a method whose rate was chosen on validation at each size is one curve, each point's
+rate written beside it) into that folder.
 """
 import json
 import math
@@ -170,7 +170,7 @@ def params_figure(table: pd.DataFrame, path: str) -> str:
 
 def curve_label(rows: pd.DataFrame) -> str:
     name = rows["run"].iloc[0]
-    return re.sub(r" rate_by_epoch=\S+", "", name) + ", rate chosen at each size" if rows["rate_chosen"].all() else name
+    return re.sub(r" rate_by_epoch=\[[^]]*\]", "", name) + ", rate chosen at each size" if rows["rate_chosen"].all() else name
 
 
 def data_figure(table: pd.DataFrame, path: str) -> str:

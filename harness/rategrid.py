@@ -77,8 +77,8 @@ def draw(results_dir: str) -> str:
         ax.plot(table["first_rate"], table["val_score"], marker="o", label=table["method"].iloc[0], color=color)
         chosen = table[table["chosen"]]
         ax.scatter(chosen["first_rate"], chosen["val_score"], s=120, facecolors="none", edgecolors=color)
-    for size, ax in panels.items():
-        ax.set(xscale="log", xlabel="first epoch's learning rate", title=f"{size:,} training reviews" if size else "")
+    for n, ax in panels.items():
+        ax.set(xscale="log", xlabel="first epoch's learning rate", title=f"{n:,} training reviews" if n else "")
         ax.legend(fontsize=6)
     panels[sizes[0]].set_ylabel("validation score (strict)")
     fig.suptitle("each method across its learning rates (circled: chosen on validation)")
