@@ -190,7 +190,7 @@ def run(cfg) -> None:
                  **agreement(task, student, teacher, primer, task.test)}
     if cfg.RESCORE_WITH_PROMPT:
         recovered["student_with_prompt_score"] = scoring.score(task, teacher, primer)["score"]
-    runs.write_atomic(os.path.join(run_dir, "bake.json"), json.dumps(recovered, indent=2))
+    files.write_atomic(os.path.join(run_dir, "bake.json"), json.dumps(recovered, indent=2))
     print("on the test split: " + ", ".join(f"{k} {v:.3f}" for k, v in recovered.items()))
     trainable = sum(w.numel() for w in weights.values())
     runs.record(task, "bake", f"baked {cfg.TEACHER} (LoRA r{cfg.LORA_RANK}, {', '.join(cfg.LORA_TARGETS)})", 0,

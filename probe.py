@@ -143,7 +143,7 @@ def run(cfg) -> None:
     fit_seconds = time.perf_counter() - start
     best = table.iloc[table["val_score"].to_numpy().argmax()]  # ties: "last" pooling before "mean", the earliest layer
     layer, pooling = int(best["layer"]), str(best["pooling"])
-    runs.write_atomic(os.path.join(run_dir, "probe_layers.csv"), table.to_csv(index=False))
+    files.write_atomic(os.path.join(run_dir, "probe_layers.csv"), table.to_csv(index=False))
     print(table.to_string(index=False, float_format="{:.3f}".format))
     print(f"chosen on validation: layer {layer}, {pooling} pooling, C={best['c']:g} ({best['val_score']:.1%}); "
           f"features {train_seconds + val_seconds:.0f} s, fits {fit_seconds:.0f} s")

@@ -245,7 +245,7 @@ def run(cfg) -> None:
           f"{search.backwards:,} through backward passes, {seconds:.0f} s")
     print(f"best prompt on validation: system {text!r}, user {user!r}")
     token_ids = ids.tolist() if ids is not None else encode(task.tokenizer, text)
-    runs.write_atomic(os.path.join(run_dir, "prompt.json"), json.dumps({"text": text, "user": user, "token_ids": token_ids}, indent=2))
+    files.write_atomic(os.path.join(run_dir, "prompt.json"), json.dumps({"text": text, "user": user, "token_ids": token_ids}, indent=2))
     print(f"saved {plots.search_curve(pd.DataFrame(search.rows), os.path.join(run_dir, 'search.png'))}")
     budget = f"{search.cpu_minutes():.1f} CPU min, {search.forwards:,} fwd + {search.backwards:,} bwd reviews"
     if ids is not None:  # the exact ids, then the text they decode to, tokenized again

@@ -186,7 +186,7 @@ def run(cfg) -> None:
         table, steers = sweep(task, plain, layers, unit, norm)
     best = table.sort_values(["val_score", "val_restricted_score"], ascending=False, kind="stable").iloc[0]
     steer = steers[int(best["layer"]), float(best["coefficient"])]
-    runs.write_atomic(os.path.join(run_dir, "steer_sweep.csv"), table.to_csv(index=False))
+    files.write_atomic(os.path.join(run_dir, "steer_sweep.csv"), table.to_csv(index=False))
     print(table.to_string(index=False, float_format="{:.3f}".format))
     print(f"chosen on validation: layer {int(best['layer'])}, coefficient {best['coefficient']:g} "
           f"({best['val_score']:.1%})")

@@ -5,6 +5,7 @@ import json
 import os
 from typing import Iterator
 
+from harness import parallel
 from harness.errors import UserError
 
 
@@ -14,6 +15,14 @@ def atomic_path(path: str) -> Iterator[str]:
     write leaves the previous file intact and never a half-written one."""
     yield path + ".tmp"
     os.replace(path + ".tmp", path)
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write text to path atomically; under accelerate the main process alone writes (the others' text is the same)."""
+    if not parallel.is_main():
+        return
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def read_json(path: str) -> dict:

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from harness import activations, chat, data, errors, plots, primers, runs, scoring, steering
+from harness import activations, chat, data, errors, files, plots, primers, runs, scoring, steering
 from harness.frozen import Steer
 from harness.layouts import make_layout
 from harness.task import Task
@@ -106,12 +106,12 @@ def generate(cfg: SimpleNamespace) -> None:
     table["prompt"] = [m for m in messages for _ in range(cfg.SAMPLES)] * (len(table) // (len(messages) * cfg.SAMPLES))
     table["p_positive"] = judge_texts(task, table["text"].tolist(), cfg.JUDGE_PATH, cfg.PRIMER_POSITION).numpy()
     generations = table.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)  # quoted, so that a \r in a text reads back
-    runs.write_atomic(os.path.join(run_dir, "generations.csv"), generations)
+    files.write_atomic(os.path.join(run_dir, "generations.csv"), generations)
     summary = table.groupby(["steering", "coefficient"], sort=False, dropna=False).agg(
         answers=("text", "size"), judged_positive=("p_positive", lambda p: int((p > 0.5).sum())),
         fluency=("fluency", "mean")).reset_index()
     summary["share_positive"] = summary["judged_positive"] / summary["answers"]
-    runs.write_atomic(os.path.join(run_dir, "generation_summary.csv"), summary.to_csv(index=False))
+    files.write_atomic(os.path.join(run_dir, "generation_summary.csv"), summary.to_csv(index=False))
     print(summary.to_string(index=False, float_format="{:.3f}".format))
     print(f"saved {run_dir}: generations.csv (every answer, its judgement and fluency) and "
           f"{plots.generation_curve(summary, run_dir)}")

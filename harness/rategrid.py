@@ -9,7 +9,7 @@ from typing import Optional
 import pandas as pd
 import torch
 
-from harness import plots, runs, training
+from harness import files, plots, training
 from harness.plots import plt
 from harness.task import Task
 
@@ -45,8 +45,8 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
     table["chosen"] = table.index == chosen
     training.restore(params, points[chosen]["tensors"])
     cfg.RATE_BY_EPOCH = list(cfg.RATE_GRID[chosen])
-    runs.write_atomic(os.path.join(run_dir, "rate_grid.csv"), table.to_csv(index=False))
-    runs.write_atomic(os.path.join(run_dir, "validation.csv"), points[chosen]["validation"].to_csv(index=False))
+    files.write_atomic(os.path.join(run_dir, "rate_grid.csv"), table.to_csv(index=False))
+    files.write_atomic(os.path.join(run_dir, "validation.csv"), points[chosen]["validation"].to_csv(index=False))
     print(f"chosen on validation: rates {cfg.RATE_BY_EPOCH}; every method's grid: {draw(os.path.dirname(run_dir))}")
     return points[chosen]["log"], points[chosen]["status"], float(table["train_seconds"].sum())
 

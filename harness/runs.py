@@ -61,14 +61,6 @@ def hold_out(train: data.Split, cfg: SimpleNamespace) -> tuple[data.Split, Optio
     return train.subset(rest.nonzero().squeeze(1)), train.subset(held)
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write text to path atomically; under accelerate the main process alone writes (the others' text is the same)."""
-    if not parallel.is_main():
-        return
-    with files.atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
-
-
 @parallel.made_by_main
 def new_run_dir(cfg: SimpleNamespace, script: str) -> str:
     """A new run folder, results/<time>-<script>, holding the run's effective config (under accelerate the main
@@ -81,7 +73,7 @@ def new_run_dir(cfg: SimpleNamespace, script: str) -> str:
             break
         except FileExistsError:
             continue
-    write_atomic(os.path.join(path, "config.json"), json.dumps({k.lower(): v for k, v in vars(cfg).items()}, indent=2))
+    files.write_atomic(os.path.join(path, "config.json"), json.dumps({k.lower(): v for k, v in vars(cfg).items()}, indent=2))
     return path
 
 
@@ -116,13 +108,13 @@ def record(task: Task, script: str, method: str, prompt_tokens: int, predictions
            "train_seconds": round(train_seconds, 1), "score_seconds": round(predictions["seconds"], 1)}
     if not parallel.is_main():
         return row  # under accelerate the main process alone writes the run folder and the ledger
-    write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(row, indent=2))
-    write_atomic(os.path.join(run_dir, "environment.json"), json.dumps(environment(task), indent=2))
+    files.write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(row, indent=2))
+    files.write_atomic(os.path.join(run_dir, "environment.json"), json.dumps(environment(task), indent=2))
     with files.atomic_path(os.path.join(run_dir, "predictions.safetensors")) as tmp:
         tensors = {k: v.contiguous() for k, v in predictions.items() if k != "seconds"}
         save_file({**tensors, "label_ids": task.label_ids.cpu()}, tmp)
     if log:
-        write_atomic(os.path.join(run_dir, "losses.csv"), pd.DataFrame(log).to_csv(index=False))
+        files.write_atomic(os.path.join(run_dir, "losses.csv"), pd.DataFrame(log).to_csv(index=False))
         plots.loss_curve(run_dir, method, prompt_tokens)
     ledger.append(cfg.RESULTS_DIR, row)
     print(ledger.format_table([row]))
@@ -169,7 +161,7 @@ def score_text_prompt(cfg: SimpleNamespace, script: str, system: str, user: str)
         return record(task, script, method, layout.prompt_tokens, predictions)
     run_dir, bias = new_run_dir(cfg, script), shots.label_bias(task, layout)
     raw = scoring.metrics(task.label_ids, predictions)
-    write_atomic(os.path.join(run_dir, "calibration.json"), json.dumps(
+    files.write_atomic(os.path.join(run_dir, "calibration.json"), json.dumps(
         {"content_free": list(shots.CONTENT_FREE), "label_probabilities": bias.exp().tolist(),
          "raw_restricted_correct": raw["restricted_correct"], "raw_restricted_score": raw["restricted_score"]}, indent=2))
     print(f"label-restricted score before calibration {ledger.format_score(raw, 'restricted')}; content-free label "

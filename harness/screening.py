@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from harness import frozen, runs, scoring
+from harness import files, frozen, scoring
 from harness.layouts import assemble, encode, make_layout
 from harness.task import Task
 
@@ -42,7 +42,7 @@ class Search:
                               "val_score": found["score"], "val_restricted_score": found["restricted_score"],
                               "forwards": self.forwards, "backwards": self.backwards,
                               "cpu_minutes": round(self.cpu_minutes(), 2), "seconds": round(time.perf_counter() - self.start, 1)})
-            runs.write_atomic(os.path.join(self.run_dir, "candidates.csv"), pd.DataFrame(self.rows).to_csv(index=False))
+            files.write_atomic(os.path.join(self.run_dir, "candidates.csv"), pd.DataFrame(self.rows).to_csv(index=False))
             print(f"step {step:>3}  {self.cpu_minutes():5.1f} cpu min  validation {found['score']:.1%} "
                   f"({found['restricted_score']:.1%} label-restricted)  {text[:70]!r}", flush=True)
         return self.scored[key]
