@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness import activations, cli, data, errors, frozen, layouts, primers, runs, scoring, training
+from harness import activations, cli, data, errors, frozen, hub, layouts, primers, runs, scoring, training
 
 BENCH = {
     "RANDOM_INIT": False,  # build MODEL_ID's architecture (architectures/<name>/ or a folder's config.json) with random weights
@@ -73,9 +73,9 @@ def random_model(cfg, device: torch.device) -> torch.nn.Module:
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise errors.UserError(f"no architecture config for {cfg.MODEL_ID} in {folder}/config.json: add one, or set --model_id to a folder with one")
     with device:
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=frozen.resolve_dtype(cfg.DTYPE, device),
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=hub.resolve_dtype(cfg.DTYPE, device),
                                                  attn_implementation="sdpa")
-    return frozen.freeze(model, cfg.GRADIENT_CHECKPOINTING)
+    return hub.freeze(model, cfg.GRADIENT_CHECKPOINTING)
 
 
 def attention_line(task: runs.Task, batches: dict[str, list[torch.Tensor]], layout: layouts.Layout) -> str:
@@ -93,13 +93,14 @@ def attention_line(task: runs.Task, batches: dict[str, list[torch.Tensor]], layo
 
 def bench_task(cfg) -> tuple[runs.Task, layouts.Layout]:
     """The task to time: MODEL_ID (or its random twin) on the prepared train split, or on synthetic reviews."""
-    device = frozen.resolve_device(cfg.DEVICE)
+    device = hub.resolve_device(cfg.DEVICE)
     layouts.PAD_MULTIPLE = cfg.PAD_MULTIPLE
     if cfg.RANDOM_INIT:
         model, tokenizer = random_model(cfg, device), None
     else:
-        tokenizer, model = data.load_tokenizer(cfg.MODEL_ID, cfg.GGUF_FILE), frozen.load_model(cfg, device)
-    frozen.choose_attention(device, cfg.CUDNN_ATTENTION)  # after load_model, which takes cuDNN out
+        tokenizer = hub.load_tokenizer(cfg.MODEL_ID, cfg.GGUF_FILE)
+        model = hub.load_model(cfg.MODEL_ID, cfg.GGUF_FILE, device, cfg.DTYPE, cfg.GRADIENT_CHECKPOINTING)
+    hub.choose_attention(device, cfg.CUDNN_ATTENTION)  # after load_model, which takes cuDNN out
     vocab = model.get_input_embeddings().weight.shape[0]
     prepared = tokenizer is not None and os.path.exists(data.split_path(cfg, "train"))
     split = data.load_split(cfg, tokenizer, "train") if prepared else synthetic_split(SYNTHETIC_REVIEWS, vocab, cfg.MAX_REVIEW_TOKENS, cfg.SEED)
@@ -227,8 +228,8 @@ def print_table(rows: list[dict]) -> None:
 def run(cfg) -> None:
     task, layout = bench_task(cfg)
     split, device, n = task.train, task.device, cfg.WARMUP + cfg.STEPS
-    peak = matmul_tflops(device, frozen.resolve_dtype(cfg.DTYPE, device))
-    print(f"dense {frozen.resolve_dtype(cfg.DTYPE, device)} matmul: {peak:.3g} TFLOP/s on {device_name(device)}")
+    peak = matmul_tflops(device, hub.resolve_dtype(cfg.DTYPE, device))
+    print(f"dense {hub.resolve_dtype(cfg.DTYPE, device)} matmul: {peak:.3g} TFLOP/s on {device_name(device)}")
     shape, fixed = model_shape(task.model), len(layout.prefix) + len(layout.suffix)
     primer = primers.init_primer(task.model, cfg.PRIMER_LENGTH, cfg.SEED).requires_grad_(True)
     optimizer = torch.optim.Adam([primer], lr=cfg.RATE_BY_EPOCH[0])

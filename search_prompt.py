@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from harness import chat, cli, data, errors, files, frozen, plots, primers, prompts, runs, scoring, screening
+from harness import chat, cli, errors, files, hub, plots, primers, prompts, runs, scoring, screening
 from harness.layouts import encode, make_layout
 
 SEARCH = "edit"  # the method: "edit" (word edits), "propose" (a chat model writes instructions), "tokens" (gradient-guided swaps)
@@ -209,8 +209,8 @@ def load_proposer(task):
     cfg = task.cfg
     if cfg.PROPOSER_ID is None:
         return SimpleNamespace(model=task.model, tokenizer=task.tokenizer) if cfg.SEARCH == "propose" else None
-    other = SimpleNamespace(**{**vars(cfg), "MODEL_ID": cfg.PROPOSER_ID, "GGUF_FILE": None})
-    return SimpleNamespace(model=frozen.load_model(other, task.device), tokenizer=data.load_tokenizer(cfg.PROPOSER_ID))
+    model = hub.load_model(cfg.PROPOSER_ID, None, task.device, cfg.DTYPE, cfg.GRADIENT_CHECKPOINTING)
+    return SimpleNamespace(model=model, tokenizer=hub.load_tokenizer(cfg.PROPOSER_ID))
 
 
 def curves(run_dirs: list[str], path: str) -> str:

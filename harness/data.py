@@ -42,11 +42,6 @@ class Split:
         return Split(self.tokens[positions], offsets, labels, {**self.meta, "count": len(idx), "positives": int(labels.sum())})
 
 
-def load_tokenizer(model_id: str, gguf_file: Optional[str] = None):
-    from transformers import AutoTokenizer
-    return hub.from_hub(AutoTokenizer.from_pretrained, model_id, gguf_file)
-
-
 def vocab_fingerprint(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
@@ -214,4 +209,4 @@ def read_split(path: str) -> dict:
 
 
 if __name__ == "__main__":
-    cli.main(lambda cfg: prepare(cfg, load_tokenizer(cfg.MODEL_ID, cfg.GGUF_FILE)))
+    cli.main(lambda cfg: prepare(cfg, hub.load_tokenizer(cfg.MODEL_ID, cfg.GGUF_FILE)))

@@ -1,13 +1,11 @@
 """The frozen model and its one forward pass: embeddings spliced in, steering added, logits and hidden states out."""
 import contextlib
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
-from harness import errors, hub, parallel
 from harness.layouts import Layout
 
 
@@ -28,49 +26,6 @@ class Output:
     mean: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> float32 [B, hidden] over the review's positions
 
 
-def resolve_device(name: str) -> torch.device:
-    if parallel.started():  # each process has a device of its own, which DEVICE may name only by its type
-        mine = parallel.device()
-        if name not in ("auto", mine.type):
-            raise errors.UserError(f"--device={name}, but under accelerate launch this process runs on {mine}: "
-                                f"use --device=auto (each process then takes its own GPU) or --device={mine.type}")
-        return mine
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise errors.UserError(f"--device={name} but torch sees no CUDA GPU: use --device=cpu or --device=auto")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in ("bfloat16", "float16", "float32"):
-        raise errors.UserError(f"--dtype={name} is not one of auto, bfloat16, float16, float32")
-    return getattr(torch, name)
-
-
-def load_model(cfg: SimpleNamespace, device: torch.device) -> torch.nn.Module:
-    """The frozen model: eval mode, no parameter ever requires a gradient. A GGUF file is dequantized to DTYPE as it
-    loads (hub.model_kwargs), so one command runs the same arithmetic on every machine; attention is chosen once."""
-    from transformers import AutoModelForCausalLM
-    dtype = resolve_dtype(cfg.DTYPE, device)
-    model = hub.from_hub(AutoModelForCausalLM.from_pretrained, cfg.MODEL_ID, cfg.GGUF_FILE, dtype=dtype,
-                         attn_implementation="sdpa", **hub.model_kwargs(cfg.MODEL_ID, cfg.GGUF_FILE))
-    choose_attention(device)
-    return freeze(model.to(device), cfg.GRADIENT_CHECKPOINTING)
-
-
-def choose_attention(device: torch.device, cudnn: bool = False) -> None:
-    """Take cuDNN out of SDPA's choices on CUDA (unless `cudnn`): with a padding mask torch picks cuDNN attention on
-    Hopper, and cuDNN builds an execution plan for every new sequence length, so length-grouped batches, a new padded
-    length nearly every step, ran about 10x slower than with the memory-efficient kernel, which gives the same answers
-    (pytorch/pytorch#155958). Process-wide, like every torch.backends switch."""
-    if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(cudnn)
-
-
 def attention_backend(model: torch.nn.Module, device: torch.device) -> str:
     """The SDPA kernel torch picks for this model's attention with forward's boolean padding mask, in its dtype on
     device (e.g. EFFICIENT_ATTENTION on CUDA, FLASH_ATTENTION on the CPU)."""
@@ -84,18 +39,6 @@ def attention_backend(model: torch.nn.Module, device: torch.device) -> str:
     if isinstance(mask, dict) or mask.dim() != 4:
         return "transformers' own masks (sliding-window layers)"
     return SDPBackend(torch._fused_sdp_choice(q, q, q, mask, 0.0, False)).name
-
-
-def freeze(model: torch.nn.Module, checkpointing: bool) -> torch.nn.Module:
-    """The model in eval mode with no parameter requiring a gradient, optionally checkpointing its layers."""
-    model.requires_grad_(False).eval()
-    if checkpointing:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-        model.activation_checkpointing_enable()
-        for layer in model.modules():  # HF checkpoints only layers in training mode: flag those alone, dropout stays off
-            if isinstance(layer, GradientCheckpointingLayer):
-                layer.training = True
-    return model
 
 
 def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, layout: Layout,

@@ -1,13 +1,76 @@
-"""Loading a tokenizer or model from a local folder, a local .gguf file or the Hugging Face hub, with one line that
-says first what is wrong when it cannot."""
+"""Loading the frozen model and its tokenizer, on the device and in the dtype asked for, from a local folder, a local
+.gguf file or the Hugging Face hub, with one line that says first what is wrong when it cannot."""
 import functools
 import os
 from typing import Any, Callable, Optional
 
+import torch
+
+from harness import parallel
 from harness.errors import UserError
 
 HUB_TIMEOUT = 10  # seconds to wait for huggingface.co's answer before calling it unreachable
 OFFLINE = "HF_HUB_OFFLINE is set"  # why the hub is not asked when the user turned it off
+
+
+def resolve_device(name: str) -> torch.device:
+    if parallel.started():  # each process has a device of its own, which DEVICE may name only by its type
+        mine = parallel.device()
+        if name not in ("auto", mine.type):
+            raise UserError(f"--device={name}, but under accelerate launch this process runs on {mine}: "
+                            f"use --device=auto (each process then takes its own GPU) or --device={mine.type}")
+        return mine
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={name} but torch sees no CUDA GPU: use --device=cpu or --device=auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in ("bfloat16", "float16", "float32"):
+        raise UserError(f"--dtype={name} is not one of auto, bfloat16, float16, float32")
+    return getattr(torch, name)
+
+
+def load_tokenizer(model_id: str, gguf_file: Optional[str] = None):
+    from transformers import AutoTokenizer
+    return from_hub(AutoTokenizer.from_pretrained, model_id, gguf_file)
+
+
+def load_model(model_id: str, gguf_file: Optional[str], device: torch.device, dtype: str = "auto",
+               checkpointing: bool = False) -> torch.nn.Module:
+    """The frozen model: eval mode, no parameter ever requires a gradient. A GGUF file is dequantized to `dtype` as it
+    loads (model_kwargs), so one command runs the same arithmetic on every machine; attention is chosen once."""
+    from transformers import AutoModelForCausalLM
+    model = from_hub(AutoModelForCausalLM.from_pretrained, model_id, gguf_file, dtype=resolve_dtype(dtype, device),
+                     attn_implementation="sdpa", **model_kwargs(model_id, gguf_file))
+    choose_attention(device)
+    return freeze(model.to(device), checkpointing)
+
+
+def choose_attention(device: torch.device, cudnn: bool = False) -> None:
+    """Take cuDNN out of SDPA's choices on CUDA (unless `cudnn`): with a padding mask torch picks cuDNN attention on
+    Hopper, and cuDNN builds an execution plan for every new sequence length, so length-grouped batches, a new padded
+    length nearly every step, ran about 10x slower than with the memory-efficient kernel, which gives the same answers
+    (pytorch/pytorch#155958). Process-wide, like every torch.backends switch."""
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+
+
+def freeze(model: torch.nn.Module, checkpointing: bool) -> torch.nn.Module:
+    """The model in eval mode with no parameter requiring a gradient, optionally checkpointing its layers."""
+    model.requires_grad_(False).eval()
+    if checkpointing:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+        model.activation_checkpointing_enable()
+        for layer in model.modules():  # HF checkpoints only layers in training mode: flag those alone, dropout stays off
+            if isinstance(layer, GradientCheckpointingLayer):
+                layer.training = True
+    return model
 
 
 def gguf_source(model_id: str, gguf_file: Optional[str]) -> tuple[str, dict]:

@@ -12,8 +12,7 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from harness import data, errors, files, ledger, parallel, plots, scoring, shots
-from harness.frozen import load_model, resolve_device
+from harness import data, errors, files, frozen, hub, ledger, parallel, plots, scoring, shots
 from harness.layouts import answer_context, label_token_ids, make_layout
 from harness.task import Task  # runs.Task: what setup returns
 from harness.training import best_epoch
@@ -23,15 +22,16 @@ def setup(cfg: SimpleNamespace, with_train: bool = True) -> Task:
     ledger.check(cfg.RESULTS_DIR)  # a damaged ledger is found before the work, not after it
     if with_train:
         check_choices(cfg)
-    device = resolve_device(cfg.DEVICE)
-    tokenizer = data.load_tokenizer(cfg.MODEL_ID, cfg.GGUF_FILE)
+    device = hub.resolve_device(cfg.DEVICE)
+    tokenizer = hub.load_tokenizer(cfg.MODEL_ID, cfg.GGUF_FILE)
     answer_at = answer_context(tokenizer, cfg.TEMPLATE_KWARGS)
     labels = torch.tensor(label_token_ids(tokenizer, cfg.LABELS, answer_at), device=device)
     with parallel.local_main_first():  # under accelerate one process per machine prepares missing data
         train, val = hold_out(data.load_split(cfg, tokenizer, "train"), cfg) if with_train else (None, None)
         test = data.load_split(cfg, tokenizer, "test")
     torch.manual_seed(cfg.SEED)
-    return Task(cfg, tokenizer, load_model(cfg, device), device, labels, train, test, val)
+    model = hub.load_model(cfg.MODEL_ID, cfg.GGUF_FILE, device, cfg.DTYPE, cfg.GRADIENT_CHECKPOINTING)
+    return Task(cfg, tokenizer, model, device, labels, train, test, val)
 
 
 def check_choices(cfg: SimpleNamespace) -> None:
@@ -128,8 +128,6 @@ def environment(task: Task) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     import transformers
-
-    from harness import frozen, hub
 
     def installed(name: str) -> Optional[str]:
         try:

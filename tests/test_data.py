@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import overrides, run_script
-from harness import cli, data, errors
+from harness import cli, data, errors, hub
 
 
 def test_csv_quirks_are_decoded(tmp_path):
@@ -53,7 +53,7 @@ def test_prep_writes_nothing_when_one_csv_is_too_dirty(tiny, tmp_path):
 
 def test_long_reviews_keep_their_first_tokens(tiny, tmp_path, cfg):
     cfg.MAX_REVIEW_TOKENS = 8
-    tokenizer = data.load_tokenizer(tiny.model_dir)
+    tokenizer = hub.load_tokenizer(tiny.model_dir)
     split = data.load_split(cfg, tokenizer, "test")
     assert split.meta["truncated"] > 0 and int(split.lengths.max()) == 8
     full = {tuple(tokenizer(text, add_special_tokens=False)["input_ids"]) for _, text in tiny.splits["test"]}
@@ -87,7 +87,7 @@ def test_balanced_sample_is_seeded_and_balanced():
 def test_prep_writes_safe_tokenized_splits(tiny, tmp_path):
     result = run_script("prep.sh", *overrides(tiny, tmp_path))
     assert result.returncode == 0, result.stderr
-    tokenizer = data.load_tokenizer(tiny.model_dir)
+    tokenizer = hub.load_tokenizer(tiny.model_dir)
     for split, count in (("train", 100), ("test", 60)):
         stored = torch.load(tmp_path / "data" / f"{split}.pt", weights_only=True)
         meta = stored["meta"]
@@ -103,7 +103,7 @@ def test_prep_writes_safe_tokenized_splits(tiny, tmp_path):
 
 
 def test_load_split_prepares_again_for_another_sample_or_tokenizer_and_refuses_pickles(tiny, tmp_path, cfg, capsys):
-    tokenizer = data.load_tokenizer(tiny.model_dir)
+    tokenizer = hub.load_tokenizer(tiny.model_dir)
     assert len(data.load_split(cfg, tokenizer, "test")) == 60  # prepares the split itself when it is missing
     path, train = tmp_path / "data" / "test.pt", tmp_path / "data" / "train.pt"
     assert not train.exists()  # only the split asked for
@@ -132,7 +132,7 @@ def test_load_split_prepares_again_for_another_sample_or_tokenizer_and_refuses_p
 
 
 def test_tokenizing_counts_reviews_not_thousands(tiny, capfd):
-    tokenizer = data.load_tokenizer(tiny.model_dir)
+    tokenizer = hub.load_tokenizer(tiny.model_dir)
     tokens, offsets, truncated = data.tokenize(tokenizer, ["good food"] * 1500, 1024)
     assert len(offsets) == 1501 and int(offsets[-1]) == len(tokens) and truncated == 0
     bar = capfd.readouterr().err
@@ -188,7 +188,7 @@ def test_fetched_reviews_equal_the_public_csv_token_for_token(tiny, tmp_path, mo
             raise FileNotFoundError(f"Dataset '{path}' doesn't exist on the Hub")
         return hub_yelp_polarity
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    tokenizer = data.load_tokenizer(tiny.model_dir)
+    tokenizer = hub.load_tokenizer(tiny.model_dir)
     stored = {}
     for source in ("public", "fetched"):
         cfg = cli.configure(overrides(tiny, tmp_path / source) + [f"--csv_dir={tmp_path / source}", "--train_limit=100", "--test_limit=100"])
@@ -211,7 +211,7 @@ def test_written_csvs_read_back_as_written(tmp_path):
 
 
 def test_a_split_drawn_from_an_edited_csv_is_drawn_again_and_one_whose_csv_is_gone_is_kept(tiny, tmp_path, cfg, capsys):
-    tokenizer = data.load_tokenizer(tiny.model_dir)
+    tokenizer = hub.load_tokenizer(tiny.model_dir)
     cfg.CSV_DIR = str(tmp_path / "csv")
     shutil.copytree(tiny.csv_dir, cfg.CSV_DIR)
     first = data.load_split(cfg, tokenizer, "test")

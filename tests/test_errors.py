@@ -12,7 +12,7 @@ import test_probe
 import test_steer
 import test_tune
 from conftest import overrides, run_script
-from harness import cli, data, errors, files, frozen, hub, layouts, ledger, primers, runs
+from harness import cli, data, errors, files, hub, layouts, ledger, primers, runs
 
 
 def test_missing_csvs_without_network_say_where_to_put_them(tiny, tmp_path):
@@ -52,7 +52,7 @@ def test_a_folder_that_does_not_exist_says_so(model_id):
 
 def test_a_folder_without_a_model_says_so(tmp_path):
     with pytest.raises(errors.UserError, match=f"^the folder --model_id={tmp_path} holds no model"):
-        data.load_tokenizer(str(tmp_path))
+        hub.load_tokenizer(str(tmp_path))
 
 
 def test_offline_mode_and_an_uncached_id():
@@ -104,11 +104,11 @@ def test_an_id_the_hub_does_not_know_says_so(online_hub, monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_gpu():
     with pytest.raises(errors.UserError, match="torch sees no CUDA GPU"):
-        frozen.resolve_device("cuda")
+        hub.resolve_device("cuda")
 
 
 def test_labels_must_be_single_distinct_tokens(tiny):
-    tokenizer = data.load_tokenizer(tiny.model_dir)
+    tokenizer = hub.load_tokenizer(tiny.model_dir)
     with pytest.raises(errors.UserError, match="not one: set --labels"):
         layouts.label_token_ids(tokenizer, ["negativity", "2"])
     with pytest.raises(errors.UserError, match="same token"):
@@ -164,7 +164,7 @@ def test_a_path_setting_naming_a_file_where_a_folder_is_wanted_is_one_line(tiny,
     cfg = cli.configure(overrides(tiny, tmp_path) + [f"--results_dir={a_file}/results"])
     with pytest.raises(errors.UserError, match=f"^--results_dir={a_file}/results cannot be made: part of that path is a file"):
         runs.new_run_dir(cfg, "experiment")
-    tokenizer = data.load_tokenizer(tiny.model_dir)
+    tokenizer = hub.load_tokenizer(tiny.model_dir)
     for setting in ("data_dir", "csv_dir"):
         cfg = cli.configure(overrides(tiny, tmp_path) + [f"--{setting}={a_file}"])
         with pytest.raises(errors.UserError, match=f"^--{setting}={a_file} is a file, not a folder: set --{setting} to a folder"):

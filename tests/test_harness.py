@@ -6,7 +6,7 @@ import torch
 
 import experiment
 import prompt_short
-from harness import cli, errors, frozen, layouts, ledger, primers, runs, scoring
+from harness import cli, errors, frozen, hub, layouts, ledger, primers, runs, scoring
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_gradient_checkpointing_changes_memory_not_results(task):
         return loss.detach(), primer.grad
 
     plain = loss_and_grad()
-    frozen.freeze(task.model, checkpointing=True)
+    hub.freeze(task.model, checkpointing=True)
     try:
         checkpointed = loss_and_grad()
         calls = []
