@@ -99,7 +99,7 @@ def search_text(task, search: screening.Search, proposer) -> tuple[str, str]:
         if not candidates:
             continue
         reviews = torch.randperm(len(task.train), generator=order)[:cfg.SEARCH_BATCH]
-        losses = screening.text_losses(task, candidates, reviews)
+        losses = screening.text_losses(task, candidates, reviews, cfg.FORWARD_BATCH)
         search.forwards += len(candidates) * len(reviews)
         for i in losses.argsort()[:cfg.VALIDATE].tolist():
             pool[candidates[i]] = search.score_text(step, candidates[i])
@@ -182,7 +182,7 @@ def search_tokens(task, search: screening.Search) -> tuple[torch.Tensor, str]:
         step += 1
         reviews = torch.randperm(len(task.train), generator=rng)[:cfg.SEARCH_BATCH]
         onehot = F.one_hot(current, len(table)).float().requires_grad_(True)
-        loss = screening.label_losses(task, layout, (onehot @ table.float())[None], reviews)[0]
+        loss = screening.label_losses(task, layout, (onehot @ table.float())[None], reviews, cfg.FORWARD_BATCH)[0]
         loss.backward()
         search.forwards, search.backwards = search.forwards + len(reviews), search.backwards + len(reviews)
         top = (onehot.grad + allowed).topk(cfg.TOP_K, dim=1, largest=False).indices  # [k, TOP_K]: most loss-lowering swaps
@@ -191,7 +191,7 @@ def search_tokens(task, search: screening.Search) -> tuple[torch.Tensor, str]:
         candidates[torch.arange(cfg.SWAPS), slots] = top[slots, torch.randint(cfg.TOP_K, (cfg.SWAPS,), generator=rng).to(task.device)]
         candidates = candidates.unique(dim=0)
         with torch.no_grad():
-            losses = screening.label_losses(task, layout, table[candidates].float(), reviews)
+            losses = screening.label_losses(task, layout, table[candidates].float(), reviews, cfg.FORWARD_BATCH)
         search.forwards += len(candidates) * len(reviews)
         before = current
         if losses.min() < loss:
@@ -234,7 +234,7 @@ def run(cfg) -> None:
     check(cfg)
     task = runs.setup(cfg)
     run_dir = runs.new_run_dir(cfg, "search_prompt")
-    search = screening.Search(task, run_dir)
+    search = screening.Search(task, run_dir, cfg.BUDGET, cfg.FORWARD_BUDGET)
     if cfg.SEARCH == "tokens":
         ids, user = search_tokens(task, search)
         text = task.tokenizer.decode(ids.tolist())

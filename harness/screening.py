@@ -14,10 +14,12 @@ from harness.task import Task
 
 
 class Search:
-    """Every validated candidate with the budget spent so far, the run folder's candidates.csv kept current."""
+    """Every validated candidate with the budget spent so far, the run folder's candidates.csv kept current; the
+    budget is `cpu_budget` CPU minutes and `forward_budget` forward-pass reviews, whichever are set (0: none)."""
 
-    def __init__(self, task: Task, run_dir: str):
+    def __init__(self, task: Task, run_dir: str, cpu_budget: float, forward_budget: int):
         self.task, self.run_dir, self.rows, self.scored = task, run_dir, [], {}
+        self.cpu_budget, self.forward_budget = cpu_budget, forward_budget
         self.forwards, self.backwards = 0, 0  # reviews through forward and backward passes
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
         self.steps = []  # "tokens": each step's reviews, prompt before and after, and their losses on those reviews
@@ -26,10 +28,9 @@ class Search:
         return (time.process_time() - self.cpu_start) / 60
 
     def left(self) -> bool:
-        """Whether budget is left: BUDGET CPU minutes and FORWARD_BUDGET forward-pass reviews, whichever are set."""
-        cfg = self.task.cfg
-        return (not cfg.BUDGET or self.cpu_minutes() < cfg.BUDGET) and \
-            (not cfg.FORWARD_BUDGET or self.forwards + 2 * self.backwards < cfg.FORWARD_BUDGET)
+        """Whether budget is left, of both CPU minutes and forward-pass reviews (a backward pass counting as two)."""
+        return (not self.cpu_budget or self.cpu_minutes() < self.cpu_budget) and \
+            (not self.forward_budget or self.forwards + 2 * self.backwards < self.forward_budget)
 
     def score(self, step: int, text: str, ids: list[int], layout, primer=None, user: str = "{review}") -> tuple[int, int]:
         """The candidate's (strict, label-restricted) counts on validation, scored once per distinct prompt."""
@@ -51,11 +52,12 @@ class Search:
         return self.score(step, prompt[0], encode(self.task.tokenizer, prompt[0]), make_layout(self.task, *prompt), user=prompt[1])
 
 
-def batch_losses(task: Task, ids: torch.Tensor, lengths: torch.Tensor, layout, targets: torch.Tensor, slots=None) -> torch.Tensor:
-    """Per-row label cross-entropy over the whole vocabulary, FORWARD_BATCH rows a forward pass (right padding with
+def _batch_losses(task: Task, ids: torch.Tensor, lengths: torch.Tensor, layout, targets: torch.Tensor, batch: int,
+                  slots=None) -> torch.Tensor:
+    """Per-row label cross-entropy over the whole vocabulary, `batch` rows a forward pass (right padding with
     explicit positions keeps each row's loss independent of its batch mates)."""
     out = []
-    for rows in torch.arange(len(ids)).split(task.cfg.FORWARD_BATCH):
+    for rows in torch.arange(len(ids)).split(batch):
         width = int(lengths[rows].max())
         primer = None if slots is None else slots[rows]
         logits = frozen.forward(task.model, ids[rows, :width], lengths[rows], layout, primer).logits
@@ -63,9 +65,9 @@ def batch_losses(task: Task, ids: torch.Tensor, lengths: torch.Tensor, layout, t
     return torch.cat(out)
 
 
-def text_losses(task: Task, candidates: list[tuple[str, str]], reviews: torch.Tensor) -> torch.Tensor:
+def text_losses(task: Task, candidates: list[tuple[str, str]], reviews: torch.Tensor, batch: int) -> torch.Tensor:
     """The mean label cross-entropy over `reviews` of each (system, user) prompt: every prompt-review pair a row of
-    batched forwards, whatever the prompts' lengths."""
+    forwards of `batch` rows, whatever the prompts' lengths."""
     rows = []
     for system, user in candidates:
         ids, lengths = assemble(make_layout(task, system, user), task.train, reviews)
@@ -76,14 +78,15 @@ def text_losses(task: Task, candidates: list[tuple[str, str]], reviews: torch.Te
     targets = task.label_ids[task.train.labels[reviews].to(task.device)].repeat(len(candidates))
     with torch.no_grad():
         losses = torch.empty(len(rows), device=task.device)
-        losses[order.to(task.device)] = batch_losses(task, ids, lengths[order], make_layout(task, *candidates[0]), targets[order.to(task.device)])
+        losses[order.to(task.device)] = _batch_losses(task, ids, lengths[order], make_layout(task, *candidates[0]),
+                                                      targets[order.to(task.device)], batch)
     return losses.view(len(candidates), len(reviews)).mean(1)
 
 
-def label_losses(task: Task, layout, slots: torch.Tensor, reviews: torch.Tensor) -> torch.Tensor:
+def label_losses(task: Task, layout, slots: torch.Tensor, reviews: torch.Tensor, batch: int) -> torch.Tensor:
     """The mean label cross-entropy over `reviews` [R] for each row of candidate slot embeddings [C, k, hidden]: the
-    C x R pairs in batched forwards, a different prompt in each row."""
+    C x R pairs in forwards of `batch` rows, a different prompt in each row."""
     ids, lengths = assemble(layout, task.train, reviews.repeat(len(slots)))
     targets = task.label_ids[task.train.labels[reviews].to(task.device)].repeat(len(slots))
-    losses = batch_losses(task, ids, lengths, layout, targets, slots.repeat_interleave(len(reviews), 0))
+    losses = _batch_losses(task, ids, lengths, layout, targets, batch, slots.repeat_interleave(len(reviews), 0))
     return losses.view(len(slots), len(reviews)).mean(1)

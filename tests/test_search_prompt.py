@@ -62,12 +62,12 @@ def test_the_batched_screening_forwards_equal_each_candidate_alone(tiny, tmp_pat
     task = runs.setup(cli.configure(search_args(tiny, tmp_path, "--forward_batch=5"), search_prompt.SETTINGS))
     layout, table = make_layout(task, None, primer_length=3), task.model.get_input_embeddings().weight
     candidates, reviews = torch.randint(5, 300, (4, 3), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 9, 4])
-    together = screening.label_losses(task, layout, table[candidates].float(), reviews)
+    together = screening.label_losses(task, layout, table[candidates].float(), reviews, 5)
     for c, ids in enumerate(candidates):
         torch.testing.assert_close(together[c], losses_one_by_one(task, layout, reviews, slot_ids=ids), atol=1e-5, rtol=1e-5)
     # text prompts of different lengths and user messages, padded together in chunks that split a prompt's rows
     texts = [(prompt_short.SYSTEM, prompt_short.USER), (prompt_long.SYSTEM, prompt_long.USER), ("Say 1 or 2.", "{review}")]
-    together = screening.text_losses(task, texts, reviews)
+    together = screening.text_losses(task, texts, reviews, 5)
     for c, prompt in enumerate(texts):
         alone = losses_one_by_one(task, make_layout(task, *prompt), reviews)
         torch.testing.assert_close(together[c], alone, atol=1e-5, rtol=1e-5)
@@ -88,7 +88,7 @@ def test_each_token_step_takes_a_gradient_token_that_lowers_the_loss_as_measured
     cfg = cli.configure(search_args(tiny, tmp_path, "--search=tokens"), search_prompt.SETTINGS)
     task = runs.setup(cfg)
     calls = count_forwards(monkeypatch)
-    search = screening.Search(task, runs.new_run_dir(cfg, "search_prompt"))
+    search = screening.Search(task, runs.new_run_dir(cfg, "search_prompt"), cfg.BUDGET, cfg.FORWARD_BUDGET)
     _, user = search_prompt.search_tokens(task, search)
     table = task.model.get_input_embeddings().weight.float()
     layout = make_layout(task, None, user, primer_length=len(search.steps[0]["before"]))
