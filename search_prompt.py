@@ -214,16 +214,10 @@ def load_proposer(task):
 
 
 def curves(run_dirs: list[str], path: str) -> str:
-    """The best validation score so far against CPU minutes spent, one line per search run, in one figure."""
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run_dir in run_dirs:
-        rows = pd.read_csv(os.path.join(run_dir, "candidates.csv"), keep_default_na=False)
-        label = files.read_json(os.path.join(run_dir, "config.json"))["search"]
-        ax.step(rows["cpu_minutes"], 100 * rows["val_score"].cummax(), where="post", marker=".", label=label)
-    ax.set(xlabel="CPU minutes spent (one core)", ylabel="best validation score so far (%), strict", title="Prompt search")
-    ax.legend()
-    return plots.save(fig, path)
+    """The best validation score so far against CPU minutes spent, one line per search run (its SEARCH), in one figure."""
+    runs = [(files.read_json(os.path.join(run_dir, "config.json"))["search"],
+             pd.read_csv(os.path.join(run_dir, "candidates.csv"), keep_default_na=False)) for run_dir in run_dirs]
+    return plots.search_curves(runs, path)
 
 
 def run(cfg) -> None:

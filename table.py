@@ -26,7 +26,6 @@ import pandas as pd
 import torch
 
 from harness import cli, errors, files, ledger, plots, rategrid, scoring, stats
-from harness.plots import plt
 
 TRAIN_REVIEWS = 0  # the rows trained on this many reviews, and those with no trained parameters (prompts, searches); 0: all
 AGAINST = ""  # the paired tests' reference: the best row whose name contains this text; "": the best row
@@ -146,54 +145,6 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def seed_spread(ax: plt.Axes, x: pd.Series, rows: pd.DataFrame, label: str, color: str) -> None:
-    """Each row's mean score with its seeds' standard deviation as an error bar, each seed's score a dot."""
-    ax.errorbar(x, 100 * rows["score_mean"], yerr=100 * rows["score_std"].fillna(0), marker="o", capsize=3, label=label, color=color)
-    for xi, scores in zip(x, rows["scores"]):
-        ax.scatter([xi] * len(scores), [100 * s for s in scores], s=10, alpha=0.5, color=color)
-
-
-def params_figure(table: pd.DataFrame, path: str) -> str:
-    """Strict score against trainable parameters (log scale), one color per script; methods with none as lines."""
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (script, rows) in enumerate(table.groupby("script", sort=False)):
-        trained, fixed = rows[rows["trainable_params"] > 0], rows[rows["trainable_params"] == 0]
-        if len(trained):
-            seed_spread(ax, trained["trainable_params"], trained, script, f"C{i}")
-        for _, r in fixed.iterrows():
-            ax.axhline(100 * r["score_mean"], color=f"C{i}", ls="--", lw=1, label=r["run"])
-    ax.set(xscale="log", xlabel="trainable parameters", ylabel="test reviews right (%), mean ± std over seeds",
-           title="Score against trainable parameters", ylim=(0, 100))
-    ax.legend(fontsize=7)
-    return plots.save(fig, path)
-
-
-def curve_label(rows: pd.DataFrame) -> str:
-    name = rows["run"].iloc[0]
-    return re.sub(r" rate_by_epoch=\[[^]]*\]", "", name) + ", rate chosen at each size" if rows["rate_chosen"].all() else name
-
-
-def data_figure(table: pd.DataFrame, path: str) -> str:
-    """Strict score against training reviews (log scale): one line per method configuration with two sizes or more,
-    its rate left out where each size chose its own on validation (written beside each point)."""
-    fig, ax = plt.subplots(figsize=(8, 5))
-    curves = [rows.sort_values("samples") for _, rows in table.groupby("curve", sort=False) if rows["samples"].nunique() > 1]
-    for i, rows in enumerate(curves):
-        seed_spread(ax, rows["samples"], rows, curve_label(rows), f"C{i}")
-        for _, r in rows[rows["rate_chosen"]].iterrows():
-            rates = ",".join(f"{rate:g}" for rate in json.loads(r["config"])["RATE_BY_EPOCH"])
-            ax.annotate(rates, (r["samples"], 100 * r["score_mean"]), xytext=(4, -10), textcoords="offset points",
-                        fontsize=6, color=f"C{i}")
-    ax.set(xscale="log", xlabel="training reviews", ylabel="test reviews right (%), mean ± std over seeds",
-           title="Score against training reviews", ylim=(0, 100))
-    if curves:
-        sizes = sorted({int(n) for rows in curves for n in rows["samples"]})
-        ax.set_xticks(sizes, [f"{n:,}" for n in sizes])  # the sizes run, in plain numbers
-        ax.minorticks_off()
-        ax.legend(fontsize=7)
-    return plots.save(fig, path)
-
-
 def write(results_dir: str, train_reviews: int = 0, against: str = "") -> pd.DataFrame:
     runs = load_runs(results_dir)
     table = summarize(runs, train_reviews, against)
@@ -205,8 +156,8 @@ def write(results_dir: str, train_reviews: int = 0, against: str = "") -> pd.Dat
             f.write(content)
     print(text)
     every = summarize(runs) if train_reviews else table  # the figures draw every size
-    for path in (params_figure(every, os.path.join(results_dir, "table_params.png")),
-                 data_figure(every, os.path.join(results_dir, "table_data.png"))):
+    for path in (plots.table_params(every, os.path.join(results_dir, "table_params.png")),
+                 plots.table_data(every, os.path.join(results_dir, "table_data.png"))):
         print(f"saved {path}")
     return table
 

@@ -1,6 +1,9 @@
-"""The figures, as PNG files: test scores against primer length, training loss against step, probes against layer."""
+"""Every figure of the bench, as PNG files: scores against primer length, parameters and training reviews, training loss
+against step, probes against layer, rate grids, steering and prompt-search curves. Scripts read their files and pass
+the frames here; nothing else draws."""
 import json
 import os
+import re
 from typing import Optional
 
 import matplotlib
@@ -222,4 +225,88 @@ def search_curve(candidates: pd.DataFrame, path: str) -> str:
     ax.set(xlabel="reviews through forward passes", ylabel="validation reviews right (%)",
            title="Prompt search: validation score of each candidate prompt, and the best so far")
     ax.legend()
+    return save(fig, path)
+
+
+def search_curves(runs: list[tuple[str, pd.DataFrame]], path: str) -> str:
+    """The best validation score so far against CPU minutes spent, one line per search run (its label and its
+    candidates.csv), in one figure."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, rows in runs:
+        ax.step(rows["cpu_minutes"], 100 * rows["val_score"].cummax(), where="post", marker=".", label=label)
+    ax.set(xlabel="CPU minutes spent (one core)", ylabel="best validation score so far (%), strict", title="Prompt search")
+    ax.legend()
+    return save(fig, path)
+
+
+def rate_grid(grids: list[pd.DataFrame], path: str) -> str:
+    """The best validation score against the first rate of each schedule, one line per rate_grid.csv in `grids` (its
+    method), the chosen schedule circled, one panel per training-set size, one color per method across panels."""
+    size = lambda table: int(table["train_reviews"].iloc[0]) if "train_reviews" in table else 0  # 0: not recorded
+    sizes = sorted({size(t) for t in grids}) or [0]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes) + 2.5, 4.5), sharex=True, sharey=True, squeeze=False)
+    panels = dict(zip(sizes, axes[0]))
+    colors = {method: f"C{i}" for i, method in enumerate(dict.fromkeys(t["method"].iloc[0] for t in grids))}  # across panels
+    for table in grids:
+        ax, color = panels[size(table)], colors[table["method"].iloc[0]]
+        ax.plot(table["first_rate"], table["val_score"], marker="o", label=table["method"].iloc[0], color=color)
+        chosen = table[table["chosen"]]
+        ax.scatter(chosen["first_rate"], chosen["val_score"], s=120, facecolors="none", edgecolors=color)
+    for n, ax in panels.items():
+        ax.set(xscale="log", xlabel="first epoch's learning rate", title=f"{n:,} training reviews" if n else "")
+        ax.legend(fontsize=6)
+    panels[sizes[0]].set_ylabel("validation score (strict)")
+    fig.suptitle("each method across its learning rates (circled: chosen on validation)")
+    return save(fig, path)
+
+
+def seed_spread(ax: plt.Axes, x: pd.Series, rows: pd.DataFrame, label: str, color: str) -> None:
+    """Each row of table.py's table: its mean score with its seeds' standard deviation as an error bar, each seed's
+    score a dot."""
+    ax.errorbar(x, 100 * rows["score_mean"], yerr=100 * rows["score_std"].fillna(0), marker="o", capsize=3, label=label,
+                color=color)
+    for xi, scores in zip(x, rows["scores"]):
+        ax.scatter([xi] * len(scores), [100 * s for s in scores], s=10, alpha=0.5, color=color)
+
+
+def table_params(table: pd.DataFrame, path: str) -> str:
+    """table.py's rows: strict score against trainable parameters (log scale), one color per script; methods with none
+    as lines."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (script, rows) in enumerate(table.groupby("script", sort=False)):
+        trained, fixed = rows[rows["trainable_params"] > 0], rows[rows["trainable_params"] == 0]
+        if len(trained):
+            seed_spread(ax, trained["trainable_params"], trained, script, f"C{i}")
+        for _, r in fixed.iterrows():
+            ax.axhline(100 * r["score_mean"], color=f"C{i}", ls="--", lw=1, label=r["run"])
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel="test reviews right (%), mean ± std over seeds",
+           title="Score against trainable parameters", ylim=(0, 100))
+    ax.legend(fontsize=7)
+    return save(fig, path)
+
+
+def curve_label(rows: pd.DataFrame) -> str:
+    """A data curve's name: its row's, less the schedule where each size chose its own rate."""
+    name = rows["run"].iloc[0]
+    return re.sub(r" rate_by_epoch=\[[^]]*\]", "", name) + ", rate chosen at each size" if rows["rate_chosen"].all() else name
+
+
+def table_data(table: pd.DataFrame, path: str) -> str:
+    """table.py's rows: strict score against training reviews (log scale), one line per method configuration with two
+    sizes or more, its rate left out where each size chose its own on validation (written beside each point)."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    curves = [rows.sort_values("samples") for _, rows in table.groupby("curve", sort=False) if rows["samples"].nunique() > 1]
+    for i, rows in enumerate(curves):
+        seed_spread(ax, rows["samples"], rows, curve_label(rows), f"C{i}")
+        for _, r in rows[rows["rate_chosen"]].iterrows():
+            rates = ",".join(f"{rate:g}" for rate in json.loads(r["config"])["RATE_BY_EPOCH"])
+            ax.annotate(rates, (r["samples"], 100 * r["score_mean"]), xytext=(4, -10), textcoords="offset points",
+                        fontsize=6, color=f"C{i}")
+    ax.set(xscale="log", xlabel="training reviews", ylabel="test reviews right (%), mean ± std over seeds",
+           title="Score against training reviews", ylim=(0, 100))
+    if curves:
+        sizes = sorted({int(n) for rows in curves for n in rows["samples"]})
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes])  # the sizes run, in plain numbers
+        ax.minorticks_off()
+        ax.legend(fontsize=7)
     return save(fig, path)

@@ -10,7 +10,6 @@ import pandas as pd
 import torch
 
 from harness import files, plots, training
-from harness.plots import plt
 from harness.task import Task
 
 
@@ -63,23 +62,7 @@ def as_chosen(run_dir: str, config: dict) -> tuple[dict, Optional[float]]:
 
 
 def draw(results_dir: str) -> str:
-    """rate_grid.png in results_dir: the best validation score against the first rate of each schedule, one line per
-    run's rate_grid.csv (its method), the chosen schedule marked, one panel per training-set size."""
+    """rate_grid.png in results_dir: every run's rate_grid.csv there, drawn by plots.rate_grid (one panel per size)."""
     grids = [pd.read_csv(path).sort_values("first_rate")
              for path in sorted(glob.glob(os.path.join(results_dir, "*", "rate_grid.csv")))]
-    size = lambda table: int(table["train_reviews"].iloc[0]) if "train_reviews" in table else 0  # 0: not recorded
-    sizes = sorted({size(t) for t in grids}) or [0]
-    fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes) + 2.5, 4.5), sharex=True, sharey=True, squeeze=False)
-    panels = dict(zip(sizes, axes[0]))
-    colors = {method: f"C{i}" for i, method in enumerate(dict.fromkeys(t["method"].iloc[0] for t in grids))}  # across panels
-    for table in grids:
-        ax, color = panels[size(table)], colors[table["method"].iloc[0]]
-        ax.plot(table["first_rate"], table["val_score"], marker="o", label=table["method"].iloc[0], color=color)
-        chosen = table[table["chosen"]]
-        ax.scatter(chosen["first_rate"], chosen["val_score"], s=120, facecolors="none", edgecolors=color)
-    for n, ax in panels.items():
-        ax.set(xscale="log", xlabel="first epoch's learning rate", title=f"{n:,} training reviews" if n else "")
-        ax.legend(fontsize=6)
-    panels[sizes[0]].set_ylabel("validation score (strict)")
-    fig.suptitle("each method across its learning rates (circled: chosen on validation)")
-    return plots.save(fig, os.path.join(results_dir, "rate_grid.png"))
+    return plots.rate_grid(grids, os.path.join(results_dir, "rate_grid.png"))

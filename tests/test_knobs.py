@@ -12,7 +12,7 @@ import experiment
 import steer
 import table
 from conftest import overrides, run_script
-from harness import cli, errors, layouts, ledger, primers, rategrid, runs, scoring
+from harness import cli, errors, layouts, ledger, plots, primers, rategrid, runs, scoring
 
 TINY_RUN = ["--train_limit=40", "--test_limit=20"]  # 4 batches of 10 per epoch, 20 test reviews
 TEXT = "text:great food"  # three tokens for the tiny tokenizer
@@ -183,7 +183,7 @@ def test_a_rate_grid_keeps_the_schedule_best_on_validation(tiny, tmp_path, monke
     module.run(cli.configure([*args, "--train_limit=30", "--rate_grid=[[0.3, 0.3]]"], getattr(module, "SETTINGS", None)))
     figures = []
     monkeypatch.setattr(table.plots, "save", lambda fig, path: figures.append(fig) or path)
-    table.data_figure(table.summarize(table.load_runs(f"{tmp_path}/results")), "unused.png")
+    plots.table_data(table.summarize(table.load_runs(f"{tmp_path}/results")), "unused.png")
     (bars,) = figures[0].axes[0].containers
     assert list(bars.lines[0].get_xdata()) == [20, 30] and bars.get_label().endswith(", rate chosen at each size")
     first = ",".join(f"{rate:g}" for rate in eval(grid["rates"][chosen]))

@@ -14,7 +14,7 @@ import experiment
 import prompt_short
 import table
 from conftest import overrides, run_script
-from harness import cli, errors, ledger, runs, stats
+from harness import cli, errors, ledger, plots, runs, stats
 
 CONFIGS = [{"primer_length": 2, "train_limit": 100}, {"primer_length": 2, "train_limit": 50}, {"primer_length": 4, "train_limit": 100}]
 
@@ -71,7 +71,7 @@ def test_the_data_figure_draws_one_curve_per_configuration_across_sizes(results,
     figures = []
     monkeypatch.setattr(table.plots, "save", lambda fig, path: figures.append(fig) or path)
     written = table.summarize(table.load_runs(str(results)))
-    table.data_figure(written, "unused.png")
+    plots.table_data(written, "unused.png")
     curve = written[written["run"] == "experiment primer_length=2"].sort_values("samples")
     (bars,) = figures[0].axes[0].containers  # one curve: the 4-vector primer has one size only, the text prompt none
     line = bars.lines[0]
