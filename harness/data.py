@@ -16,6 +16,7 @@ from harness import cli, errors, files, hub
 SPLITS = ("train", "test")
 HF_DATASET = ("fancyzhx/yelp_polarity", "plain_text")  # the hub copy `datasets` fetches when the CSVs are absent
 MAX_BAD_SHARE = 0.01  # more bad rows than this and prep refuses the file
+OFFLINE = "HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set, and the local Hugging Face cache has no copy"
 
 
 @dataclass
@@ -105,13 +106,16 @@ def write_csv(path: str, labels: list[int], texts: list[str]) -> None:
 
 
 def fetch_csvs(csv_dir: str) -> None:
-    """Download Yelp polarity through `datasets` and write it back as the public CSVs."""
+    """Download Yelp polarity through `datasets` and write it back as the public CSVs; one line when it cannot."""
+    unreachable = dataset_unreachable()
     try:
+        if unreachable and unreachable != OFFLINE:
+            raise ConnectionError(unreachable)  # at once: offline mode alone may still find it in the cache
         import datasets
         dataset = datasets.load_dataset(*HF_DATASET)
     except Exception as e:
-        raise errors.UserError(f"no CSVs in {csv_dir} and fetching {HF_DATASET[0]} failed ({type(e).__name__}); "
-                            f"put the Yelp polarity train.csv and test.csv in {csv_dir} or set --csv_dir") from e
+        raise errors.UserError(f"no CSVs in {csv_dir} and fetching {HF_DATASET[0]} failed ({unreachable or type(e).__name__}); "
+                               f"put the Yelp polarity train.csv and test.csv in {csv_dir} or set --csv_dir") from e
     files.folder(csv_dir, "--csv_dir")
     for split in SPLITS:
         path = os.path.join(csv_dir, f"{split}.csv")
@@ -119,6 +123,24 @@ def fetch_csvs(csv_dir: str) -> None:
             for row in tqdm(dataset[split], desc=f"write {path}", unit=" rows"):
                 # the hub's text is the CSV field as it was, quotes still doubled and newlines still backslash-n
                 f.write(f'"{row["label"] + 1}","{row["text"]}"\n')
+
+
+def dataset_unreachable() -> Optional[str]:
+    """Why the hub cannot be asked for HF_DATASET now (OFFLINE, where `datasets` looks in its cache alone, at once; no
+    network, DNS, proxy, timeout), or None when it answers. One quick request decides, where `datasets` would retry
+    for about 30 s, printing each retry, before failing."""
+    import datasets
+    from huggingface_hub import constants, dataset_info
+    from huggingface_hub.errors import HfHubHTTPError
+    if datasets.config.HF_HUB_OFFLINE:
+        return OFFLINE
+    try:
+        dataset_info(HF_DATASET[0], timeout=hub.HUB_TIMEOUT)
+    except HfHubHTTPError:
+        return None  # the hub answered; the download says what is wrong
+    except Exception as e:  # no answer at all, in the HTTP client's own error types
+        return f"cannot reach {constants.ENDPOINT}: {type(e).__name__}: {hub.first_line(e)}"
+    return None
 
 
 def tokenize(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
