@@ -12,7 +12,6 @@ validation reviews held out of training; the test split is read once, at the cho
 """
 import os
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -50,10 +49,10 @@ def check(cfg) -> None:
                                f"at least 1")
 
 
-def fit_to_split(cfg, reviews: int):
-    """cfg with VAL_LIMIT and PROBE_TRAIN fitted to a training split of `reviews` where they are this script's defaults
-    and the split is too small for them (a fifth held out, the rest fit on); one error naming both when given values
-    do not fit."""
+def fitted_sizes(cfg, reviews: int) -> tuple[int, int]:
+    """VAL_LIMIT and PROBE_TRAIN fitted to a training split of `reviews` where they are this script's defaults and
+    the split is too small for them (a fifth held out, the rest fit on); one error naming both when given values do
+    not fit."""
     val, fit = cfg.VAL_LIMIT, cfg.PROBE_TRAIN
     if val == VAL_LIMIT and val > reviews // 5:
         val = max(2, reviews // 5)
@@ -71,13 +70,13 @@ def fit_to_split(cfg, reviews: int):
     if fitted:
         print(f"{reviews:,} training reviews: " + ", ".join(f"--{k}={new} (its default {default} does not fit)"
                                                              for k, (new, default) in fitted.items()), flush=True)
-    return SimpleNamespace(**{**vars(cfg), "VAL_LIMIT": val, "PROBE_TRAIN": fit})
+    return val, fit
 
 
-def probe_sample(task) -> data.Split:
-    """PROBE_TRAIN of the training reviews left after the validation ones (seeded, label-balanced)."""
-    cfg, train = task.cfg, task.train
-    return train.subset(torch.from_numpy(data.balanced_sample(train.labels.numpy(), cfg.PROBE_TRAIN, cfg.SEED)))
+def probe_sample(task, count: int) -> data.Split:
+    """`count` of the training reviews left after the validation ones (seeded, label-balanced)."""
+    train = task.train
+    return train.subset(torch.from_numpy(data.balanced_sample(train.labels.numpy(), count, task.cfg.SEED)))
 
 
 def make_probe(cfg, c: float):
@@ -128,12 +127,12 @@ def save_linear(run_dir: str, probe, cfg, layer: int, pooling: str) -> None:
 
 def run(cfg) -> None:
     check(cfg)
-    task = runs.setup(SimpleNamespace(**{**vars(cfg), "VAL_LIMIT": 0, "KEEP_BEST": False}))  # held out below, by size
-    cfg = task.cfg = fit_to_split(cfg, len(task.train))
-    task.train, task.val = runs.hold_out(task.train, cfg)
-    layout, primer = prompts.layout_of(task, task.cfg.CONDITION, task.cfg.PRIMER_PATH, task.cfg.PRIMER_POSITION)
-    sample = probe_sample(task)
-    run_dir = runs.new_run_dir(cfg, "probe")
+    task = runs.setup(cfg, held_out=False)  # held out below, by the split's size
+    val_limit, probe_train = fitted_sizes(cfg, len(task.train))
+    task.train, task.val = runs.hold_out(task.train, val_limit, cfg.SEED)
+    layout, primer = prompts.layout_of(task, cfg.CONDITION, cfg.PRIMER_PATH, cfg.PRIMER_POSITION)
+    sample = probe_sample(task, probe_train)
+    run_dir = runs.new_run_dir(cfg, "probe", fitted={"VAL_LIMIT": val_limit, "PROBE_TRAIN": probe_train})
     layers = tuple(range(activations.layer_count(task.model)))
     poolings = activations.POOLINGS if cfg.POOLING == "both" else (cfg.POOLING,)
     train, train_seconds = activations.features(task, layout, sample, layers, poolings, run_dir, "train", primer)

@@ -8,4 +8,5 @@ SHOTS = 0  # training reviews put before the review with their labels, as earlie
 CALIBRATE = False  # divide the label probabilities by those the prompt gives content-free inputs (Zhao et al. 2021) for the label-restricted score
 
 if __name__ == "__main__":
-    cli.main(lambda cfg: runs.score_text_prompt(cfg, "prompt_short", SYSTEM, USER), {"SHOTS": SHOTS, "CALIBRATE": CALIBRATE})
+    cli.main(lambda cfg: runs.score_text_prompt(cfg, "prompt_short", SYSTEM, USER, cfg.SHOTS, cfg.CALIBRATE),
+             {"SHOTS": SHOTS, "CALIBRATE": CALIBRATE})

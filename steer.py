@@ -70,6 +70,22 @@ def check(cfg) -> None:
         raise errors.UserError(f"--vector_reviews={cfg.VECTOR_REVIEWS} must be at least 1")
 
 
+def generation_of(cfg) -> generation.Generation:
+    """--generate's settings, checked."""
+    return generation.Generation(cfg.JUDGE_PATH, cfg.SENTIMENT, cfg.SENTIMENT_PAIR, cfg.GENERATE_LAYER,
+                                 cfg.GENERATE_COEFFICIENTS, cfg.GENERATE_PROMPTS, cfg.PROMPTS_FILE, cfg.SAMPLES,
+                                 cfg.MAX_NEW_TOKENS, cfg.TEMPERATURE, cfg.VECTOR_REVIEWS)
+
+
+def vector_review_count(cfg, train_reviews: int) -> int:
+    """VECTOR_REVIEWS, or all the training reviews where it is the default and the split has fewer."""
+    if cfg.VECTOR_REVIEWS == VECTOR_REVIEWS > train_reviews:
+        print(f"--vector_reviews: all {train_reviews} training reviews (the default, {VECTOR_REVIEWS}, is more than "
+              f"the split has)")
+        return train_reviews
+    return cfg.VECTOR_REVIEWS
+
+
 def sweep_layers(cfg, count: int) -> tuple[int, ...]:
     layers = tuple(cfg.STEER_LAYERS or range(count % 2 or 2, count + 1, 2))
     if not all(1 <= layer <= count for layer in layers):
@@ -77,14 +93,14 @@ def sweep_layers(cfg, count: int) -> tuple[int, ...]:
     return layers
 
 
-def directions(task: Task, layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def directions(task: Task, layers: tuple[int, ...], reviews: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit steering directions [len(layers), hidden] of VECTOR ("pair" or "mean"), and the mean residual norm at
-    each layer [len(layers)] (steering.residual)."""
+    each layer [len(layers)] (steering.residual), both over the first `reviews` training reviews."""
     cfg = task.cfg
-    unprompted, norm = steering.residual(task, layers)
+    unprompted, norm = steering.residual(task, layers, reviews)
     if cfg.VECTOR == "mean":
         prompt = prompts.layout_of(task, cfg.PROMPT)[0]
-        prompted = steering.last_states(task, prompt, steering.vector_reviews(task), layers)
+        prompted = steering.last_states(task, prompt, steering.vector_reviews(task, reviews), layers)
         difference = (prompted - unprompted).mean(1)
     else:
         difference = steering.pair_difference(task, cfg.PAIR, layers)
@@ -115,11 +131,12 @@ def validation_columns(found: dict) -> dict:
     return {"val_" + k: found[k] for k in ("correct", "total", "score", "score_low", "score_high", "restricted_score")}
 
 
-def learned(task: Task, plain: Layout, run_dir: str) -> tuple[pd.DataFrame, dict, list[dict], str]:
+def learned(task: Task, plain: Layout, run_dir: str, reviews: int) -> tuple[pd.DataFrame, dict, list[dict], str]:
     """A vector trained at LEARNED_LAYER on the label token's cross-entropy, in units of one residual coordinate's
-    RMS at that layer (RATE_SCALE "embedding") like a primer's rates; its validation row, steer, loss log and status."""
-    cfg, layer = task.cfg, steering.decoder_layer(task, "LEARNED_LAYER")
-    norm = float(steering.residual(task, (layer,))[1][0])
+    RMS at that layer over the first `reviews` training reviews (RATE_SCALE "embedding") like a primer's rates; its
+    validation row, steer, loss log and status."""
+    cfg, layer = task.cfg, steering.decoder_layer(task, task.cfg.LEARNED_LAYER, "--learned_layer")
+    norm = float(steering.residual(task, (layer,), reviews)[1][0])
     vector = torch.zeros(task.model.get_input_embeddings().weight.shape[1], device=task.device)
     steer = Steer(vector, (layer,), 1.0, cfg.AFTER_REVIEW)
     primers.check_rate_scale(cfg.RATE_SCALE)
@@ -164,25 +181,23 @@ def describe(source: str, steer: Steer, saved: bool = False) -> str:
 def run(cfg) -> None:
     check(cfg)
     if cfg.GENERATE:
-        return generation.generate(cfg)
+        return generation.generate(cfg, generation_of(cfg))
     task = runs.setup(cfg, with_train=not cfg.VECTOR_PATH)
-    if task.train is not None and cfg.VECTOR_REVIEWS == VECTOR_REVIEWS > len(task.train):  # the default fits a small split
-        print(f"--vector_reviews: all {len(task.train)} training reviews (the default, {VECTOR_REVIEWS}, is more than the split has)")
-        cfg.VECTOR_REVIEWS = len(task.train)
     plain = make_layout(task, None)
     if cfg.VECTOR_PATH:
         steer, source = load_steer(cfg.VECTOR_PATH, task.model.get_input_embeddings().weight.shape[1])
         steer.vector = steer.vector.to(task.device)
         runs.record(task, "steer", describe(source, steer, saved=True), 0, scoring.predict(task, plain, steer=steer))
         return
-    run_dir = runs.run_dir_or_resume(cfg, "steer")
+    reviews = vector_review_count(cfg, len(task.train))
+    run_dir = runs.run_dir_or_resume(cfg, "steer", fitted={"VECTOR_REVIEWS": reviews})
     source = f"mean of {cfg.PROMPT}" if cfg.VECTOR == "mean" else "pair" if cfg.VECTOR == "pair" else "learned"
     log, status, start = None, "finished", time.perf_counter()
     if cfg.VECTOR == "learned":
-        table, steers, log, status = learned(task, plain, run_dir)
+        table, steers, log, status = learned(task, plain, run_dir, reviews)
     else:
         layers = sweep_layers(cfg, len(task.model.get_decoder().layers))
-        unit, norm = directions(task, layers)
+        unit, norm = directions(task, layers, reviews)
         table, steers = sweep(task, plain, layers, unit, norm)
     best = table.sort_values(["val_score", "val_restricted_score"], ascending=False, kind="stable").iloc[0]
     steer = steers[int(best["layer"]), float(best["coefficient"])]
@@ -192,7 +207,7 @@ def run(cfg) -> None:
           f"({best['val_score']:.1%})")
     plots.steer_heatmap(table, os.path.join(run_dir, "steer_sweep.png"))
     save_steer(run_dir, steer, cfg.MODEL_ID, source)
-    trainable, samples = (steer.vector.numel(), len(task.train)) if log is not None else (0, cfg.VECTOR_REVIEWS)
+    trainable, samples = (steer.vector.numel(), len(task.train)) if log is not None else (0, reviews)
     runs.record(task, "steer", describe(source, steer), 0, scoring.predict(task, plain, steer=steer), run_dir, log,
                 trainable, status, samples=samples, train_seconds=time.perf_counter() - start)
 

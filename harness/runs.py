@@ -6,7 +6,7 @@ import platform
 import subprocess
 from datetime import datetime
 from types import SimpleNamespace
-from typing import Optional
+from typing import Any, Optional
 
 import pandas as pd
 import torch
@@ -18,7 +18,9 @@ from harness.task import Task  # runs.Task: what setup returns
 from harness.training import best_epoch
 
 
-def setup(cfg: SimpleNamespace, with_train: bool = True) -> Task:
+def setup(cfg: SimpleNamespace, with_train: bool = True, held_out: bool = True) -> Task:
+    """The task: frozen model, tokenizer, label ids, the test split and (with_train) the training split, with
+    VAL_LIMIT validation reviews held out of it unless held_out is False (a script that sizes its own hold-out)."""
     ledger.check(cfg.RESULTS_DIR)  # a damaged ledger is found before the work, not after it
     if with_train:
         check_choices(cfg)
@@ -27,7 +29,8 @@ def setup(cfg: SimpleNamespace, with_train: bool = True) -> Task:
     answer_at = answer_context(tokenizer, cfg.TEMPLATE_KWARGS)
     labels = torch.tensor(label_token_ids(tokenizer, cfg.LABELS, answer_at), device=device)
     with parallel.local_main_first():  # under accelerate one process per machine prepares missing data
-        train, val = hold_out(data.load_split(cfg, tokenizer, "train"), cfg) if with_train else (None, None)
+        count = cfg.VAL_LIMIT if held_out else 0
+        train, val = hold_out(data.load_split(cfg, tokenizer, "train"), count, cfg.SEED) if with_train else (None, None)
         test = data.load_split(cfg, tokenizer, "test")
     torch.manual_seed(cfg.SEED)
     model = hub.load_model(cfg.MODEL_ID, cfg.GGUF_FILE, device, cfg.DTYPE, cfg.GRADIENT_CHECKPOINTING)
@@ -46,25 +49,27 @@ def check_choices(cfg: SimpleNamespace) -> None:
                                "e.g. '--rate_grid=[[1e-1], [3e-2], [1e-2]]'")
 
 
-def hold_out(train: data.Split, cfg: SimpleNamespace) -> tuple[data.Split, Optional[data.Split]]:
-    """The reviews to train on and the VAL_LIMIT validation reviews held out of them (seeded, label-balanced),
-    or all of them and None when VAL_LIMIT is 0."""
-    if not cfg.VAL_LIMIT:
+def hold_out(train: data.Split, count: int, seed: int) -> tuple[data.Split, Optional[data.Split]]:
+    """The reviews to train on and `count` (VAL_LIMIT) validation reviews held out of them (seeded, label-balanced),
+    or all of them and None when count is 0."""
+    if not count:
         return train, None
-    if not 0 < cfg.VAL_LIMIT < len(train):
-        raise errors.UserError(f"--val_limit={cfg.VAL_LIMIT} must be between 1 and {len(train) - 1}: validation "
+    if not 0 < count < len(train):
+        raise errors.UserError(f"--val_limit={count} must be between 1 and {len(train) - 1}: validation "
                                f"reviews are held out of the {len(train):,} training reviews (--train_limit), and "
                                f"some must be left to train on")
-    held = torch.from_numpy(data.balanced_sample(train.labels.numpy(), cfg.VAL_LIMIT, cfg.SEED))
+    held = torch.from_numpy(data.balanced_sample(train.labels.numpy(), count, seed))
     rest = torch.ones(len(train), dtype=torch.bool)
     rest[held] = False
     return train.subset(rest.nonzero().squeeze(1)), train.subset(held)
 
 
 @parallel.made_by_main
-def new_run_dir(cfg: SimpleNamespace, script: str) -> str:
-    """A new run folder, results/<time>-<script>, holding the run's effective config (under accelerate the main
-    process makes it and every process gets its path). A method that trains takes run_dir_or_resume instead."""
+def new_run_dir(cfg: SimpleNamespace, script: str, fitted: Optional[dict[str, Any]] = None) -> str:
+    """A new run folder, results/<time>-<script>, holding the run's effective config: cfg, with the values this run
+    fitted to its data (`fitted`, by setting name) in place of those asked for, so that a resume or a sweep reads what
+    the run used (under accelerate the main process makes the folder and every process gets its path). A method that
+    trains takes run_dir_or_resume instead."""
     base = os.path.join(files.folder(cfg.RESULTS_DIR, "--results_dir"), f"{datetime.now():%Y%m%d-%H%M%S}-{script}")
     for n in itertools.count(1):
         path = base if n == 1 else f"{base}-{n}"
@@ -73,17 +78,18 @@ def new_run_dir(cfg: SimpleNamespace, script: str) -> str:
             break
         except FileExistsError:
             continue
-    files.write_atomic(os.path.join(path, "config.json"), json.dumps({k.lower(): v for k, v in vars(cfg).items()}, indent=2))
+    used = {**vars(cfg), **(fitted or {})}
+    files.write_atomic(os.path.join(path, "config.json"), json.dumps({k.lower(): v for k, v in used.items()}, indent=2))
     return path
 
 
 
 
-def run_dir_or_resume(cfg: SimpleNamespace, script: str) -> str:
-    """The folder of RESUME (refused when that run has finished), or a new one: where a method that trains (and so
-    checkpoints) writes."""
+def run_dir_or_resume(cfg: SimpleNamespace, script: str, fitted: Optional[dict[str, Any]] = None) -> str:
+    """The folder of RESUME (refused when that run has finished), or a new one (new_run_dir, with `fitted`): where a
+    method that trains (and so checkpoints) writes."""
     if not cfg.RESUME:
-        return new_run_dir(cfg, script)
+        return new_run_dir(cfg, script, fitted)
     if os.path.exists(os.path.join(cfg.RESUME, "metrics.json")):
         raise errors.UserError(f"{cfg.RESUME} has finished: its scores are in {cfg.RESUME}/metrics.json and its row "
                                f"in the ledger")
@@ -147,11 +153,11 @@ def environment(task: Task) -> dict:
             "attention": frozen.attention_backend(task.model, task.device), "processes": parallel.world_size()}
 
 
-def score_text_prompt(cfg: SimpleNamespace, script: str, system: str, user: str) -> dict:
-    """Score a hand-written prompt (system message, and user message around {review}) and record it; with SHOTS,
-    after that many training reviews and their labels as earlier chat turns; with CALIBRATE, its label-restricted
-    score calibrated on content-free inputs (harness.shots), the raw one kept in calibration.json."""
-    shot_count, calibrated = getattr(cfg, "SHOTS", 0), getattr(cfg, "CALIBRATE", False)
+def score_text_prompt(cfg: SimpleNamespace, script: str, system: str, user: str, shot_count: int = 0,
+                      calibrated: bool = False) -> dict:
+    """Score a hand-written prompt (system message, and user message around {review}) and record it; with
+    shot_count, after that many training reviews and their labels as earlier chat turns; calibrated, its
+    label-restricted score calibrated on content-free inputs (harness.shots), the raw one kept in calibration.json."""
     task = setup(cfg, with_train=shot_count > 0)
     layout = make_layout(task, system, user, turns=shots.examples(task, shot_count))
     predictions, method = scoring.predict(task, layout), "text prompt" + (f" ({shot_count} shots)" if shot_count else "")

@@ -83,15 +83,14 @@ def test_each_primer_init_is_where_a_run_starts(tiny, tmp_path_factory, task, in
 
 
 def test_validation_reviews_are_held_out_balanced_and_seeded(task):
-    cfg = cli.configure(["--val_limit=10"])
-    train, val = runs.hold_out(task.train, cfg)
+    train, val = runs.hold_out(task.train, 10, 0)
     assert (len(train), len(val)) == (30, 10) and val.labels.sum() == 5
     reviews = lambda split: sorted(tuple(split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist())
                                    for i in range(len(split)))
     assert sorted(reviews(train) + reviews(val)) == reviews(task.train)  # every review in exactly one of them
-    assert reviews(runs.hold_out(task.train, cfg)[1]) == reviews(val)
-    assert reviews(runs.hold_out(task.train, cli.configure(["--val_limit=10", "--seed=1"]))[1]) != reviews(val)
-    unchanged, none = runs.hold_out(task.train, cli.configure([]))
+    assert reviews(runs.hold_out(task.train, 10, 0)[1]) == reviews(val)
+    assert reviews(runs.hold_out(task.train, 10, 1)[1]) != reviews(val)
+    unchanged, none = runs.hold_out(task.train, 0, 0)
     assert unchanged is task.train and none is None  # VAL_LIMIT=0: the reference
 
 
@@ -104,7 +103,7 @@ def test_bad_validation_settings_are_refused(task, args, message):
     cfg = cli.configure(args)
     with pytest.raises(errors.UserError, match=message.replace("(", r"\(")):
         runs.check_choices(cfg)
-        runs.hold_out(task.train, cfg)
+        runs.hold_out(task.train, cfg.VAL_LIMIT, cfg.SEED)
 
 
 def test_validation_run_keeps_the_best_epoch(tiny, tmp_path):

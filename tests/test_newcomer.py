@@ -64,18 +64,17 @@ def test_real_and_tiny_show_and_take_only_the_settings_they_read(monkeypatch, ca
 
 def test_probe_defaults_fit_a_small_split_and_given_values_that_do_not_fit_say_so(capsys):
     cfg = types.SimpleNamespace(VAL_LIMIT=probe.VAL_LIMIT, PROBE_TRAIN=probe.PROBE_TRAIN, TRAIN_LIMIT=120)
-    fitted = probe.fit_to_split(cfg, 120)
-    assert (fitted.VAL_LIMIT, fitted.PROBE_TRAIN) == (24, 96)
+    assert probe.fitted_sizes(cfg, 120) == (24, 96)
     assert capsys.readouterr().out == ("120 training reviews: --val_limit=24 (its default 1000 does not fit), "
                                        "--probe_train=96 (its default 5600 does not fit)\n")
-    large = probe.fit_to_split(types.SimpleNamespace(**{**vars(cfg), "TRAIN_LIMIT": 56000}), 56000)
-    assert (large.VAL_LIMIT, large.PROBE_TRAIN) == (1000, 5600) and capsys.readouterr().out == ""  # defaults that fit stay
-    assert probe.fit_to_split(types.SimpleNamespace(**{**vars(cfg), "VAL_LIMIT": 40}), 120).PROBE_TRAIN == 80
+    large = probe.fitted_sizes(types.SimpleNamespace(**{**vars(cfg), "TRAIN_LIMIT": 56000}), 56000)
+    assert large == (1000, 5600) and capsys.readouterr().out == ""  # defaults that fit stay
+    assert probe.fitted_sizes(types.SimpleNamespace(**{**vars(cfg), "VAL_LIMIT": 40}), 120)[1] == 80
     assert capsys.readouterr().out == "120 training reviews: --probe_train=80 (its default 5600 does not fit)\n"
     with pytest.raises(errors.UserError, match=r"^--probe_train=100 must be between 2 and the 80 training reviews left after "):
-        probe.fit_to_split(types.SimpleNamespace(**{**vars(cfg), "VAL_LIMIT": 40, "PROBE_TRAIN": 100}), 120)
+        probe.fitted_sizes(types.SimpleNamespace(**{**vars(cfg), "VAL_LIMIT": 40, "PROBE_TRAIN": 100}), 120)
     with pytest.raises(errors.UserError, match=r"^--val_limit=119 must be between 1 and 118: .* lower --val_limit or raise"):
-        probe.fit_to_split(types.SimpleNamespace(**{**vars(cfg), "VAL_LIMIT": 119}), 120)
+        probe.fitted_sizes(types.SimpleNamespace(**{**vars(cfg), "VAL_LIMIT": 119}), 120)
 
 
 def test_tiny_builds_quietly(tmp_path, capfd):

@@ -78,13 +78,13 @@ def test_calibration_divides_by_the_content_free_label_probabilities(task):
 
 def test_the_scripts_record_shots_and_calibration(tiny, tmp_path):
     cfg = cli.configure(shot_args(tiny, tmp_path, "--shots=2", "--calibrate=True"), settings())
-    row = runs.score_text_prompt(cfg, "prompt_short", prompt_short.SYSTEM, prompt_short.USER)
+    row = runs.score_text_prompt(cfg, "prompt_short", prompt_short.SYSTEM, prompt_short.USER, cfg.SHOTS, cfg.CALIBRATE)
     assert row["method"] == "text prompt (2 shots), calibrated" and row["samples"] == 0
     (run_dir,) = glob.glob(f"{tmp_path}/results/*-prompt_short")
     saved = json.load(open(f"{run_dir}/calibration.json"))
     assert saved["content_free"] == ["N/A", "", "[MASK]"] and abs(sum(saved["label_probabilities"]) - 1) < 1e-5
     plain = runs.score_text_prompt(cli.configure(shot_args(tiny, tmp_path, "--shots=2"), settings()), "prompt_short",
-                                   prompt_short.SYSTEM, prompt_short.USER)
+                                   prompt_short.SYSTEM, prompt_short.USER, 2)
     assert plain["method"] == "text prompt (2 shots)" and plain["correct"] == row["correct"]  # the strict answer is the same
     assert saved["raw_restricted_correct"] == plain["restricted_correct"]
     assert len(ledger.rows(f"{tmp_path}/results")) == 2
@@ -94,4 +94,5 @@ def test_the_scripts_record_shots_and_calibration(tiny, tmp_path):
                                               ("--shots=500", "--shots=500 needs 500 training reviews, but there are 80")])
 def test_bad_shots_are_one_line_errors(tiny, tmp_path, setting, message):
     with pytest.raises(errors.UserError, match="^" + re.escape(message)):
-        runs.score_text_prompt(cli.configure(shot_args(tiny, tmp_path, setting), settings()), "prompt_short", "Classify.", "{review}")
+        cfg = cli.configure(shot_args(tiny, tmp_path, setting), settings())
+        runs.score_text_prompt(cfg, "prompt_short", "Classify.", "{review}", cfg.SHOTS)
