@@ -19,7 +19,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from harness import adapters, batches, chat, cli, errors, files, frozen, parallel, prompts, rategrid, runs, scoring, training
@@ -64,7 +63,7 @@ def with_adapter(task: Task) -> torch.nn.Module:
     """The frozen model wrapped with a LoRA adapter whose B matrices start at zero: at first the student is exactly
     the model without the prompt."""
     cfg = task.cfg
-    config = LoraConfig(r=cfg.LORA_RANK, lora_alpha=cfg.LORA_ALPHA, target_modules=cfg.LORA_TARGETS, lora_dropout=0.0)
+    config = adapters.Lora(cfg.LORA_RANK, cfg.LORA_ALPHA, cfg.LORA_TARGETS).config()
     return adapters.with_peft(task, config, f"--lora_targets={cfg.LORA_TARGETS}")
 
 

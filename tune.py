@@ -63,7 +63,11 @@ def prepare(task) -> tuple[dict[str, torch.Tensor], object, dict]:
     cfg, path = task.cfg, task.cfg.ADAPTER_PATH
     if cfg.METHOD in adapters.PEFT_METHODS:
         from peft import get_peft_model_state_dict
-        task.model = adapters.load_peft(task, path) if path else adapters.with_peft(task, adapters.peft_config(cfg), f"--method={cfg.METHOD}")
+        if path:
+            task.model = adapters.load_peft(task, path)
+        else:
+            config = adapters.peft_config(cfg.METHOD, adapters.Lora(cfg.LORA_RANK, cfg.LORA_ALPHA, cfg.LORA_TARGETS))
+            task.model = adapters.with_peft(task, config, f"--method={cfg.METHOD}")
         if path:  # a loaded adapter's parameters do not require gradients: they are those of its state
             return get_peft_model_state_dict(task.model), None, {}
         return {name: p for name, p in task.model.named_parameters() if p.requires_grad}, None, {}

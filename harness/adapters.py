@@ -3,7 +3,7 @@ per-layer keys and values (prefix tuning, P-tuning v2). Each leaves the model as
 IA3's scales start at zero and one, LayerNorm tuning starts at the model's own norms, and the prefix starts as the
 keys and values the model itself gives PREFIX_LENGTH random tokens."""
 import os
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -16,11 +16,25 @@ from harness.task import Task
 PEFT_METHODS = ("lora", "ia3", "layernorm")  # wrapped by peft; saved as a peft adapter folder
 
 
-def peft_config(cfg: SimpleNamespace):
-    from peft import IA3Config, LNTuningConfig, LoraConfig
-    if cfg.METHOD == "lora":
-        return LoraConfig(r=cfg.LORA_RANK, lora_alpha=cfg.LORA_ALPHA, target_modules=cfg.LORA_TARGETS, lora_dropout=0.0)
-    if cfg.METHOD == "ia3":  # peft's defaults for Llama: keys, values and the MLP's input to down_proj are rescaled
+@dataclass(frozen=True)
+class Lora:
+    """A LoRA adapter's shape: tune.py's and bake.py's LORA_RANK, LORA_ALPHA and LORA_TARGETS."""
+    rank: int
+    alpha: int  # updates are scaled by alpha / rank
+    targets: list[str]  # the modules that get an update
+
+    def config(self):
+        """peft's LoraConfig: B starts at zero, so the wrapped model starts as the frozen one; no dropout."""
+        from peft import LoraConfig
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=self.targets, lora_dropout=0.0)
+
+
+def peft_config(method: str, lora: Lora):
+    """peft's config for `method` (one of PEFT_METHODS); `lora` gives "lora" its shape."""
+    from peft import IA3Config, LNTuningConfig
+    if method == "lora":
+        return lora.config()
+    if method == "ia3":  # peft's defaults for Llama: keys, values and the MLP's input to down_proj are rescaled
         return IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
     return LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])  # every RMSNorm's weight
 
@@ -59,10 +73,10 @@ class Prefixed:
         return getattr(self.model, name)
 
     def get_decoder(self):
-        return PrefixedDecoder(self.model.get_decoder(), self.prefix)
+        return _PrefixedDecoder(self.model.get_decoder(), self.prefix)
 
 
-class PrefixedDecoder:
+class _PrefixedDecoder:
     def __init__(self, decoder: torch.nn.Module, prefix: torch.Tensor):
         self.decoder, self.prefix, self.layers = decoder, prefix, decoder.layers
 
