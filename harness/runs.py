@@ -21,9 +21,9 @@ from harness.training import best_epoch
 def setup(cfg: SimpleNamespace, with_train: bool = True, held_out: bool = True) -> Task:
     """The task: frozen model, tokenizer, label ids, the test split and (with_train) the training split, with
     VAL_LIMIT validation reviews held out of it unless held_out is False (a script that sizes its own hold-out)."""
-    ledger.check(cfg.RESULTS_DIR)  # a damaged ledger is found before the work, not after it
     if with_train:
         check_choices(cfg)
+    ledger.check(cfg.RESULTS_DIR)  # a damaged ledger is found before the work, not after it
     device = hub.resolve_device(cfg.DEVICE)
     tokenizer = hub.load_tokenizer(cfg.MODEL_ID, cfg.GGUF_FILE)
     answer_at = answer_context(tokenizer, cfg.TEMPLATE_KWARGS)
