@@ -9,8 +9,10 @@ row, a rate grid's run counting as the run of the schedule it chose on validatio
 seconds) and a seed run twice once (its latest run): trainable parameters, training reviews, seeds, the strict
 score and the label-restricted one as mean and standard deviation over seeds, the 95% Wilson interval one run of
 that score would have on these test reviews (the test-sampling noise, beside the seed noise), train and score
-seconds, the share of the best probe row's score, and McNemar's exact p against the best row (or the best row named
-like AGAINST), paired on each test review (stats.paired). Every run must have been scored on the same test reviews.
+seconds, the share of the best probe row's score, the label bias (the share of the most frequent answer, strict and
+label-restricted, mean over seeds: 100% is a constant classifier), and the difference from the best row (or the best
+row named like AGAINST) with its 95% interval and p by a paired bootstrap over seeds and test reviews
+(stats.bootstrap_difference). Every run must have been scored on the same test reviews.
 Writes table.md and table.csv (with TRAIN_REVIEWS: table_<n>.md and table_<n>.csv, that size's rows and those of
 prompts and searches), table_params.png (score against trainable parameters) and table_data.png (score against
 training reviews, every size: a method whose rate was chosen on validation at each size is one curve, each point's
@@ -33,7 +35,8 @@ SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=v
 SIZE_KEYS = ("TRAIN_LIMIT", "PROBE_TRAIN", "VECTOR_REVIEWS")  # set by the training reviews (steer takes all of a
 # small split): the data curve's axis, not a row's name
 COLUMNS = ["Run", "Method", "Params", "Train reviews", "Seeds", "Score (mean ± std)", "One run's 95% interval",
-           "Label-restricted (mean ± std)", "Train s", "Score s", "Of the probe", "McNemar p"]
+           "Label-restricted (mean ± std)", "Label bias (strict / restricted)", "Train s", "Score s", "Of the probe",
+           "Difference (95% interval)", "p (seeds × reviews)"]
 
 
 def load_runs(results_dir: str) -> pd.DataFrame:
@@ -52,6 +55,7 @@ def load_runs(results_dir: str) -> pd.DataFrame:
         settings = {k: v for k, v in r["config"].items() if k != "SEED" and v not in (None, [])}  # unset as absent
         r["group"] = json.dumps([r["script"], family(r["method"]), settings], sort_keys=True)
         r["right"], r["restricted_right"] = stats.correctness(predictions).values()
+        r["label_bias"], r["restricted_label_bias"] = stats.label_bias(predictions)
     return pd.DataFrame(rows)
 
 
@@ -94,6 +98,7 @@ def pooled(name: str, group: str, runs: pd.DataFrame) -> dict:
             "trainable_params": int(seeds["trainable_params"].iloc[0]), "samples": int(seeds["samples"].mean()),
             "seeds": len(seeds), "score_mean": score[0], "score_std": score[1], "score_low": low, "score_high": high,
             "restricted_mean": restricted[0], "restricted_std": restricted[1],
+            "label_bias": seeds["label_bias"].mean(), "restricted_label_bias": seeds["restricted_label_bias"].mean(),
             "train_seconds": seeds["train_seconds"].mean(), "score_seconds": seeds["score_seconds"].mean(),
             "scores": seeds["score"].tolist(), "right": torch.stack(list(seeds["right"])), "run_ids": " ".join(seeds["run_id"]),
             "rate_chosen": chosen, "config": json.dumps(config),
@@ -103,8 +108,8 @@ def pooled(name: str, group: str, runs: pd.DataFrame) -> dict:
 
 def summarize(runs: pd.DataFrame, train_reviews: int = 0, against: str = "") -> pd.DataFrame:
     """One row per group (those trained on train_reviews and those with no trained parameters, when given), best mean
-    score first, with its seeds' spread and its paired test against the reference row: the best one whose name
-    contains `against`."""
+    score first, with its seeds' spread and its difference from the reference row (the best one whose name contains
+    `against`) by the bootstrap over seeds and reviews."""
     named = names(runs)
     rows = [pooled(named[group], group, seeds) for group, seeds in runs.groupby("group", sort=False)]
     table = pd.DataFrame(rows).sort_values("score_mean", ascending=False, kind="stable").reset_index(drop=True)
@@ -117,9 +122,9 @@ def summarize(runs: pd.DataFrame, train_reviews: int = 0, against: str = "") -> 
     reference = reference_row(table, against)
     probes = table[table["script"] == "probe"]
     table["probe_share"] = table["score_mean"] / probes["score_mean"].max() if len(probes) else math.nan
-    tests = [stats.paired(r["right"], table.at[reference, "right"]) if i != reference else (0, 0, math.nan)
-             for i, r in table.iterrows()]
-    table["only_this"], table["only_reference"], table["mcnemar_p"] = zip(*tests)
+    tests = [stats.bootstrap_difference(r["right"], table.at[reference, "right"]) if i != reference
+             else (0.0, math.nan, math.nan, math.nan) for i, r in table.iterrows()]
+    table["difference"], table["difference_low"], table["difference_high"], table["bootstrap_p"] = zip(*tests)
     table["reference"] = table.index == reference
     return table
 
@@ -136,13 +141,24 @@ def reference_row(table: pd.DataFrame, against: str) -> int:
 def markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
     for i, r in table.iterrows():
-        p = ("reference" if i else "best") if r["reference"] else f"{r['mcnemar_p']:.2g} ({r['only_this']} / {r['only_reference']})"
+        test = [("reference" if i else "best"), "–"] if r["reference"] else difference(r)
         cells = [r["run"], r["method"], f"{r['trainable_params']:,}", f"{r['samples']:,}" if r["samples"] else "–",
                  str(r["seeds"]), fmt(r["score_mean"], r["score_std"]), f"[{100 * r['score_low']:.1f}, {100 * r['score_high']:.1f}]",
-                 fmt(r["restricted_mean"], r["restricted_std"]), f"{r['train_seconds']:,.0f}", f"{r['score_seconds']:,.0f}",
-                 "–" if math.isnan(r["probe_share"]) else f"{100 * r['probe_share']:.0f}%", p]
+                 fmt(r["restricted_mean"], r["restricted_std"]),
+                 f"{100 * r['label_bias']:.0f}% / {100 * r['restricted_label_bias']:.0f}%",
+                 f"{r['train_seconds']:,.0f}", f"{r['score_seconds']:,.0f}",
+                 "–" if math.isnan(r["probe_share"]) else f"{100 * r['probe_share']:.0f}%", *test]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def difference(row: pd.Series) -> list[str]:
+    """A row's difference from the reference in points with its 95% interval, and its p; a p at the bootstrap's
+    floor is written as a bound, as the resamples can show no smaller one."""
+    floor = 2 / (stats.BOOTSTRAP_RESAMPLES + 1)
+    p = f"≤ {floor:.1g}" if row["bootstrap_p"] <= floor else f"{row['bootstrap_p']:.2g}"
+    low, high = 100 * row["difference_low"], 100 * row["difference_high"]
+    return [f"{100 * row['difference']:+.1f} [{low:+.1f}, {high:+.1f}]", p]
 
 
 def write(results_dir: str, train_reviews: int = 0, against: str = "") -> pd.DataFrame:

@@ -1,5 +1,5 @@
-"""table.py on tiny runs (three primer configurations, two seeds each, and a text prompt), and the statistics it shares
-with compare.py, checked against numpy and scipy."""
+"""table.py on tiny runs (three primer configurations, two seeds each, and a text prompt), and McNemar's test that
+compare.py uses, checked against numpy and scipy (the bootstrap over seeds and reviews: test_stats.py)."""
 import math
 import os
 import shutil
@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from safetensors.torch import load_file
-from scipy.stats import binomtest
 
 import experiment
 import prompt_short
@@ -38,6 +37,12 @@ def correct(run_dir) -> np.ndarray:
     return (p["answer"] == p["label_ids"][p["label"]]).numpy()
 
 
+def most_frequent_share(run_dir) -> float:
+    """The share of the run's most frequent strict answer, counted with numpy."""
+    answers = load_file(str(run_dir / "predictions.safetensors"))["answer"].numpy()
+    return np.unique(answers, return_counts=True)[1].max() / len(answers)
+
+
 def test_one_row_per_configuration_with_its_seeds_spread_and_a_paired_test(results, capsys):
     written = table.write(str(results))
     printed = capsys.readouterr().out
@@ -45,7 +50,7 @@ def test_one_row_per_configuration_with_its_seeds_spread_and_a_paired_test(resul
     assert len(written) == 4 and written["seeds"].tolist().count(2) == 3 and sorted(written["samples"]) == [0, 50, 100, 100]
     frame = pd.DataFrame(ledger.rows(str(results)))
     best = written.iloc[0]
-    best_right = np.stack([correct(results / run) for run in best["run_ids"].split()]).astype(float).mean(0)
+    best_right = np.stack([correct(results / run) for run in best["run_ids"].split()])
     assert sorted(written["run"]) == ["experiment primer_length=2"] * 2 + ["experiment primer_length=4", "prompt_short"]
     for i, r in enumerate(written.to_dict("records")):
         runs = r["run_ids"].split()
@@ -53,16 +58,19 @@ def test_one_row_per_configuration_with_its_seeds_spread_and_a_paired_test(resul
         assert r["score_mean"] == pytest.approx(np.mean(scores))
         assert (math.isnan(r["score_std"]) and len(runs) == 1) or r["score_std"] == pytest.approx(np.std(scores, ddof=1))
         assert set(frame[frame["run_id"].isin(runs)]["seed"]) == ({0, 1} if r["script"] == "experiment" else {0})
+        assert r["label_bias"] == pytest.approx(np.mean([most_frequent_share(results / run) for run in runs]))
         if i == 0:
-            assert math.isnan(r["mcnemar_p"]) and "| best |" in printed
+            assert math.isnan(r["bootstrap_p"]) and "| best | – |" in printed
             continue
-        mine = np.stack([correct(results / run) for run in runs]).astype(float).mean(0)
-        wins, losses = int((mine > best_right).sum()), int((mine < best_right).sum())
-        assert (r["only_this"], r["only_reference"]) == (wins, losses)
-        assert r["mcnemar_p"] == pytest.approx(binomtest(wins, wins + losses).pvalue if wins + losses else 1.0)
-        assert f"{r['mcnemar_p']:.2g} ({wins} / {losses})" in printed
+        mine = np.stack([correct(results / run) for run in runs])  # every seed's row: the seeds are resampled
+        difference, low, high, p = stats.bootstrap_difference(mine, best_right)
+        assert difference == pytest.approx(mine.mean() - best_right.mean())
+        assert (r["difference"], r["difference_low"], r["difference_high"], r["bootstrap_p"]) == (difference, low, high, p)
+        assert " | ".join(table.difference(pd.Series(r))) in printed
     csv = pd.read_csv(results / "table.csv")
     assert csv["score_mean"].tolist() == pytest.approx(written["score_mean"].tolist())
+    assert csv["label_bias"].tolist() == pytest.approx(written["label_bias"].tolist())
+    assert "bootstrap_p" in csv and "mcnemar_p" not in csv  # the pooled McNemar counted 3 seeds as one classifier
     for name in ("table_params.png", "table_data.png"):
         assert (results / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -126,7 +134,8 @@ def test_one_size_against_a_named_row_and_the_mistakes_of_both_settings(results,
     assert list(reference["run"]) == ["experiment primer_length=2"] and int(reference["samples"].iloc[0]) == 100
     for i, r in written.iterrows():
         if not r["reference"]:
-            assert (r["only_this"], r["only_reference"], r["mcnemar_p"]) == stats.paired(r["right"], reference["right"].iloc[0])
+            test = stats.bootstrap_difference(r["right"], reference["right"].iloc[0])
+            assert (r["difference"], r["difference_low"], r["difference_high"], r["bootstrap_p"]) == test
     assert ("| reference |" in printed) == (reference.index[0] != 0)
     for args, error in ((["--train_reviews=7"], "no run was trained on --train_reviews=7 reviews"),
                         (["--against=lora"], "no row is named like --against='lora'")):
