@@ -4,6 +4,7 @@ MODEL_ID = "meta-llama/Llama-3.2-1B-Instruct"  # Hugging Face id, local folder o
 GGUF_FILE = None  # a .gguf file inside MODEL_ID (hub id or folder) to load, dequantized, instead of its safetensors
 DEVICE = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
 DTYPE = "auto"  # model weights: "auto" (bfloat16 on cuda, float32 on cpu), "bfloat16", "float16" or "float32"
+THREADS = 0  # CPU threads of this process (torch, BLAS, OpenMP): 0 leaves the libraries' default, one per core; with other jobs on the machine give each its share (1 on a busy 2-core machine)
 TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}  # extra chat-template variables: pins Llama 3's "Today Date" line, else it changes daily
 CSV_DIR = "data/yelp_review_polarity"  # train.csv and test.csv in the Yelp polarity format (fetched when absent)
 DATA_DIR = "data"  # where prep writes the tokenized train.pt and test.pt

@@ -2,6 +2,7 @@
 
     python sweep.py [--name=value ...]                 # DEFAULT_GRID below; overrides apply to every point
     python sweep.py --grid=cpu_table [--name=value ...]   # the grid of grids/cpu_table.json (or --grid=<path>.json)
+    python sweep.py --grid=cpu_table --jobs=2          # two points at once, each on its share of the cores
     python table.py results/                           # then the comparison: seeds pooled, paired tests, figures
 
 Each point runs as `python <script>.py --name=value ...` (any script at the repo root that records a ledger row):
@@ -12,6 +13,8 @@ A point is already done when the ledger (RESULTS_DIR/results.csv) has a row of t
 config.json equals the point's config on every key that can change the result (ledger.result_config). The point's
 config is its script's settings (`python <script>.py --help=json`: the sweep never imports a script) with the
 overrides on top. A point that fails is reported in one line and the sweep goes on; run the sweep again to retry it.
+With JOBS above 1, that many points run at once, each given --threads=<cores / JOBS> unless --threads is set, so
+they share the cores instead of each starting a thread per core.
 
 A grid file is JSON: a list of points, each {"script": name, "<setting>": value, ...}; a point's "each" maps settings
 to lists of values, and the point stands for every combination of them (e.g. {"each": {"seed": [0, 1, 2]}}), a
@@ -30,7 +33,8 @@ from typing import Optional
 from harness import cli, errors, files, ledger, plots
 
 GRID = ""  # the grid to run: "" (DEFAULT_GRID below), a name in grids/ (e.g. cpu_table), or a path to a .json grid file
-SETTINGS = {"GRID": GRID}
+JOBS = 1  # points run at once, each on its share of the cores (--threads=<cores / JOBS>, unless --threads is given)
+SETTINGS = {"GRID": GRID, "JOBS": JOBS}
 
 # The reference table's primer rows, 4, 8 and 16 vectors under the one-epoch and the three-epoch schedule, plus both
 # text prompts.
@@ -95,7 +99,21 @@ def read_settings(grid: list[dict]) -> None:
 def point_args(cfg: SimpleNamespace, point: dict) -> list[str]:
     """The point's command-line overrides: the sweep's own (where they differ from config.py), then the point's."""
     given = {k: v for k, v in vars(cfg).items() if k not in SETTINGS and v != cli.defaults()[k]}
-    return cli.as_args(given) + cli.as_args({k: v for k, v in point.items() if k != "script"})
+    return cli.as_args({**given, **thread_share(cfg, point)}) + cli.as_args({k: v for k, v in point.items() if k != "script"})
+
+
+def thread_share(cfg: SimpleNamespace, point: dict) -> dict:
+    """A point's share of the cores when JOBS run at once and neither the sweep nor the point sets THREADS: without
+    it each run would start one thread per core, and JOBS runs would fight over every core."""
+    jobs = jobs_of(cfg)
+    if jobs == 1 or cfg.THREADS or "threads" in point:
+        return {}
+    return {"THREADS": max(1, (os.cpu_count() or 1) // jobs)}
+
+
+def jobs_of(cfg: SimpleNamespace) -> int:
+    """JOBS, or 1 for a config of config.py's settings alone (cli.configure without the sweep's own)."""
+    return getattr(cfg, "JOBS", JOBS)
 
 
 def point_config(cfg: SimpleNamespace, point: dict) -> SimpleNamespace:
@@ -130,29 +148,31 @@ def run_command(command: list[str]) -> tuple[int, str]:
 
 
 def sweep(cfg: SimpleNamespace, grid: list[dict]) -> tuple[list[dict], list[str]]:
-    """Run the grid's points not yet in the ledger, in order, each as a command line. Returns the ledger row of each
-    point done (in grid order) and the points that failed."""
+    """Run the grid's points not yet in the ledger, in order, JOBS at a time, each as a command line. Returns the
+    ledger row of each point done (in grid order) and the points that failed."""
     read_settings(grid)
     configs = [point_config(cfg, point) for point in grid]  # every point checked before any runs
-    rows, failed = [], []
-    for i, (point, point_cfg) in enumerate(zip(grid, configs), 1):
-        script, args = point["script"], point_args(cfg, point)
-        name = " ".join([script] + cli.as_args({k: v for k, v in point.items() if k != "script"}))  # for one-line reports
-        row = find_run(script, point_cfg)
-        if row:
-            print(f"sweep {i}/{len(grid)}: {name}: already in the ledger as {row['run_id']}, skipped", flush=True)
-            rows.append(row)
-            continue
-        own = {k: v for k, v in point.items() if k != "script"}
-        print(f"sweep {i}/{len(grid)}: python {script}.py {cli.shell_args(own)}", flush=True)
-        status, last = run_command([sys.executable, os.path.join(ROOT, f"{script}.py"), *args])
-        row = find_run(script, point_cfg) if status == 0 else None
-        if row is None:  # one bad point must not cost the rest of the grid
-            print(f"sweep {i}/{len(grid)}: {name} failed: {last if status else 'it wrote no ledger row'}", flush=True)
-            failed.append(name)
-            continue
-        rows.append(row)
-    return rows, failed
+    with ThreadPoolExecutor(max_workers=jobs_of(cfg)) as pool:
+        done = list(pool.map(lambda i: run_point(cfg, grid, configs[i], i), range(len(grid))))
+    return [row for row, _ in done if row], [name for row, name in done if row is None]
+
+
+def run_point(cfg: SimpleNamespace, grid: list[dict], point_cfg: SimpleNamespace, i: int) -> tuple[Optional[dict], str]:
+    """Point i of the grid: its ledger row (already there, or written by running it; None when it failed) and its
+    name for one-line reports."""
+    point, at = grid[i], f"sweep {i + 1}/{len(grid)}"
+    script, own = point["script"], {k: v for k, v in point.items() if k != "script"}
+    name = " ".join([script] + cli.as_args(own))
+    row = find_run(script, point_cfg)
+    if row:
+        print(f"{at}: {name}: already in the ledger as {row['run_id']}, skipped", flush=True)
+        return row, name
+    print(f"{at}: python {script}.py {cli.shell_args(own)}", flush=True)
+    status, last = run_command([sys.executable, os.path.join(ROOT, f"{script}.py"), *point_args(cfg, point)])
+    row = find_run(script, point_cfg) if status == 0 else None
+    if row is None:  # one bad point must not cost the rest of the grid
+        print(f"{at}: {name} failed: {last if status else 'it wrote no ledger row'}", flush=True)
+    return row, name
 
 
 def with_schedule(row: dict, results_dir: str) -> dict:
@@ -165,6 +185,8 @@ def configure(argv: list[str]) -> SimpleNamespace:
     """The sweep's config from its command line. Overriding a key that a point of the grid sets is an error, since
     the point's own value would win: such a key is changed in the grid."""
     cfg = cli.configure(argv, SETTINGS)
+    if cfg.JOBS < 1:
+        raise errors.UserError(f"--jobs={cfg.JOBS} must be 1 or more: the points run at once")
     grid = load_grid(cfg.GRID)
     for arg in argv:
         key = arg[2:].split("=")[0].lower()

@@ -121,7 +121,7 @@ def record(task: Task, script: str, method: str, prompt_tokens: int, predictions
         save_file({**tensors, "label_ids": task.label_ids.cpu()}, tmp)
     if log:
         files.write_atomic(os.path.join(run_dir, "losses.csv"), pd.DataFrame(log).to_csv(index=False))
-        plots.loss_curve(run_dir, method, prompt_tokens)
+        print(f"saved {plots.loss_curve(run_dir, method, prompt_tokens)} (the training loss)")
     ledger.append(cfg.RESULTS_DIR, row)
     print(ledger.format_table([row]))
     print(f"saved {run_dir} and a row of {ledger.path(cfg.RESULTS_DIR)}")
@@ -130,7 +130,8 @@ def record(task: Task, script: str, method: str, prompt_tokens: int, predictions
 
 def environment(task: Task) -> dict:
     """What the config cannot say about a run: the code's commit, the libraries (gguf and kernels decide how a GGUF
-    file loads: None when not installed), whether GGUF weights stayed packed, the device, dtype and attention kernel."""
+    file loads: None when not installed), whether GGUF weights stayed packed, the device, dtype and attention kernel,
+    and torch's CPU threads (THREADS, or the default: one per core)."""
     from importlib.metadata import PackageNotFoundError, version
 
     import transformers
@@ -150,7 +151,8 @@ def environment(task: Task) -> dict:
             "transformers": transformers.__version__, "gguf": installed("gguf"), "kernels": installed("kernels"),
             "gguf_packed": hub.packed_gguf(task.model), "device": str(task.device), "gpu": gpu,
             "dtype": str(next(task.model.parameters()).dtype).removeprefix("torch."),
-            "attention": frozen.attention_backend(task.model, task.device), "processes": parallel.world_size()}
+            "attention": frozen.attention_backend(task.model, task.device), "processes": parallel.world_size(),
+            "threads": torch.get_num_threads()}
 
 
 def score_text_prompt(cfg: SimpleNamespace, script: str, system: str, user: str, shot_count: int = 0,

@@ -14,8 +14,9 @@ from harness import cli, errors, plots, runs
 
 def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, tmp_path, capsys):
     args = overrides(tiny, tmp_path)
-    trained = run_script("experiment.py", *args)  # no prep first: the data is prepared on the way
+    trained = run_script("experiment.py", *args, "--threads=1")  # no prep first: the data is prepared on the way
     assert trained.returncode == 0, trained.stderr
+    assert f"\nthreads: 1 of {os.cpu_count()} cores (--threads)\n" in trained.stdout  # in the run's header
     assert "| Run | Method | Train reviews | Params | Tokens | Score | Correct / Total | Label-restricted | Best epoch | Status |" in trained.stdout
     assert "epoch 3/3 rate 0.1 (Adam lr 0.1)" in trained.stderr and "samples_s=" in trained.stderr  # progress bars
     assert trained.stderr.count("\r") <= 2 * trained.stderr.count("\n")  # in a log: each bar's start and end, no more
@@ -57,6 +58,7 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
 
     environment = json.loads((run / "environment.json").read_text())
     assert environment["device"] == "cpu" and environment["dtype"] == "float32" and len(environment["git_commit"]) == 40
+    assert environment["threads"] == 1 and f"saved {run}/loss.png (the training loss)\n" in trained.stdout
     predictions = load_file(str(run / "predictions.safetensors"))
     strict = predictions["answer"] == predictions["label_ids"][predictions["label"]]
     restricted = predictions["logprobs"].argmax(-1) == predictions["label"]

@@ -9,6 +9,7 @@ import types
 
 import pandas as pd
 import pytest
+import torch
 
 import probe
 import real
@@ -81,6 +82,26 @@ def test_tiny_builds_quietly(tmp_path, capfd):
     tiny.build(str(tmp_path))
     out, err = capfd.readouterr()
     assert out == "" and err == ""  # no blank lines of the tokenizer trainer, no "Writing model shards" bar
+
+
+def test_threads_hold_every_pool_of_the_process_to_the_setting(monkeypatch):
+    """--threads=1: torch, the BLAS and OpenMP pools loaded already, and the variables of those that start later."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+    for name in cli.THREAD_VARIABLES:
+        monkeypatch.setenv(name, "")  # so the test's end restores each variable as it was
+    before = torch.get_num_threads()
+    with threadpool_limits(limits=None):  # its exit puts back the pools' own limits
+        try:
+            cli.use_threads(types.SimpleNamespace(THREADS=1))
+            assert torch.get_num_threads() == 1 and {pool["num_threads"] for pool in threadpool_info()} == {1}
+            assert all(os.environ[name] == "1" for name in cli.THREAD_VARIABLES)
+        finally:
+            torch.set_num_threads(before)
+    variables = dict(os.environ)
+    cli.use_threads(types.SimpleNamespace(THREADS=0))  # each library's default: nothing changes
+    assert torch.get_num_threads() == before and dict(os.environ) == variables
+    with pytest.raises(errors.UserError, match=r"^--threads=-1 must be 0 \(each library's default\) or a number"):
+        cli.use_threads(types.SimpleNamespace(THREADS=-1))
 
 
 def test_progress_bars_in_a_log_redraw_rarely(monkeypatch, capsys):

@@ -1,5 +1,7 @@
 import json
 import os
+import threading
+import time
 
 import matplotlib.image
 import pandas as pd
@@ -62,6 +64,39 @@ def test_a_grid_runs_as_command_lines_reports_failures_and_then_skips_what_is_do
     assert sweep.find_run("prompt_short", sweep.point_config(cfg, {**text, "test_limit": 50})) is None
     assert sweep.find_run("prompt_short", sweep.point_config(cfg, {**text, "labels": ["a", "b"]})) is None
     assert sweep.find_run("prompt_long", sweep.point_config(cfg, {"script": "prompt_long"})) is None
+
+
+def test_jobs_run_points_at_once_each_on_its_share_of_the_cores(monkeypatch, capsys):
+    grid = [{"script": "prompt_short", "seed": seed} for seed in range(5)]
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(sweep, "read_settings", lambda grid: None)
+    monkeypatch.setattr(sweep, "point_config", lambda cfg, point: point)  # the point stands for its config
+    done, running, most, lock = set(), [0], [0], threading.Lock()
+    monkeypatch.setattr(sweep, "find_run", lambda script, point: {"run_id": f"seed{point['seed']}"} if point["seed"] in done else None)
+
+    def run_command(command):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+            done.add(int(command[-1].removeprefix("--seed=")))
+        commands.append(command)
+        return 0, ""
+    monkeypatch.setattr(sweep, "run_command", run_command)
+    commands = []
+    rows, failed = sweep.sweep(sweep.configure(["--jobs=2"]), grid)
+    assert most[0] == 2 and [r["run_id"] for r in rows] == [f"seed{s}" for s in range(5)] and not failed  # grid order
+    assert all(c.count("--threads=4") == 1 for c in commands)  # 8 cores, 2 at once
+    done.clear(), commands.clear()
+    sweep.sweep(sweep.configure(["--jobs=2", "--threads=1"]), grid)  # a given --threads wins
+    assert all("--threads=1" in c and "--threads=4" not in c for c in commands)
+    done.clear(), commands.clear()
+    sweep.sweep(sweep.configure([]), grid)  # one at a time: each run keeps the libraries' default
+    assert not any(arg.startswith("--threads") for c in commands for arg in c)
+    with pytest.raises(errors.UserError, match=r"^--jobs=0 must be 1 or more"):
+        sweep.configure(["--jobs=0"])
 
 
 def test_unknown_grid_key_stops_before_anything_runs(tiny, tmp_path):
