@@ -21,12 +21,8 @@ from harness.files import read_json
 PROGRESS_SECONDS = 60  # in a log file rather than a terminal, progress bars redraw at most this often
 # settings a resumed run may take new values for: where files go, checkpointing, and how the work runs. These last
 # can move numbers: --score_batch_size moves logits by ~5e-5 in float32 on the CPU (answers equal) and can move answers
-# in bfloat16, --threads changes the order in which a sum's parts are added, and --device=cuda turns DTYPE=auto into
-# bfloat16
-RESUMABLE = {"DEVICE", "SCORE_BATCH_SIZE", "CHECKPOINT_EVERY", "GRADIENT_CHECKPOINTING", "RESULTS_DIR", "DATA_DIR",
-             "THREADS"}
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS")  # read by the
-# OpenMP, BLAS and tokenizers' thread pools as they start
+# in bfloat16, and --device=cuda turns DTYPE=auto into bfloat16
+RESUMABLE = {"DEVICE", "SCORE_BATCH_SIZE", "CHECKPOINT_EVERY", "GRADIENT_CHECKPOINTING", "RESULTS_DIR", "DATA_DIR"}
 
 
 def defaults() -> dict[str, Any]:
@@ -184,7 +180,8 @@ def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, 
          parse: Optional[Callable[[list[str]], types.SimpleNamespace]] = None,
          shared: Optional[tuple[str, ...]] = None) -> None:
     """Configure from sys.argv (with `parse` when the script reads more than overrides), print the config and call
-    run(cfg); joins the other processes when accelerate launched several; a UserError exits with one line.
+    run(cfg); joins the other processes when accelerate launched several, and leaves their group when done (after
+    waiting for them, unless this process crashed alone); a UserError exits with one line.
     -h or --help prints usage() instead. A script that reads few of config.py's settings names them in `shared`
     (() for none): it then shows and accepts only those and its own `extra` ones."""
     if {"-h", "--help"} & set(sys.argv[1:]):
@@ -194,36 +191,24 @@ def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, 
         print(settings_json(extra))
         return
     quiet_progress_bars()
+    alike = True  # whether every process ends as this one does, so that it may wait for the others
     try:
         cfg = parse(sys.argv[1:]) if parse else configure(sys.argv[1:], extra, shared)
         parallel.start(getattr(cfg, "DEVICE", "cpu"))
-        use_threads(cfg)
         print_config(cfg)
-        if hasattr(cfg, "THREADS"):
-            print(f"threads: {torch.get_num_threads()} of {os.cpu_count()} cores (--threads)", flush=True)
         run(cfg)
     except UserError as e:
         sys.exit(f"error: {e}")
     except torch.OutOfMemoryError as e:
+        alike = False  # this process's memory, not the others'
         sys.exit(f"error: {out_of_memory(cfg)} ({str(e).splitlines()[0][:120]})")
     except KeyboardInterrupt:
         sys.exit("interrupted")
-
-
-def use_threads(cfg: types.SimpleNamespace) -> None:
-    """Hold this process to THREADS compute threads (where a script reads it and it is not 0): torch's, the BLAS and
-    OpenMP pools loaded already (numpy's, torch's), and through their variables those that start later
-    (scikit-learn's, the tokenizers'). Each library's default is one thread per core, which other jobs on the machine
-    slow down many times over."""
-    threads = getattr(cfg, "THREADS", 0)
-    if threads < 0:
-        raise UserError(f"--threads={threads} must be 0 (each library's default) or a number of threads")
-    if not threads:
-        return
-    from threadpoolctl import threadpool_limits  # scikit-learn's dependency
-    torch.set_num_threads(threads)
-    threadpool_limits(threads)
-    os.environ.update({name: str(threads) for name in THREAD_VARIABLES})
+    except Exception:
+        alike = False
+        raise
+    finally:
+        parallel.stop(wait=alike)
 
 
 def settings_json(extra: Optional[dict[str, Any]] = None) -> str:

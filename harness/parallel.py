@@ -3,7 +3,6 @@
 Each process holds the whole frozen model and the same primer, runs its share of every batch, and the primer's
 gradient, the loss and the test counts are summed across processes. Plain `python script.py` never joins a process
 group: every function here is then the single-process identity (no copy, no communication)."""
-import atexit
 import contextlib
 import functools
 import os
@@ -22,16 +21,28 @@ def launched() -> bool:
 
 def start(device: str) -> None:
     """Join the process group when launched as several processes: NCCL on GPUs, gloo on CPU (no GPU, or
-    --device=cpu). The other processes than the main one write nothing to stdout from then on."""
+    --device=cpu). The other processes than the main one write nothing to stdout from then on; stop() leaves."""
     global _state
     if not launched() or _state is not None:
         return
     from accelerate import PartialState
     _state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
-    # gloo's worker threads abort the process (SIGABRT) if the interpreter is torn down before the group is destroyed
-    atexit.register(_state.destroy_process_group)
     if not _state.is_main_process:
         sys.stdout = open(os.devnull, "w")  # one config, one table, one "saved" line: the main process's
+
+
+def stop(wait: bool) -> None:
+    """Leave the process group, after every other process has come to leave it too when `wait` (every process ends
+    alike: finished, refused, interrupted); a crash in one process leaves at once, since the others may never come.
+    gloo's threads abort a process (SIGABRT, "terminate called without an active exception") whose group is torn
+    down at the interpreter's exit, or while another process still talks to it."""
+    global _state
+    if _state is None:
+        return
+    if wait:
+        _state.wait_for_everyone()
+    _state.destroy_process_group()
+    _state = None
 
 
 def started() -> bool:
