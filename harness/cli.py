@@ -21,8 +21,12 @@ from harness.files import read_json
 PROGRESS_SECONDS = 60  # in a log file rather than a terminal, progress bars redraw at most this often
 # settings a resumed run may take new values for: where files go, checkpointing, and how the work runs. These last
 # can move numbers: --score_batch_size moves logits by ~5e-5 in float32 on the CPU (answers equal) and can move answers
-# in bfloat16, and --device=cuda turns DTYPE=auto into bfloat16
-RESUMABLE = {"DEVICE", "SCORE_BATCH_SIZE", "CHECKPOINT_EVERY", "GRADIENT_CHECKPOINTING", "RESULTS_DIR", "DATA_DIR"}
+# in bfloat16, --threads changes the order in which a sum's parts are added, and --device=cuda turns DTYPE=auto into
+# bfloat16
+RESUMABLE = {"DEVICE", "SCORE_BATCH_SIZE", "CHECKPOINT_EVERY", "GRADIENT_CHECKPOINTING", "RESULTS_DIR", "DATA_DIR",
+             "THREADS"}
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS")  # read by the
+# OpenMP, BLAS and tokenizers' thread pools as they start
 
 
 def defaults() -> dict[str, Any]:
@@ -195,7 +199,10 @@ def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, 
     try:
         cfg = parse(sys.argv[1:]) if parse else configure(sys.argv[1:], extra, shared)
         parallel.start(getattr(cfg, "DEVICE", "cpu"))
+        use_threads(cfg)
         print_config(cfg)
+        if hasattr(cfg, "THREADS"):
+            print(f"threads: {torch.get_num_threads()} of {os.cpu_count()} cores (--threads)", flush=True)
         run(cfg)
     except UserError as e:
         sys.exit(f"error: {e}")
@@ -209,6 +216,22 @@ def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, 
         raise
     finally:
         parallel.stop(wait=alike)
+
+
+def use_threads(cfg: types.SimpleNamespace) -> None:
+    """Hold this process to THREADS compute threads (where a script reads it and it is not 0): torch's, the BLAS and
+    OpenMP pools loaded already (numpy's, torch's), and through their variables those that start later
+    (scikit-learn's, the tokenizers'). Each library's default is one thread per core, which other jobs on the machine
+    slow down many times over."""
+    threads = getattr(cfg, "THREADS", 0)
+    if threads < 0:
+        raise UserError(f"--threads={threads} must be 0 (each library's default) or a number of threads")
+    if not threads:
+        return
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
+    os.environ.update({name: str(threads) for name in THREAD_VARIABLES})
 
 
 def settings_json(extra: Optional[dict[str, Any]] = None) -> str:
