@@ -3,7 +3,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -11,11 +10,12 @@ from conftest import ROOT, overrides, run_script
 from harness import errors, ledger
 
 WRITER = """
-import sys, time, types
+import os, sys, types
 from harness import ledger, runs
-results, start_at, rows = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+results, go, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 cfg = types.SimpleNamespace(RESULTS_DIR=results, SEED=0)
-time.sleep(max(0.0, start_at - time.time()))
+print("ready", flush=True)
+os.read(go, 1)  # returns when the test closes the pipe's other end: every writer at once
 run_dir = runs.new_run_dir(cfg, "race")
 for i in range(rows):
     ledger.append(results, {"run_id": run_dir.rsplit("/", 1)[1], "script": "race", "correct": i, "status": "finished"})
@@ -24,9 +24,12 @@ for i in range(rows):
 
 def test_concurrent_runs_get_their_own_folders_and_keep_every_row(tmp_path):
     processes, rows = 4, 30
-    start_at = time.time() + 6  # after every process has imported torch, so all start in the same second
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(start_at), str(rows)], cwd=ROOT)
-             for _ in range(processes)]
+    go, start = os.pipe()  # closing `start` releases every writer together, so that they race for one folder name
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(go), str(rows)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True, pass_fds=(go,)) for _ in range(processes)]
+    os.close(go)
+    assert [p.stdout.readline() for p in procs] == ["ready\n"] * processes  # every writer has imported torch
+    os.close(start)
     assert [p.wait(timeout=120) for p in procs] == [0] * processes
     folders = [d for d in os.listdir(tmp_path) if d.endswith("-race") or "-race-" in d]
     assert len(folders) == processes and all(os.path.isfile(tmp_path / d / "config.json") for d in folders)
