@@ -13,7 +13,8 @@ TINY_DIR = "data/tiny"  # where `python tiny.py` writes: model/, csv/, and the r
 REVIEWS = {"train": 120, "test": 60}  # rows of each CSV
 EXPERIMENT = (f"python experiment.py --model_id={TINY_DIR}/model --csv_dir={TINY_DIR}/csv --data_dir={TINY_DIR} "
               f"--results_dir={TINY_DIR}/results --train_limit={REVIEWS['train']} --test_limit={REVIEWS['test']} "
-              "--batch_size=10 '--rate_by_epoch=[0.5,0.5,0.5]'")  # the smoke run on it, as the README's quick start gives it
+              "--batch_size=10 '--rate_by_epoch=[0.5,0.5,0.5]' --threads=1")  # the smoke run on it, as the README's quick
+# start gives it: one thread, so that other jobs on the machine do not slow it down many times over
 
 # Llama 3's pre-tokenizer split, so that text pieces tokenize the same alone as inside the rendered template
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"

@@ -2,9 +2,11 @@
 data, quiet output and figures that explain themselves."""
 import glob
 import os
+import re
 import runpy
 import subprocess
 import sys
+import tomllib
 import types
 
 import pandas as pd
@@ -82,6 +84,18 @@ def test_tiny_builds_quietly(tmp_path, capfd):
     tiny.build(str(tmp_path))
     out, err = capfd.readouterr()
     assert out == "" and err == ""  # no blank lines of the tokenizer trainer, no "Writing model shards" bar
+
+
+def test_the_readme_sets_up_a_venv_of_the_python_asked_for_and_times_one_thread():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        assert tomllib.load(f)["project"]["requires-python"] == ">=3.11" and sys.version_info >= (3, 11)
+    assert "Python 3.11 or newer" in readme and "--index-url https://download.pytorch.org/whl/cpu" in readme
+    assert "\npython3 -m venv .venv && source .venv/bin/activate\npip install -r requirements.txt\n" in readme
+    timed = [line for line in readme.splitlines() if re.search(r"^python (?!compare|table|inspect).*: \d+ s$", line)]
+    assert len(timed) == 9 and all(" $T " in line for line in timed)  # inspect_primer takes its run's threads
+    assert re.search(r'^T=".* --threads=1"$', readme, re.M) and "--threads=1" in tiny.EXPERIMENT
 
 
 def test_threads_hold_every_pool_of_the_process_to_the_setting(monkeypatch):
