@@ -26,7 +26,7 @@ from harness import chat, cli, errors, files, hub, plots, primers, prompts, runs
 from harness.layouts import encode, make_layout
 
 SEARCH = "edit"  # the method: "edit" (word edits), "propose" (a chat model writes instructions), "tokens" (gradient-guided swaps)
-BUDGET = 25.0  # minutes of this process's CPU time the search may spend (one core's minutes under OMP_NUM_THREADS=1); the test scoring comes after
+BUDGET = 25.0  # minutes of this process's CPU time the search may spend (one core's minutes with --threads=1); the test scoring comes after
 FORWARD_BUDGET = 0  # (0: none) or a budget in reviews through forward passes (a backward pass counting as two), reproducible to the candidate
 CANDIDATES = 32  # "edit", "propose": new prompts screened per step on SEARCH_BATCH training reviews
 VALIDATE = 1  # "edit", "propose": the best screened prompts of each step scored on validation
