@@ -30,7 +30,7 @@ TEACHER = "long"  # the prompt baked in: "long", "short", "text:<words>" (a syst
 LORA_RANK = 8  # rank of each LoRA update
 LORA_ALPHA = 16  # LoRA's scale numerator: updates are scaled by LORA_ALPHA / LORA_RANK
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the modules that get an adapter: the attention projections
-RATE_BY_EPOCH = [1e-3, 3e-4, 1e-4]  # (config.py's are for primers) Adam's rates for the LoRA weights, one epoch each
+RATE = 1e-3  # (config.py's is for primers) Adam's own peak rate for the LoRA weights
 RATE_SCALE = "absolute"  # (config.py has "embedding") LoRA weights have no embedding scale: the rates are Adam's own
 CONTINUATIONS = 0  # answers the teacher samples per training review, once a run; their positions join the loss
 CONTINUATION_TOKENS = 16  # tokens per sampled answer
@@ -180,7 +180,8 @@ def run(cfg) -> None:
                             **agreement(task, student, teacher, primer, task.val)}
     answers = continuations(task, teacher, primer, run_dir)
     loss = loss_of(task, student, teacher, primer, answers)
-    log, status, seconds = rategrid.train_grid(task, weights, loss, run_dir, evaluate, f"baked {cfg.TEACHER}", "bake.py")
+    log, status, seconds = rategrid.train_grid(task, weights, loss, run_dir, training.Schedule.of(cfg), cfg.RATE_GRID,
+                                               evaluate, f"baked {cfg.TEACHER}", "bake.py")
     if parallel.is_main():
         task.model.save_pretrained(os.path.join(run_dir, "adapter"))  # safetensors; its folder is the ADAPTER_PATH
     with task.model.disable_adapter():

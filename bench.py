@@ -232,7 +232,7 @@ def run(cfg) -> None:
     print(f"dense {hub.resolve_dtype(cfg.DTYPE, device)} matmul: {peak:.3g} TFLOP/s on {device_name(device)}")
     shape, fixed = model_shape(task.model), len(layout.prefix) + len(layout.suffix)
     primer = primers.init_primer(task.model, cfg.PRIMER_LENGTH, cfg.SEED).requires_grad_(True)
-    optimizer = torch.optim.Adam([primer], lr=cfg.RATE_BY_EPOCH[0])
+    optimizer = torch.optim.Adam([primer], lr=cfg.RATE)
     train_batches = training.length_grouped_batches(split.lengths, cfg.BATCH_SIZE, cfg.SEED)[:n]
     sample = torch.from_numpy(np.random.default_rng(cfg.SEED).permutation(len(split))[:n * cfg.SCORE_BATCH_SIZE])
     score_batches = list(sample[split.lengths[sample].argsort(descending=True)].split(cfg.SCORE_BATCH_SIZE))

@@ -4,22 +4,25 @@
     python experiment.py --primer_path=results/<run id>/primer.safetensors   # score a saved primer, no training
     python experiment.py --resume=results/<run id>                            # continue an interrupted run
     python experiment.py --primer_position=suffix                             # the primer after the review
-    python experiment.py --val_limit=2000 --keep_best=True --primer_init=labels   # validate each epoch, keep the best
-    python experiment.py --val_limit=200 '--rate_grid=[[1e-1], [3e-2], [1e-2]]'   # rates chosen on validation
+    python experiment.py --val_limit=2000 --primer_init=labels    # validate each epoch, stop when it stops improving
+    python experiment.py --val_limit=200 '--rate_grid=[1e-1, 3e-2, 1e-2, 3e-3]'    # the rate chosen on validation
+    python experiment.py --rate_scale=absolute '--rate_by_epoch=[1e-4, 1e-5, 1e-6]'   # the reference's schedule
 """
-from harness import cli, primers, rategrid, runs, scoring
+from harness import cli, primers, rategrid, runs, scoring, training
 from harness.layouts import check_primer_position, make_layout
 
 
 def train_primer(task, layout, primer, run_dir: str) -> tuple[list[dict], str, float]:
-    """The primer alone trained on the label token's cross-entropy at rates in RATE_SCALE's unit (each schedule of
-    RATE_GRID, the best on validation kept), validated after each epoch when VAL_LIMIT is set; a note when it barely
+    """The primer alone trained on the label token's cross-entropy under the config's schedule, rates in RATE_SCALE's
+    unit (each rate of RATE_GRID, the best on validation kept), validated when VAL_LIMIT is set; a note when it barely
     moved. Its loss log, status and training seconds."""
     evaluate = (lambda: scoring.score(task, layout, primer, task.val)) if task.val is not None else None
     start = primer.detach().clone()
     method = f"{len(primer)}-token primer ({task.cfg.PRIMER_POSITION})"  # rate_grid.csv's, one line of the figure
+    unit = primers.rate_unit(task)
     log, status, seconds = rategrid.train_grid(task, {"primer": primer}, primers.loss_of(task, layout, primer), run_dir,
-                                               evaluate, method, "experiment.py", rate_unit=primers.rate_unit(task))
+                                               training.Schedule.of(task.cfg, unit), task.cfg.RATE_GRID, evaluate,
+                                               method, "experiment.py", unit)
     primers.note_stall(log, primer.detach() - start, primers.embedding_std(task.model))
     return log, status, seconds
 

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from harness import cli, errors, files, generation, parallel, plots, primers, prompts, rategrid, runs, scoring, steering
+from harness import cli, errors, files, generation, parallel, plots, primers, prompts, rategrid, runs, scoring, steering, training
 from harness.frozen import Steer
 from harness.layouts import Layout, make_layout
 from harness.task import Task
@@ -143,7 +143,8 @@ def learned(task: Task, plain: Layout, run_dir: str, reviews: int) -> tuple[pd.D
     unit = norm / vector.numel() ** 0.5 if cfg.RATE_SCALE == "embedding" else 1.0
     evaluate = lambda: scoring.score(task, plain, None, task.val, steer)
     log, status, _ = rategrid.train_grid(task, {"vector": vector}, primers.loss_of(task, plain, steer=steer), run_dir,
-                                         evaluate, f"learned steering vector (layer {layer})", "steer.py", rate_unit=unit)
+                                         training.Schedule.of(cfg, unit), cfg.RATE_GRID, evaluate,
+                                         f"learned steering vector (layer {layer})", "steer.py", unit)
     vector.requires_grad_(False)
     row = {"layer": layer, "coefficient": 1.0, "residual_norm": norm, **validation_columns(evaluate())}
     return pd.DataFrame([row]), {(layer, 1.0): steer}, log, status

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from harness import adapters, cli, errors, parallel, primers, rategrid, reft, runs, scoring
+from harness import adapters, cli, errors, parallel, primers, rategrid, reft, runs, scoring, training
 from harness.layouts import make_layout
 
 METHOD = "lora"  # what is trained: "lora", "ia3", "layernorm" (peft), "prefix" (per-layer keys and values) or "loreft"
@@ -27,7 +27,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # "lora": the modules t
 PREFIX_LENGTH = 4  # "prefix": virtual tokens, each a key and a value in every layer
 REFT_RANK = 4  # "loreft": rank r of the edit at each layer
 REFT_LAYERS = []  # "loreft": decoder layers (1-based) edited after the review; []: the middle one
-RATE_BY_EPOCH = [1e-3, 3e-4, 1e-4]  # (config.py's are for primers) Adam's own rates, one epoch each
+RATE = 1e-3  # (config.py's is for primers) Adam's own peak rate
 RATE_SCALE = "absolute"  # (config.py has "embedding") these parameters have no embedding scale: the rates are Adam's own
 ADAPTER_PATH = None  # a saved adapter (results/<run id>/adapter, or adapter.safetensors for prefix and loreft): score it, no training
 SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
@@ -113,7 +113,8 @@ def run(cfg) -> None:
     run_dir = runs.run_dir_or_resume(cfg, "tune")
     evaluate = None if task.val is None else lambda: scoring.score(task, plain, split=task.val, steer=steer)
     loss = primers.loss_of(task, plain, steer=steer, trained=tuple(params.values()))
-    log, status, seconds = rategrid.train_grid(task, params, loss, run_dir, evaluate, method, "tune.py")
+    log, status, seconds = rategrid.train_grid(task, params, loss, run_dir, training.Schedule.of(cfg), cfg.RATE_GRID,
+                                               evaluate, method, "tune.py")
     for p in params.values():
         p.requires_grad_(False)
     save(task, run_dir, params, edit, meta)

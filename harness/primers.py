@@ -86,7 +86,7 @@ def embedding_std(model: torch.nn.Module) -> float:
 
 
 def rate_unit(task: Task) -> float:
-    """What RATE_BY_EPOCH is counted in: the embedding table's std ("embedding": Adam moves every coordinate by
+    """What RATE and RATE_BY_EPOCH are counted in: the embedding table's std ("embedding": Adam moves every coordinate by
     about its rate, whatever the model's scale), or 1 ("absolute", the reference's rates)."""
     check_rate_scale(task.cfg.RATE_SCALE)
     return embedding_std(task.model) if task.cfg.RATE_SCALE == "embedding" else 1.0
@@ -101,7 +101,7 @@ def note_stall(log: list[dict], moved: torch.Tensor, std: float) -> None:
     rms = moved.float().pow(2).mean().sqrt().item() / std
     if rms < STALL_MOVE or last > STALL_LOSS * first:
         print(f"note: training barely changed the primer (it moved {rms:.2f} embedding stds per coordinate; loss "
-              f"{first:.3g} over the first and {last:.3g} over the last tenth of the steps): raise --rate_by_epoch",
+              f"{first:.3g} over the first and {last:.3g} over the last tenth of the steps): raise --rate",
               flush=True)
 
 

@@ -1,8 +1,11 @@
-"""A method's learning rates chosen on validation reviews: every schedule of RATE_GRID trained from the same start in a
-folder of its own (checkpointed and resumed as any run), the one with the best validation epoch kept, the validation
-scores across the grid saved (rate_grid.csv) and drawn for every method of a results folder (rate_grid.png)."""
+"""A method's learning rate chosen on validation reviews: each rate of RATE_GRID trains from the same start in a folder
+of its own (checkpointed and resumed as any run). The grid widens while its best rate sits at an edge, and spends
+little on bad rates by successive halving: every rate trains a quarter of the budget, the better half goes on to half
+of it, the better half of those to the whole. The best validation is kept, the grid saved (rate_grid.csv) and drawn
+for every method of a results folder (rate_grid.png)."""
 import ast
 import glob
+import math
 import os
 from typing import Optional
 
@@ -12,53 +15,102 @@ import torch
 from harness import files, plots, training
 from harness.task import Task
 
+RUNGS = (0.25, 0.5, 1.0)  # successive halving: shares of the budget after which the worse half of the rates stops
+WIDEN = 3  # most rates a grid adds beyond its edge while its best sits there
 
-def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.LossOf, run_dir: str, evaluate,
-               method: str, script: str, rate_unit: float = 1.0) -> tuple[list[dict], str, float]:
-    """Each schedule of RATE_GRID (RATE_BY_EPOCH alone when empty) from the tensors' present values; leaves params at
-    the best schedule's (best validation epoch: most strict, then label-restricted answers right, then the earliest
-    schedule) and returns its loss log and status, and the seconds all schedules took. With a grid, run_dir gets
-    rate_grid.csv, the chosen schedule's validation.csv, and the figure of every rate_grid.csv beside it."""
-    cfg = task.cfg
-    if not cfg.RATE_GRID:
-        log, status = training.train(task, params, loss_of, run_dir, evaluate, script=script, rate_unit=rate_unit)
+
+def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.LossOf, run_dir: str,
+               schedule: training.Schedule, grid: list, evaluate, method: str, script: str,
+               unit: float = 1.0) -> tuple[list[dict], str, float]:
+    """`schedule` at each rate of `grid` (peak rates, or lists of per-epoch rates; times `unit`), or `schedule`
+    alone when the grid is empty; leaves params at the chosen rate's tensors and returns its loss log and status, and
+    the seconds every rate took. With a grid, run_dir gets rate_grid.csv, the chosen rate's validation.csv, and the
+    figure of every rate_grid.csv beside it."""
+    if not grid:
+        log, status = training.train(task, params, loss_of, run_dir, schedule, evaluate, script)
         return log, status, log[-1]["seconds"] if log else 0.0
-    start, points, rows = training.snapshot(params), [], []
-    for i, rates in enumerate(cfg.RATE_GRID):
-        folder = os.path.join(run_dir, f"rates_{i}")
+    start, points = training.snapshot(params), {}
+
+    def advance(rate, share: float) -> None:  # train `rate` to `share` of its budget, from where its folder stands
+        folder = os.path.join(run_dir, f"rates_{list(points).index(rate) if rate in points else len(points)}")
         os.makedirs(folder, exist_ok=True)
         training.restore(params, start)
-        cfg.RATE_BY_EPOCH = list(rates)  # what training.train reads
-        log, status = training.train(task, params, loss_of, folder, evaluate, script=script, rate_unit=rate_unit)
+        at = schedule.at(rate, unit)
+        until = math.ceil(share * at.total_steps(math.ceil(len(task.train) / at.batch_size)))
+        log, status = training.train(task, params, loss_of, folder, at, evaluate, script, until=until)
         validation = pd.read_csv(os.path.join(folder, "validation.csv"))
         best = training.best_validation(validation.to_dict("records"))
-        points.append({"tensors": training.snapshot(params), "log": log, "status": status, "validation": validation})
-        rows.append({"method": method, "train_reviews": len(task.train), "rates": str(list(rates)), "first_rate": rates[0],
-                     "best_epoch": int(best["epoch"]), "val_correct": best["correct"], "val_total": best["total"],
-                     "val_score": best["score"], "val_restricted_score": best["restricted_score"],
-                     "train_seconds": log[-1]["seconds"] if log else 0.0})
-        print(f"rates {list(rates)}: best validation epoch {int(best['epoch'])}, score {best['score']:.1%} "
+        points[rate] = {"tensors": training.snapshot(params), "log": log, "status": status, "validation": validation,
+                        "best": best, "share": share}
+        print(f"rate {rate}: {len(log):,} steps, best validation {best['score']:.1%} at step {best['step']:,} "
               f"(label-restricted {best['restricted_score']:.1%})", flush=True)
-    table = pd.DataFrame(rows)
-    chosen = max(range(len(rows)), key=lambda i: (rows[i]["val_correct"], rows[i]["val_restricted_score"], -i))
-    table["chosen"] = table.index == chosen
+
+    grid = [tuple(rate) if isinstance(rate, list) else rate for rate in grid]  # a dict key each
+    alive = list(grid)
+    rungs = RUNGS if all(isinstance(rate, (int, float)) for rate in grid) else (1.0,)  # the reference's: each whole
+    for rung, share in enumerate(rungs):
+        for rate in alive:
+            advance(rate, share)
+        alive += widened(grid, points, alive, lambda rate: [advance(rate, s) for s in rungs[:rung + 1]])
+        if share < 1:
+            alive = sorted(alive, key=lambda r: rank(points[r]))[:math.ceil(len(alive) / 2)]
+    chosen = min(alive, key=lambda r: rank(points[r]))
+    table = grid_table(points, chosen, method, len(task.train))
     training.restore(params, points[chosen]["tensors"])
-    cfg.RATE_BY_EPOCH = list(cfg.RATE_GRID[chosen])
     files.write_atomic(os.path.join(run_dir, "rate_grid.csv"), table.to_csv(index=False))
     files.write_atomic(os.path.join(run_dir, "validation.csv"), points[chosen]["validation"].to_csv(index=False))
-    print(f"chosen on validation: rates {cfg.RATE_BY_EPOCH}; every method's grid: {draw(os.path.dirname(run_dir))}")
+    print(f"chosen on validation: rate {chosen}; every method's grid: {draw(os.path.dirname(run_dir))}")
     return points[chosen]["log"], points[chosen]["status"], float(table["train_seconds"].sum())
 
 
+def rank(point: dict) -> tuple:
+    """Sort key: the better validation first (most strict, then label-restricted answers right)."""
+    return -point["best"]["correct"], -point["best"]["restricted_correct"]
+
+
+def widened(grid: list, points: dict, alive: list, train) -> list:
+    """Rates added beyond the grid's edge while the best of `alive` sits there (peak rates only), each trained by
+    `train(rate)` as far as the others; at most WIDEN of them over the whole grid."""
+    added = []
+    while len(points) < len(grid) + WIDEN and all(isinstance(r, (int, float)) for r in points):
+        best, rates = min(alive + added, key=lambda r: rank(points[r])), sorted(points)
+        if len(rates) < 2 or rates[0] < best < rates[-1]:
+            break
+        edge, inner = (rates[0], rates[1]) if best == rates[0] else (rates[-1], rates[-2])
+        rate = float(f"{edge * edge / inner:.3g}")  # one more step of the grid's own ratio
+        train(rate)
+        added.append(rate)
+    return added
+
+
+def grid_table(points: dict, chosen, method: str, reviews: int) -> pd.DataFrame:
+    """rate_grid.csv: one row per rate, its best validation, how far it trained, and whether it was chosen."""
+    rows = []
+    for rate, point in sorted(points.items(), key=lambda item: first(item[0])):
+        best, log = point["best"], point["log"]
+        rows.append({"method": method, "train_reviews": reviews, "rates": str(list(rate) if isinstance(rate, tuple) else rate), "first_rate": first(rate),
+                     "best_epoch": int(best["epoch"]), "best_step": int(best.get("step", 0)), "steps": len(log),
+                     "status": point["status"], "val_correct": best["correct"], "val_total": best["total"],
+                     "val_score": best["score"], "val_restricted_score": best["restricted_score"],
+                     "train_seconds": log[-1]["seconds"] if log else 0.0, "chosen": rate == chosen})
+    return pd.DataFrame(rows)
+
+
+def first(rate) -> float:
+    return rate[0] if isinstance(rate, (list, tuple)) else rate
+
+
 def as_chosen(run_dir: str, config: dict) -> tuple[dict, Optional[float]]:
-    """A rate-grid run's config (config.json's keys) as that of the plain run of its chosen schedule, which trains the
-    same tensors from the same start on the same batches, and that schedule's training seconds; any other run's
-    config as it is, and None."""
+    """A rate-grid run's config (config.json's keys) as that of the plain run of its chosen rate, which trains the
+    same tensors from the same start on the same batches, and that rate's training seconds; any other run's config
+    as it is, and None."""
     if not config.get("rate_grid"):
         return config, None
     grid = pd.read_csv(os.path.join(run_dir, "rate_grid.csv"))
     chosen = grid[grid["chosen"]].iloc[0]
-    return {**config, "rate_by_epoch": ast.literal_eval(chosen["rates"]), "rate_grid": []}, float(chosen["train_seconds"])
+    rate = ast.literal_eval(chosen["rates"])
+    key = "rate_by_epoch" if isinstance(rate, list) else "rate"
+    return {**config, key: rate, "rate_grid": []}, float(chosen["train_seconds"])
 
 
 def draw(results_dir: str) -> str:

@@ -39,14 +39,12 @@ def setup(cfg: SimpleNamespace, with_train: bool = True, held_out: bool = True) 
 
 def check_choices(cfg: SimpleNamespace) -> None:
     """Choices made on validation reviews need some: one line before data prep and loading when VAL_LIMIT is 0."""
-    if cfg.KEEP_BEST and not cfg.VAL_LIMIT:
-        raise errors.UserError("--keep_best=True picks the best epoch on validation reviews, but --val_limit is 0: "
-                               "set --val_limit (e.g. --val_limit=1000) or --keep_best=False")
     if cfg.RATE_GRID and not cfg.VAL_LIMIT:
         raise errors.UserError("--rate_grid chooses the rates on validation reviews: set --val_limit (e.g. --val_limit=200)")
-    if not all(isinstance(rates, list) and rates and all(isinstance(r, (int, float)) for r in rates) for rates in cfg.RATE_GRID):
-        raise errors.UserError(f"--rate_grid={cfg.RATE_GRID!r} must be a list of schedules, each a non-empty list of rates: "
-                               "e.g. '--rate_grid=[[1e-1], [3e-2], [1e-2]]'")
+    number = lambda r: isinstance(r, (int, float)) and not isinstance(r, bool)
+    if not all(number(rate) or (isinstance(rate, list) and rate and all(map(number, rate))) for rate in cfg.RATE_GRID):
+        raise errors.UserError(f"--rate_grid={cfg.RATE_GRID!r} must be a list of rates, each a peak rate or a non-empty "
+                               "list of per-epoch rates: e.g. '--rate_grid=[1e-1, 3e-2, 1e-2, 3e-3]'")
 
 
 def hold_out(train: data.Split, count: int, seed: int) -> tuple[data.Split, Optional[data.Split]]:

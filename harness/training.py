@@ -1,11 +1,12 @@
 """One training loop for any trainable tensors (a primer, a steering vector, LoRA weights) and any loss on a batch:
-Adam with per-epoch rates, length-grouped batches, checkpoints and bitwise resume, Ctrl-C, non-finite-loss rollback,
-per-epoch validation and keep-best, data-parallel under accelerate launch."""
+Adam under a Schedule (warmup, cosine decay, clipping, or the reference's per-epoch rates), length-grouped batches,
+checkpoints and bitwise resume, Ctrl-C, non-finite-loss rollback, validation every N steps with keep-best and early
+stopping, data-parallel under accelerate launch."""
 import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -18,9 +19,73 @@ from harness.task import Task
 
 CHUNK_BATCHES = 64  # length grouping sorts reviews within chunks of this many batches
 CHECK_EVERY = 16  # steps between reads of the losses on the host (non-finite check, progress bar); none waits in between
+DECAYS = ("cosine", "constant")  # the values DECAY may take
+FLOOR = 0.1  # a cosine decay ends at this share of the peak rate (nanoGPT's min_lr)
 
 # (this process's share of a batch of training reviews, the batch's size) -> its part of the batch's mean loss
 LossOf = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long and how fast the loop trains, and what it keeps: built once per run (Schedule.of) and passed on,
+    as minGPT's Trainer takes its own config. Rates are Adam's own (the config's times its RATE_SCALE unit)."""
+    rate: float  # peak learning rate, reached after the warmup
+    epochs: int = 1  # the budget: passes over the training reviews
+    warmup: float = 0.0  # share of the budget over which the rate rises linearly to `rate`
+    decay: str = "constant"  # "cosine": down to FLOOR x rate at the budget's end; "constant": stays at `rate`
+    clip: float = 0.0  # the gradients' total norm is clipped to this before each step; 0: never
+    eval_every: int = 0  # steps between validations; 0: at each epoch's end (and always at the budget's end)
+    patience: int = 0  # stop once this many validations in a row have not beaten the best; 0: never
+    keep_best: bool = False  # end with the tensors of the best validation rather than the last
+    rate_by_epoch: tuple[float, ...] = ()  # the reference's schedule instead: one constant rate per epoch
+    batch_size: int = 6
+    seed: int = 0  # the batch order of epoch e is seeded with seed + e
+    checkpoint_every: int = 500  # steps between checkpoints (one is also saved at each epoch's end)
+
+    @classmethod
+    def of(cls, cfg, unit: float = 1.0) -> "Schedule":
+        """The run's schedule from config.py's settings, rates in absolute terms (`unit` per rate of the config)."""
+        if cfg.DECAY not in DECAYS:
+            raise errors.UserError(f"--decay={cfg.DECAY!r} is not one of {', '.join(DECAYS)}")
+        if not 0 <= cfg.WARMUP_SHARE < 1:
+            raise errors.UserError(f"--warmup_share={cfg.WARMUP_SHARE} must be a share of the budget: at least 0, below 1")
+        reference = bool(cfg.RATE_BY_EPOCH)  # the reference clipped nothing and stopped nothing early
+        return cls(cfg.RATE * unit, cfg.EPOCHS, cfg.WARMUP_SHARE, cfg.DECAY, 0.0 if reference else cfg.CLIP_NORM,
+                   cfg.EVAL_EVERY, 0 if reference else cfg.PATIENCE, cfg.KEEP_BEST,
+                   tuple(rate * unit for rate in cfg.RATE_BY_EPOCH), cfg.BATCH_SIZE, cfg.SEED, cfg.CHECKPOINT_EVERY)
+
+    def at(self, rate, unit: float = 1.0) -> "Schedule":
+        """This schedule at another rate of a grid: a peak rate, or a list of per-epoch rates (the reference's)."""
+        if isinstance(rate, (list, tuple)):
+            return replace(self, rate_by_epoch=tuple(r * unit for r in rate), clip=0.0, patience=0)
+        return replace(self, rate=rate * unit, rate_by_epoch=())
+
+    def total_steps(self, per_epoch: int) -> int:
+        return (len(self.rate_by_epoch) or self.epochs) * per_epoch
+
+    def rate_at(self, step: int, per_epoch: int) -> float:
+        """Adam's learning rate for step (0-based) of a budget of total_steps(per_epoch)."""
+        if self.rate_by_epoch:
+            return self.rate_by_epoch[step // per_epoch]
+        total = self.total_steps(per_epoch)
+        warm = round(self.warmup * total)
+        if step < warm:
+            return self.rate * (step + 1) / warm
+        if self.decay == "constant":
+            return self.rate
+        done = (step - warm) / max(1, total - 1 - warm)
+        return self.rate * (FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * done)))
+
+    def validates_after(self, step: int, per_epoch: int) -> bool:
+        """Whether validation is due once `step` steps are done."""
+        every = self.eval_every or per_epoch
+        return step > 0 and (step % every == 0 or step == self.total_steps(per_epoch))
+
+    def next_stop(self, step: int, per_epoch: int, end: int) -> int:
+        """The step count at which the loop next stops stepping: an epoch's end, a validation, or `end`."""
+        every = self.eval_every or per_epoch
+        return min((step // per_epoch + 1) * per_epoch, (step // every + 1) * every, end)
 
 
 class Interrupted(errors.UserError):
@@ -47,7 +112,7 @@ def length_grouped_batches(lengths: torch.Tensor, batch_size: int, seed: int) ->
 
 
 def train_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, loss_of: LossOf,
-               idx: torch.Tensor) -> torch.Tensor:
+               idx: torch.Tensor, clip: float = 0.0) -> torch.Tensor:
     """One Adam step over training reviews idx; returns the batch's mean loss, a 0-dim tensor left on the device: the
     step reads nothing back, so the host never waits for the device and queues the next batch while this one runs.
     A non-finite loss updates like any other; the caller, which kept what came before (Pending), finds it when it
@@ -59,6 +124,8 @@ def train_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, los
     loss.backward()
     for p in params:  # same gradient, same Adam step: the tensors stay identical on every process
         p.grad = parallel.sum_across(p.grad if p.grad is not None else torch.zeros_like(p))
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
     optimizer.step()
     return total
 
@@ -70,6 +137,7 @@ class Pending:
     before: dict[str, torch.Tensor]  # the tensors before the step
     state: list[dict]  # the optimizer's state of each tensor before the step
     seconds: float  # training seconds so far when the step was queued
+    rate: float  # the step's learning rate
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[dict]:
@@ -116,29 +184,31 @@ def load_checkpoint(run_dir: str, params: dict[str, torch.Tensor], optimizer: to
     return Progress(state["epoch"], state["batch"], state["log"], state["validation"], snapshot(params))
 
 
-def train(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir: str,
+def train(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir: str, schedule: Schedule,
           evaluate: Optional[Callable[[], dict]] = None, script: str = "experiment.py",
-          rate_unit: float = 1.0) -> tuple[list[dict], str]:
-    """Adam on `params` alone, one epoch per RATE_BY_EPOCH entry (times rate_unit) over task.train, checkpointed in
-    run_dir (and resumed from it), `evaluate()` (a scores row on validation reviews) after each epoch; returns the
-    loss log and the status: "finished", or why training stopped early. Ctrl-C saves a checkpoint and says how to
-    resume `script`."""
-    rates = [rate * rate_unit for rate in task.cfg.RATE_BY_EPOCH]
+          until: Optional[int] = None) -> tuple[list[dict], str]:
+    """Adam on `params` alone over task.train under `schedule`, checkpointed in run_dir (and resumed from it),
+    `evaluate()` (a scores row on validation reviews) when the schedule says; returns the loss log and the status:
+    "finished" (the budget spent, or validation stopped improving), "paused" (at step `until`, to go on by calling
+    again) or why training stopped early. Ctrl-C saves a checkpoint and says how to resume `script`."""
     for p in params.values():
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(list(params.values()), lr=rates[0])
+    optimizer = torch.optim.Adam(list(params.values()), lr=schedule.rate)
     progress = load_checkpoint(run_dir, params, optimizer)
+    per_epoch = math.ceil(len(task.train) / schedule.batch_size)
+    total = schedule.total_steps(per_epoch)
+    end = total if until is None else min(until, total)
     clock = time.perf_counter() - (progress.log[-1]["seconds"] if progress.log else 0.0)  # counts earlier sessions
     stop = []
     on_ctrl_c = lambda *_: stop.append(True)  # training stops between two steps, never inside one
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        while progress.epoch < len(rates):
-            status = train_epoch(task, params, loss_of, optimizer, rates, progress, run_dir, clock, stop, script)
-            if status:
-                keep_best(task, params, progress.validation)
-                return progress.log, status
-            if evaluate is not None:
+        while True:
+            step = progress.epoch * per_epoch + progress.batch
+            rows = progress.validation["rows"]
+            done = bool(rows) and rows[-1].get("step") == step  # validated before a resume
+            due = schedule.validates_after(step, per_epoch) or step == end  # a pause is validated, to rank by
+            if evaluate is not None and due and not done:
                 save_checkpoint(run_dir, params, optimizer, progress)  # validating again is all a resume needs
                 signal.signal(signal.SIGINT, signal.default_int_handler)  # validation stops at once
                 try:
@@ -146,43 +216,67 @@ def train(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir:
                 except KeyboardInterrupt:
                     raise Interrupted(resume_hint(run_dir, script)) from None
                 signal.signal(signal.SIGINT, on_ctrl_c)
-            progress.epoch, progress.batch = progress.epoch + 1, 0
-            save_checkpoint(run_dir, params, optimizer, progress)
+                save_checkpoint(run_dir, params, optimizer, progress)
+            if step < total and stalled(rows, schedule.patience):
+                print(f"validation has not improved for {schedule.patience} evaluations: stopping at step {step:,} "
+                      f"of {total:,}", flush=True)
+                break
+            if step >= end:
+                break
+            if progress.batch == per_epoch:
+                progress.epoch, progress.batch = progress.epoch + 1, 0
+            status = train_steps(task, params, loss_of, optimizer, schedule, per_epoch, end, progress, run_dir, clock,
+                                 stop, script)
+            if status:
+                keep_best(schedule, params, progress.validation)
+                return progress.log, status
     finally:
         signal.signal(signal.SIGINT, previous)
-    keep_best(task, params, progress.validation)
+    if step < total and not stalled(progress.validation["rows"], schedule.patience):
+        return progress.log, "paused"
+    keep_best(schedule, params, progress.validation)
     return progress.log, "finished"
 
 
-def train_epoch(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, optimizer: torch.optim.Optimizer,
-                rates: list[float], progress: Progress, run_dir: str, clock: float, stop: list, script: str) -> Optional[str]:
-    """The rest of progress.epoch, step by step; why training must stop early, or None. The losses are read on the
-    host every CHECK_EVERY steps, before a checkpoint, at the epoch's end and on Ctrl-C (settle), never in between."""
-    cfg, rate = task.cfg, rates[progress.epoch]
-    for group in optimizer.param_groups:
-        group["lr"] = rate
-    batches = length_grouped_batches(task.train.lengths, cfg.BATCH_SIZE, cfg.SEED + progress.epoch)
-    bar = tqdm(batches[progress.batch:], desc=f"epoch {progress.epoch + 1}/{len(rates)} rate {cfg.RATE_BY_EPOCH[progress.epoch]:g} (Adam lr {rate:.3g})",
-               unit="batch", initial=progress.batch, total=len(batches), disable=not parallel.is_main())
+def stalled(rows: list[dict], patience: int) -> bool:
+    """Whether the last `patience` validations all came after the best one (never, with patience 0)."""
+    best = best_validation(rows)
+    return bool(patience) and best is not None and len(rows) - 1 - rows.index(best) >= patience
+
+
+def train_steps(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, optimizer: torch.optim.Optimizer,
+                schedule: Schedule, per_epoch: int, end: int, progress: Progress, run_dir: str, clock: float,
+                stop: list, script: str) -> Optional[str]:
+    """Steps of progress.epoch up to the schedule's next stop (its end, a validation, or step `end`), then a
+    checkpoint; why training must stop early, or None. The losses are read on the host every CHECK_EVERY steps,
+    before a checkpoint, at the stop and on Ctrl-C (settle), never in between."""
+    first = progress.epoch * per_epoch
+    last = schedule.next_stop(first + progress.batch, per_epoch, end) - first
+    batches = length_grouped_batches(task.train.lengths, schedule.batch_size, schedule.seed + progress.epoch)
+    epochs = len(schedule.rate_by_epoch) or schedule.epochs
+    bar = tqdm(batches[progress.batch:last], desc=f"epoch {progress.epoch + 1}/{epochs}", unit="batch",
+               initial=progress.batch, total=len(batches), disable=not parallel.is_main())
     tensors, pending, seen, start = list(params.values()), [], 0, time.perf_counter()
     running = None
     for idx in bar:
+        rate = schedule.rate_at(first + progress.batch, per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
         before, state = snapshot(params), optimizer_state(optimizer, tensors)
-        loss = train_step(tensors, optimizer, loss_of, idx)
-        pending.append(Pending(loss, before, state, time.perf_counter() - clock))
+        loss = train_step(tensors, optimizer, loss_of, idx, schedule.clip)
+        pending.append(Pending(loss, before, state, time.perf_counter() - clock, rate))
         progress.batch, seen = progress.batch + 1, seen + len(idx)
-        checkpoint = progress.batch % cfg.CHECKPOINT_EVERY == 0
+        checkpoint = progress.batch % schedule.checkpoint_every == 0 or progress.batch == last
         # under accelerate the processes agree on Ctrl-C only at these steps: the vote is a collective that waits
-        if not (checkpoint or progress.batch % CHECK_EVERY == 0 or progress.batch == len(batches)
-                or (stop and not parallel.started())):
+        if not (checkpoint or progress.batch % CHECK_EVERY == 0 or (stop and not parallel.started())):
             continue
         halt = parallel.anyone(bool(stop))  # under accelerate all processes stop after the same step
-        losses, failure = settle(params, optimizer, pending, progress, rate, clock, run_dir)
+        losses, failure = settle(params, optimizer, pending, progress, clock, run_dir)
         if failure:
             return failure
         for value in losses:
             running = value if running is None else 0.98 * running + 0.02 * value
-        bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
+        bar.set_postfix(loss=f"{running:.4f}", lr=f"{rate:.3g}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
         if halt or checkpoint:
             save_checkpoint(run_dir, params, optimizer, progress)
         if halt:
@@ -191,7 +285,7 @@ def train_epoch(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, op
 
 
 def settle(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, pending: list[Pending], progress: Progress,
-           rate: float, clock: float, run_dir: str) -> tuple[list[float], Optional[str]]:
+           clock: float, run_dir: str) -> tuple[list[float], Optional[str]]:
     """Read the pending steps' losses (the one wait for the device) and log them; at the first non-finite one, undo
     it and every step after it, put back the last tensors whose loss was finite, save a checkpoint and say why
     training stops. Returns the losses logged and that reason (None when every loss was finite)."""
@@ -200,7 +294,8 @@ def settle(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, pe
     bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
     for i, value in enumerate(losses[:bad]):
         seconds = now if i == len(pending) - 1 else pending[i].seconds
-        progress.log.append({"step": len(progress.log) + 1, "epoch": progress.epoch + 1, "lr": rate, "loss": value,
+        progress.log.append({"step": len(progress.log) + 1, "epoch": progress.epoch + 1, "lr": pending[i].rate,
+                             "loss": value,
                              "seconds": seconds})
     if bad is None:
         progress.last_good = pending[-1].before
@@ -221,10 +316,10 @@ def resume_hint(run_dir: str, script: str) -> str:
 
 
 def validate(task: Task, params: dict[str, torch.Tensor], evaluate: Callable[[], dict], progress: Progress, run_dir: str) -> None:
-    """Score the validation reviews after progress.epoch, print the scores, add them to the validation rows and
-    run_dir/validation.csv (rewritten every epoch, to follow a long run), and copy the tensors if they are the best."""
+    """Score the validation reviews where training stands, print the scores, add them to the validation rows and
+    run_dir/validation.csv (rewritten each time, to follow a long run), and copy the tensors if they are the best."""
     validation = progress.validation
-    row = {"epoch": progress.epoch + 1, **evaluate()}
+    row = {"epoch": progress.epoch + 1, "step": len(progress.log), **evaluate()}
     validation["rows"].append(row)
     best = best_validation(validation["rows"])
     if best is row:
@@ -232,23 +327,24 @@ def validate(task: Task, params: dict[str, torch.Tensor], evaluate: Callable[[],
     if parallel.is_main():
         with files.atomic_path(os.path.join(run_dir, "validation.csv")) as tmp:
             pd.DataFrame(validation["rows"]).to_csv(tmp, index=False)
-    print(f"epoch {progress.epoch + 1}/{len(task.cfg.RATE_BY_EPOCH)} validation: score {ledger.format_score(row, 'score')} "
+    print(f"epoch {row['epoch']}, step {row['step']:,} validation: score {ledger.format_score(row, 'score')} "
           f"({row['correct']:,} / {row['total']:,}), label-restricted {ledger.format_score(row, 'restricted')}; "
-          f"best epoch so far {best['epoch']}", flush=True)
+          f"best so far: epoch {best['epoch']}, step {best['step']:,}", flush=True)
 
 
 def best_validation(rows: list[dict]) -> Optional[dict]:
-    """The validation row of the best epoch: most strict answers right, then most label-restricted ones right,
-    then the earliest; None without rows."""
+    """The best validation row: most strict answers right, then most label-restricted ones right, then the earliest;
+    None without rows. The one rule for "best on validation" of every choice the repo makes."""
     return max(rows, key=lambda r: (r["correct"], r["restricted_correct"]), default=None)
 
 
-def keep_best(task: Task, params: dict[str, torch.Tensor], validation: dict) -> None:
-    """With KEEP_BEST, put the tensors of the best validation epoch in place of the last ones."""
+def keep_best(schedule: Schedule, params: dict[str, torch.Tensor], validation: dict) -> None:
+    """With schedule.keep_best, put the tensors of the best validation in place of the last ones."""
     best = best_validation(validation["rows"])
-    if task.cfg.KEEP_BEST and best is not None:
+    if schedule.keep_best and best is not None:
         restore(params, validation["best"])
-        print(f"keeping the {', '.join(params)} of epoch {best['epoch']}, the best on the validation reviews", flush=True)
+        print(f"keeping the {', '.join(params)} of epoch {best['epoch']}, step {best.get('step', '?')}, the best on "
+              f"the validation reviews", flush=True)
 
 
 def best_epoch(run_dir: str) -> Optional[int]:

@@ -96,7 +96,6 @@ def test_validation_reviews_are_held_out_balanced_and_seeded(task):
 
 @pytest.mark.parametrize("args, message", [
     (["--val_limit=40"], "--val_limit=40 must be between 1 and 39: validation reviews are held out of the 40 training"),
-    (["--keep_best=True"], "--keep_best=True picks the best epoch on validation reviews, but --val_limit is 0"),
     (["--rate_grid=[[1e-2], [1e-3]]"], "--rate_grid chooses the rates on validation reviews: set --val_limit"),
 ])
 def test_bad_validation_settings_are_refused(task, args, message):
@@ -116,7 +115,7 @@ def test_validation_run_keeps_the_best_epoch(tiny, tmp_path):
     validation = pd.read_csv(run / "validation.csv")
     assert validation["epoch"].tolist() == [1, 2, 3] and (validation["total"] == 10).all()
     for row in validation.itertuples():
-        assert f"epoch {row.epoch}/3 validation: score {100 * row.score:.1f}% ±" in result.stdout
+        assert f"epoch {row.epoch}, step {3 * row.epoch} validation: score {100 * row.score:.1f}% ±" in result.stdout
         assert row.score_low <= row.score <= row.score_high
         assert row.restricted_low <= row.restricted_score <= row.restricted_high
     best = validation.sort_values(["correct", "restricted_correct", "epoch"], ascending=[False, False, True]).iloc[0]
@@ -124,7 +123,7 @@ def test_validation_run_keeps_the_best_epoch(tiny, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["best_epoch"] == best["epoch"] and metrics["samples"] == 30 and metrics["total"] == 20
     assert metrics["best_epoch"] < 3, "this schedule no longer makes an earlier epoch best: pick one that does"
-    assert f"keeping the primer of epoch {best['epoch']}, the best on the validation reviews" in result.stdout
+    assert f"keeping the primer of epoch {best['epoch']}, step {3 * best['epoch']}, the best on the validation" in result.stdout
 
     # the saved and scored primer is the best epoch's: a run cut to that many epochs ends with it, bitwise
     saved = load_file(str(run / "primer.safetensors"))["primer"]
