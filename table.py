@@ -181,8 +181,11 @@ def write(results_dir: str, train_reviews: int = 0, against: str = "") -> pd.Dat
 def parse(argv: list[str]) -> SimpleNamespace:
     """The results folder of the command line, then table.py's own settings."""
     folders = [arg for arg in argv if not arg.startswith("--")]
-    if len(folders) != 1 or not os.path.isdir(folders[0]):
-        raise errors.UserError("give one results folder: python table.py results/")
+    if len(folders) != 1:
+        raise errors.UserError(f"give one results folder, not {len(folders)}: python table.py results/")
+    if not os.path.isdir(folders[0]):
+        raise errors.UserError(f"{folders[0]}: no such folder (in {os.getcwd()}): give a results folder, one holding "
+                               f"results.csv and its run folders (python table.py results/)")
     cfg = cli.configure([arg for arg in argv if arg.startswith("--")], SETTINGS, shared=())
     cfg.RESULTS_DIR = folders[0]
     return cfg

@@ -86,6 +86,12 @@ def test_tiny_builds_quietly(tmp_path, capfd):
     assert out == "" and err == ""  # no blank lines of the tokenizer trainer, no "Writing model shards" bar
 
 
+def test_design_says_what_every_script_does():
+    with open(os.path.join(ROOT, "DESIGN.md")) as f:
+        scripts = f.read().split("| Module |")[0]  # the paragraph on the scripts, before the modules' table
+    assert [script for script in SCRIPTS if f"`{script}`" not in scripts] == []
+
+
 def test_the_readme_sets_up_a_venv_of_the_python_asked_for_and_times_one_thread():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import experiment
 import prompt_short
 import table
-from conftest import overrides, run_script
+from conftest import ROOT, overrides, run_script
 from harness import cli, errors, ledger, plots, runs, stats
 
 CONFIGS = [{"primer_length": 2, "train_limit": 100}, {"primer_length": 2, "train_limit": 50}, {"primer_length": 4, "train_limit": 100}]
@@ -100,7 +100,10 @@ def test_runs_on_other_test_reviews_are_refused(results, tmp_path, tiny):
             if stats.load_run(str(d))[0]["test_limit"] == 40}
     assert len(runs) == 2
     stats.check_same_reviews(runs)
-    assert run_script("table.py", str(tmp_path / "none")).stderr.strip() == "error: give one results folder: python table.py results/"
+    assert run_script("table.py", str(tmp_path / "none")).stderr.strip() == (
+        f"error: {tmp_path}/none: no such folder (in {ROOT}): give a results folder, one holding results.csv and its run "
+        "folders (python table.py results/)")
+    assert run_script("table.py").stderr.strip() == "error: give one results folder, not 0: python table.py results/"
 
 
 def test_mcnemar_exact_known_values():
