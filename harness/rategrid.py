@@ -38,6 +38,7 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
         at = schedule.at(rate, unit)
         until = math.ceil(share * at.total_steps(math.ceil(len(task.train) / at.batch_size)))
         log, status = training.train(task, params, loss_of, folder, at, evaluate, script, until=until)
+        files.write_atomic(os.path.join(folder, "losses.csv"), pd.DataFrame(log).to_csv(index=False))  # kept with the run
         validation = pd.read_csv(os.path.join(folder, "validation.csv"))
         best = training.best_validation(validation.to_dict("records"))
         points[rate] = {"tensors": training.snapshot(params), "log": log, "status": status, "validation": validation,

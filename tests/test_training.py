@@ -122,3 +122,5 @@ def test_a_grid_of_peak_rates_halves_its_candidates_and_trains_the_chosen_one_wh
     budget = 4 * math.ceil(len(task.train) / 10)
     assert grid["steps"].max() == budget and grid["steps"].min() == budget // 4  # a quarter for the worst
     assert sorted(grid["first_rate"])[0] < chosen["first_rate"] < sorted(grid["first_rate"])[-1]  # bracketed
+    logs = [pd.read_csv(f) for f in sorted(run_dir.glob("rates_*/losses.csv"))]  # every candidate's, kept with the run
+    assert len(logs) == len(grid) and sum(map(len, logs)) == grid["steps"].sum()
