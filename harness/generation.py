@@ -66,8 +66,8 @@ def _sentiment_steer(task: Task, settings: Generation, layer: int) -> Steer:
     return Steer(difference / difference.norm() * norm, (layer,))
 
 
-def sample(task: Task, settings: Generation, messages: list[str],
-           steer: Optional[Steer]) -> tuple[list[str], torch.Tensor]:
+def _sample(task: Task, settings: Generation, messages: list[str],
+            steer: Optional[Steer]) -> tuple[list[str], torch.Tensor]:
     """settings.samples answers to each user message, steered, and each answer's mean token log-probability under
     the unsteered model (a fluency proxy). Seeded by SEED alone, so every coefficient draws the same random numbers."""
     answers = chat.sample(task.model, task.tokenizer, [m for m in messages for _ in range(settings.samples)],
@@ -112,10 +112,10 @@ def generate(cfg: SimpleNamespace, settings: Generation) -> None:
     run_dir = runs.new_run_dir(cfg, "steer")
     for c in settings.coefficients:
         steer = Steer(direction.vector, (layer,), c)
-        rows += _rows_of(f"vector at layer {layer}", c, *sample(task, settings, messages, steer))
+        rows += _rows_of(f"vector at layer {layer}", c, *_sample(task, settings, messages, steer))
     for tone in ("positive", "negative"):
         toned = [f"{m} Make it {tone}." for m in messages]
-        rows += _rows_of(f"prompt: make it {tone}", float("nan"), *sample(task, settings, toned, None))
+        rows += _rows_of(f"prompt: make it {tone}", float("nan"), *_sample(task, settings, toned, None))
     table = pd.DataFrame(rows)
     asked = [m for m in messages for _ in range(settings.samples)]
     table["prompt"] = asked * (len(table) // len(asked))

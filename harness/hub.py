@@ -38,16 +38,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_tokenizer(model_id: str, gguf_file: Optional[str] = None):
     from transformers import AutoTokenizer
-    return from_hub(AutoTokenizer.from_pretrained, model_id, gguf_file)
+    return _from_hub(AutoTokenizer.from_pretrained, model_id, gguf_file)
 
 
 def load_model(model_id: str, gguf_file: Optional[str], device: torch.device, dtype: str = "auto",
                checkpointing: bool = False) -> torch.nn.Module:
     """The frozen model: eval mode, no parameter ever requires a gradient. A GGUF file is dequantized to `dtype` as it
-    loads (model_kwargs), so one command runs the same arithmetic on every machine; attention is chosen once."""
+    loads (_model_kwargs), so one command runs the same arithmetic on every machine; attention is chosen once."""
     from transformers import AutoModelForCausalLM
-    model = from_hub(AutoModelForCausalLM.from_pretrained, model_id, gguf_file, dtype=resolve_dtype(dtype, device),
-                     attn_implementation="sdpa", **model_kwargs(model_id, gguf_file))
+    model = _from_hub(AutoModelForCausalLM.from_pretrained, model_id, gguf_file, dtype=resolve_dtype(dtype, device),
+                      attn_implementation="sdpa", **_model_kwargs(model_id, gguf_file))
     choose_attention(device)
     return freeze(model.to(device), checkpointing)
 
@@ -73,7 +73,7 @@ def freeze(model: torch.nn.Module, checkpointing: bool) -> torch.nn.Module:
     return model
 
 
-def gguf_source(model_id: str, gguf_file: Optional[str]) -> tuple[str, dict]:
+def _gguf_source(model_id: str, gguf_file: Optional[str]) -> tuple[str, dict]:
     """The folder or hub id to load from and the from_pretrained keywords that name its GGUF file, if any: a model_id
     ending in .gguf is that file (transformers reads GGUF only through a folder plus a file name)."""
     if model_id.endswith(".gguf"):
@@ -82,7 +82,7 @@ def gguf_source(model_id: str, gguf_file: Optional[str]) -> tuple[str, dict]:
     return model_id, {"gguf_file": gguf_file} if gguf_file else {}
 
 
-def model_kwargs(model_id: str, gguf_file: Optional[str]) -> dict:
+def _model_kwargs(model_id: str, gguf_file: Optional[str]) -> dict:
     """from_pretrained's keywords for the model (not the tokenizer): a GGUF file is dequantized to the dtype asked for
     as it loads. Otherwise transformers 5.24 keeps a quantized GGUF's weights packed, computing every matmul in
     float32 from the blocks, wherever it finds its GGUF kernels (the `kernels` package and a kernel for the device:
@@ -101,11 +101,11 @@ def packed_gguf(model) -> bool:
     return any(isinstance(m, (GgufEmbedding, GgufExperts, GgufLinear)) for m in model.modules())
 
 
-def from_hub(load: Callable, model_id: str, gguf_file: Optional[str] = None, **kwargs) -> Any:
-    """load(model_id, **kwargs) of a local folder, a local .gguf file or a Hugging Face hub id (GGUF as gguf_source
+def _from_hub(load: Callable, model_id: str, gguf_file: Optional[str] = None, **kwargs) -> Any:
+    """load(model_id, **kwargs) of a local folder, a local .gguf file or a Hugging Face hub id (GGUF as _gguf_source
     says). When it cannot load, one line says first what is wrong (no such folder or file, no network, offline mode,
     an unknown id, a gated model) and what to do."""
-    source, gguf = gguf_source(model_id, gguf_file)
+    source, gguf = _gguf_source(model_id, gguf_file)
     kwargs = {**gguf, **kwargs}
     if model_id.endswith(".gguf") and not os.path.isfile(model_id):
         raise UserError(f"--model_id={model_id}: no such file (in {os.getcwd()}): give a local .gguf file, or a folder "
@@ -116,17 +116,17 @@ def from_hub(load: Callable, model_id: str, gguf_file: Optional[str] = None, **k
         except (OSError, ValueError) as e:  # transformers raises either for a folder without the files it needs
             raise UserError(f"the folder --model_id={model_id} holds no model ({first_line(e)}): give a folder that "
                             f"save_pretrained wrote") from e
-    if not is_hub_id(source):
+    if not _is_hub_id(source):
         raise UserError(f"--model_id={model_id}: no such folder (in {os.getcwd()}), nor an id of the form owner/name: "
                         f"give a local model folder or a Hugging Face id")
-    unreachable = hub_unreachable(source)
+    unreachable = _hub_unreachable(source)
     try:
         return load(source, local_files_only=unreachable is not None, **kwargs)
     except OSError as e:
-        raise UserError(hub_failure(model_id, e, unreachable)) from e
+        raise UserError(_hub_failure(model_id, e, unreachable)) from e
 
 
-def is_hub_id(model_id: str) -> bool:
+def _is_hub_id(model_id: str) -> bool:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     try:
         validate_repo_id(model_id)
@@ -136,7 +136,7 @@ def is_hub_id(model_id: str) -> bool:
 
 
 @functools.cache  # the tokenizer and the model come from the same place: ask once
-def hub_unreachable(model_id: str) -> Optional[str]:
+def _hub_unreachable(model_id: str) -> Optional[str]:
     """Why the hub cannot be asked for model_id now (offline mode, no network), or None when it can. One quick request
     decides, where a download would retry for about 50 s before failing; an id the hub does not know is an error."""
     from huggingface_hub import constants, model_info
@@ -148,7 +148,7 @@ def hub_unreachable(model_id: str) -> Optional[str]:
     except GatedRepoError:
         return None  # the hub answered; the download says whether this machine may read it
     except RepositoryNotFoundError as e:
-        raise UserError(not_on_hub(model_id)) from e
+        raise UserError(_not_on_hub(model_id)) from e
     except HfHubHTTPError:
         return None  # the hub answered; a download that fails says why
     except Exception as e:  # no answer at all (no network, DNS, proxy, timeout), in the HTTP client's own error types
@@ -159,7 +159,7 @@ def hub_unreachable(model_id: str) -> Optional[str]:
     return None
 
 
-def hub_failure(model_id: str, error: OSError, unreachable: Optional[str]) -> str:
+def _hub_failure(model_id: str, error: OSError, unreachable: Optional[str]) -> str:
     """One line on why hub id model_id did not load, led by what is wrong."""
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
     causes = []
@@ -177,11 +177,11 @@ def hub_failure(model_id: str, error: OSError, unreachable: Optional[str]) -> st
                 f"https://huggingface.co/{model_id} and run `hf auth login`, or set --model_id to an ungated model "
                 f"(e.g. Qwen/Qwen2.5-0.5B-Instruct) or a local folder")
     if any(isinstance(e, RepositoryNotFoundError) for e in causes):
-        return not_on_hub(model_id)
+        return _not_on_hub(model_id)
     return f"cannot load {model_id} ({first_line(causes[0])}): check --model_id"
 
 
-def not_on_hub(model_id: str) -> str:
+def _not_on_hub(model_id: str) -> str:
     return (f"no folder {model_id} here and no model {model_id} on huggingface.co: check --model_id "
             f"(a private model needs `hf auth login`)")
 

@@ -14,7 +14,7 @@ import torch
 _state = None  # accelerate's PartialState once this process has joined a group of several, else None
 
 
-def launched() -> bool:
+def _launched() -> bool:
     """Whether a launcher started this script as one of several processes (it sets WORLD_SIZE)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -23,7 +23,7 @@ def start(device: str) -> None:
     """Join the process group when launched as several processes: NCCL on GPUs, gloo on CPU (no GPU, or
     --device=cpu). The other processes than the main one write nothing to stdout from then on; stop() leaves."""
     global _state
-    if not launched() or _state is not None:
+    if not _launched() or _state is not None:
         return
     from accelerate import PartialState
     _state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
@@ -49,7 +49,7 @@ def started() -> bool:
     return _state is not None
 
 
-def rank() -> int:
+def _rank() -> int:
     return _state.process_index if _state else 0
 
 
@@ -58,7 +58,7 @@ def world_size() -> int:
 
 
 def is_main() -> bool:
-    return rank() == 0
+    return _rank() == 0
 
 
 def launch_command() -> str:
@@ -74,7 +74,7 @@ def device() -> torch.device:
 def shard(idx: torch.Tensor) -> torch.Tensor:
     """This process's share of a batch or split: every world_size-th element from its rank on. The shares of all
     processes partition idx (no duplicates, no losses); on length-sorted idx they get similar lengths."""
-    return idx[rank()::world_size()]
+    return idx[_rank()::world_size()]
 
 
 def sum_across(tensor: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,7 @@ def anyone(flag: bool) -> bool:
     return bool(sum_across(torch.tensor([int(flag)], device=_state.device)) > 0)
 
 
-def barrier() -> None:
+def _barrier() -> None:
     if _state is not None:
         _state.wait_for_everyone()
 
@@ -114,7 +114,7 @@ def main_writes(function: Callable[..., None]) -> Callable[..., None]:
     def wrapper(*args, **kwargs) -> None:
         if is_main():
             function(*args, **kwargs)
-        barrier()
+        _barrier()
     return wrapper
 
 

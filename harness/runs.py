@@ -22,7 +22,7 @@ def setup(cfg: SimpleNamespace, with_train: bool = True, held_out: bool = True) 
     """The task: frozen model, tokenizer, label ids, the test split and (with_train) the training split, with
     VAL_LIMIT validation reviews held out of it unless held_out is False (a script that sizes its own hold-out)."""
     if with_train:
-        check_choices(cfg)
+        _check_choices(cfg)
     ledger.check(cfg.RESULTS_DIR)  # a damaged ledger is found before the work, not after it
     device = hub.resolve_device(cfg.DEVICE)
     tokenizer = hub.load_tokenizer(cfg.MODEL_ID, cfg.GGUF_FILE)
@@ -37,7 +37,7 @@ def setup(cfg: SimpleNamespace, with_train: bool = True, held_out: bool = True) 
     return Task(cfg, tokenizer, model, device, labels, train, test, val)
 
 
-def check_choices(cfg: SimpleNamespace) -> None:
+def _check_choices(cfg: SimpleNamespace) -> None:
     """Choices made on validation reviews need some: one line before data prep and loading when VAL_LIMIT is 0."""
     if cfg.RATE_GRID and not cfg.VAL_LIMIT:
         raise errors.UserError("--rate_grid chooses the rates on validation reviews: set --val_limit (e.g. --val_limit=200)")
@@ -113,7 +113,7 @@ def record(task: Task, script: str, method: str, prompt_tokens: int, predictions
     if not parallel.is_main():
         return row  # under accelerate the main process alone writes the run folder and the ledger
     files.write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(row, indent=2))
-    files.write_atomic(os.path.join(run_dir, "environment.json"), json.dumps(environment(task), indent=2))
+    files.write_atomic(os.path.join(run_dir, "environment.json"), json.dumps(_environment(task), indent=2))
     with files.atomic_path(os.path.join(run_dir, "predictions.safetensors")) as tmp:
         tensors = {k: v.contiguous() for k, v in predictions.items() if k != "seconds"}
         save_file({**tensors, "label_ids": task.label_ids.cpu()}, tmp)
@@ -126,7 +126,7 @@ def record(task: Task, script: str, method: str, prompt_tokens: int, predictions
     return row
 
 
-def environment(task: Task) -> dict:
+def _environment(task: Task) -> dict:
     """What the config cannot say about a run: the code's commit, the libraries (gguf and kernels decide how a GGUF
     file loads: None when not installed), whether GGUF weights stayed packed, the device, dtype and attention kernel,
     and torch's CPU threads (THREADS, or the default: one per core)."""

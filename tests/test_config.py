@@ -71,10 +71,10 @@ def test_shell_args_read_back_as_the_same_config():
 
 
 def test_a_gguf_model_id_is_loaded_as_folder_and_file():
-    assert hub.gguf_source("/m/SmolLM2.Q4_1.gguf", None) == ("/m", {"gguf_file": "SmolLM2.Q4_1.gguf"})
-    assert hub.gguf_source("SmolLM2.Q4_1.gguf", None) == (".", {"gguf_file": "SmolLM2.Q4_1.gguf"})
-    assert hub.gguf_source("org/model-GGUF", "model.Q8_0.gguf") == ("org/model-GGUF", {"gguf_file": "model.Q8_0.gguf"})
-    assert hub.gguf_source("org/model", None) == ("org/model", {})
+    assert hub._gguf_source("/m/SmolLM2.Q4_1.gguf", None) == ("/m", {"gguf_file": "SmolLM2.Q4_1.gguf"})
+    assert hub._gguf_source("SmolLM2.Q4_1.gguf", None) == (".", {"gguf_file": "SmolLM2.Q4_1.gguf"})
+    assert hub._gguf_source("org/model-GGUF", "model.Q8_0.gguf") == ("org/model-GGUF", {"gguf_file": "model.Q8_0.gguf"})
+    assert hub._gguf_source("org/model", None) == ("org/model", {})
 
 
 def test_a_script_that_declares_its_settings_shows_only_those():

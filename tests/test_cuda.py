@@ -133,7 +133,7 @@ def test_a_gguf_is_dequantized_without_looking_for_packed_kernels(task, monkeypa
         raise AssertionError("transformers looked for GGUF kernels: the weights could stay packed on a machine that has them")
     monkeypatch.setattr(quantizer_gguf, "get_gguf_kernel", looked)
     path = real.model_path()  # SmolLM2's Q4_1 file: llama, so read as if its architecture had the packed path
-    for config, packs in ((hub.model_kwargs(path, None)["quantization_config"], False), (quantizer_gguf.GgufConfig(), True)):
+    for config, packs in ((hub._model_kwargs(path, None)["quantization_config"], False), (quantizer_gguf.GgufConfig(), True)):
         quantizer = quantizer_gguf.GgufHfQuantizer(config)
         quantizer.read_header(path)
         quantizer.supported, quantizer.header = True, quantizer_gguf.GgufHeader.from_file(path)
@@ -144,7 +144,7 @@ def test_a_gguf_is_dequantized_without_looking_for_packed_kernels(task, monkeypa
         else:
             quantizer.validate_environment()
             assert quantizer.quantization_config.dequantize
-    assert hub.model_kwargs(task.cfg.MODEL_ID, None) == {} and hub.packed_gguf(task.model) is False
+    assert hub._model_kwargs(task.cfg.MODEL_ID, None) == {} and hub.packed_gguf(task.model) is False
 
 
 # ---- on a CUDA GPU ----

@@ -43,9 +43,9 @@ def online_hub(monkeypatch):
     import huggingface_hub.errors
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "model_info", lambda model_id, timeout: None)
-    hub.hub_unreachable.cache_clear()
+    hub._hub_unreachable.cache_clear()
     yield huggingface_hub
-    hub.hub_unreachable.cache_clear()
+    hub._hub_unreachable.cache_clear()
 
 
 def http_error(kind: type) -> Exception:
@@ -60,7 +60,7 @@ def never_called(model_id, **kwargs):
 @pytest.mark.parametrize("model_id", ["/tmp/no-such-folder", "data/tiny/no-such-model", "./model", "~/model"])
 def test_a_folder_that_does_not_exist_says_so(model_id):
     with pytest.raises(errors.UserError, match=f"^--model_id={re.escape(model_id)}: no such folder"):
-        hub.from_hub(never_called, model_id)
+        hub._from_hub(never_called, model_id)
 
 
 def test_a_folder_without_a_model_says_so(tmp_path):
@@ -72,7 +72,7 @@ def test_offline_mode_and_an_uncached_id():
     from transformers import AutoTokenizer  # the tests run with HF_HUB_OFFLINE=1 (conftest)
     with pytest.raises(errors.UserError, match="^nobody/no-such-model is neither a folder here nor in the local Hugging "
                                             "Face cache, and HF_HUB_OFFLINE is set: unset it"):
-        hub.from_hub(AutoTokenizer.from_pretrained, "nobody/no-such-model")
+        hub._from_hub(AutoTokenizer.from_pretrained, "nobody/no-such-model")
 
 
 def test_no_network_fails_at_once_without_retries(tmp_path):
@@ -93,8 +93,8 @@ def test_no_network_loads_a_cached_model_from_the_cache(online_hub, monkeypatch,
     def unreachable(model_id, timeout):
         raise ConnectionError("no route to host")
     monkeypatch.setattr(online_hub, "model_info", unreachable)
-    assert hub.from_hub(lambda model_id, **kwargs: kwargs, "someone/cached") == {"local_files_only": True}
-    assert hub.from_hub(lambda model_id, **kwargs: kwargs, "someone/cached") == {"local_files_only": True}
+    assert hub._from_hub(lambda model_id, **kwargs: kwargs, "someone/cached") == {"local_files_only": True}
+    assert hub._from_hub(lambda model_id, **kwargs: kwargs, "someone/cached") == {"local_files_only": True}
     assert capsys.readouterr().out.count("cache only (HF_HUB_OFFLINE=1 skips this check)") == 1  # said once
 
 
@@ -103,7 +103,7 @@ def test_a_gated_model_says_so(online_hub):
         raise OSError("You are trying to access a gated repo.") from http_error(online_hub.errors.GatedRepoError)
     with pytest.raises(errors.UserError, match="^meta-llama/Llama-3.2-1B-Instruct is gated and this machine has no access: "
                                             "accept its license on https://huggingface.co/meta-llama/Llama-3.2-1B-Instruct"):
-        hub.from_hub(gated, "meta-llama/Llama-3.2-1B-Instruct")
+        hub._from_hub(gated, "meta-llama/Llama-3.2-1B-Instruct")
 
 
 def test_an_id_the_hub_does_not_know_says_so(online_hub, monkeypatch):
@@ -111,7 +111,7 @@ def test_an_id_the_hub_does_not_know_says_so(online_hub, monkeypatch):
         raise http_error(online_hub.errors.RepositoryNotFoundError)
     monkeypatch.setattr(online_hub, "model_info", unknown)
     with pytest.raises(errors.UserError, match="^no folder nobody/nothing here and no model nobody/nothing on huggingface.co"):
-        hub.from_hub(never_called, "nobody/nothing")
+        hub._from_hub(never_called, "nobody/nothing")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

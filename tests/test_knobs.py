@@ -101,7 +101,7 @@ def test_validation_reviews_are_held_out_balanced_and_seeded(task):
 def test_bad_validation_settings_are_refused(task, args, message):
     cfg = cli.configure(args)
     with pytest.raises(errors.UserError, match=message.replace("(", r"\(")):
-        runs.check_choices(cfg)
+        runs._check_choices(cfg)
         runs.hold_out(task.train, cfg.VAL_LIMIT, cfg.SEED)
 
 

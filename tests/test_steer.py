@@ -175,10 +175,10 @@ def test_generation_is_independent_of_batch_mates_and_coefficient_zero_is_unstee
     task = runs.setup(cli.configure(args, steer.SETTINGS), with_train=False)
     settings = steer.generation_of(task.cfg)
     messages = ["Hi", "Write a much longer request about the food at a restaurant, please."]
-    texts, fluency = generation.sample(task, settings, messages, None)
+    texts, fluency = generation._sample(task, settings, messages, None)
     assert texts[0] != texts[1] or texts[2] != texts[3]  # two samples of a message are two draws
     for i, message in enumerate(messages):
-        alone, alone_fluency = generation.sample(task, settings, [message], None)
+        alone, alone_fluency = generation._sample(task, settings, [message], None)
         assert alone == texts[2 * i:2 * i + 2]
         torch.testing.assert_close(alone_fluency, fluency[2 * i:2 * i + 2], atol=1e-4, rtol=1e-4)
     prompt = prompt_text(task.tokenizer, None, messages[0], task.cfg.TEMPLATE_KWARGS)
@@ -186,7 +186,7 @@ def test_generation_is_independent_of_batch_mates_and_coefficient_zero_is_unstee
     greedy = task.model.generate(**ids, do_sample=False, max_new_tokens=6)
     near_zero = chat.sample(task.model, task.tokenizer, messages[:1], task.cfg.TEMPLATE_KWARGS, 6, 1e-6, 0)
     assert near_zero.ids.equal(greedy)  # near temperature 0, the greedy answer
-    zero = generation.sample(task, settings, messages, frozen.Steer(torch.randn(64) * 50, (1,), 0.0))
+    zero = generation._sample(task, settings, messages, frozen.Steer(torch.randn(64) * 50, (1,), 0.0))
     assert zero[0] == texts and torch.equal(zero[1], fluency)
 
 
