@@ -15,8 +15,8 @@ row named like AGAINST) with its 95% interval and p by a paired bootstrap over s
 (stats.bootstrap_difference). Every run must have been scored on the same test reviews.
 Writes table.md and table.csv (with TRAIN_REVIEWS: table_<n>.md and table_<n>.csv, that size's rows and those of
 prompts and searches), table_params.png (score against trainable parameters) and table_data.png (score against
-training reviews, every size: a method whose rate was chosen on validation at each size is one curve, each point's
-rate written beside it) into that folder.
+training reviews, every size: a method whose rate was chosen on validation at each size is one curve, its legend
+entry giving each size's rate) into that folder.
 """
 import json
 import math

@@ -2,6 +2,7 @@
 against step, probes against layer, rate grids, steering and prompt-search curves. Scripts read their files and pass
 the frames here; nothing else draws."""
 import json
+import math
 import os
 import re
 from typing import Optional
@@ -10,7 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: training machines have no display
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator, StrMethodFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator, StrMethodFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -19,6 +20,8 @@ from harness import ledger  # noqa: E402
 from harness import parallel  # noqa: E402
 
 SMOOTH_POINTS = 50  # a loss curve is averaged over windows of 1/SMOOTH_POINTS of its steps: batches of 6 are noisy
+SCORE_LIMITS = (-3, 103)  # a score axis's view (%): a line at 0% or 100% (a hard primer that never answers) stays in
+# sight above the frame, not on it
 
 
 def window(steps: int) -> int:
@@ -30,19 +33,32 @@ def smooth(loss: pd.Series) -> pd.Series:
 
 
 def loss_axis(ax: plt.Axes, ylabel: str, title: str) -> None:
-    """Log scale, since a loss falls by orders of magnitude, but with plain numbers on the ticks; whole steps."""
+    """Log scale, since a loss falls by orders of magnitude, but with plain numbers on the ticks (minor ones as
+    minor_label says); whole steps."""
     ax.set(yscale="log", xlabel="training step (batch)", ylabel=ylabel, title=title)
     ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
-    ax.yaxis.set_minor_formatter(StrMethodFormatter("{x:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda at, _: minor_label(at, ax.get_ylim())))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def minor_label(at: float, limits: tuple[float, float]) -> str:
+    """A log axis's minor tick label: every one where the view spans at most half a decade (else too few labels),
+    those at 2 and 5 of a decade up to 3 decades, none beyond: labelling all of them crowds (10, 9, 8, ... 1, 0.9)."""
+    decades = abs(math.log10(limits[1] / limits[0]))
+    mantissa = round(at / 10 ** math.floor(math.log10(at)), 6)
+    return f"{at:g}" if decades <= 0.5 or (decades <= 3 and mantissa in (2, 5)) else ""
 
 
 def described(fig: plt.Figure) -> dict:
     """What a reader sees of each axes: title, axis labels, the tick labels in view, the legend's entries."""
     fig.canvas.draw()  # so the tick labels are the ones drawn
-    def ticks(axis, low_high):
+    def ticks(axis, low_high):  # the labelled ticks in view, major and minor, in axis order
         low, high = sorted(low_high)
-        return [t.get_text() for t, at in zip(axis.get_ticklabels(), axis.get_majorticklocs()) if low <= at <= high]
+        places = {False: axis.get_majorticklocs(), True: axis.get_minorticklocs()}
+        shown = [(at, label.get_text()) for minor in (False, True)
+                 for label, at in zip(axis.get_ticklabels(minor=minor), places[minor])
+                 if low <= at <= high and label.get_text()]
+        return [text for _, text in sorted(shown)]
     return {"suptitle": fig._suptitle.get_text() if fig._suptitle else "",
             "axes": [{"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
                       "xticks": ticks(ax.xaxis, ax.get_xlim()), "yticks": ticks(ax.yaxis, ax.get_ylim()),
@@ -260,53 +276,81 @@ def rate_grid(grids: list[pd.DataFrame], path: str) -> str:
     return save(fig, path)
 
 
-def seed_spread(ax: plt.Axes, x: pd.Series, rows: pd.DataFrame, label: str, color: str) -> None:
-    """Each row of table.py's table: its mean score with its seeds' standard deviation as an error bar, each seed's
-    score a dot."""
-    ax.errorbar(x, 100 * rows["score_mean"], yerr=100 * rows["score_std"].fillna(0), marker="o", capsize=3, label=label,
-                color=color)
+def seed_spread(ax: plt.Axes, x: pd.Series, rows: pd.DataFrame, label: str, color: str):
+    """Each row of table.py's table: its mean score with its seeds' standard deviation as an error bar (returned, for
+    the legend), each seed's score a dot."""
+    bars = ax.errorbar(x, 100 * rows["score_mean"], yerr=100 * rows["score_std"].fillna(0), marker="o", capsize=3,
+                       label=label, color=color)
     for xi, scores in zip(x, rows["scores"]):
         ax.scatter([xi] * len(scores), [100 * s for s in scores], s=10, alpha=0.5, color=color)
+    return bars
+
+
+def family(method: str) -> str:
+    """A ledger method's name less what one run chose: "IA3 (k_proj, v_proj)" and "linear probe (layer 3, last); ..."
+    are "IA3" and "linear probe"."""
+    return re.split(r"\s*[(:;]", method, maxsplit=1)[0]
+
+
+def method_label(method: str) -> str:
+    """A ledger method as a legend names it: without the prompt a search found and the budget it spent."""
+    method = re.sub(r": '.*$", "", method)
+    return re.sub(r"[;,]? ?[\d.]+ CPU min[^)]*", "", method).replace(" ()", "")
 
 
 def table_params(table: pd.DataFrame, path: str) -> str:
-    """table.py's rows: strict score against trainable parameters (log scale), one color per script; methods with none
-    as lines."""
+    """table.py's rows: strict score against trainable parameters (log scale), one color per method (its family: a
+    line joins the primer's lengths at one training-set size), methods with none as dashed lines, each legend entry
+    its own color."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (script, rows) in enumerate(table.groupby("script", sort=False)):
-        trained, fixed = rows[rows["trainable_params"] > 0], rows[rows["trainable_params"] == 0]
-        if len(trained):
-            seed_spread(ax, trained["trainable_params"], trained, script, f"C{i}")
-        for _, r in fixed.iterrows():
-            ax.axhline(100 * r["score_mean"], color=f"C{i}", ls="--", lw=1, label=r["run"])
+    trained, fixed = table[table["trainable_params"] > 0], table[table["trainable_params"] == 0]
+    series, shown = list(trained.groupby(trained["method"].map(family), sort=False)), []
+    for i, (name, rows) in enumerate(series):
+        for j, (_, size) in enumerate(rows.sort_values("trainable_params").groupby("samples")):
+            bars = seed_spread(ax, size["trainable_params"], size, name if j == 0 else "_nolegend_", color_of(i))
+            shown += [bars] if j == 0 else []
+    for i, (_, r) in enumerate(fixed.iterrows(), len(series)):
+        shown.append(ax.axhline(100 * r["score_mean"], color=color_of(i), ls=("--", "-.", ":")[i % 3], lw=1.2,
+                                label=method_label(r["method"])))
+    sizes = sorted(set(trained["samples"]))
+    where = f"{sizes[0]:,} training reviews" if len(sizes) == 1 else f"{len(sizes)} training-set sizes, a line each"
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="test reviews right (%), mean ± std over seeds",
-           title="Score against trainable parameters", ylim=(0, 100))
-    ax.legend(fontsize=7)
+           title=f"Score against trainable parameters ({where})" if sizes else "Score against trainable parameters",
+           ylim=SCORE_LIMITS)
+    ax.legend(handles=shown, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: it hides no line
     return save(fig, path)
 
 
+def color_of(i: int) -> str:
+    """The i-th legend entry's color: matplotlib's ten, then Dark2's eight (saturated, so a thin line shows)."""
+    return f"C{i}" if i < 10 else matplotlib.colormaps["Dark2"].colors[(i - 10) % 8]
+
+
 def curve_label(rows: pd.DataFrame) -> str:
-    """A data curve's name: its row's, less the schedule where each size chose its own rate."""
-    name = rows["run"].iloc[0]
-    return re.sub(r" rate_by_epoch=\[[^]]*\]", "", name) + ", rate chosen at each size" if rows["rate_chosen"].all() else name
+    """A data curve's name: its method's family and the settings that tell it from the other rows of its script, and
+    where each size chose its own rate on validation, those rates size by size (not the schedule of one size)."""
+    settings = re.sub(r"^\S+( \([^)]*\))?", "", rows["run"].iloc[0])  # the run's name less its script and family
+    settings = re.sub(r" method=\S+", "", settings)  # the family names it
+    label = ", ".join([family(rows["method"].iloc[0])] + re.sub(r" rate_by_epoch=\[[^]]*\]", "", settings).split())
+    if not rows["rate_chosen"].all():
+        return ", ".join([family(rows["method"].iloc[0])] + settings.split())
+    rates = "; ".join(f"{int(r['samples']):,}: " + ",".join(f"{rate:g}" for rate in json.loads(r["config"])["RATE_BY_EPOCH"])
+                      for _, r in rows.iterrows())
+    return f"{label}, rate chosen at each size ({rates})"
 
 
 def table_data(table: pd.DataFrame, path: str) -> str:
     """table.py's rows: strict score against training reviews (log scale), one line per method configuration with two
-    sizes or more, its rate left out where each size chose its own on validation (written beside each point)."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    sizes or more, its rate left out where each size chose its own on validation (each size's rate in its legend)."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     curves = [rows.sort_values("samples") for _, rows in table.groupby("curve", sort=False) if rows["samples"].nunique() > 1]
     for i, rows in enumerate(curves):
-        seed_spread(ax, rows["samples"], rows, curve_label(rows), f"C{i}")
-        for _, r in rows[rows["rate_chosen"]].iterrows():
-            rates = ",".join(f"{rate:g}" for rate in json.loads(r["config"])["RATE_BY_EPOCH"])
-            ax.annotate(rates, (r["samples"], 100 * r["score_mean"]), xytext=(4, -10), textcoords="offset points",
-                        fontsize=6, color=f"C{i}")
+        seed_spread(ax, rows["samples"], rows, curve_label(rows), color_of(i))
     ax.set(xscale="log", xlabel="training reviews", ylabel="test reviews right (%), mean ± std over seeds",
-           title="Score against training reviews", ylim=(0, 100))
+           title="Score against training reviews", ylim=SCORE_LIMITS)
     if curves:
         sizes = sorted({int(n) for rows in curves for n in rows["samples"]})
         ax.set_xticks(sizes, [f"{n:,}" for n in sizes])  # the sizes run, in plain numbers
         ax.minorticks_off()
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.13))  # below the axes: long entries hide no point
     return save(fig, path)

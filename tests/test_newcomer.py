@@ -182,3 +182,6 @@ def test_loss_figure_names_its_run_and_shows_every_step(tmp_path):
     assert axes["legend"] == ["loss of each step", "epoch boundary (the rate changes)"]  # 12 steps: no mean to hide it
     assert axes["xticks"] and all(t.isdigit() for t in axes["xticks"])
     assert files.read_json(str(run / "config.json"))["rate_scale"] == "embedding"
+    pd.DataFrame({"step": range(1, 301), "epoch": 1, "loss": [10 * 0.05 ** (i / 299) for i in range(300)]}).to_csv(
+        run / "losses.csv", index=False)  # from 10 to 0.5: labelled at 1, 2 and 5 of a decade, not at 9, 8, 7, ...
+    assert plots.description(plots.loss_curve(str(run)))["axes"][0]["yticks"] == ["0.5", "1", "2", "5", "10"]

@@ -86,6 +86,22 @@ def test_the_data_figure_draws_one_curve_per_configuration_across_sizes(results,
     assert list(line.get_xdata()) == [50, 100] and list(line.get_ydata()) == pytest.approx(100 * curve["score_mean"])
 
 
+def test_the_figures_name_methods_keep_a_0_line_in_sight_and_put_rates_in_the_legend(results, tmp_path, monkeypatch):
+    written = table.summarize(table.load_runs(str(results)))
+    hard = written[written["trainable_params"] == 0].assign(method="hard primer", score_mean=0.0, scores=[[0.0]])
+    with_hard = pd.concat([written, hard], ignore_index=True)
+    params = plots.description(plots.table_params(with_hard, str(tmp_path / "params.png")))["axes"][0]
+    assert params["legend"] == ["primer", "text prompt", "hard primer"]  # not experiment, prompt_short, inspect_primer
+    assert params["title"] == "Score against trainable parameters (2 training-set sizes, a line each)"
+    figures = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
+    plots.table_params(with_hard, "unused.png")
+    plots.table_data(written, "unused.png")
+    (hard_line,) = [line for line in figures[0].axes[0].lines if line.get_label() == "hard primer"]
+    assert figures[0].axes[0].get_ylim()[0] < hard_line.get_ydata()[0] == 0  # above the frame, not on it
+    assert not figures[1].axes[0].texts and figures[1].axes[0].get_legend().texts[0].get_text() == "primer, primer_length=2"
+
+
 def test_runs_on_other_test_reviews_are_refused(results, tmp_path, tiny):
     folder = tmp_path / "mixed"
     shutil.copytree(results, folder)
