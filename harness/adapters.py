@@ -2,7 +2,9 @@
 per-layer keys and values (prefix tuning, P-tuning v2). Each leaves the model as it was at the start: LoRA's B and
 IA3's scales start at zero and one, LayerNorm tuning starts at the model's own norms, and the prefix starts as the
 keys and values the model itself gives PREFIX_LENGTH random tokens."""
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,17 +46,31 @@ def with_peft(task: Task, config, setting: str) -> torch.nn.Module:
     a one-line error naming `setting` (the setting that chose the modules) when the model has none of them."""
     from peft import get_peft_model
     try:
-        return get_peft_model(task.model, config).eval()
+        with quiet_peft():
+            return get_peft_model(task.model, config).eval()
     except ValueError as e:  # peft: target modules not found in the base model
         names = sorted({name.rsplit(".", 1)[-1] for name, m in task.model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise errors.UserError(f"{setting} names none of this model's modules ({str(e).splitlines()[0][:80]}); "
                                f"its linear layers are {', '.join(names)}") from e
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """Without two warnings peft prints as it wraps a model, neither of them about this code: peft 0.21 reads the
+    model's `is_gradient_checkpointing`, which transformers 5 deprecates, and its LayerNorm tuning calls an RMSNorm
+    "unsupported" though it trains it (tests/test_tune.py checks that it learns and that its saved adapter scores the
+    same)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+        warnings.filterwarnings("ignore", r"Unsupported layer type '<class '[\w.]+RMSNorm'>' encountered", UserWarning)
+        yield
+
+
 def load_peft(task: Task, path: str) -> torch.nn.Module:
     from peft import PeftModel
     try:
-        return PeftModel.from_pretrained(task.model, path).eval()
+        with quiet_peft():
+            return PeftModel.from_pretrained(task.model, path).eval()
     except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names of another model
         raise errors.UserError(f"--adapter_path={path} does not fit --model_id={task.cfg.MODEL_ID} ({type(e).__name__}): "
                                f"use an adapter trained on this model") from e

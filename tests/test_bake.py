@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import bake
 from conftest import overrides, run_until_first_checkpoint
-from harness import chat, cli, errors, frozen, ledger, primers, prompts, runs
+from harness import adapters, chat, cli, errors, frozen, ledger, primers, prompts, runs
 from harness.layouts import assemble, make_layout
 
 LORA_PARAMS_PER_RANK = 2 * (64 + 64 + 64 + 32 + 64 + 32 + 64 + 64)  # tiny: 2 layers of q, k, v (2 kv heads of 16), o
@@ -58,7 +58,8 @@ def test_the_recovered_teacher_behaviour_equals_a_plain_recount_from_the_saved_a
     label_ids, test = task.label_ids, task.test
     with torch.no_grad():
         taught = torch.stack([last_logits(task.model, teacher, test, i) for i in range(len(test))])
-        baked_model = PeftModel.from_pretrained(task.model, f"{baked.run_dir}/adapter").eval()
+        with adapters.quiet_peft():
+            baked_model = PeftModel.from_pretrained(task.model, f"{baked.run_dir}/adapter").eval()
         learned = torch.stack([last_logits(baked_model, student, test, i) for i in range(len(test))])
     kl = (taught.softmax(-1) * (taught.log_softmax(-1) - learned.log_softmax(-1))).sum(-1)
     recovered = json.load(open(f"{baked.run_dir}/bake.json"))

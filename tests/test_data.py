@@ -126,7 +126,8 @@ def test_load_split_prepares_again_for_another_sample_or_tokenizer_and_refuses_p
     assert data.load_split(cfg, tokenizer, "test").meta["vocab_fingerprint"] == data.vocab_fingerprint(tokenizer)
     assert f"prepared with the tokenizer of other/model, not {tiny.model_dir}'s" in capsys.readouterr().out
     with open(path, "wb") as f:
-        pickle.dump({"meta": os.system}, f)  # a crafted pickle that would call a function if unpickled
+        pickle.dump({"meta": os.system}, f, protocol=2)  # a crafted pickle that would call a function if unpickled
+        # (protocol 2, torch.save's own: another makes torch.load warn before it refuses the file)
     with pytest.raises(errors.UserError, match="not a file prep wrote"):
         data.load_split(cfg, tokenizer, "test")
 

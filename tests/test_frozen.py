@@ -2,12 +2,13 @@
 import copy
 import dataclasses
 import types
+import warnings
 
 import pytest
 import torch
 
 from conftest import overrides
-from harness import cli, frozen, layouts, primers, runs
+from harness import adapters, cli, frozen, layouts, primers, runs
 
 BATCHES = ([0], [0, 5], [5, 2, 0, 9])  # review 0 alone and among longer and shorter batch mates
 
@@ -79,7 +80,14 @@ def test_the_forward_reaches_a_peft_wrapped_decoder(task):
     from peft import LoraConfig, get_peft_model
     layout = layouts.make_layout(task, None, primer_length=2)
     primer = primers.init_primer(task.model, 2, seed=0)
-    wrapped = get_peft_model(copy.deepcopy(task.model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with adapters.quiet_peft():
+        wrapped = get_peft_model(copy.deepcopy(task.model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with warnings.catch_warnings(record=True) as caught:  # peft's two warnings about its own calls stay quiet
+        warnings.simplefilter("always")
+        for method in adapters.PEFT_METHODS:
+            adapters.with_peft(types.SimpleNamespace(model=copy.deepcopy(task.model)),
+                               adapters.peft_config(method, adapters.Lora(2, 2, ["q_proj"])), "--method")
+    assert [str(w.message) for w in caught] == []
     ids, lengths = layouts.assemble(layout, task.test, torch.tensor([0, 5]))
     with torch.no_grad():
         base = frozen.forward(task.model, ids, lengths, layout, primer).logits
