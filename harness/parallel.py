@@ -25,6 +25,10 @@ def start(device: str) -> None:
     global _state
     if not _launched() or _state is not None:
         return
+    # torch.distributed.nn's functions bind the default group as a default argument when first imported (torch._dynamo
+    # and transformers' models import it): imported after the group exists, they would keep it, and its gloo threads,
+    # alive past stop() to the interpreter's exit, where tearing it down aborts the process now and then
+    import torch.distributed.nn  # noqa: F401
     from accelerate import PartialState
     _state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
     if not _state.is_main_process:
@@ -35,7 +39,8 @@ def stop(wait: bool) -> None:
     """Leave the process group, after every other process has come to leave it too when `wait` (every process ends
     alike: finished, refused, interrupted); a crash in one process leaves at once, since the others may never come.
     gloo's threads abort a process (SIGABRT, "terminate called without an active exception") whose group is torn
-    down at the interpreter's exit, or while another process still talks to it."""
+    down at the interpreter's exit, or while another process still talks to it; start() sees that nothing else keeps
+    the group."""
     global _state
     if _state is None:
         return
