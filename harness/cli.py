@@ -69,7 +69,7 @@ def check_type(name: str, value: Any, default: Any) -> Any:
     elif isinstance(default, list):
         if isinstance(value, (list, tuple)) and (value or not default):  # empty only where the default is
             return [check_type(name, v, default[0]) for v in value] if default else list(value)
-        expected = "a non-empty list like " + repr(default)
+        expected = f"a non-empty list like {default!r}" if default else "a list"
     elif isinstance(value, type(default)) and not isinstance(value, bool):
         return value
     else:

@@ -38,13 +38,17 @@ def setup(cfg: SimpleNamespace, with_train: bool = True, held_out: bool = True) 
 
 
 def _check_choices(cfg: SimpleNamespace) -> None:
-    """Choices made on validation reviews need some: one line before data prep and loading when VAL_LIMIT is 0."""
+    """Rates that are numbers, and choices made on validation reviews with some to make them on: one line before data
+    prep and loading."""
     if cfg.RATE_GRID and not cfg.VAL_LIMIT:
         raise errors.UserError("--rate_grid chooses the rates on validation reviews: set --val_limit (e.g. --val_limit=200)")
     number = lambda r: isinstance(r, (int, float)) and not isinstance(r, bool)
     if not all(number(rate) or (isinstance(rate, list) and rate and all(map(number, rate))) for rate in cfg.RATE_GRID):
         raise errors.UserError(f"--rate_grid={cfg.RATE_GRID!r} must be a list of rates, each a peak rate or a non-empty "
                                "list of per-epoch rates: e.g. '--rate_grid=[1e-1, 3e-2, 1e-2, 3e-3]'")
+    if not all(map(number, cfg.RATE_BY_EPOCH)):
+        raise errors.UserError(f"--rate_by_epoch={cfg.RATE_BY_EPOCH!r} must be a list of numbers, one rate per epoch: "
+                               "e.g. '--rate_by_epoch=[3e-2, 1e-2, 3e-3]'")
 
 
 def hold_out(train: data.Split, count: int, seed: int) -> tuple[data.Split, Optional[data.Split]]:

@@ -55,7 +55,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(task, meta, position
     primer = torch.zeros(4, 64, device="meta", requires_grad=True)
     optimizer = torch.optim.Adam([primer], lr=0.1)
     for step in range(2):  # the second step runs on Adam's state
-        kept = training.Pending(None, training.snapshot({"primer": primer}), training.optimizer_state(optimizer, [primer]), 0.0)
+        kept = training.Pending(None, training.snapshot({"primer": primer}), training.optimizer_state(optimizer, [primer]), 0.0, 0.1)
         loss = training.train_step([primer], optimizer, primers.loss_of(meta, layout, primer), torch.arange(4 * step, 4 * step + 4))
         assert loss.device.type == "meta" and kept.before["primer"].device.type == "meta"
     assert optimizer.state[primer]["exp_avg"].device.type == "meta"
@@ -75,7 +75,8 @@ def test_a_non_finite_loss_found_steps_later_rolls_back_as_one_found_at_once(tas
             return loss_of(shard, batch_size) * (float("nan") if len(calls) == 7 else 1.0)
         monkeypatch.setattr(training, "CHECK_EVERY", check_every)
         os.makedirs(tmp_path / folder)
-        log, status = training.train(task, {"primer": primer}, poisoned, str(tmp_path / folder))
+        log, status = training.train(task, {"primer": primer}, poisoned, str(tmp_path / folder),
+                                     training.Schedule.of(task.cfg))
         return log, status, primer.detach(), torch.load(tmp_path / folder / "checkpoint.pt", weights_only=True), len(calls)
 
     at_once, later = run(1, "at_once"), run(12, "later")
@@ -236,7 +237,7 @@ def test_a_training_step_never_waits_on_the_gpu(gpu_task, position):
     loss_of = primers.loss_of(gpu_task, layout, primer)
 
     def step(batch: int) -> training.Pending:
-        kept = training.Pending(None, training.snapshot({"primer": primer}), training.optimizer_state(optimizer, [primer]), 0.0)
+        kept = training.Pending(None, training.snapshot({"primer": primer}), training.optimizer_state(optimizer, [primer]), 0.0, 0.1)
         kept.loss = training.train_step([primer], optimizer, loss_of, torch.arange(6 * batch, 6 * batch + 6))
         return kept
     step(0)  # Adam's state and the allocator's blocks exist from here on

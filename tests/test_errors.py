@@ -219,6 +219,7 @@ ARGS = {"probe": lambda tiny, out, *more: test_probe.probe_args(tiny, out, *more
     ("steer", "--steer_layers=[3]", "--steer_layers=[3] must be decoder layers 1 to 2 of this model"),
     ("steer", "--vector_reviews=100", "--vector_reviews=100 must be between 1 and the 70 training reviews"),
     ("steer", "--vector_reviews=0", "--vector_reviews=0 must be at least 1"),
+    ("tune", "--rate_by_epoch=['fast']", "--rate_by_epoch=['fast'] must be a list of numbers, one rate per epoch"),
     ("tune", "--val_limit=0 --rate_grid=[[1e-3]]", "--rate_grid chooses the rates on validation reviews: set --val_limit"),
     ("tune", "--method=bitfit", "--method='bitfit' is not one of lora, ia3, layernorm, prefix, loreft"),
     ("tune", "--rate_scale=embedding", "--rate_scale='embedding': tune.py's rates are Adam's own"),
