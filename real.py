@@ -66,7 +66,7 @@ def run(cfg) -> None:
     gguf = model_path()
     write_reviews(cfg.CSV_DIR, cfg.TEST_SNIPPETS, cfg.SEED)
     print(f"model {gguf}\nnext: python experiment.py --model_id={gguf} --csv_dir={cfg.CSV_DIR} --data_dir=data/rt "
-          f"--device=cpu --train_limit=800 --val_limit=200 --test_limit=400")
+          f"--device=cpu --train_limit=500 --val_limit=200 --test_limit=400 --threads=1")
 
 
 if __name__ == "__main__":
