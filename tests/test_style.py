@@ -1,4 +1,4 @@
-"""The tree passes `ruff check` under pyproject.toml's rules (line length 160, pyflakes, pycodestyle, import order),
+"""The tree passes `ruff check` under pyproject.toml's rules (line length 120, pyflakes, pycodestyle, import order),
 and those rules do catch what they name."""
 import os
 import subprocess
