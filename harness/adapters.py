@@ -38,7 +38,8 @@ def peft_config(method: str, lora: Lora):
         return lora.config()
     if method == "ia3":  # peft's defaults for Llama: keys, values and the MLP's input to down_proj are rescaled
         return IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
-    return LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])  # every RMSNorm's weight
+    # every RMSNorm's weight
+    return LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])
 
 
 def with_peft(task: Task, config, setting: str) -> torch.nn.Module:
@@ -49,7 +50,8 @@ def with_peft(task: Task, config, setting: str) -> torch.nn.Module:
         with quiet_peft():
             return get_peft_model(task.model, config).eval()
     except ValueError as e:  # peft: target modules not found in the base model
-        names = sorted({name.rsplit(".", 1)[-1] for name, m in task.model.named_modules() if isinstance(m, torch.nn.Linear)})
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in task.model.named_modules()
+                        if isinstance(m, torch.nn.Linear)})
         raise errors.UserError(f"{setting} names none of this model's modules ({str(e).splitlines()[0][:80]}); "
                                f"its linear layers are {', '.join(names)}") from e
 
@@ -72,8 +74,8 @@ def load_peft(task: Task, path: str) -> torch.nn.Module:
         with quiet_peft():
             return PeftModel.from_pretrained(task.model, path).eval()
     except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names of another model
-        raise errors.UserError(f"--adapter_path={path} does not fit --model_id={task.cfg.MODEL_ID} ({type(e).__name__}): "
-                               f"use an adapter trained on this model") from e
+        raise errors.UserError(f"--adapter_path={path} does not fit --model_id={task.cfg.MODEL_ID} "
+                               f"({type(e).__name__}): use an adapter trained on this model") from e
 
 
 class Prefixed:
@@ -96,7 +98,8 @@ class _PrefixedDecoder:
     def __init__(self, decoder: torch.nn.Module, prefix: torch.Tensor):
         self.decoder, self.prefix, self.layers = decoder, prefix, decoder.layers
 
-    def __call__(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, use_cache=False):
+    def __call__(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 use_cache=False):
         from transformers import DynamicCache
         rows, length = len(inputs_embeds), self.prefix.shape[3]
         cache = DynamicCache(config=self.decoder.config)
@@ -134,7 +137,8 @@ def load_tensors(path: str, method: str) -> tuple[dict[str, torch.Tensor], dict]
         raise errors.UserError(f"--adapter_path={path} is not a tune.py adapter file ({type(e).__name__}): give "
                                f"results/<run id>/adapter.safetensors") from e
     if meta.get("method") != method:
-        raise errors.UserError(f"--adapter_path={path} holds a {meta.get('method')} adapter, not {method}: set --method={meta.get('method')}")
+        raise errors.UserError(f"--adapter_path={path} holds a {meta.get('method')} adapter, not {method}: "
+                               f"set --method={meta.get('method')}")
     return tensors, meta
 
 
@@ -143,5 +147,6 @@ def check_prefix(task: Task, prefix: torch.Tensor, path: Optional[str] = None) -
     width = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     expected = (config.num_hidden_layers, 2, config.num_key_value_heads, width)
     if tuple(prefix.shape[:3]) + prefix.shape[4:] != expected:
-        raise errors.UserError(f"--adapter_path={path} holds a prefix of shape {tuple(prefix.shape)}, not [layers, 2, kv heads, "
-                               f"length, head dim] = {expected[:3] + ('length',) + expected[3:]} of this model: use one trained on --model_id")
+        raise errors.UserError(f"--adapter_path={path} holds a prefix of shape {tuple(prefix.shape)}, not "
+                               f"[layers, 2, kv heads, length, head dim] = {expected[:3] + ('length',) + expected[3:]} "
+                               f"of this model: use one trained on --model_id")

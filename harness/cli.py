@@ -41,7 +41,8 @@ def settings(extra: Optional[dict[str, Any]] = None, shared: Optional[tuple[str,
 
 
 def own_settings(namespace: dict[str, Any]) -> dict[str, Any]:
-    """A script's own settings, for main(run, extra): the uppercase constants of its globals() (not imported modules)."""
+    """A script's own settings, for main(run, extra): the uppercase constants of its globals() (not imported
+    modules)."""
     return {k: v for k, v in namespace.items() if k.isupper() and not isinstance(v, types.ModuleType)}
 
 
@@ -74,7 +75,8 @@ def check_type(name: str, value: Any, default: Any) -> Any:
         return value
     else:
         expected = type(default).__name__
-    raise UserError(f"--{name.lower()}={value!r} has the wrong type: expected {expected}, as in config.py's {name} = {default!r}")
+    raise UserError(f"--{name.lower()}={value!r} has the wrong type: expected {expected}, "
+                    f"as in config.py's {name} = {default!r}")
 
 
 def configure(argv: list[str], extra: Optional[dict[str, Any]] = None,
@@ -99,8 +101,9 @@ def configure(argv: list[str], extra: Optional[dict[str, Any]] = None,
     if given.get("RESUME"):
         fixed = sorted(set(given) - RESUMABLE - {"RESUME"})
         if fixed:
-            raise UserError(f"a resumed run keeps its config: {', '.join('--' + k.lower() for k in fixed)} cannot change "
-                            f"on --resume (only {', '.join('--' + k.lower() for k in sorted(RESUMABLE))} can); start a new run instead")
+            raise UserError(f"a resumed run keeps its config: {', '.join('--' + k.lower() for k in fixed)} "
+                            f"cannot change on --resume (only {', '.join('--' + k.lower() for k in sorted(RESUMABLE))} "
+                            f"can); start a new run instead")
         base = {**base, **saved_config(given["RESUME"], base)}
     return types.SimpleNamespace(**{**base, **given})
 
@@ -143,16 +146,19 @@ def setting_comments(path: str) -> dict[str, str]:
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id.isupper():
             found[node.targets[0].id] = comments.get(node.end_lineno, "")
             if isinstance(node.value, ast.Dict):
-                found.update({k.value: comments.get(v.end_lineno, "") for k, v in zip(node.value.keys, node.value.values)
+                found.update({k.value: comments.get(v.end_lineno, "")
+                              for k, v in zip(node.value.keys, node.value.values)
                               if isinstance(k, ast.Constant) and str(k.value).isupper()})
     return found
 
 
-def usage(script: types.ModuleType, extra: Optional[dict[str, Any]] = None, shared: Optional[tuple[str, ...]] = None) -> str:
+def usage(script: types.ModuleType, extra: Optional[dict[str, Any]] = None,
+          shared: Optional[tuple[str, ...]] = None) -> str:
     """--help: the script's docstring, then every setting it reads with its default and its comment."""
     notes = {**setting_comments(config.__file__), **(setting_comments(script.__file__) if extra else {})}
     values = settings(extra, shared)
-    sources = (["config.py"] if shared is None or shared else []) + ([os.path.basename(script.__file__)] if extra else [])
+    sources = ((["config.py"] if shared is None or shared else [])
+               + ([os.path.basename(script.__file__)] if extra else []))
     lines = [(script.__doc__ or "").strip(), ""]
     if not values:
         return "\n".join(lines + ["settings: none"])
@@ -177,7 +183,8 @@ def as_args(values: dict[str, Any]) -> list[str]:
 
 def shell_args(values: dict[str, Any]) -> str:
     """Config values as overrides to paste into a shell: a value written plainly where it reads back as itself."""
-    return " ".join(shlex.quote(f"--{k.lower()}={v if parse_value(str(v)) == v else repr(v)}") for k, v in values.items())
+    return " ".join(shlex.quote(f"--{k.lower()}={v if parse_value(str(v)) == v else repr(v)}")
+                    for k, v in values.items())
 
 
 def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, Any]] = None,
@@ -241,8 +248,9 @@ def settings_json(extra: Optional[dict[str, Any]] = None) -> str:
 
 
 def out_of_memory(cfg: types.SimpleNamespace) -> str:
-    return (f"out of GPU memory: lower --batch_size={cfg.BATCH_SIZE} (training) or --score_batch_size={cfg.SCORE_BATCH_SIZE} "
-            f"(scoring), lower --max_review_tokens={cfg.MAX_REVIEW_TOKENS}, or set --gradient_checkpointing=True")
+    return (f"out of GPU memory: lower --batch_size={cfg.BATCH_SIZE} (training) or "
+            f"--score_batch_size={cfg.SCORE_BATCH_SIZE} (scoring), lower --max_review_tokens={cfg.MAX_REVIEW_TOKENS}, "
+            f"or set --gradient_checkpointing=True")
 
 
 

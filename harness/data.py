@@ -40,7 +40,8 @@ class Split:
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         positions = torch.repeat_interleave(self.offsets[idx] - offsets[:-1], lengths) + torch.arange(int(offsets[-1]))
         labels = self.labels[idx]
-        return Split(self.tokens[positions], offsets, labels, {**self.meta, "count": len(idx), "positives": int(labels.sum())})
+        return Split(self.tokens[positions], offsets, labels,
+                     {**self.meta, "count": len(idx), "positives": int(labels.sum())})
 
 
 def vocab_fingerprint(tokenizer) -> str:
@@ -83,7 +84,8 @@ def read_csv(path: str) -> tuple[np.ndarray, list[str], list[int]]:
         raise errors.UserError(f"{path}: {len(bad):,} of {total:,} rows are not {form} {lines}, more than the "
                                f"{MAX_BAD_SHARE:.0%} of rows tolerated: fix or replace the file")
     if bad:
-        print(f"{path}: skipping {len(bad):,} of {total:,} rows that are not {form} {lines}; up to {MAX_BAD_SHARE:.0%} may be")
+        print(f"{path}: skipping {len(bad):,} of {total:,} rows that are not {form} {lines}; "
+              f"up to {MAX_BAD_SHARE:.0%} may be")
     return np.array(labels), texts, bad
 
 
@@ -114,7 +116,8 @@ def fetch_csvs(csv_dir: str) -> None:
         import datasets
         dataset = datasets.load_dataset(*HF_DATASET)
     except Exception as e:
-        raise errors.UserError(f"no CSVs in {csv_dir} and fetching {HF_DATASET[0]} failed ({unreachable or type(e).__name__}); "
+        raise errors.UserError(f"no CSVs in {csv_dir} and fetching {HF_DATASET[0]} failed "
+                               f"({unreachable or type(e).__name__}); "
                                f"put the Yelp polarity train.csv and test.csv in {csv_dir} or set --csv_dir") from e
     files.folder(csv_dir, "--csv_dir")
     for split in SPLITS:
@@ -175,7 +178,8 @@ def expected_meta(cfg: SimpleNamespace, tokenizer, split: str) -> dict:
     digest = csv_fingerprint(os.path.join(cfg.CSV_DIR, f"{split}.csv"))
     return {"model_id": cfg.MODEL_ID, "vocab_size": len(tokenizer), "vocab_fingerprint": vocab_fingerprint(tokenizer),
             "limit": cfg.TRAIN_LIMIT if split == "train" else cfg.TEST_LIMIT,
-            "max_review_tokens": cfg.MAX_REVIEW_TOKENS, "seed": sample_seed(cfg, split), **({"csv": digest} if digest else {})}
+            "max_review_tokens": cfg.MAX_REVIEW_TOKENS, "seed": sample_seed(cfg, split),
+            **({"csv": digest} if digest else {})}
 
 
 def split_path(cfg: SimpleNamespace, split: str) -> str:
@@ -184,7 +188,8 @@ def split_path(cfg: SimpleNamespace, split: str) -> str:
 
 def prepare(cfg: SimpleNamespace, tokenizer, splits: tuple[str, ...] = SPLITS) -> None:
     """Write DATA_DIR/<split>.pt for each of `splits` from the CSVs, fetching those first when absent."""
-    if not all(os.path.exists(os.path.join(files.folder(cfg.CSV_DIR, "--csv_dir", write=False), f"{s}.csv")) for s in splits):
+    if not all(os.path.exists(os.path.join(files.folder(cfg.CSV_DIR, "--csv_dir", write=False), f"{s}.csv"))
+               for s in splits):
         fetch_csvs(cfg.CSV_DIR)
     sources = {split: os.path.join(cfg.CSV_DIR, f"{split}.csv") for split in splits}
     rows = {split: read_csv(source) for split, source in sources.items()}  # all checked before anything is written
@@ -198,7 +203,8 @@ def prepare(cfg: SimpleNamespace, tokenizer, splits: tuple[str, ...] = SPLITS) -
                     positives=int(labels[keep].sum()))
         path = split_path(cfg, split)
         with files.atomic_path(path) as tmp:
-            torch.save({"tokens": tokens, "offsets": offsets, "labels": torch.from_numpy(labels[keep]), "meta": meta}, tmp)
+            torch.save({"tokens": tokens, "offsets": offsets, "labels": torch.from_numpy(labels[keep]), "meta": meta},
+                       tmp)
         print(f"{path}: {len(keep):,} of {len(labels):,} reviews ({meta['positives']:,} positive), "
               f"{len(tokens):,} tokens, {truncated:,} cut to {cfg.MAX_REVIEW_TOKENS} tokens")
 
@@ -214,8 +220,10 @@ def load_split(cfg: SimpleNamespace, tokenizer, split: str) -> Split:
     meta, want = stored["meta"], expected_meta(cfg, tokenizer, split)
     stale = {k: (meta.get(k), v) for k, v in want.items() if k != "model_id" and meta.get(k) != v}
     if stale:
-        why = [f"{k}={old}, not {new}" for k, (old, new) in stale.items() if k not in ("vocab_fingerprint", "vocab_size", "csv")]
-        why = ([f"the tokenizer of {meta.get('model_id')}, not {cfg.MODEL_ID}'s"] if "vocab_fingerprint" in stale else []) + why
+        why = [f"{k}={old}, not {new}" for k, (old, new) in stale.items()
+               if k not in ("vocab_fingerprint", "vocab_size", "csv")]
+        why = ([f"the tokenizer of {meta.get('model_id')}, not {cfg.MODEL_ID}'s"]
+               if "vocab_fingerprint" in stale else []) + why
         why += [f"another {split}.csv than {cfg.CSV_DIR}'s"] if "csv" in stale else []
         print(f"{path} was prepared with {'; '.join(why)}: preparing it again from {cfg.CSV_DIR}", flush=True)
         prepare(cfg, tokenizer, (split,))
@@ -227,7 +235,8 @@ def read_split(path: str) -> dict:
     try:
         return torch.load(path, weights_only=True)
     except Exception as e:
-        raise errors.UserError(f"{path} is not a file prep wrote ({type(e).__name__}); delete it and run ./prep.sh") from e
+        raise errors.UserError(f"{path} is not a file prep wrote ({type(e).__name__}); "
+                               f"delete it and run ./prep.sh") from e
 
 
 if __name__ == "__main__":

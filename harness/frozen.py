@@ -16,14 +16,16 @@ class Steer:
     layers: tuple[int, ...]  # 1-based: added to the output of these decoder layers
     coefficient: float = 1.0
     after_review: bool = False  # only at the positions after the review (the template's answer cue), not at all of them
-    edit: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None  # instead of vector: the shift given (layer, its output [B, T, hidden]): LoReFT
+    # instead of vector: the shift given (layer, its output [B, T, hidden]): LoReFT
+    edit: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None
 
 
 @dataclass
 class Output:
     logits: torch.Tensor  # float32 [B, vocab] at each row's last real position ([B, span, vocab] at its last span)
     last: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> float32 [B, hidden] at the last position
-    mean: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> float32 [B, hidden] over the review's positions
+    # layer -> float32 [B, hidden] over the review's positions
+    mean: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def attention_backend(model: torch.nn.Module, device: torch.device) -> str:
@@ -67,7 +69,8 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, la
     mask = attention_mask(model, positions < lengths[:, None], ids.shape[1])
     rows = torch.arange(len(ids), device=ids.device)
     joins = torch.zeros(len(ids), 2, dtype=torch.long, device=ids.device) if joins is None else to_model(model, joins)
-    start, stop = len(layout.prefix) + joins[:, 0], lengths - len(layout.suffix) - joins[:, 1]  # the review's own tokens
+    # the review's own tokens
+    start, stop = len(layout.prefix) + joins[:, 0], lengths - len(layout.suffix) - joins[:, 1]
     review = (positions >= start[:, None]) & (positions < stop[:, None])
     weights = review.float() / review.sum(1, keepdim=True).clamp(min=1)  # an empty review (steer.py's pair) pools to 0
     last, mean = {}, {}
@@ -101,7 +104,8 @@ def hooks(model: torch.nn.Module, steer: Optional[Steer], after_review: Optional
         def hook(module, inputs, output, number=number, add=add):
             hidden = output[0] if isinstance(output, tuple) else output
             if add:
-                shift = steer.coefficient * (steer.vector.to(hidden) if steer.edit is None else steer.edit(number, hidden))
+                shift = steer.coefficient * (steer.vector.to(hidden) if steer.edit is None
+                                             else steer.edit(number, hidden))
                 hidden = hidden + (after_review[:, :, None] * shift if steer.after_review else shift)
             if number in layers:
                 keep(number, hidden)
@@ -126,7 +130,8 @@ def suffix_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tens
     positions = torch.arange(width, device=ids.device) - (width - context)[:, None]  # negative in the left padding
     real = positions >= 0
     with torch.no_grad():
-        cache = decoder(input_ids=ids.gather(1, positions.clamp(min=0)), attention_mask=attention_mask(model, real, width),
+        cache = decoder(input_ids=ids.gather(1, positions.clamp(min=0)),
+                        attention_mask=attention_mask(model, real, width),
                         position_ids=positions.clamp(min=0), use_cache=True).cache
     embeds = model.get_input_embeddings()(suffix)
     embeds = torch.cat([embeds[:layout.slot.start], primer.to(embeds), embeds[layout.slot.stop:]])
@@ -145,7 +150,8 @@ def float32_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor
     return F.linear(hidden.float(), head.weight.float(), bias)
 
 
-def unpadded_embeds(model: torch.nn.Module, layout: Layout, review: torch.Tensor, primer: Optional[torch.Tensor]) -> torch.Tensor:
+def unpadded_embeds(model: torch.nn.Module, layout: Layout, review: torch.Tensor,
+                    primer: Optional[torch.Tensor]) -> torch.Tensor:
     """One review's input embeddings [T, hidden] in its layout, primer in its slot, no batch and no padding: the
     straightforward way (bench.py's baseline loop, and the reference the tests hold the batched paths to)."""
     embed = model.get_input_embeddings()
@@ -173,8 +179,10 @@ def attention_mask(model: torch.nn.Module, keys: torch.Tensor, queries: int) -> 
     or before it), built here because transformers' own check whether it may skip the mask reads the padding back
     from the GPU at every forward. A model with sliding-window layers gets the 2D mask, and transformers' masks."""
     conf = model.config.get_text_config()
-    if getattr(conf, "sliding_window", None) is not None or set(getattr(conf, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+    if (getattr(conf, "sliding_window", None) is not None
+            or set(getattr(conf, "layer_types", None) or ["full_attention"]) != {"full_attention"}):
         return keys.long()
     width = keys.shape[1]
-    causal = torch.arange(width, device=keys.device) <= torch.arange(width - queries, width, device=keys.device)[:, None]
+    causal = (torch.arange(width, device=keys.device)
+              <= torch.arange(width - queries, width, device=keys.device)[:, None])
     return keys[:, None, None, :] & causal

@@ -67,7 +67,8 @@ def freeze(model: torch.nn.Module, checkpointing: bool) -> torch.nn.Module:
     if checkpointing:
         from transformers.modeling_layers import GradientCheckpointingLayer
         model.activation_checkpointing_enable()
-        for layer in model.modules():  # HF checkpoints only layers in training mode: flag those alone, dropout stays off
+        # HF checkpoints only layers in training mode: flag those alone, dropout stays off
+        for layer in model.modules():
             if isinstance(layer, GradientCheckpointingLayer):
                 layer.training = True
     return model
@@ -171,7 +172,8 @@ def _hub_failure(model_id: str, error: OSError, unreachable: Optional[str]) -> s
         return (f"{model_id} is neither a folder here nor in the local Hugging Face cache, and HF_HUB_OFFLINE is set: "
                 f"unset it to download the model, or {local}")
     if unreachable:
-        return f"{unreachable}, and {model_id} is not in the local Hugging Face cache: connect to the network, or {local}"
+        return (f"{unreachable}, and {model_id} is not in the local Hugging Face cache: "
+                f"connect to the network, or {local}")
     if any(isinstance(e, GatedRepoError) for e in causes):
         return (f"{model_id} is gated and this machine has no access: accept its license on "
                 f"https://huggingface.co/{model_id} and run `hf auth login`, or set --model_id to an ungated model "

@@ -15,8 +15,10 @@ PRIMER_SLOT = "\x00PRIMER\x00"  # stands for the primer while the chat template 
 REVIEW_SLOT = "\x00REVIEW\x00"  # stands for the review likewise
 PRIMER_POSITIONS = ("system", "prefix", "suffix")  # the values PRIMER_POSITION may take (see make_layout)
 PLAIN_ANSWER_CUE = "\nAnswer:"  # ends the prompt of a model with no chat template; the label token follows it
-PAD_MULTIPLE = 1  # assemble pads a batch to a multiple of this many tokens (1: to its longest row; bench.py measures others)
-SYSTEM_SEPARATOR = "\n\n"  # between system content and the user message when both share the user turn (as Gemma's template does)
+# assemble pads a batch to a multiple of this many tokens (1: to its longest row; bench.py measures others)
+PAD_MULTIPLE = 1
+# between system content and the user message when both share the user turn (as Gemma's template does)
+SYSTEM_SEPARATOR = "\n\n"
 
 
 @dataclass
@@ -44,7 +46,8 @@ class Layout:
             return reviews, torch.zeros(len(reviews), 2, dtype=torch.long)
         texts = self.tokenizer.batch_decode(reviews, clean_up_tokenization_spaces=False)
         head, tail = self.joins
-        encoded = self.tokenizer([head + t + tail for t in texts], add_special_tokens=False, return_offsets_mapping=True)
+        encoded = self.tokenizer([head + t + tail for t in texts], add_special_tokens=False,
+                                 return_offsets_mapping=True)
         counts = [[sum(end <= len(head) for _, end in spans), sum(start >= len(head) + len(text) for start, _ in spans)]
                   for text, spans in zip(texts, encoded["offset_mapping"])]
         return encoded["input_ids"], torch.tensor(counts, dtype=torch.long).view(-1, 2)
@@ -63,12 +66,14 @@ def label_token_ids(tokenizer, labels: list[str], context: str = "") -> list[int
     for label in labels:
         whole = encode(tokenizer, context + label)
         if whole[:len(before)] != before:
-            raise errors.UserError(f"label {label!r} merges with the prompt's last token {context[-12:]!r} for {tokenizer.name_or_path}: "
-                                f"set --labels to strings that tokenize apart from it")
+            raise errors.UserError(f"label {label!r} merges with the prompt's last token {context[-12:]!r} "
+                                   f"for {tokenizer.name_or_path}: "
+                                   f"set --labels to strings that tokenize apart from it")
         ids.append(whole[len(before):])
     for label, tokens in zip(labels, ids):
         if len(tokens) != 1:
-            raise errors.UserError(f"label {label!r} is {len(tokens)} tokens for {tokenizer.name_or_path}, not one: set --labels to single-token strings")
+            raise errors.UserError(f"label {label!r} is {len(tokens)} tokens for {tokenizer.name_or_path}, not one: "
+                                   f"set --labels to single-token strings")
     if ids[0] == ids[1]:
         raise errors.UserError(f"labels {labels} are the same token: set --labels to two different strings")
     return [t[0] for t in ids]
@@ -94,8 +99,10 @@ def prompt_text(tokenizer, system: Optional[str], user: str, template_kwargs: di
         say_once(f"{tokenizer.name_or_path} has no chat template: the prompt is bos, the system content or primer, "
                  f"the review and {PLAIN_ANSWER_CUE!r}")
         examples = "".join(u + PLAIN_ANSWER_CUE + a + SYSTEM_SEPARATOR for u, a in turns)
-        return (tokenizer.bos_token or "") + (system + SYSTEM_SEPARATOR if system else "") + examples + user + PLAIN_ANSWER_CUE
-    render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
+        return ((tokenizer.bos_token or "") + (system + SYSTEM_SEPARATOR if system else "") + examples + user
+                + PLAIN_ANSWER_CUE)
+    render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                            **template_kwargs)
     chat = [m for u, a in turns for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
     chat.append({"role": "user", "content": user})
     if system is None:
@@ -120,8 +127,9 @@ def check_primer_position(position: str, checkpointing: bool) -> None:
     if position not in PRIMER_POSITIONS:
         raise errors.UserError(f"--primer_position={position!r} is not one of {', '.join(PRIMER_POSITIONS)}")
     if position == "suffix" and checkpointing:  # HF's checkpointed layers drop the review cache that suffix runs on
-        raise errors.UserError("--primer_position=suffix does not combine with --gradient_checkpointing=True (its backward "
-                            "pass covers only the primer and the answer cue, so it needs little memory): set it to False")
+        raise errors.UserError("--primer_position=suffix does not combine with --gradient_checkpointing=True "
+                               "(its backward pass covers only the primer and the answer cue, so it needs little "
+                               "memory): set it to False")
 
 
 def make_layout(task: Task, system: Optional[str], user: str = "{review}", primer_length: int = 0,
@@ -164,7 +172,8 @@ def encode_around_slot(tokenizer, text: str, primer_length: int) -> tuple[torch.
     return torch.tensor(before + [0] * primer_length + after), slice(len(before), len(before) + primer_length)
 
 
-def assemble(layout: Layout, split: data.Split, idx: torch.Tensor, with_joins: bool = False) -> tuple[torch.Tensor, ...]:
+def assemble(layout: Layout, split: data.Split, idx: torch.Tensor,
+             with_joins: bool = False) -> tuple[torch.Tensor, ...]:
     """Right-padded input ids [B, L] of reviews idx in their layout, and each row's real length [B]; L is the
     longest row rounded up to a multiple of PAD_MULTIPLE. With with_joins, also each row's count of joined prompt
     ids before and after its review's own [B, 2] (Layout.joined_ids)."""
@@ -191,7 +200,8 @@ def review_rows(layout: Layout, split: data.Split, idx: torch.Tensor) -> tuple[l
     kept = joined_cache(layout, split)
     missing = [i for i in dict.fromkeys(idx.tolist()) if i not in kept]
     if missing:
-        reviews, counts = layout.joined_ids([split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist() for i in missing])
+        reviews, counts = layout.joined_ids([split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist()
+                                             for i in missing])
         kept.update((i, (torch.tensor(r, dtype=torch.long), c)) for i, r, c in zip(missing, reviews, counts))
     rows = [kept[i] for i in idx.tolist()]
     return [ids for ids, _ in rows], torch.stack([c for _, c in rows]) if rows else torch.zeros(0, 2, dtype=torch.long)

@@ -127,15 +127,16 @@ def score_plot(rows: list[dict], path: str) -> str:
     """Strict and label-restricted test score against primer length, one line per method (which names the primer's
     position) and LR schedule, with error bars of their 95% Wilson intervals; text prompts as horizontal reference
     lines in a band of their interval."""
-    columns = ["method", "tokens", "lr_schedule", "score", "score_low", "score_high", "restricted_score", "restricted_low",
-               "restricted_high"]
+    columns = ["method", "tokens", "lr_schedule", "score", "score_low", "score_high", "restricted_score",
+               "restricted_low", "restricted_high"]
     primers = pd.DataFrame([r for r in rows if r["script"] == "experiment"], columns=columns)
     prompts = [r for r in rows if r["script"] != "experiment"]
     lengths = sorted(primers["tokens"].unique())
     lines = len(primers.groupby(["method", "lr_schedule"]))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for ax, (metric, interval), title in zip(axes, (("score", "score"), ("restricted_score", "restricted")),
-                                             ("Score (argmax over the vocabulary)", "Label-restricted (argmax over the labels)")):
+                                             ("Score (argmax over the vocabulary)",
+                                              "Label-restricted (argmax over the labels)")):
         for (method, schedule), runs in primers.groupby(["method", "lr_schedule"], sort=False):
             runs = runs.sort_values("tokens")
             share, low, high = 100 * runs[metric], 100 * runs[f"{interval}_low"], 100 * runs[f"{interval}_high"]
@@ -178,14 +179,17 @@ def probe_layers(results_dir: str, model_id: str, run_dir: str) -> str:
     tables = {}
     for run in sorted(os.listdir(results_dir)):  # run folders are named by their start time: later ones win
         layers = os.path.join(results_dir, run, "probe_layers.csv")
-        if os.path.exists(layers) and files.read_json(os.path.join(results_dir, run, "config.json"))["model_id"] == model_id:
+        if (os.path.exists(layers)
+                and files.read_json(os.path.join(results_dir, run, "config.json"))["model_id"] == model_id):
             table = pd.read_csv(layers)
             tables[table["condition"][0], table["probe"][0]] = table
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for (condition, probe), table in tables.items():
         for pooling, rows in table.groupby("pooling"):
-            ax.plot(rows["layer"], 100 * rows["val_score"], marker="o" if pooling == "last" else "s", ms=4, lw=1.5, zorder=3,
-                    label=f"{probe} probe, {'review alone' if condition == 'none' else condition + ' prompt'}, {pooling} pooling")
+            ax.plot(rows["layer"], 100 * rows["val_score"], marker="o" if pooling == "last" else "s", ms=4, lw=1.5,
+                    zorder=3,
+                    label=f"{probe} probe, {'review alone' if condition == 'none' else condition + ' prompt'}, "
+                          f"{pooling} pooling")
     latest = {r["script"]: r for r in ledger.rows(results_dir) if r["model_id"] == model_id and r["script"] != "probe"}
     probes = len(ax.lines)
     for i, (script, r) in enumerate(sorted(latest.items())):  # thin and under the probes, so no probe line hides
@@ -210,7 +214,8 @@ def steer_heatmap(table: pd.DataFrame, path: str) -> str:
         ax.text(j, i, f"{value:.0f}", ha="center", va="center", color="white" if value < 60 else "black", fontsize=8)
     ax.set_xticks(range(len(grid.columns)), [f"{c:g}" for c in grid.columns])
     ax.set_yticks(range(len(grid)), [str(layer) for layer in grid.index])
-    ax.set(xlabel="coefficient (x mean residual norm at the layer)", ylabel="layer", title="Validation score (%), steered")
+    ax.set(xlabel="coefficient (x mean residual norm at the layer)", ylabel="layer",
+           title="Validation score (%), steered")
     fig.colorbar(image, ax=ax)
     return save(fig, path)
 
@@ -221,7 +226,8 @@ def generation_curve(summary: pd.DataFrame, run_dir: str) -> str:
     steered = summary[summary["coefficient"].notna()]
     prompted = summary[summary["coefficient"].isna()]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, column, label in zip(axes, ("share_positive", "fluency"), ("answers judged positive", "mean token log-prob, unsteered model")):
+    for ax, column, label in zip(axes, ("share_positive", "fluency"),
+                                 ("answers judged positive", "mean token log-prob, unsteered model")):
         ax.plot(steered["coefficient"], steered[column], marker="o", label=steered["steering"].iloc[0])
         for i, (_, r) in enumerate(prompted.iterrows()):
             ax.axhline(r[column], color=f"C{i + 1}", ls="--", label=r["steering"])
@@ -250,7 +256,8 @@ def search_curves(runs: list[tuple[str, pd.DataFrame]], path: str) -> str:
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, rows in runs:
         ax.step(rows["cpu_minutes"], 100 * rows["val_score"].cummax(), where="post", marker=".", label=label)
-    ax.set(xlabel="CPU minutes spent (one core)", ylabel="best validation score so far (%), strict", title="Prompt search")
+    ax.set(xlabel="CPU minutes spent (one core)", ylabel="best validation score so far (%), strict",
+           title="Prompt search")
     ax.legend()
     return save(fig, path)
 
@@ -260,9 +267,11 @@ def rate_grid(grids: list[pd.DataFrame], path: str) -> str:
     method), the chosen schedule circled, one panel per training-set size, one color per method across panels."""
     size = lambda table: int(table["train_reviews"].iloc[0]) if "train_reviews" in table else 0  # 0: not recorded
     sizes = sorted({size(t) for t in grids}) or [0]
-    fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes) + 2.5, 4.5), sharex=True, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes) + 2.5, 4.5), sharex=True, sharey=True,
+                             squeeze=False)
     panels = dict(zip(sizes, axes[0]))
-    colors = {method: f"C{i}" for i, method in enumerate(dict.fromkeys(t["method"].iloc[0] for t in grids))}  # across panels
+    # across panels
+    colors = {method: f"C{i}" for i, method in enumerate(dict.fromkeys(t["method"].iloc[0] for t in grids))}
     for table in grids:
         ax, color = panels[size(table)], colors[table["method"].iloc[0]]
         ax.plot(table["first_rate"], table["val_score"], marker="o", label=table["method"].iloc[0], color=color)
@@ -317,7 +326,8 @@ def table_params(table: pd.DataFrame, path: str) -> str:
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="test reviews right (%), mean ± std over seeds",
            title=f"Score against trainable parameters ({where})" if sizes else "Score against trainable parameters",
            ylim=SCORE_LIMITS)
-    ax.legend(handles=shown, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: it hides no line
+    # beside the axes: it hides no line
+    ax.legend(handles=shown, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return save(fig, path)
 
 
@@ -334,7 +344,8 @@ def curve_label(rows: pd.DataFrame) -> str:
     label = ", ".join([family(rows["method"].iloc[0])] + re.sub(r" rate_by_epoch=\[[^]]*\]", "", settings).split())
     if not rows["rate_chosen"].all():
         return ", ".join([family(rows["method"].iloc[0])] + settings.split())
-    rates = "; ".join(f"{int(r['samples']):,}: " + ",".join(f"{rate:g}" for rate in json.loads(r["config"])["RATE_BY_EPOCH"])
+    rates = "; ".join(f"{int(r['samples']):,}: "
+                      + ",".join(f"{rate:g}" for rate in json.loads(r["config"])["RATE_BY_EPOCH"])
                       for _, r in rows.iterrows())
     return f"{label}, rate chosen at each size ({rates})"
 
@@ -343,7 +354,8 @@ def table_data(table: pd.DataFrame, path: str) -> str:
     """table.py's rows: strict score against training reviews (log scale), one line per method configuration with two
     sizes or more, its rate left out where each size chose its own on validation (each size's rate in its legend)."""
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    curves = [rows.sort_values("samples") for _, rows in table.groupby("curve", sort=False) if rows["samples"].nunique() > 1]
+    curves = [rows.sort_values("samples") for _, rows in table.groupby("curve", sort=False)
+              if rows["samples"].nunique() > 1]
     for i, rows in enumerate(curves):
         seed_spread(ax, rows["samples"], rows, curve_label(rows), color_of(i))
     ax.set(xscale="log", xlabel="training reviews", ylabel="test reviews right (%), mean ± std over seeds",

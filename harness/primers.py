@@ -86,8 +86,8 @@ def embedding_std(model: torch.nn.Module) -> float:
 
 
 def rate_unit(task: Task) -> float:
-    """What RATE and RATE_BY_EPOCH are counted in: the embedding table's std ("embedding": Adam moves every coordinate by
-    about its rate, whatever the model's scale), or 1 ("absolute", the reference's rates)."""
+    """What RATE and RATE_BY_EPOCH are counted in: the embedding table's std ("embedding": Adam moves every coordinate
+    by about its rate, whatever the model's scale), or 1 ("absolute", the reference's rates)."""
     check_rate_scale(task.cfg.RATE_SCALE)
     return embedding_std(task.model) if task.cfg.RATE_SCALE == "embedding" else 1.0
 

@@ -38,7 +38,8 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
         at = schedule.at(rate, unit)
         until = math.ceil(share * at.total_steps(math.ceil(len(task.train) / at.batch_size)))
         log, status = training.train(task, params, loss_of, folder, at, evaluate, script, until=until)
-        files.write_atomic(os.path.join(folder, "losses.csv"), pd.DataFrame(log).to_csv(index=False))  # kept with the run
+        # kept with the run
+        files.write_atomic(os.path.join(folder, "losses.csv"), pd.DataFrame(log).to_csv(index=False))
         validation = pd.read_csv(os.path.join(folder, "validation.csv"))
         best = training.best_validation(validation.to_dict("records"))
         points[rate] = {"tensors": training.snapshot(params), "log": log, "status": status, "validation": validation,
@@ -89,7 +90,8 @@ def grid_table(points: dict, chosen, method: str, reviews: int) -> pd.DataFrame:
     rows = []
     for rate, point in sorted(points.items(), key=lambda item: first(item[0])):
         best, log = point["best"], point["log"]
-        rows.append({"method": method, "train_reviews": reviews, "rates": str(list(rate) if isinstance(rate, tuple) else rate), "first_rate": first(rate),
+        rows.append({"method": method, "train_reviews": reviews,
+                     "rates": str(list(rate) if isinstance(rate, tuple) else rate), "first_rate": first(rate),
                      "best_epoch": int(best["epoch"]), "best_step": int(best.get("step", 0)), "steps": len(log),
                      "status": point["status"], "val_correct": best["correct"], "val_total": best["total"],
                      "val_score": best["score"], "val_restricted_score": best["restricted_score"],

@@ -41,11 +41,12 @@ def _check_choices(cfg: SimpleNamespace) -> None:
     """Rates that are numbers, and choices made on validation reviews with some to make them on: one line before data
     prep and loading."""
     if cfg.RATE_GRID and not cfg.VAL_LIMIT:
-        raise errors.UserError("--rate_grid chooses the rates on validation reviews: set --val_limit (e.g. --val_limit=200)")
+        raise errors.UserError("--rate_grid chooses the rates on validation reviews: "
+                               "set --val_limit (e.g. --val_limit=200)")
     number = lambda r: isinstance(r, (int, float)) and not isinstance(r, bool)
     if not all(number(rate) or (isinstance(rate, list) and rate and all(map(number, rate))) for rate in cfg.RATE_GRID):
-        raise errors.UserError(f"--rate_grid={cfg.RATE_GRID!r} must be a list of rates, each a peak rate or a non-empty "
-                               "list of per-epoch rates: e.g. '--rate_grid=[1e-1, 3e-2, 1e-2, 3e-3]'")
+        raise errors.UserError(f"--rate_grid={cfg.RATE_GRID!r} must be a list of rates, each a peak rate "
+                               "or a non-empty list of per-epoch rates: e.g. '--rate_grid=[1e-1, 3e-2, 1e-2, 3e-3]'")
     if not all(map(number, cfg.RATE_BY_EPOCH)):
         raise errors.UserError(f"--rate_by_epoch={cfg.RATE_BY_EPOCH!r} must be a list of numbers, one rate per epoch: "
                                "e.g. '--rate_by_epoch=[3e-2, 1e-2, 3e-3]'")
@@ -164,14 +165,17 @@ def score_text_prompt(cfg: SimpleNamespace, script: str, system: str, user: str,
     label-restricted score calibrated on content-free inputs (harness.shots), the raw one kept in calibration.json."""
     task = setup(cfg, with_train=shot_count > 0)
     layout = make_layout(task, system, user, turns=shots.examples(task, shot_count))
-    predictions, method = scoring.predict(task, layout), "text prompt" + (f" ({shot_count} shots)" if shot_count else "")
+    predictions, method = (scoring.predict(task, layout),
+                           "text prompt" + (f" ({shot_count} shots)" if shot_count else ""))
     if not calibrated:
         return record(task, script, method, layout.prompt_tokens, predictions)
     run_dir, bias = new_run_dir(cfg, script), shots.label_bias(task, layout)
     raw = scoring.metrics(task.label_ids, predictions)
     files.write_atomic(os.path.join(run_dir, "calibration.json"), json.dumps(
         {"content_free": list(shots.CONTENT_FREE), "label_probabilities": bias.exp().tolist(),
-         "raw_restricted_correct": raw["restricted_correct"], "raw_restricted_score": raw["restricted_score"]}, indent=2))
+         "raw_restricted_correct": raw["restricted_correct"], "raw_restricted_score": raw["restricted_score"]},
+        indent=2))
     print(f"label-restricted score before calibration {ledger.format_score(raw, 'restricted')}; content-free label "
           f"probabilities {', '.join(f'{p:.3f}' for p in bias.exp().tolist())}")
-    return record(task, script, method + ", calibrated", layout.prompt_tokens, shots.calibrate(predictions, bias), run_dir)
+    return record(task, script, method + ", calibrated", layout.prompt_tokens, shots.calibrate(predictions, bias),
+                  run_dir)

@@ -32,24 +32,29 @@ class Search:
         return (not self.cpu_budget or self.cpu_minutes() < self.cpu_budget) and \
             (not self.forward_budget or self.forwards + 2 * self.backwards < self.forward_budget)
 
-    def score(self, step: int, text: str, ids: list[int], layout, primer=None, user: str = "{review}") -> tuple[int, int]:
+    def score(self, step: int, text: str, ids: list[int], layout, primer=None,
+              user: str = "{review}") -> tuple[int, int]:
         """The candidate's (strict, label-restricted) counts on validation, scored once per distinct prompt."""
         key = json.dumps([text, ids, user])
         if key not in self.scored:
             found = scoring.score(self.task, layout, primer, self.task.val)
             self.forwards += len(self.task.val)
             self.scored[key] = (found["correct"], found["restricted_correct"])
-            self.rows.append({"step": step, "text": text, "user": user, "token_ids": json.dumps(ids), "val_correct": found["correct"],
+            self.rows.append({"step": step, "text": text, "user": user, "token_ids": json.dumps(ids),
+                              "val_correct": found["correct"],
                               "val_score": found["score"], "val_restricted_score": found["restricted_score"],
                               "forwards": self.forwards, "backwards": self.backwards,
-                              "cpu_minutes": round(self.cpu_minutes(), 2), "seconds": round(time.perf_counter() - self.start, 1)})
-            files.write_atomic(os.path.join(self.run_dir, "candidates.csv"), pd.DataFrame(self.rows).to_csv(index=False))
+                              "cpu_minutes": round(self.cpu_minutes(), 2),
+                              "seconds": round(time.perf_counter() - self.start, 1)})
+            files.write_atomic(os.path.join(self.run_dir, "candidates.csv"),
+                               pd.DataFrame(self.rows).to_csv(index=False))
             print(f"step {step:>3}  {self.cpu_minutes():5.1f} cpu min  validation {found['score']:.1%} "
                   f"({found['restricted_score']:.1%} label-restricted)  {text[:70]!r}", flush=True)
         return self.scored[key]
 
     def score_text(self, step: int, prompt: tuple[str, str]) -> tuple[int, int]:
-        return self.score(step, prompt[0], encode(self.task.tokenizer, prompt[0]), make_layout(self.task, *prompt), user=prompt[1])
+        return self.score(step, prompt[0], encode(self.task.tokenizer, prompt[0]), make_layout(self.task, *prompt),
+                          user=prompt[1])
 
 
 def _batch_losses(task: Task, ids: torch.Tensor, lengths: torch.Tensor, layout, targets: torch.Tensor, batch: int,

@@ -10,7 +10,8 @@ from harness import data, errors, scoring
 from harness.layouts import Layout
 from harness.task import Task
 
-CONTENT_FREE = ("N/A", "", "[MASK]")  # the content-free "reviews" of Zhao et al. 2021, each scored in the prompt's layout
+# the content-free "reviews" of Zhao et al. 2021, each scored in the prompt's layout
+CONTENT_FREE = ("N/A", "", "[MASK]")
 
 
 def examples(task: Task, k: int) -> tuple[tuple[str, str], ...]:
@@ -22,7 +23,8 @@ def examples(task: Task, k: int) -> tuple[tuple[str, str], ...]:
         return ()
     train = task.train
     if k > len(train):
-        raise errors.UserError(f"--shots={k} needs {k} training reviews, but there are {len(train):,}: lower --shots or raise --train_limit")
+        raise errors.UserError(f"--shots={k} needs {k} training reviews, but there are {len(train):,}: "
+                               f"lower --shots or raise --train_limit")
     picked = data.balanced_sample(train.labels.numpy(), k, task.cfg.SEED)
     picked = picked[np.random.default_rng(task.cfg.SEED).permutation(k)]
     texts = task.tokenizer.batch_decode([train.tokens[train.offsets[i]:train.offsets[i + 1]].tolist() for i in picked],
@@ -44,6 +46,7 @@ def label_bias(task: Task, layout: Layout) -> torch.Tensor:
 def calibrate(predictions: dict, bias: torch.Tensor) -> dict:
     """predictions with "logprobs" replaced by the calibrated label log-probabilities (normalized over the two labels,
     divided by the content-free probabilities bias, renormalized) and the raw ones kept as "raw_logprobs": the
-    label-restricted score becomes the calibrated one; the strict answer, an argmax over the vocabulary, is unchanged."""
+    label-restricted score becomes the calibrated one; the strict answer, an argmax over the vocabulary, is
+    unchanged."""
     calibrated = (predictions["logprobs"].log_softmax(-1) - bias).log_softmax(-1)
     return {**predictions, "logprobs": calibrated, "raw_logprobs": predictions["logprobs"]}

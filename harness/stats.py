@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 from harness import errors, files, scoring
 
-SAME_SPLIT_KEYS = ("csv_dir", "test_limit", "labels")  # these choose the test reviews (the same at every seed) and their answers
+# these choose the test reviews (the same at every seed) and their answers
+SAME_SPLIT_KEYS = ("csv_dir", "test_limit", "labels")
 
 
 def load_run(run_dir: str) -> tuple[dict, dict]:

@@ -18,7 +18,8 @@ from harness import errors, files, ledger, parallel
 from harness.task import Task
 
 CHUNK_BATCHES = 64  # length grouping sorts reviews within chunks of this many batches
-CHECK_EVERY = 16  # steps between reads of the losses on the host (non-finite check, progress bar); none waits in between
+# steps between reads of the losses on the host (non-finite check, progress bar); none waits in between
+CHECK_EVERY = 16
 DECAYS = ("cosine", "constant")  # the values DECAY may take
 FLOOR = 0.1  # a cosine decay ends at this share of the peak rate (nanoGPT's min_lr)
 
@@ -49,7 +50,8 @@ class Schedule:
         if cfg.DECAY not in DECAYS:
             raise errors.UserError(f"--decay={cfg.DECAY!r} is not one of {', '.join(DECAYS)}")
         if not 0 <= cfg.WARMUP_SHARE < 1:
-            raise errors.UserError(f"--warmup_share={cfg.WARMUP_SHARE} must be a share of the budget: at least 0, below 1")
+            raise errors.UserError(f"--warmup_share={cfg.WARMUP_SHARE} must be a share of the budget: "
+                                   f"at least 0, below 1")
         reference = bool(cfg.RATE_BY_EPOCH)  # the reference clipped nothing and stopped nothing early
         return cls(cfg.RATE * unit, cfg.EPOCHS, cfg.WARMUP_SHARE, cfg.DECAY, 0.0 if reference else cfg.CLIP_NORM,
                    cfg.EVAL_EVERY, 0 if reference else cfg.PATIENCE, cfg.KEEP_BEST,
@@ -98,12 +100,14 @@ class Progress:
     epoch: int = 0
     batch: int = 0
     log: list = field(default_factory=list)  # one row per step: step, epoch, lr, loss, training seconds so far
-    validation: dict = field(default_factory=lambda: {"rows": [], "best": None})  # per-epoch scores, best epoch's tensors
+    # per-epoch scores, best epoch's tensors
+    validation: dict = field(default_factory=lambda: {"rows": [], "best": None})
     last_good: dict = field(default_factory=dict)  # the tensors whose loss was last finite (not checkpointed)
 
 
 def length_grouped_batches(lengths: torch.Tensor, batch_size: int, seed: int) -> list[torch.Tensor]:
-    """Seeded batches of similar-length reviews: shuffle, sort within chunks of CHUNK_BATCHES batches, shuffle batches."""
+    """Seeded batches of similar-length reviews: shuffle, sort within chunks of CHUNK_BATCHES batches, shuffle
+    batches."""
     rng = np.random.default_rng(seed)
     order = torch.from_numpy(rng.permutation(len(lengths)))
     chunks = order.split(batch_size * CHUNK_BATCHES)
@@ -163,7 +167,8 @@ def restore(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) ->
 
 
 @parallel.main_writes
-def save_checkpoint(run_dir: str, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, progress: Progress) -> None:
+def save_checkpoint(run_dir: str, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                    progress: Progress) -> None:
     state = {"params": {name: p.detach().cpu() for name, p in params.items()}, "optimizer": optimizer.state_dict(),
              "epoch": progress.epoch, "batch": progress.batch, "log": progress.log, "validation": progress.validation,
              "torch_rng": torch.get_rng_state()}
@@ -276,7 +281,8 @@ def train_steps(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, op
             return failure
         for value in losses:
             running = value if running is None else 0.98 * running + 0.02 * value
-        bar.set_postfix(loss=f"{running:.4f}", lr=f"{rate:.3g}", samples_s=f"{seen / (time.perf_counter() - start):.1f}")
+        bar.set_postfix(loss=f"{running:.4f}", lr=f"{rate:.3g}",
+                        samples_s=f"{seen / (time.perf_counter() - start):.1f}")
         if halt or checkpoint:
             save_checkpoint(run_dir, params, optimizer, progress)
         if halt:
@@ -284,8 +290,8 @@ def train_steps(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, op
     return None
 
 
-def settle(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, pending: list[Pending], progress: Progress,
-           clock: float, run_dir: str) -> tuple[list[float], Optional[str]]:
+def settle(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, pending: list[Pending],
+           progress: Progress, clock: float, run_dir: str) -> tuple[list[float], Optional[str]]:
     """Read the pending steps' losses (the one wait for the device) and log them; at the first non-finite one, undo
     it and every step after it, put back the last tensors whose loss was finite, save a checkpoint and say why
     training stops. Returns the losses logged and that reason (None when every loss was finite)."""
@@ -315,7 +321,8 @@ def resume_hint(run_dir: str, script: str) -> str:
     return f"interrupted; checkpoint saved: resume with {parallel.launch_command()} {script} --resume={run_dir}"
 
 
-def validate(task: Task, params: dict[str, torch.Tensor], evaluate: Callable[[], dict], progress: Progress, run_dir: str) -> None:
+def validate(task: Task, params: dict[str, torch.Tensor], evaluate: Callable[[], dict], progress: Progress,
+             run_dir: str) -> None:
     """Score the validation reviews where training stands, print the scores, add them to the validation rows and
     run_dir/validation.csv (rewritten each time, to follow a long run), and copy the tensors if they are the best."""
     validation = progress.validation

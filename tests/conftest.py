@@ -1,4 +1,5 @@
-"""Fixtures: tiny.py's tiny Llama-architecture model and tokenizer, saved like a real one, and its small Yelp-format CSVs."""
+"""Fixtures: tiny.py's tiny Llama-architecture model and tokenizer, saved like a real one, and its small Yelp-format
+CSVs."""
 import inspect
 import os
 import subprocess

@@ -68,7 +68,8 @@ def test_the_recovered_teacher_behaviour_equals_a_plain_recount_from_the_saved_a
     assert recovered["agreement"] == share(taught.argmax(-1) == learned.argmax(-1))
     assert recovered["teacher_score"] == share(taught.argmax(-1) == label_ids[test.labels])
     assert recovered["teacher_restricted_score"] == share(taught[:, label_ids].argmax(-1) == test.labels)
-    saved = load_file(f"{baked.run_dir}/predictions.safetensors")  # the student's answers, as the ledger row counts them
+    # the student's answers, as the ledger row counts them
+    saved = load_file(f"{baked.run_dir}/predictions.safetensors")
     assert torch.equal(saved["answer"], learned.argmax(-1)) and torch.equal(saved["label"], test.labels)
 
 

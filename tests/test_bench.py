@@ -13,7 +13,8 @@ import bench
 from conftest import run_script
 from harness import cli, primers, training
 
-STEPS, WARMUP, BATCH, SCORE_BATCH, MAX_TOKENS, PRIMER = 2, 1, 4, 8, 256, 4  # MAX_TOKENS: lengths vary, not all cut to one
+# MAX_TOKENS: lengths vary, not all cut to one
+STEPS, WARMUP, BATCH, SCORE_BATCH, MAX_TOKENS, PRIMER = 2, 1, 4, 8, 256, 4
 ARGS = [f"--steps={STEPS}", f"--warmup={WARMUP}", f"--batch_size={BATCH}", f"--score_batch_size={SCORE_BATCH}",
         f"--max_review_tokens={MAX_TOKENS}", f"--primer_length={PRIMER}"]
 ROWS = ("train", "train, primer position suffix", "train, straightforward loop", "score", "score, straightforward loop",
@@ -23,7 +24,8 @@ NUMBER = r"[\d.e+-]+"
 
 @pytest.fixture(scope="module")
 def printed(tiny) -> str:
-    result = run_script("bench.py", "--random_init=True", f"--model_id={tiny.model_dir}", "--device=cpu", *ARGS, "--invariance=16")
+    result = run_script("bench.py", "--random_init=True", f"--model_id={tiny.model_dir}", "--device=cpu", *ARGS,
+                        "--invariance=16")
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -86,7 +88,8 @@ def expected_rows(conf: dict) -> dict[str, dict]:
                 "padding": 1 - sum(int(r.sum()) for r in real) / padded}
     return {"train": row(train, False, True), "train, primer position suffix": row(train, False, True),
             "train, straightforward loop": row(train, True, True), "score": row(score, False, False),
-            "score, straightforward loop": row(score, True, False), "probe features, every layer": row(score, False, False)}
+            "score, straightforward loop": row(score, True, False),
+            "probe features, every layer": row(score, False, False)}
 
 
 # catches: warm-up batches counted but not timed (or the reverse), padding counted as work, the LM head's positions
@@ -121,8 +124,8 @@ def test_bench_figures_are_those_of_the_batches_it_timed(printed, tiny):
     minutes = tuple((290000 / train + 38000 / score) / 60 for train, score in (fastest, slowest))
     assert meet(bounds(projected.group(1)), minutes)
     shapes = re.search(r"^attention: (\w+) \(cuDNN off on CUDA\), batches padded to a multiple of 1; distinct padded "
-                       r"shapes: train (\d) in 2 batches, score (\d) in 2 batches; a training epoch meets about (\d+) padded "
-                       r"lengths in 5,000 batches$", out, re.M)
+                       r"shapes: train (\d) in 2 batches, score (\d) in 2 batches; a training epoch meets about "
+                       r"(\d+) padded lengths in 5,000 batches$", out, re.M)
     assert shapes and shapes.group(1) in ("FLASH_ATTENTION", "MATH") and 1 <= int(shapes.group(2)) <= 2, out
     assert 10 < int(shapes.group(4)) <= MAX_TOKENS  # lengths vary in a fixed template: a new length nearly every batch
     moved = re.search(r"^batch size 1 vs 8: 0 of 16 answers over the vocabulary and 0 between the labels change; "
@@ -154,7 +157,8 @@ def test_the_suffix_row_runs_only_the_suffix_with_gradients(tiny):
     idx = training.length_grouped_batches(task.train.lengths, BATCH, 0)[0]
     primer = primers.init_primer(task.model, PRIMER, 0).requires_grad_(True)
     layouts = {position: bench.bench_layout(task, position) for position in ("system", "suffix")}
-    counts = {position: positions_with_gradient(task.model, lambda at=at: primers.loss_of(task, at, primer)(idx, len(idx)).backward())
+    counts = {position: positions_with_gradient(
+                  task.model, lambda at=at: primers.loss_of(task, at, primer)(idx, len(idx)).backward())
               for position, at in layouts.items()}
     assert counts["suffix"] == len(idx) * len(layouts["suffix"].suffix)  # the primer and the answer cue alone
     system = layouts["system"]

@@ -17,7 +17,8 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
     trained = run_script("experiment.py", *args, "--threads=1")  # no prep first: the data is prepared on the way
     assert trained.returncode == 0, trained.stderr
     assert f"\nthreads: 1 of {os.cpu_count()} cores (--threads)\n" in trained.stdout  # in the run's header
-    assert "| Run | Method | Train reviews | Params | Tokens | Score | Correct / Total | Label-restricted | Best epoch | Status |" in trained.stdout
+    assert ("| Run | Method | Train reviews | Params | Tokens | Score | Correct / Total | Label-restricted "
+            "| Best epoch | Status |" in trained.stdout)
     assert "epoch 3/3" in trained.stderr and "lr=" in trained.stderr and "samples_s=" in trained.stderr  # progress bars
     assert trained.stderr.count("\r") <= 2 * trained.stderr.count("\n")  # in a log: each bar's start and end, no more
     assert any(line.startswith("batch_size ") for line in trained.stdout.splitlines())  # the effective config
@@ -25,8 +26,8 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
     results = tmp_path / "results"
     (run_id,) = [d for d in os.listdir(results) if d.endswith("experiment")]
     run = results / run_id
-    assert sorted(os.listdir(run)) == ["checkpoint.pt", "config.json", "environment.json", "loss.png", "losses.csv", "metrics.json",
-                                 "predictions.safetensors", "primer.safetensors"]
+    assert sorted(os.listdir(run)) == ["checkpoint.pt", "config.json", "environment.json", "loss.png", "losses.csv",
+                                       "metrics.json", "predictions.safetensors", "primer.safetensors"]
     config = json.loads((run / "config.json").read_text())
     assert config["batch_size"] == 10 and config["model_id"] == tiny.model_dir
     metrics = json.loads((run / "metrics.json").read_text())
@@ -43,16 +44,19 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
 
     ledger = pd.read_csv(results / "results.csv")
     assert ledger["script"].tolist() == ["experiment", "experiment", "prompt_long", "prompt_short"]
-    assert ledger.loc[1, "correct"] == metrics["correct"] and ledger.loc[1, "restricted_correct"] == metrics["restricted_correct"]
+    assert (ledger.loc[1, "correct"] == metrics["correct"]
+            and ledger.loc[1, "restricted_correct"] == metrics["restricted_correct"])
     assert ledger.loc[0, "run_id"] == run_id and (ledger["total"] == 60).all()
     assert ledger.loc[2, "tokens"] > ledger.loc[3, "tokens"] > 4  # the long prompt is longer than the short one
     assert len(os.listdir(results)) == 6  # four run folders, the ledger and its lock
     assert ledger["method"].tolist() == ["primer", "saved primer", "text prompt", "text prompt"]
     assert ledger["trainable_params"].tolist() == [4 * 64, 4 * 64, 0, 0]
-    assert (ledger["status"] == "finished").all() and ledger.loc[0, "train_seconds"] > 0 and (ledger["score_seconds"] >= 0).all()
+    assert ((ledger["status"] == "finished").all() and ledger.loc[0, "train_seconds"] > 0
+            and (ledger["score_seconds"] >= 0).all())
     assert ledger.loc[1, "train_seconds"] == 0 and ledger["seed"].dtype == int
 
-    with pytest.raises(errors.UserError, match=f"^{run} has finished: its scores are in {run}/metrics.json and its row in the ledger$"):
+    with pytest.raises(errors.UserError,
+                       match=f"^{run} has finished: its scores are in {run}/metrics.json and its row in the ledger$"):
         experiment.run(cli.configure([f"--resume={run}"]))
     assert len(pd.read_csv(results / "results.csv")) == 4
 
@@ -71,14 +75,18 @@ def test_experiment_rescoring_and_text_prompts_through_the_command_lines(tiny, t
     other_restricted = other["logprobs"].argmax(-1) == other["label"]
     only_a, only_b = int((restricted & ~other_restricted).sum()), int((other_restricted & ~restricted).sum())
     assert (f"| label-restricted | {100 * metrics['restricted_score']:.1f}% ({metrics['restricted_correct']}) "
-            f"| {100 * ledger.loc[2, 'restricted_score']:.1f}% ({ledger.loc[2, 'restricted_correct']}) | {only_a} | {only_b} | ") in compared.stdout
-    with pytest.raises(errors.UserError, match=f"^{tmp_path} has no predictions.safetensors: give the folder of a finished run$"):
+            f"| {100 * ledger.loc[2, 'restricted_score']:.1f}% ({ledger.loc[2, 'restricted_correct']}) "
+            f"| {only_a} | {only_b} | ") in compared.stdout
+    with pytest.raises(errors.UserError,
+                       match=f"^{tmp_path} has no predictions.safetensors: give the folder of a finished run$"):
         compare.compare(str(run), str(tmp_path))
     (figure,) = plots.description(str(run / "loss.png"))["axes"]
-    assert figure["title"].startswith(f"Training loss: primer, 4 tokens on {plots.model_name(tiny.model_dir)}\nrates by epoch [0.1, 0.1, 0.1]; run {run_id}")
+    assert figure["title"].startswith(f"Training loss: primer, 4 tokens on {plots.model_name(tiny.model_dir)}\n"
+                                      f"rates by epoch [0.1, 0.1, 0.1]; run {run_id}")
 
 
 def test_compare_needs_two_run_folders():
     result = run_script("compare.py", "results/one")
-    assert result.returncode == 1 and result.stderr.strip() == "error: give two run folders: python compare.py results/<run A> results/<run B>"
+    assert result.returncode == 1 and result.stderr.strip() == ("error: give two run folders: "
+                                                                "python compare.py results/<run A> results/<run B>")
 

@@ -46,12 +46,14 @@ def test_help_prints_the_purpose_and_every_setting_with_its_default_and_comment(
     result = run_script("experiment.py", "--help")
     assert result.returncode == 0 and result.stderr == ""
     assert result.stdout.startswith(experiment.__doc__.strip() + "\n")
-    assert "  --primer_length=4\n        number of trained embedding vectors in the system-prompt slot\n" in result.stdout
+    assert ("  --primer_length=4\n        number of trained embedding vectors in the system-prompt slot\n"
+            in result.stdout)
     comments = cli.setting_comments(config.__file__)
     for name, value in cli.defaults().items():
         assert comments[name], f"config.py's {name} has no comment"
         assert f"  --{name.lower()}={value!r}\n        {comments[name]}\n" in result.stdout
-    assert "  --steps=10\n        timed batches per measurement" in cli.usage(bench, bench.BENCH)  # a script's own constants
+    # a script's own constants
+    assert "  --steps=10\n        timed batches per measurement" in cli.usage(bench, bench.BENCH)
 
 
 def test_a_space_instead_of_equals_shows_the_override_to_write():
@@ -64,7 +66,8 @@ def test_a_space_instead_of_equals_shows_the_override_to_write():
 def test_shell_args_read_back_as_the_same_config():
     values = {"CSV_DIR": "my data", "DATA_DIR": "123", "MODEL_ID": "a/b", "RATE_BY_EPOCH": [0.1, 1e-5], "SEED": 3}
     line = cli.shell_args(values)
-    assert line.startswith("'--csv_dir=my data' '--data_dir=") and " --model_id=a/b " in line  # quoted only where needed
+    # quoted only where needed
+    assert line.startswith("'--csv_dir=my data' '--data_dir=") and " --model_id=a/b " in line
     cfg = cli.configure(shlex.split(line))
     assert {k: getattr(cfg, k) for k in values} == values
 
@@ -80,6 +83,7 @@ def test_a_script_that_declares_its_settings_shows_only_those():
     import real
     import tiny
     shown = cli.usage(real, real.REAL, ("SEED",))
-    assert "defaults from config.py and real.py" in shown and "--model_id" not in shown and "  --test_snippets=2400\n" in shown
+    assert ("defaults from config.py and real.py" in shown and "--model_id" not in shown
+            and "  --test_snippets=2400\n" in shown)
     assert cli.usage(tiny, None, ()).endswith("\n\nsettings: none")
     assert vars(cli.configure([], shared=())) == {}

@@ -73,7 +73,8 @@ def test_steering_adds_where_it_is_told_and_nowhere_else(task):
     torch.testing.assert_close(late.last[1], plain.last[1] + 4.0 * vector)  # the answer position is steered
     torch.testing.assert_close(everywhere.mean[1], plain.mean[1] + 4.0 * vector)
     assert not torch.allclose(late.logits, plain.logits)
-    torch.testing.assert_close(outputs(task, layout, [0, 5], steer=frozen.Steer(vector, (1,), 0.0)).logits, plain.logits)
+    torch.testing.assert_close(outputs(task, layout, [0, 5], steer=frozen.Steer(vector, (1,), 0.0)).logits,
+                               plain.logits)
 
 
 def test_the_forward_reaches_a_peft_wrapped_decoder(task):
@@ -91,7 +92,8 @@ def test_the_forward_reaches_a_peft_wrapped_decoder(task):
     ids, lengths = layouts.assemble(layout, task.test, torch.tensor([0, 5]))
     with torch.no_grad():
         base = frozen.forward(task.model, ids, lengths, layout, primer).logits
-        torch.testing.assert_close(frozen.forward(wrapped, ids, lengths, layout, primer).logits, base)  # LoRA B starts at 0
+        # LoRA B starts at 0
+        torch.testing.assert_close(frozen.forward(wrapped, ids, lengths, layout, primer).logits, base)
     lora = [p for n, p in wrapped.named_parameters() if "lora_B" in n]
     with torch.no_grad():
         for p in lora:
@@ -109,7 +111,8 @@ def test_mean_pooling_takes_the_reviews_own_tokens_not_the_prompt_text_joined_to
     layout = layouts.make_layout(task, "Classify.", "Review: {review} Stars?")
     assert all(layout.joins)
     idx = [3, 0, 5, 9]
-    batched = lambda size: dataclasses.replace(task, cfg=types.SimpleNamespace(**{**vars(task.cfg), "SCORE_BATCH_SIZE": size}))
+    batched = lambda size: dataclasses.replace(task, cfg=types.SimpleNamespace(**{**vars(task.cfg),
+                                                                                  "SCORE_BATCH_SIZE": size}))
     pooled = {size: activations.extract(batched(size), layout, task.test.subset(torch.tensor(idx)), (0, 1), ("mean",))
               for size in (1, 4)}
     torch.testing.assert_close(pooled[1]["mean"], pooled[4]["mean"], atol=1e-5, rtol=1e-5)

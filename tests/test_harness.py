@@ -85,7 +85,8 @@ def test_score_matches_a_plain_full_forward(task):
 # catches: the global mean and std (or those of the wrong axis) in place of each dimension's, dimensions shuffled,
 # and norms that are not some embedding row's
 def test_primer_init_matches_embedding_statistics(task):
-    model = copy.deepcopy(task.model)  # its table given per-dimension means and spreads far apart, unlike a random init's
+    # its table given per-dimension means and spreads far apart, unlike a random init's
+    model = copy.deepcopy(task.model)
     table = model.get_input_embeddings().weight
     hidden = table.shape[1]
     gen = torch.Generator().manual_seed(1)
@@ -97,7 +98,8 @@ def test_primer_init_matches_embedding_statistics(task):
     assert torch.equal(primer, primers.init_primer(model, 20000, seed=0))
     assert not torch.equal(primer, primers.init_primer(model, 20000, seed=1))
     mean, std = table.mean(0), table.std(0)
-    assert ((primer.mean(0) - mean).abs() < 0.03 * mean.abs() + 0.05 * std).all()  # each vector rescaled to a row norm: close, not equal
+    # each vector rescaled to a row norm: close, not equal
+    assert ((primer.mean(0) - mean).abs() < 0.03 * mean.abs() + 0.05 * std).all()
     assert ((primer.std(0) - std).abs() < 0.08 * std).all()  # a global std is 20-40% off in some dimension
     row_norms = table.norm(dim=1)
     assert all(torch.isclose(row_norms, n, rtol=1e-5).any() for n in primer[:16].norm(dim=1))  # each norm is some row's

@@ -123,7 +123,8 @@ def test_validation_run_keeps_the_best_epoch(tiny, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["best_epoch"] == best["epoch"] and metrics["samples"] == 30 and metrics["total"] == 20
     assert metrics["best_epoch"] < 3, "this schedule no longer makes an earlier epoch best: pick one that does"
-    assert f"keeping the primer of epoch {best['epoch']}, step {3 * best['epoch']}, the best on the validation" in result.stdout
+    assert (f"keeping the primer of epoch {best['epoch']}, step {3 * best['epoch']}, the best on the validation"
+            in result.stdout)
 
     # the saved and scored primer is the best epoch's: a run cut to that many epochs ends with it, bitwise
     saved = load_file(str(run / "primer.safetensors"))["primer"]
@@ -159,7 +160,8 @@ def test_a_rate_grid_keeps_the_schedule_best_on_validation(tiny, tmp_path, monke
     assert list(grid["rates"]) == ["[1e-06]", "[0.5, 0.5]"] and grid["chosen"].sum() == 1
     for i, schedule in grid.iterrows():  # each schedule's best epoch, from its own validation file
         validation = pd.read_csv(f"{run}/rates_{i}/validation.csv")
-        assert len(validation) == len(eval(schedule["rates"])) and schedule["val_correct"] == validation["correct"].max()
+        assert (len(validation) == len(eval(schedule["rates"]))
+                and schedule["val_correct"] == validation["correct"].max())
     chosen = int(grid.index[grid["chosen"]][0])
     assert grid["val_correct"][chosen] == grid["val_correct"].max()
     file, key, param = saved
@@ -170,7 +172,8 @@ def test_a_rate_grid_keeps_the_schedule_best_on_validation(tiny, tmp_path, monke
     (row,) = ledger.rows(f"{tmp_path}/results")
     assert row["train_seconds"] >= grid["train_seconds"].sum() - 0.1  # the ledger keeps tenths of a second
     # the chosen schedule run alone trains the same tensors, so table.py pools the two as one configuration
-    module.run(cli.configure([*args, "--rate_grid=[]", f"--rate_by_epoch={grid['rates'][chosen]}"], getattr(module, "SETTINGS", None)))
+    module.run(cli.configure([*args, "--rate_grid=[]", f"--rate_by_epoch={grid['rates'][chosen]}"],
+                             getattr(module, "SETTINGS", None)))
     (plain,) = set(glob.glob(f"{tmp_path}/results/*-{script}*")) - {run}  # one started in the same second ends in -2
     assert torch.equal(load_file(f"{plain}/{file}")[key], load_file(f"{run}/{file}")[key])
     runs_read = table.load_runs(f"{tmp_path}/results")
@@ -178,7 +181,8 @@ def test_a_rate_grid_keeps_the_schedule_best_on_validation(tiny, tmp_path, monke
     assert pooled.seeds == 1 and pooled.run_ids == os.path.basename(plain)  # one seed trained twice: its latest run
     assert runs_read.set_index("run_id")["train_seconds"][os.path.basename(run)] == grid["train_seconds"][chosen]
     # a grid on fewer reviews chooses its own rate; the data curve joins the two sizes whatever each chose
-    module.run(cli.configure([*args, "--train_limit=30", "--rate_grid=[[0.3, 0.3]]"], getattr(module, "SETTINGS", None)))
+    module.run(cli.configure([*args, "--train_limit=30", "--rate_grid=[[0.3, 0.3]]"],
+                             getattr(module, "SETTINGS", None)))
     figures = []
     monkeypatch.setattr(table.plots, "save", lambda fig, path: figures.append(fig) or path)
     plots.table_data(table.summarize(table.load_runs(f"{tmp_path}/results")), "unused.png")

@@ -36,7 +36,8 @@ def test_every_script_has_a_help_that_exits_0(monkeypatch, capsys):
 
 
 def python_m(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
 
 
 def test_the_package_and_its_modules_say_which_scripts_to_run():
@@ -45,7 +46,8 @@ def test_the_package_and_its_modules_say_which_scripts_to_run():
     scripts = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py"))} - {"config.py"}
     assert {s for s in scripts if s not in package.stdout} == set()  # every script at the root is named
     module = python_m("harness.chat", "--help")  # a library module: not silent
-    assert module.returncode == 0 and module.stdout.startswith("harness.chat is not a script.\n") and "tiny.py" in module.stdout
+    assert (module.returncode == 0 and module.stdout.startswith("harness.chat is not a script.\n")
+            and "tiny.py" in module.stdout)
     assert python_m("harness.scoring").returncode == 2
 
 
@@ -55,7 +57,8 @@ def test_real_and_tiny_show_and_take_only_the_settings_they_read(monkeypatch, ca
     shown = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  --")]
     assert shown == ["--seed=0", "--csv_dir='data/rotten_tomatoes'", "--test_snippets=2400"]
     assert sorted(vars(cli.configure(["--seed=3"], real.REAL, ("SEED",)))) == ["CSV_DIR", "SEED", "TEST_SNIPPETS"]
-    with pytest.raises(errors.UserError, match=r"^unknown setting --train_limit: \(real.py reads only --seed, --csv_dir, "):
+    with pytest.raises(errors.UserError,
+                       match=r"^unknown setting --train_limit: \(real.py reads only --seed, --csv_dir, "):
         monkeypatch.setattr(sys, "argv", ["real.py"])
         cli.configure(["--train_limit=800"], real.REAL, ("SEED",))
     with pytest.raises(errors.UserError, match=r"^unknown setting --csvdir: did you mean --csv_dir\?"):
@@ -74,9 +77,11 @@ def test_probe_defaults_fit_a_small_split_and_given_values_that_do_not_fit_say_s
     assert large == (1000, 5600) and capsys.readouterr().out == ""  # defaults that fit stay
     assert probe.fitted_sizes(types.SimpleNamespace(**{**vars(cfg), "VAL_LIMIT": 40}), 120)[1] == 80
     assert capsys.readouterr().out == "120 training reviews: --probe_train=80 (its default 5600 does not fit)\n"
-    with pytest.raises(errors.UserError, match=r"^--probe_train=100 must be between 2 and the 80 training reviews left after "):
+    with pytest.raises(errors.UserError,
+                       match=r"^--probe_train=100 must be between 2 and the 80 training reviews left after "):
         probe.fitted_sizes(types.SimpleNamespace(**{**vars(cfg), "VAL_LIMIT": 40, "PROBE_TRAIN": 100}), 120)
-    with pytest.raises(errors.UserError, match=r"^--val_limit=119 must be between 1 and 118: .* lower --val_limit or raise"):
+    with pytest.raises(errors.UserError,
+                       match=r"^--val_limit=119 must be between 1 and 118: .* lower --val_limit or raise"):
         probe.fitted_sizes(types.SimpleNamespace(**{**vars(cfg), "VAL_LIMIT": 119}), 120)
 
 
@@ -152,8 +157,8 @@ def test_probe_figure_has_whole_layers_a_title_of_its_own_and_no_hidden_line(tmp
     results, model_id = str(tmp_path / "results"), str(tmp_path / "tiny" / "model")
     os.makedirs(model_id)
     write_probe_run(results, "20260101-000000-probe", model_id, {"last": [0.5, 0.9, 0.8], "mean": [0.5, 0.7, 0.75]})
-    ledger.append(results, {"run_id": "x", "script": "experiment", "method": "primer", "model_id": model_id, "score": 0.9,
-                            "tokens": 4})
+    ledger.append(results, {"run_id": "x", "script": "experiment", "method": "primer", "model_id": model_id,
+                            "score": 0.9, "tokens": 4})
     path = plots.probe_layers(results, model_id, str(tmp_path))
     (axes,) = plots.description(path)["axes"]
     assert axes["xticks"] and all(float(t.replace("\u2212", "-")).is_integer() for t in axes["xticks"])  # no layer 0.25
@@ -172,7 +177,8 @@ def test_probe_figure_has_whole_layers_a_title_of_its_own_and_no_hidden_line(tmp
 def test_loss_figure_names_its_run_and_shows_every_step(tmp_path):
     run = tmp_path / "20260101-000000-experiment"
     run.mkdir()
-    files_cfg = {"model_id": "/m/SmolLM2-135M-Instruct.Q4_1.gguf", "rate_by_epoch": [0.5, 0.1], "rate_scale": "embedding"}
+    files_cfg = {"model_id": "/m/SmolLM2-135M-Instruct.Q4_1.gguf", "rate_by_epoch": [0.5, 0.1],
+                 "rate_scale": "embedding"}
     (run / "config.json").write_text(pd.Series(files_cfg).to_json())
     pd.DataFrame({"step": range(1, 13), "epoch": [1] * 6 + [2] * 6, "loss": [2.0 - i / 10 for i in range(12)]}).to_csv(
         run / "losses.csv", index=False)

@@ -1,4 +1,5 @@
-"""Data parallelism: two processes under `accelerate launch` (CPU, gloo) train, score and extract features like one process."""
+"""Data parallelism: two processes under `accelerate launch` (CPU, gloo) train, score and extract features like one
+process."""
 import glob
 import json
 import os
@@ -18,7 +19,8 @@ from conftest import ROOT, overrides
 from harness import cli, layouts, primers, runs
 
 # 40 reviews in batches of 3: shards of 2 and 1 reviews, and a last batch of 1 that leaves the second process none
-UNEVEN = ["--train_limit=40", "--batch_size=3", "--score_batch_size=7", "--rate_by_epoch=[0.1, 0.1, 0.1, 0.1, 0.1, 0.1]"]
+UNEVEN = ["--train_limit=40", "--batch_size=3", "--score_batch_size=7",
+          "--rate_by_epoch=[0.1, 0.1, 0.1, 0.1, 0.1, 0.1]"]
 COUNTS = ("correct", "restricted_correct", "total")
 
 
@@ -113,7 +115,8 @@ def test_two_processes_extract_probe_features_like_one(tiny, tmp_path):
     single = str(tmp_path / "single")
     probe.run(cli.configure([*args, f"--results_dir={single}"], probe.SETTINGS))
     for name in ("train", "val", "test"):  # each process extracts its share; the shares are summed into place
-        sharded, whole = (load_file(f"{only_run(results)}/features-{name}.safetensors") for results in (parallel, single))
+        sharded, whole = (load_file(f"{only_run(results)}/features-{name}.safetensors")
+                          for results in (parallel, single))
         assert sharded.keys() == whole.keys()
         for key in whole:
             torch.testing.assert_close(sharded[key], whole[key], atol=1e-3, rtol=1e-3)

@@ -17,8 +17,8 @@ from harness.layouts import make_layout
 RUN = ["--train_limit=40", "--test_limit=20", "--val_limit=10", "--keep_best=True", "--rate_by_epoch=[0.1, 0.05]"]
 RATES = (0.1, 0.05)  # RUN's rates; --rate_scale=absolute (overrides) makes them Adam's learning rates as they stand
 # from commit 889246d on a 2-core x86-64 CPU, float32; bitwise there, compared to 1e-5 so another CPU's rounding passes
-PINNED = {"sum": 1.5616769145708531, "abs_sum": 66.66170649114065, "first": -0.2619313597679138, "second": -0.45817941427230835,
-          "correct": 0, "restricted_correct": 12, "best_epoch": 2}
+PINNED = {"sum": 1.5616769145708531, "abs_sum": 66.66170649114065, "first": -0.2619313597679138,
+          "second": -0.45817941427230835, "correct": 0, "restricted_correct": 12, "best_epoch": 2}
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +34,17 @@ def test_small_primer_run_gives_the_pinned_result(pinned_run):
     _, run = pinned_run
     primer = load_file(str(run / "primer.safetensors"))["primer"].double()
     metrics = json.loads((run / "metrics.json").read_text())
-    got = {"sum": float(primer.sum()), "abs_sum": float(primer.abs().sum()), "first": float(primer[0, 0]), "second": float(primer[0, 1]),
-           "correct": metrics["correct"], "restricted_correct": metrics["restricted_correct"], "best_epoch": metrics["best_epoch"]}
+    got = {"sum": float(primer.sum()), "abs_sum": float(primer.abs().sum()), "first": float(primer[0, 0]),
+           "second": float(primer[0, 1]), "correct": metrics["correct"],
+           "restricted_correct": metrics["restricted_correct"], "best_epoch": metrics["best_epoch"]}
     assert got == pytest.approx(PINNED, rel=1e-5, abs=1e-6)
 
 
 def plain_logits(task, layout, split, i: int, primer: torch.Tensor) -> torch.Tensor:
     """Review i of split alone: its unpadded embeddings through the whole HF model, the last position's logits."""
     review = split.tokens[split.offsets[i]:split.offsets[i + 1]].long()
-    return task.model(inputs_embeds=frozen.unpadded_embeds(task.model, layout, review, primer)[None]).logits[0, -1].float()
+    return task.model(
+        inputs_embeds=frozen.unpadded_embeds(task.model, layout, review, primer)[None]).logits[0, -1].float()
 
 
 def plain_counts(task, layout, split, primer: torch.Tensor) -> tuple[int, int]:
@@ -77,7 +79,8 @@ def test_the_pinned_run_equals_a_plain_loop_of_the_same_run(pinned_run, tiny):
             optimizer.step()
             losses.append(loss.item())
         epochs.append((plain_counts(task, layout, task.val, primer.detach()), primer.detach().clone()))
-    best = max(range(len(epochs)), key=lambda e: epochs[e][0])  # most strict, then restricted right; the earliest on ties
+    # most strict, then restricted right; the earliest on ties
+    best = max(range(len(epochs)), key=lambda e: epochs[e][0])
     kept = epochs[best][1]
 
     logged = pd.read_csv(run / "losses.csv")

@@ -118,6 +118,6 @@ def test_resume_takes_only_overrides_that_cannot_change_the_result(tiny, tmp_pat
     assert "score_batch_size       = 8" in printed and "batch_size             = 10" in printed
     with pytest.raises(errors.UserError, match=r"a resumed run keeps its config: --batch_size, --seed cannot change on "
                                                r"--resume \(only --checkpoint_every, --data_dir, --device, "
-                                               r"--gradient_checkpointing, --results_dir, --score_batch_size, --threads can\); "
-                                               r"start a new run instead"):
+                                               r"--gradient_checkpointing, --results_dir, --score_batch_size, "
+                                               r"--threads can\); start a new run instead"):
         cli.configure([f"--resume={run}", "--seed=1", "--batch_size=3", "--device=cpu"])

@@ -26,7 +26,8 @@ def search_args(tiny, out, *more: str) -> list[str]:
 
 
 @pytest.mark.parametrize("method", search_prompt.SEARCHES)
-def test_each_method_writes_its_candidates_curve_and_ledger_row_and_never_scores_on_test(tiny, tmp_path, monkeypatch, method):
+def test_each_method_writes_its_candidates_curve_and_ledger_row_and_never_scores_on_test(tiny, tmp_path, monkeypatch,
+                                                                                         method):
     calls = record_reads(monkeypatch, scoring, "predict", "prompt.json")
     search_prompt.run(cli.configure(search_args(tiny, tmp_path, f"--search={method}"), search_prompt.SETTINGS))
     reads = [c["test"] for c in calls]
@@ -37,8 +38,10 @@ def test_each_method_writes_its_candidates_curve_and_ledger_row_and_never_scores
     assert len(candidates) >= 2 and (candidates["forwards"].diff().dropna() > 0).all()
     assert os.path.getsize(f"{run}/search.png") > 0
     rows, saved = ledger.rows(f"{tmp_path}/results"), files.read_json(f"{run}/prompt.json")
-    assert len(rows) == finals and rows[0]["method"].startswith("token search, exact ids" if method == "tokens" else f"prompt search ({method}")
-    assert f"{int(candidates['forwards'].iloc[-1]):,} fwd" in rows[0]["method"] or method != "edit"  # the budget in the row
+    assert len(rows) == finals and rows[0]["method"].startswith("token search, exact ids" if method == "tokens"
+                                                                else f"prompt search ({method}")
+    # the budget in the row
+    assert f"{int(candidates['forwards'].iloc[-1]):,} fwd" in rows[0]["method"] or method != "edit"
     if method == "tokens":  # the short prompt's system tokens, its user message kept
         assert saved["user"] == prompt_short.USER and rows[0]["tokens"] == len(saved["token_ids"])
         assert rows[1]["method"].startswith("prompt search (tokens, decoded text")
@@ -61,12 +64,15 @@ def losses_one_by_one(task, layout, reviews, slot_ids=None, slots=None) -> torch
 def test_the_batched_screening_forwards_equal_each_candidate_alone(tiny, tmp_path):
     task = runs.setup(cli.configure(search_args(tiny, tmp_path, "--forward_batch=5"), search_prompt.SETTINGS))
     layout, table = make_layout(task, None, primer_length=3), task.model.get_input_embeddings().weight
-    candidates, reviews = torch.randint(5, 300, (4, 3), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 9, 4])
+    candidates, reviews = (torch.randint(5, 300, (4, 3), generator=torch.Generator().manual_seed(0)),
+                           torch.tensor([0, 9, 4]))
     together = screening.label_losses(task, layout, table[candidates].float(), reviews, 5)
     for c, ids in enumerate(candidates):
-        torch.testing.assert_close(together[c], losses_one_by_one(task, layout, reviews, slot_ids=ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(together[c], losses_one_by_one(task, layout, reviews, slot_ids=ids), atol=1e-5,
+                                   rtol=1e-5)
     # text prompts of different lengths and user messages, padded together in chunks that split a prompt's rows
-    texts = [(prompt_short.SYSTEM, prompt_short.USER), (prompt_long.SYSTEM, prompt_long.USER), ("Say 1 or 2.", "{review}")]
+    texts = [(prompt_short.SYSTEM, prompt_short.USER), (prompt_long.SYSTEM, prompt_long.USER),
+             ("Say 1 or 2.", "{review}")]
     together = screening.text_losses(task, texts, reviews, 5)
     for c, prompt in enumerate(texts):
         alone = losses_one_by_one(task, make_layout(task, *prompt), reviews)
@@ -99,13 +105,15 @@ def test_each_token_step_takes_a_gradient_token_that_lowers_the_loss_as_measured
         loss = losses_one_by_one(task, layout, reviews, slots=onehot @ table)
         loss.backward()
         assert step["loss_before"] == pytest.approx(loss.item(), abs=1e-4)
-        assert step["loss_after"] == pytest.approx(losses_one_by_one(task, layout, reviews, slot_ids=after).item(), abs=1e-4)
+        assert step["loss_after"] == pytest.approx(losses_one_by_one(task, layout, reviews, slot_ids=after).item(),
+                                                   abs=1e-4)
         assert step["loss_after"] <= step["loss_before"]
         changed = (after != before).nonzero().flatten().tolist()
         assert len(changed) <= 1
         if changed:  # one slot swapped, to one of its TOP_K most loss-lowering tokens by the gradient
             grad = onehot.grad[changed[0]]
-            grad[list(task.tokenizer.added_tokens_decoder)] = float("inf")  # special tokens and rows past the vocabulary
+            # special tokens and rows past the vocabulary
+            grad[list(task.tokenizer.added_tokens_decoder)] = float("inf")
             grad[len(task.tokenizer):] = float("inf")
             assert int(after[changed[0]]) in grad.topk(cfg.TOP_K, largest=False).indices.tolist()
             assert step["loss_after"] < step["loss_before"]
@@ -126,7 +134,8 @@ def test_edit_search_starts_from_the_baselines_as_they_score_and_is_reproducible
         search_prompt.run(cfg)
         (run,) = glob.glob(f"{tmp_path}/{attempt}/results/*-search_prompt")
         folders.append(run)
-        texts.append(pd.read_csv(f"{run}/candidates.csv", keep_default_na=False).drop(columns=["seconds", "cpu_minutes"]))
+        texts.append(pd.read_csv(f"{run}/candidates.csv", keep_default_na=False)
+                     .drop(columns=["seconds", "cpu_minutes"]))
     pd.testing.assert_frame_equal(*texts)
     task, first = runs.setup(cfg), texts[0].iloc[:2]
     for baseline, row in zip((prompt_short, prompt_long), first.itertuples()):
@@ -140,7 +149,8 @@ def test_edit_search_starts_from_the_baselines_as_they_score_and_is_reproducible
 @pytest.mark.parametrize("setting, message", [
     ("--search=beam", "--search='beam' is not one of edit, propose, tokens"),
     ("--val_limit=0", "candidates are scored on validation reviews: set --val_limit"),
-    ("--top_k=0", "--candidates, --validate, --pool, --tokens, --swaps, --top_k, --search_batch, --val_every and --forward_batch must all be at least 1"),
+    ("--top_k=0", "--candidates, --validate, --pool, --tokens, --swaps, --top_k, --search_batch, --val_every and "
+                  "--forward_batch must all be at least 1"),
     ("--forward_budget=0", "the search needs a budget: set --budget"),
     ("--token_init=nearest", "--token_init='nearest' is not one of short, long, text:<words>, random, primer:<path>"),
 ])

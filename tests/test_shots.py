@@ -29,8 +29,9 @@ def task(tiny, tmp_path_factory):
 def test_examples_are_balanced_seeded_training_reviews_as_chat_turns(task):
     turns = shots.examples(task, 4)
     assert sorted(label for _, label in turns) == ["1", "1", "2", "2"]
-    train_texts = set(task.tokenizer.batch_decode([task.train.tokens[task.train.offsets[i]:task.train.offsets[i + 1]].tolist()
-                                                   for i in range(len(task.train))], clean_up_tokenization_spaces=False))
+    train_texts = set(task.tokenizer.batch_decode(
+        [task.train.tokens[task.train.offsets[i]:task.train.offsets[i + 1]].tolist() for i in range(len(task.train))],
+        clean_up_tokenization_spaces=False))
     assert all(text in train_texts for text, _ in turns)  # drawn from the training reviews, not validation or test
     assert shots.examples(task, 4) == turns and shots.examples(task, 0) == ()
     layout = layouts.make_layout(task, prompt_short.SYSTEM, prompt_short.USER, turns=turns)
@@ -40,7 +41,8 @@ def test_examples_are_balanced_seeded_training_reviews_as_chat_turns(task):
     for u, a in turns:
         messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
     messages.append({"role": "user", "content": prompt_short.USER.replace("{review}", text)})
-    whole = task.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **task.cfg.TEMPLATE_KWARGS)
+    whole = task.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                               **task.cfg.TEMPLATE_KWARGS)
     ids, lengths = layouts.assemble(layout, task.test, torch.tensor([0]))
     assert ids[0, :lengths[0]].tolist() == layouts.encode(task.tokenizer, whole)  # exactly the template's tokens
     plain = layouts.make_layout(task, prompt_short.SYSTEM, prompt_short.USER)
@@ -61,7 +63,8 @@ def test_calibration_divides_by_the_content_free_label_probabilities(task):
     layout = layouts.make_layout(task, prompt_short.SYSTEM, prompt_short.USER, turns=shots.examples(task, 2))
     bias = shots.label_bias(task, layout)
     assert torch.allclose(bias.exp().sum(), torch.tensor(1.0))
-    ids, lengths = layouts.assemble(layout, shots.content_free_split(task), torch.tensor([1]))  # "": the prompt, no review
+    # "": the prompt, no review
+    ids, lengths = layouts.assemble(layout, shots.content_free_split(task), torch.tensor([1]))
     whole = layouts.prompt_text(task.tokenizer, prompt_short.SYSTEM, prompt_short.USER.replace("{review}", ""),
                                 task.cfg.TEMPLATE_KWARGS, shots.examples(task, 2))
     assert ids[0, :lengths[0]].tolist() == layouts.encode(task.tokenizer, whole)
@@ -70,7 +73,8 @@ def test_calibration_divides_by_the_content_free_label_probabilities(task):
     raw = predictions["logprobs"].log_softmax(-1).exp()
     expected = (raw / bias.exp()) / (raw / bias.exp()).sum(-1, keepdim=True)
     torch.testing.assert_close(calibrated["logprobs"].exp(), expected)
-    assert torch.equal(calibrated["answer"], predictions["answer"]) and torch.equal(calibrated["raw_logprobs"], predictions["logprobs"])
+    assert (torch.equal(calibrated["answer"], predictions["answer"])
+            and torch.equal(calibrated["raw_logprobs"], predictions["logprobs"]))
     # a prompt that always prefers one label is balanced by its own bias: content-free inputs score 50:50 after it
     free = scoring.predict(task, layout, split=shots.content_free_split(task))
     assert torch.allclose(shots.calibrate(free, bias)["logprobs"].exp().mean(0), torch.tensor([0.5, 0.5]), atol=0.1)
@@ -85,13 +89,15 @@ def test_the_scripts_record_shots_and_calibration(tiny, tmp_path):
     assert saved["content_free"] == ["N/A", "", "[MASK]"] and abs(sum(saved["label_probabilities"]) - 1) < 1e-5
     plain = runs.score_text_prompt(cli.configure(shot_args(tiny, tmp_path, "--shots=2"), settings()), "prompt_short",
                                    prompt_short.SYSTEM, prompt_short.USER, 2)
-    assert plain["method"] == "text prompt (2 shots)" and plain["correct"] == row["correct"]  # the strict answer is the same
+    # the strict answer is the same
+    assert plain["method"] == "text prompt (2 shots)" and plain["correct"] == row["correct"]
     assert saved["raw_restricted_correct"] == plain["restricted_correct"]
     assert len(ledger.rows(f"{tmp_path}/results")) == 2
 
 
 @pytest.mark.parametrize("setting, message", [("--shots=-1", "--shots=-1 must be 0 or more"),
-                                              ("--shots=500", "--shots=500 needs 500 training reviews, but there are 80")])
+                                              ("--shots=500",
+                                               "--shots=500 needs 500 training reviews, but there are 80")])
 def test_bad_shots_are_one_line_errors(tiny, tmp_path, setting, message):
     with pytest.raises(errors.UserError, match="^" + re.escape(message)):
         cfg = cli.configure(shot_args(tiny, tmp_path, setting), settings())

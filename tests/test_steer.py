@@ -128,41 +128,49 @@ def test_generation_writes_every_answer_its_judgement_and_the_curve(tiny, tmp_pa
     (run,) = glob.glob(f"{tmp_path}/results/*-steer")
     answers = pd.read_csv(f"{run}/generations.csv", keep_default_na=False)
     assert len(answers) == 5 * 3 * 2  # (3 coefficients + 2 text prompts) x 3 user messages x 2 samples
-    assert answers["p_positive"].nunique() > 1 and (answers["fluency"] < 0).all()  # each judged below, against the judge alone
+    # each judged below, against the judge alone
+    assert answers["p_positive"].nunique() > 1 and (answers["fluency"] < 0).all()
     assert list(answers["prompt"][:2]) == [steer.GENERATE_PROMPTS[0]] * 2
     summary = pd.read_csv(f"{run}/generation_summary.csv")
     assert list(summary["steering"]) == ["vector at layer 1"] * 3 + ["prompt: make it positive",
                                                                      "prompt: make it negative"]
     assert (summary["answers"] == 6).all() and os.path.getsize(f"{run}/generation.png") > 0
-    assert list(summary["judged_positive"]) == [int((answers["p_positive"][6 * i:6 * i + 6] > 0.5).sum()) for i in range(5)]
+    assert list(summary["judged_positive"]) == [int((answers["p_positive"][6 * i:6 * i + 6] > 0.5).sum())
+                                                for i in range(5)]
 
     # catches: coefficient 0 still steered (or the rows' coefficients mislabelled), the text prompts' rows steered,
     # answers and judgements out of step, a judgement depending on its batch mates or padding, the wrong layer pooled
     task = runs.setup(cli.configure(steer_args(tiny, tmp_path), steer.SETTINGS), with_train=False)
     cfg, tok, messages = task.cfg, task.tokenizer, [m for m in steer.GENERATE_PROMPTS for _ in range(2)]
     coefficient = pd.to_numeric(answers["coefficient"], errors="coerce")  # read as text: the prompts' rows hold ""
-    for steering, asked in (("vector at layer 1", messages), ("prompt: make it positive", [f"{m} Make it positive." for m in messages])):
+    for steering, asked in (("vector at layer 1", messages),
+                            ("prompt: make it positive", [f"{m} Make it positive." for m in messages])):
         unsteered = chat.sample(task.model, tok, asked, cfg.TEMPLATE_KWARGS, 8, cfg.TEMPERATURE, cfg.SEED)
         rows = answers[(answers["steering"] == steering) & ((coefficient == 0.0) | coefficient.isna())]
         assert list(rows["text"]) == unsteered.texts
         assert list(rows["fluency"]) == pytest.approx(chat.mean_logprob(task.model, unsteered).tolist(), abs=1e-5)
-    assert list(answers["text"][coefficient == -1.0]) != list(answers["text"][coefficient == 0.0])  # the vector did steer
-    assert list(answers["p_positive"]) == pytest.approx([judged_alone(task, judge, judge_primer, t) for t in answers["text"]], abs=1e-5)
+    # the vector did steer
+    assert list(answers["text"][coefficient == -1.0]) != list(answers["text"][coefficient == 0.0])
+    assert list(answers["p_positive"]) == pytest.approx([judged_alone(task, judge, judge_primer, t)
+                                                         for t in answers["text"]], abs=1e-5)
 
 
 @torch.no_grad()
 def judged_alone(task, judge: str, path: str, text: str) -> float:
     """The judge's probability that text is positive, computed for it alone: its unpadded prompt through the whole
     model, then the two label tokens' softmax (primer) or the probe on the review's mean layer-1 state (probe)."""
-    review = torch.tensor(task.tokenizer(text, add_special_tokens=False)["input_ids"][:task.cfg.MAX_REVIEW_TOKENS], dtype=torch.long)
+    review = torch.tensor(task.tokenizer(text, add_special_tokens=False)["input_ids"][:task.cfg.MAX_REVIEW_TOKENS],
+                          dtype=torch.long)
     if judge == "primer":
         primer = load_file(path)["primer"]
         layout = make_layout(task, None, primer_length=len(primer))
-        logits = task.model(inputs_embeds=frozen.unpadded_embeds(task.model, layout, review, primer)[None]).logits[0, -1]
+        logits = task.model(
+            inputs_embeds=frozen.unpadded_embeds(task.model, layout, review, primer)[None]).logits[0, -1]
         return logits[task.label_ids].double().softmax(-1)[1].item()
     probe, layout = load_file(path), make_layout(task, None)
     rows = frozen.unpadded_embeds(task.model, layout, review, None)
-    states = task.model(inputs_embeds=rows[None], output_hidden_states=True).hidden_states[1][0]  # decoder layer 1's output
+    # decoder layer 1's output
+    states = task.model(inputs_embeds=rows[None], output_hidden_states=True).hidden_states[1][0]
     (head, tail), = layout.joined_ids([review.tolist()])[1].tolist()  # the prompt text tokenized with the review
     pooled = states[len(layout.prefix) + head:len(rows) - len(layout.suffix) - tail].double()  # its own tokens
     mean = pooled.mean(0) if len(pooled) else torch.zeros(states.shape[1], dtype=torch.float64)
@@ -171,7 +179,8 @@ def judged_alone(task, judge: str, path: str, text: str) -> float:
 
 def test_generation_is_independent_of_batch_mates_and_coefficient_zero_is_unsteered(tiny, tmp_path, judge_primer):
     # each message's draws are its own: batched answers and fluency must equal lone ones, at any temperature
-    args = steer_args(tiny, tmp_path, "--temperature=1.0", "--max_new_tokens=6", "--samples=2", f"--judge_path={judge_primer}")
+    args = steer_args(tiny, tmp_path, "--temperature=1.0", "--max_new_tokens=6", "--samples=2",
+                      f"--judge_path={judge_primer}")
     task = runs.setup(cli.configure(args, steer.SETTINGS), with_train=False)
     settings = steer.generation_of(task.cfg)
     messages = ["Hi", "Write a much longer request about the food at a restaurant, please."]

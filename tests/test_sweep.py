@@ -40,7 +40,8 @@ def test_a_grid_runs_as_command_lines_reports_failures_and_then_skips_what_is_do
     with pytest.raises(errors.UserError, match=r"^1 of 3 points failed \(experiment --primer_path="):
         sweep.main(cfg)
     out = capfd.readouterr().out
-    assert f"sweep 2/3: experiment --primer_path='{tmp_path}/missing.safetensors' failed: error: --primer_path={tmp_path}/missing" in out
+    assert (f"sweep 2/3: experiment --primer_path='{tmp_path}/missing.safetensors' failed: "
+            f"error: --primer_path={tmp_path}/missing" in out)
     first = ledger_frame(tmp_path)
     assert first["script"].tolist() == ["experiment", "prompt_short"] and first["tokens"][0] == 2
     assert first["samples"].tolist() == [100, 0] and first["method"][0] == "primer"
@@ -56,7 +57,8 @@ def test_a_grid_runs_as_command_lines_reports_failures_and_then_skips_what_is_do
     assert capfd.readouterr().out.count("already in the ledger") == 2 and not failed
     assert [r["run_id"] for r in rows] == first["run_id"].tolist() and ledger_frame(tmp_path).equals(first)
     point = {"script": "experiment", "primer_length": 2, "rate_by_epoch": [0.1]}
-    assert sweep.find_run("experiment", sweep.point_config(cfg, {**point, "score_batch_size": 7}))["run_id"] == first["run_id"][0]
+    assert (sweep.find_run("experiment", sweep.point_config(cfg, {**point, "score_batch_size": 7}))["run_id"]
+            == first["run_id"][0])
     assert sweep.find_run("experiment", sweep.point_config(cfg, {**point, "batch_size": 5})) is None
     text = {"script": "prompt_short"}
     same = sweep.point_config(cfg, {**text, "train_limit": 50, "rate_by_epoch": [1.0]})  # no effect on a text prompt
@@ -72,7 +74,8 @@ def test_jobs_run_points_at_once_each_on_its_share_of_the_cores(monkeypatch, cap
     monkeypatch.setattr(sweep, "read_settings", lambda grid: None)
     monkeypatch.setattr(sweep, "point_config", lambda cfg, point: point)  # the point stands for its config
     done, running, most, lock = set(), [0], [0], threading.Lock()
-    monkeypatch.setattr(sweep, "find_run", lambda script, point: {"run_id": f"seed{point['seed']}"} if point["seed"] in done else None)
+    monkeypatch.setattr(sweep, "find_run",
+                        lambda script, point: {"run_id": f"seed{point['seed']}"} if point["seed"] in done else None)
 
     def run_command(command):
         with lock:
@@ -109,7 +112,8 @@ def test_unknown_grid_key_stops_before_anything_runs(tiny, tmp_path):
 def test_grid_files_expand_their_axes_and_name_root_scripts(tmp_path):
     assert sweep.expand([{"script": "a", "x": [1], "each": {"seed": [0, 1], "n": [5, 6]}}]) == [
         {"script": "a", "x": [1], "seed": s, "n": n} for s in (0, 1) for n in (5, 6)]
-    with pytest.raises(errors.UserError, match=r"^--grid=nope: no grid file .*grids/nope.json: give one of .*cpu_table"):
+    with pytest.raises(errors.UserError,
+                       match=r"^--grid=nope: no grid file .*grids/nope.json: give one of .*cpu_table"):
         sweep.load_grid("nope")
     (tmp_path / "bad.json").write_text(json.dumps([{"script": "experiment"}, {"script": "tests/conftest"}]))
     with pytest.raises(errors.UserError, match=r"names scripts \['tests/conftest'\] that are not at the repo root"):
@@ -123,7 +127,8 @@ def what(script: str, c) -> object:
     return getattr(c, METHOD_KEYS[script]) if script in METHOD_KEYS else None
 
 
-def test_the_published_tables_grid_chooses_each_rate_on_validation_then_runs_more_seeds_and_the_data_curve(tiny, tmp_path):
+def test_the_published_tables_grid_chooses_each_rate_on_validation_then_runs_more_seeds_and_the_data_curve(tiny,
+                                                                                                           tmp_path):
     """grids/cpu_table.json, the README's table: every point is a valid command line of its script (its own settings
     read with --help=json), none twice, all on one test split; every trained method has a rate grid at seed 0 on 300
     snippets (chosen on validation reviews) and seeds 1 and 2 at one of its schedules; the data curve runs that
@@ -144,7 +149,8 @@ def test_the_published_tables_grid_chooses_each_rate_on_validation_then_runs_mor
             trained.setdefault((script, method), {})[c.SEED] = c
         if script == "probe":
             assert c.TRAIN_LIMIT - c.VAL_LIMIT == size and c.PROBE_C == [1e-3, 1e-2, 1e-1, 1.0], point
-    assert set(trained) >= {("experiment", 4), ("experiment", 16), ("steer", "learned"), *(("tune", m) for m in tune.METHODS)}
+    assert set(trained) >= {("experiment", 4), ("experiment", 16), ("steer", "learned"),
+                            *(("tune", m) for m in tune.METHODS)}
     for method, seeds in trained.items():
         assert sorted(seeds) == [0, 1, 2] and len(seeds[0].RATE_GRID) >= 3, method
         assert all(not seeds[s].RATE_GRID and seeds[s].RATE_BY_EPOCH in seeds[0].RATE_GRID for s in (1, 2)), method
@@ -159,9 +165,11 @@ def test_the_published_tables_grid_chooses_each_rate_on_validation_then_runs_mor
 def test_an_override_of_a_grid_key_is_refused_naming_the_grid():
     result = run_script("sweep.py", "--train_limit=100", "--primer_length=32", "--rate_by_epoch=[0.1]")
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
-        "error: --primer_length=32 would be ignored: sweep.py's DEFAULT_GRID sets primer_length for its points (4, 8, 16); "
+        "error: --primer_length=32 would be ignored: sweep.py's DEFAULT_GRID sets primer_length for its points "
+        "(4, 8, 16); "
         "edit the grid to sweep other values, or run python experiment.py --primer_length=32 for one run"]
-    with pytest.raises(errors.UserError, match=r"DEFAULT_GRID sets rate_by_epoch for its points \(\[1e-05\], \[0.0001, 1e-05, 1e-06\]\)"):
+    with pytest.raises(errors.UserError,
+                       match=r"DEFAULT_GRID sets rate_by_epoch for its points \(\[1e-05\], \[0.0001, 1e-05, 1e-06\]\)"):
         sweep.configure(["--rate_by_epoch=[0.1]"])
     assert sweep.configure(["--train_limit=100"]).TRAIN_LIMIT == 100
 
@@ -179,8 +187,8 @@ def test_scores_figure_draws_the_wilson_intervals(monkeypatch):
         low, high = scoring.wilson_interval(correct, total)
         rlow, rhigh = scoring.wilson_interval(correct + 10, total)
         return {"script": script, "method": method, "tokens": tokens, "lr_schedule": "0.1", "score": correct / total,
-                "score_low": low, "score_high": high, "restricted_score": (correct + 10) / total, "restricted_low": rlow,
-                "restricted_high": rhigh}
+                "score_low": low, "score_high": high, "restricted_score": (correct + 10) / total,
+                "restricted_low": rlow, "restricted_high": rhigh}
     rows = [row("experiment", 4, 150), row("experiment", 8, 170), row("prompt_short", 30, 110, "text prompt"),
             row("experiment", 4, 120, "primer (suffix)")]
     fig = drawn_figure(monkeypatch, lambda: plots.score_plot(rows, "unused.png"))
@@ -199,7 +207,8 @@ def test_losses_figure_marks_each_runs_epoch_boundaries(tmp_path, monkeypatch):
     for run, steps_per_epoch in (("a", 5), ("b", 3)):
         (tmp_path / run).mkdir()
         epochs = [e for e in (1, 2, 3) for _ in range(steps_per_epoch)]
-        pd.DataFrame({"step": range(1, len(epochs) + 1), "epoch": epochs, "loss": 1.0}).to_csv(tmp_path / run / "losses.csv")
+        pd.DataFrame({"step": range(1, len(epochs) + 1), "epoch": epochs, "loss": 1.0}).to_csv(
+            tmp_path / run / "losses.csv")
     rows = [{"run_id": run, "method": "primer", "tokens": 4, "lr_schedule": "0.1, 0.1, 0.1"} for run in ("a", "b")]
     fig = drawn_figure(monkeypatch, lambda: plots.losses_plot(rows, str(tmp_path), "unused.png"))
     curves = [line for line in fig.axes[0].lines if line.get_linestyle() == "-"]

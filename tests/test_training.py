@@ -22,8 +22,8 @@ def primer_run(task, schedule: Schedule, run_dir, until=None) -> tuple[torch.Ten
     primer = primers.init_primer(task.model, 4, seed=0)
     evaluate = lambda: scoring.score(task, layout, primer, task.val)
     run_dir.mkdir(exist_ok=True)
-    log, status = training.train(task, {"primer": primer}, primers.loss_of(task, layout, primer), str(run_dir), schedule,
-                                 evaluate, until=until)
+    log, status = training.train(task, {"primer": primer}, primers.loss_of(task, layout, primer), str(run_dir),
+                                 schedule, evaluate, until=until)
     return primer.detach(), log, status
 
 
@@ -49,7 +49,8 @@ def test_validation_comes_every_n_steps_each_epoch_end_or_the_budgets_end():
 def test_the_config_becomes_a_schedule_and_the_reference_keeps_its_own(task):
     cfg = cli.configure(["--rate=0.02", "--epochs=7", "--rate_by_epoch=[]", "--patience=2", "--clip_norm=0.5"])
     schedule = Schedule.of(cfg, unit=2.0)
-    assert (schedule.rate, schedule.epochs, schedule.patience, schedule.clip, schedule.decay) == (0.04, 7, 2, 0.5, "cosine")
+    assert ((schedule.rate, schedule.epochs, schedule.patience, schedule.clip, schedule.decay)
+            == (0.04, 7, 2, 0.5, "cosine"))
     reference = Schedule.of(cli.configure(["--rate_by_epoch=[1e-4, 1e-5]", "--patience=2"]), unit=1.0)
     assert (reference.rate_by_epoch, reference.clip, reference.patience) == ((1e-4, 1e-5), 0.0, 0)
     assert schedule.at(0.5, unit=2.0).rate == 1.0 and schedule.at([0.5, 0.25], 2.0).rate_by_epoch == (1.0, 0.5)

@@ -14,9 +14,10 @@ from conftest import overrides, record_reads, run_until_first_checkpoint
 from harness import adapters, cli, frozen, layouts, ledger, primers, reft, runs, scoring
 
 # tiny: hidden 64, 2 layers, 4 heads of 16, 2 kv heads (kv width 32), MLP 128
-PARAMS = {"lora": 4 * 2 * (64 + 64 + 64 + 32 + 64 + 32 + 64 + 64), "ia3": 2 * (32 + 32 + 128), "layernorm": 2 * 2 * 64 + 64,
-          "prefix": 3 * 2 * 2 * 32, "loreft": 2 * (2 * 2 * 64 + 2)}
-RATES = {"lora": "[1e-2, 1e-2]", "ia3": "[3e-2, 3e-2]", "layernorm": "[1e-2, 1e-2]", "prefix": "[3e-2, 3e-2]", "loreft": "[1e-2, 1e-2]"}
+PARAMS = {"lora": 4 * 2 * (64 + 64 + 64 + 32 + 64 + 32 + 64 + 64), "ia3": 2 * (32 + 32 + 128),
+          "layernorm": 2 * 2 * 64 + 64, "prefix": 3 * 2 * 2 * 32, "loreft": 2 * (2 * 2 * 64 + 2)}
+RATES = {"lora": "[1e-2, 1e-2]", "ia3": "[3e-2, 3e-2]", "layernorm": "[1e-2, 1e-2]", "prefix": "[3e-2, 3e-2]",
+         "loreft": "[1e-2, 1e-2]"}
 
 
 def tune_args(tiny, out, method: str, *more: str) -> list[str]:
@@ -29,7 +30,8 @@ def test_each_method_trains_on_the_labels_and_its_saved_adapter_scores_the_same(
     tune.run(cli.configure(tune_args(tiny, tmp_path, method), tune.SETTINGS))
     (run_dir,) = glob.glob(f"{tmp_path}/results/*-tune")
     log = pd.read_csv(f"{run_dir}/losses.csv")
-    assert len(log) == 2 * 8 and log["loss"][-4:].mean() < log["loss"][:4].mean()  # 80 reviews in batches of 10, 2 epochs
+    # 80 reviews in batches of 10, 2 epochs
+    assert len(log) == 2 * 8 and log["loss"][-4:].mean() < log["loss"][:4].mean()
     assert list(pd.read_csv(f"{run_dir}/validation.csv")["epoch"]) == [1, 2]
     (row,) = ledger.rows(f"{tmp_path}/results")
     assert row["trainable_params"] == PARAMS[method] and row["samples"] == 80 and row["tokens"] == 0
@@ -68,7 +70,8 @@ def test_the_prefix_is_the_cache_of_real_tokens_before_everything(task):
         for r in range(len(ids)):
             full = task.model(input_ids=torch.cat([tokens, ids[r, :lengths[r]]])[None]).logits[0, -1]
             torch.testing.assert_close(batched[r], full, atol=1e-4, rtol=1e-4)
-    moved = adapters.Prefixed(task.model, prefix + torch.randn(prefix.shape, generator=torch.Generator().manual_seed(1)))
+    moved = adapters.Prefixed(task.model,
+                              prefix + torch.randn(prefix.shape, generator=torch.Generator().manual_seed(1)))
     assert not torch.allclose(batched_and_alone(task, moved, layout, None)[0], batched, atol=1e-3)
 
 
@@ -94,7 +97,8 @@ def test_loreft_starts_as_the_identity_and_is_exact_against_the_unpadded_forward
             R, W, b = edit.rotations[i].weight, edit.projections[i].weight, edit.projections[i].bias
             h = torch.cat([h[:, :cue], h[:, cue:] + (h[:, cue:] @ W.T + b - h[:, cue:] @ R.T) @ R], 1)
             return (h, *output[1:]) if isinstance(output, tuple) else h
-        handles = [task.model.get_decoder().layers[i].register_forward_hook(lambda m, a, o, i=i: formula(m, a, o, i)) for i in (0, 1)]
+        handles = [task.model.get_decoder().layers[i].register_forward_hook(lambda m, a, o, i=i: formula(m, a, o, i))
+                   for i in (0, 1)]
         try:
             with torch.no_grad():
                 reference = task.model(input_ids=row[None]).logits[0, -1]
@@ -108,7 +112,8 @@ def test_loreft_resumes_bitwise_after_a_kill(tiny, tmp_path, monkeypatch):
     args = tune_args(tiny, tmp_path, "loreft", "--batch_size=4", "--checkpoint_every=5")
     tune.run(cli.configure(args + [f"--results_dir={tmp_path}/straight"], tune.SETTINGS))
     killed = f"{tmp_path}/killed"
-    run_until_first_checkpoint(lambda: tune.run(cli.configure(args + [f"--results_dir={killed}"], tune.SETTINGS)), monkeypatch)
+    run_until_first_checkpoint(lambda: tune.run(cli.configure(args + [f"--results_dir={killed}"], tune.SETTINGS)),
+                               monkeypatch)
     (run_killed,) = glob.glob(f"{killed}/*-tune")
     tune.run(cli.configure([f"--resume={run_killed}"], tune.SETTINGS))
     (straight,) = glob.glob(f"{tmp_path}/straight/*-tune")
