@@ -21,7 +21,21 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from harness import adapters, batches, chat, cli, errors, files, frozen, parallel, prompts, rategrid, runs, scoring, training
+from harness import (
+    adapters,
+    batches,
+    chat,
+    cli,
+    errors,
+    files,
+    frozen,
+    parallel,
+    prompts,
+    rategrid,
+    runs,
+    scoring,
+    training,
+)
 from harness.data import Split
 from harness.layouts import Layout, assemble, make_layout, stop_token_ids
 from harness.task import Task

@@ -1,8 +1,8 @@
 """Throughput and model-FLOP utilization of the real training step, scoring and probe feature extraction, against a
 straightforward loop.
 
-    python bench.py                                                   # MODEL_ID's weights, DATA_DIR's split if prepared
-    python bench.py --random_init=True                                # MODEL_ID's architecture (architectures/), random weights
+    python bench.py                                           # MODEL_ID's weights, DATA_DIR's split if prepared
+    python bench.py --random_init=True                        # MODEL_ID's architecture (architectures/), random weights
     python bench.py --random_init=True --model_id=architectures/llama-small-cpu --device=cpu
 
 FLOPs counted per sample of T real tokens (padding is never counted):
@@ -26,18 +26,19 @@ import torch.nn.functional as F
 from harness import activations, cli, data, errors, frozen, hub, layouts, primers, runs, scoring, training
 
 BENCH = {
-    "RANDOM_INIT": False,  # build MODEL_ID's architecture (architectures/<name>/ or a folder's config.json) with random weights
+    "RANDOM_INIT": False,  # MODEL_ID's architecture (architectures/<name>/ or a folder's config.json), random weights
     "STEPS": 10,  # timed batches per measurement
     "WARMUP": 2,  # untimed batches first (allocator, kernels)
     "BASELINE": True,  # also time the straightforward loop on the same batches
     "REF_TRAIN": 58000 * 5,  # training samples of the reference run (58,000 reviews x 5 epochs), for the projection
     "REF_TEST": 38000,  # test reviews of the reference run
     "INVARIANCE": 148,  # reviews scored alone and in batches of SCORE_BATCH_SIZE, to count the answers batching changes
-    "CUDNN_ATTENTION": False,  # leave cuDNN among SDPA's kernels on CUDA (it plans anew for every sequence length: slow)
-    "PAD_MULTIPLE": 1,  # pad every batch to a multiple of this many tokens (layouts.PAD_MULTIPLE): fewer distinct shapes
+    "CUDNN_ATTENTION": False,  # keep cuDNN among SDPA's CUDA kernels (it plans anew for every sequence length: slow)
+    "PAD_MULTIPLE": 1,  # pad every batch to a multiple of this many tokens (layouts.PAD_MULTIPLE): fewer shapes
 }
 SYNTHETIC_REVIEWS = 20000  # synthetic split size when no prepared split is used
-YELP_MEDIAN_TOKENS, YELP_SIGMA = 110, 0.85  # log-normal fit of Yelp polarity review lengths: median 110, tail past 1,000
+# log-normal fit of Yelp polarity review lengths: median 110, tail past 1,000
+YELP_MEDIAN_TOKENS, YELP_SIGMA = 110, 0.85
 LLAMA3_TEMPLATE = (26, 5, 5)  # Llama 3 template tokens before the system content, between it and the review, after
 
 
@@ -54,9 +55,11 @@ def synthetic_layout(vocab: int, primer_length: int, position: str) -> layouts.L
     before, middle, after = LLAMA3_TEMPLATE
     ids = lambda n: torch.randint(vocab, (n,))
     if position == "suffix":
-        return layouts.Layout(ids(before + middle), ids(primer_length + after), slice(0, primer_length), primer_length, in_suffix=True)
+        return layouts.Layout(ids(before + middle), ids(primer_length + after), slice(0, primer_length), primer_length,
+                              in_suffix=True)
     start = 0 if position == "prefix" else before
-    return layouts.Layout(ids(before + primer_length + middle), ids(after), slice(start, start + primer_length), primer_length)
+    return layouts.Layout(ids(before + primer_length + middle), ids(after), slice(start, start + primer_length),
+                          primer_length)
 
 
 def bench_layout(task: runs.Task, position: str) -> layouts.Layout:
@@ -69,11 +72,14 @@ def bench_layout(task: runs.Task, position: str) -> layouts.Layout:
 
 def random_model(cfg, device: torch.device) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
-    folder = cfg.MODEL_ID if os.path.isdir(cfg.MODEL_ID) else os.path.join("architectures", os.path.basename(cfg.MODEL_ID))
+    folder = (cfg.MODEL_ID if os.path.isdir(cfg.MODEL_ID)
+              else os.path.join("architectures", os.path.basename(cfg.MODEL_ID)))
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise errors.UserError(f"no architecture config for {cfg.MODEL_ID} in {folder}/config.json: add one, or set --model_id to a folder with one")
+        raise errors.UserError(f"no architecture config for {cfg.MODEL_ID} in {folder}/config.json: add one, "
+                               "or set --model_id to a folder with one")
     with device:
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=hub.resolve_dtype(cfg.DTYPE, device),
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder),
+                                                 dtype=hub.resolve_dtype(cfg.DTYPE, device),
                                                  attn_implementation="sdpa")
     return hub.freeze(model, cfg.GRADIENT_CHECKPOINTING)
 
@@ -81,11 +87,14 @@ def random_model(cfg, device: torch.device) -> torch.nn.Module:
 def attention_line(task: runs.Task, batches: dict[str, list[torch.Tensor]], layout: layouts.Layout) -> str:
     """The attention kernel in use, and how many distinct padded shapes each timed run meets: a kernel that plans or
     compiles per shape pays that many times."""
-    shapes = {name: len({layouts.assemble(layout, task.train, idx)[0].shape for idx in found}) for name, found in batches.items()}
-    lengths, fixed = task.train.lengths, len(layout.prefix) + len(layout.suffix)  # an epoch's widths, from the lengths alone
+    shapes = {name: len({layouts.assemble(layout, task.train, idx)[0].shape for idx in found})
+              for name, found in batches.items()}
+    # an epoch's widths, from the lengths alone
+    lengths, fixed = task.train.lengths, len(layout.prefix) + len(layout.suffix)
     epoch = training.length_grouped_batches(lengths, task.cfg.BATCH_SIZE, task.cfg.SEED)
     widths = len({layouts.padded_width(int(lengths[idx].max()) + fixed) for idx in epoch})
-    return (f"attention: {frozen.attention_backend(task.model, task.device)} (cuDNN {'allowed' if task.cfg.CUDNN_ATTENTION else 'off'}"
+    return (f"attention: {frozen.attention_backend(task.model, task.device)} "
+            f"(cuDNN {'allowed' if task.cfg.CUDNN_ATTENTION else 'off'}"
             f" on CUDA), batches padded to a multiple of {layouts.PAD_MULTIPLE}; distinct padded shapes: "
             + ", ".join(f"{name} {n} in {len(batches[name])} batches" for name, n in shapes.items())
             + f"; a training epoch meets about {widths} padded lengths in {len(epoch):,} batches")
@@ -103,8 +112,10 @@ def bench_task(cfg) -> tuple[runs.Task, layouts.Layout]:
     hub.choose_attention(device, cfg.CUDNN_ATTENTION)  # after load_model, which takes cuDNN out
     vocab = model.get_input_embeddings().weight.shape[0]
     prepared = tokenizer is not None and os.path.exists(data.split_path(cfg, "train"))
-    split = data.load_split(cfg, tokenizer, "train") if prepared else synthetic_split(SYNTHETIC_REVIEWS, vocab, cfg.MAX_REVIEW_TOKENS, cfg.SEED)
-    labels = layouts.label_token_ids(tokenizer, cfg.LABELS, layouts.answer_context(tokenizer, cfg.TEMPLATE_KWARGS)) if tokenizer else [vocab - 2, vocab - 1]
+    split = (data.load_split(cfg, tokenizer, "train") if prepared
+             else synthetic_split(SYNTHETIC_REVIEWS, vocab, cfg.MAX_REVIEW_TOKENS, cfg.SEED))
+    labels = (layouts.label_token_ids(tokenizer, cfg.LABELS, layouts.answer_context(tokenizer, cfg.TEMPLATE_KWARGS))
+              if tokenizer else [vocab - 2, vocab - 1])
     task = runs.Task(cfg, tokenizer, model, device, torch.tensor(labels, device=device), split, split)
     layout = bench_layout(task, cfg.PRIMER_POSITION)
     print(f"model {cfg.MODEL_ID}{' (random weights)' if cfg.RANDOM_INIT else ''} on {device_name(device)}, "
@@ -183,7 +194,8 @@ def measure(name: str, step, batches: list[torch.Tensor], lengths_of, padded_of,
             "peak memory": peak_memory_gb(device), "TFLOP/s": tflops, "MFU": tflops / peak}
 
 
-def naive_logits(task: runs.Task, layout: layouts.Layout, primer: torch.Tensor, idx: torch.Tensor, pad_to: int) -> torch.Tensor:
+def naive_logits(task: runs.Task, layout: layouts.Layout, primer: torch.Tensor, idx: torch.Tensor,
+                 pad_to: int) -> torch.Tensor:
     """The straightforward loop: each review embedded and concatenated in Python, every row padded to the longest
     review of the split, logits over the whole vocabulary at every position."""
     split, device = task.train, task.device
@@ -213,7 +225,8 @@ def batch_invariance(task: runs.Task, layout: layouts.Layout, primer: torch.Tens
     labels = task.label_ids
     changed = (alone.argmax(-1) != batched.argmax(-1)).sum()
     changed_label = (alone[:, labels].argmax(-1) != batched[:, labels].argmax(-1)).sum()
-    return (f"batch size 1 vs {task.cfg.SCORE_BATCH_SIZE}: {changed} of {n} answers over the vocabulary and {changed_label} "
+    return (f"batch size 1 vs {task.cfg.SCORE_BATCH_SIZE}: {changed} of {n} answers over the vocabulary and "
+            f"{changed_label} "
             f"between the labels change; logits move by at most {(alone - batched).abs().max():.3g} "
             f"(label logit gap median {(alone[:, labels[0]] - alone[:, labels[1]]).abs().median():.3g})")
 
@@ -221,7 +234,8 @@ def batch_invariance(task: runs.Task, layout: layouts.Layout, primer: torch.Tens
 def print_table(rows: list[dict]) -> None:
     print("| Run | Samples/s | Real tokens/s | Padding | Peak memory | TFLOP/s | MFU |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {r['samples/s']:,.1f} | {r['tokens/s']:,.0f} | {100 * r['padding']:.0f}% | {r['peak memory']} "
+        print(f"| {r['run']} | {r['samples/s']:,.1f} | {r['tokens/s']:,.0f} | {100 * r['padding']:.0f}% "
+              f"| {r['peak memory']} "
               f"| {r['TFLOP/s']:.3g} | {100 * r['MFU']:.1f}% |")
 
 
@@ -236,14 +250,16 @@ def run(cfg) -> None:
     train_batches = training.length_grouped_batches(split.lengths, cfg.BATCH_SIZE, cfg.SEED)[:n]
     sample = torch.from_numpy(np.random.default_rng(cfg.SEED).permutation(len(split))[:n * cfg.SCORE_BATCH_SIZE])
     score_batches = list(sample[split.lengths[sample].argsort(descending=True)].split(cfg.SCORE_BATCH_SIZE))
-    print(attention_line(task, {"train": train_batches[cfg.WARMUP:], "score": score_batches[cfg.WARMUP:]}, layout), flush=True)
+    print(attention_line(task, {"train": train_batches[cfg.WARMUP:], "score": score_batches[cfg.WARMUP:]}, layout),
+          flush=True)
     real = lambda idx: split.lengths[idx] + fixed
     grouped = lambda idx: len(idx) * layouts.padded_width(int(real(idx).max()))
     longest = int(split.lengths.max()) + fixed
     to_longest = lambda idx: len(idx) * longest
 
     def naive_train(idx):
-        loss = F.cross_entropy(naive_logits(task, layout, primer, idx, longest), task.label_ids[split.labels[idx].to(device)])
+        loss = F.cross_entropy(naive_logits(task, layout, primer, idx, longest),
+                               task.label_ids[split.labels[idx].to(device)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -251,7 +267,9 @@ def run(cfg) -> None:
     def train_row(name: str, at: layouts.Layout) -> dict:
         """train_step timed in layout `at`; FLOPs counted as for a full forward and backward pass, whatever it skips."""
         real_at = lambda idx: split.lengths[idx] + len(at.prefix) + len(at.suffix)
-        return measure(name, lambda idx: training.train_step([primer], optimizer, primers.loss_of(task, at, primer), idx), train_batches, real_at,
+        return measure(name,
+                       lambda idx: training.train_step([primer], optimizer, primers.loss_of(task, at, primer), idx),
+                       train_batches, real_at,
                        lambda idx: len(idx) * layouts.padded_width(int(real_at(idx).max())),
                        lambda idx: batch_flops(shape, real_at(idx), False, True), task, peak)
 
@@ -261,12 +279,14 @@ def run(cfg) -> None:
     if cfg.BASELINE:
         rows.append(measure("train, straightforward loop", naive_train, train_batches, real, to_longest,
                             lambda idx: batch_flops(shape, real(idx), True, True), task, peak))
-    rows.append(measure("score", lambda idx: scoring.predict_batch(task, layout, primer.detach(), idx), score_batches, real,
-                        grouped, lambda idx: batch_flops(shape, real(idx), False, False), task, peak))
+    rows.append(measure("score", lambda idx: scoring.predict_batch(task, layout, primer.detach(), idx), score_batches,
+                        real, grouped, lambda idx: batch_flops(shape, real(idx), False, False), task, peak))
     if cfg.BASELINE:
         with torch.inference_mode():
-            rows.append(measure("score, straightforward loop", lambda idx: naive_logits(task, layout, primer.detach(), idx, longest),
-                                score_batches, real, to_longest, lambda idx: batch_flops(shape, real(idx), True, False), task, peak))
+            rows.append(measure("score, straightforward loop",
+                                lambda idx: naive_logits(task, layout, primer.detach(), idx, longest),
+                                score_batches, real, to_longest, lambda idx: batch_flops(shape, real(idx), True, False),
+                                task, peak))
     every_layer = tuple(range(activations.layer_count(task.model)))
 
     @torch.inference_mode()
@@ -281,11 +301,13 @@ def run(cfg) -> None:
     by_name = {r["run"]: r for r in rows}
     if cfg.BASELINE:
         for what in ("train", "score"):
-            print(f"{what}: {by_name[what]['samples/s'] / by_name[what + ', straightforward loop']['samples/s']:.1f}x the straightforward loop")
+            print(f"{what}: {by_name[what]['samples/s'] / by_name[what + ', straightforward loop']['samples/s']:.1f}x "
+                  "the straightforward loop")
     if cfg.GRADIENT_CHECKPOINTING:
         print("primer position suffix not timed: it does not combine with --gradient_checkpointing=True")
     else:
-        train_at = {p: by_name["train" if p == cfg.PRIMER_POSITION else f"train, primer position {p}"]["samples/s"] for p in ("system", "suffix")}
+        train_at = {p: by_name["train" if p == cfg.PRIMER_POSITION else f"train, primer position {p}"]["samples/s"]
+                    for p in ("system", "suffix")}
         print(f"train, primer position suffix: {train_at['suffix'] / train_at['system']:.1f}x primer position system")
     minutes = (cfg.REF_TRAIN / by_name["train"]["samples/s"] + cfg.REF_TEST / by_name["score"]["samples/s"]) / 60
     print(f"reference run ({cfg.REF_TRAIN:,} training samples, {cfg.REF_TEST:,} test reviews) projected: "

@@ -20,7 +20,8 @@ def compare(run_a: str, run_b: str) -> None:
     for metric in right_a:
         a, b = right_a[metric], right_b[metric]
         only_a, only_b, p = stats.paired(a[None], b[None])
-        print(f"| {metric} | {100 * a.float().mean():.1f}% ({int(a.sum()):,}) | {100 * b.float().mean():.1f}% ({int(b.sum()):,}) "
+        print(f"| {metric} | {100 * a.float().mean():.1f}% ({int(a.sum()):,}) "
+              f"| {100 * b.float().mean():.1f}% ({int(b.sum()):,}) "
               f"| {only_a:,} | {only_b:,} | {p:.3g} |")
 
 

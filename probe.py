@@ -27,8 +27,8 @@ from harness import activations, cli, data, errors, files, parallel, plots, prom
 CONDITION = "none"  # the prompt around the review: "none" (the review alone), "short", "long", "primer" (PRIMER_PATH)
 POOLING = "both"  # "last" (hidden state where the answer is predicted), "mean" (over the review's tokens) or "both"
 PROBE = "linear"  # "linear" (logistic regression) or "mlp" (one hidden layer of PROBE_HIDDEN units)
-PROBE_TRAIN = 5600  # training reviews the probes are fit on: a seeded, label-balanced sample of those left after VAL_LIMIT (all of them, if fewer)
-VAL_LIMIT = 1000  # (config.py has 0) reviews held out of training, on which C, layer and pooling are chosen (a fifth of a split under 5,000)
+PROBE_TRAIN = 5600  # reviews the probes fit on: a seeded, label-balanced sample of those left after VAL_LIMIT (or all)
+VAL_LIMIT = 1000  # (config.py: 0) held-out reviews choosing C, layer and pooling (a fifth of a split under 5,000)
 PROBE_C = [1e-3, 1e-2, 1e-1, 1.0]  # inverse L2 strengths tried at each layer and pooling ("mlp": its alpha is 1/C)
 PROBE_HIDDEN = 256  # hidden units of the "mlp" probe
 SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
@@ -57,16 +57,17 @@ def fitted_sizes(cfg, reviews: int) -> tuple[int, int]:
     if val == VAL_LIMIT and val > reviews // 5:
         val = max(2, reviews // 5)
     if not 0 < val <= reviews - 2:
-        raise errors.UserError(f"--val_limit={val} must be between 1 and {reviews - 2:,}: validation reviews are held out of "
-                               f"the {reviews:,} training reviews (--train_limit), and --probe_train (at least 2) of the rest "
-                               "are fit on: lower --val_limit or raise --train_limit")
+        raise errors.UserError(f"--val_limit={val} must be between 1 and {reviews - 2:,}: validation reviews are held "
+                               f"out of the {reviews:,} training reviews (--train_limit), and --probe_train (at least "
+                               "2) of the rest are fit on: lower --val_limit or raise --train_limit")
     if fit == PROBE_TRAIN and fit > reviews - val:
         fit = reviews - val
     if not 2 <= fit <= reviews - val:
-        raise errors.UserError(f"--probe_train={fit} must be between 2 and the {reviews - val:,} training reviews left after "
-                               f"--val_limit={val}: lower it or raise --train_limit")
+        raise errors.UserError(f"--probe_train={fit} must be between 2 and the {reviews - val:,} training reviews left "
+                               f"after --val_limit={val}: lower it or raise --train_limit")
     fitted = {name: (new, default) for name, new, old, default in (("val_limit", val, cfg.VAL_LIMIT, VAL_LIMIT),
-                                                                    ("probe_train", fit, cfg.PROBE_TRAIN, PROBE_TRAIN)) if new != old}
+                                                                    ("probe_train", fit, cfg.PROBE_TRAIN, PROBE_TRAIN))
+              if new != old}
     if fitted:
         print(f"{reviews:,} training reviews: " + ", ".join(f"--{k}={new} (its default {default} does not fit)"
                                                              for k, (new, default) in fitted.items()), flush=True)

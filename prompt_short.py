@@ -4,8 +4,8 @@ from harness import cli, runs
 SYSTEM = "Classify the given text as either negative (`1`) or positive (`2`). Write nothing else."
 USER = "```\n{review}\n```\n\n# Classification"
 
-SHOTS = 0  # training reviews put before the review with their labels, as earlier user and assistant turns (seeded, label-balanced)
-CALIBRATE = False  # divide the label probabilities by those the prompt gives content-free inputs (Zhao et al. 2021) for the label-restricted score
+SHOTS = 0  # training reviews with their labels put before the review as earlier turns (seeded, label-balanced)
+CALIBRATE = False  # label probabilities divided by those of content-free inputs (Zhao et al. 2021), label-restricted
 
 if __name__ == "__main__":
     cli.main(lambda cfg: runs.score_text_prompt(cfg, "prompt_short", SYSTEM, USER, cfg.SHOTS, cfg.CALIBRATE),

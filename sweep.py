@@ -72,9 +72,11 @@ def load_grid(name: str) -> list[dict]:
     path = name if name.endswith(".json") else os.path.join(ROOT, "grids", f"{name}.json")
     if not os.path.isfile(path):
         names = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "grids")) if f.endswith(".json"))
-        raise errors.UserError(f"--grid={name}: no grid file {path}: give one of {', '.join(names)} or a path to a .json file")
+        raise errors.UserError(f"--grid={name}: no grid file {path}: give one of {', '.join(names)} "
+                               "or a path to a .json file")
     points = expand(files.read_json(path))
-    scripts = sorted({p.get("script") for p in points} - {s[:-3] for s in os.listdir(ROOT) if s.endswith(".py")}, key=str)
+    scripts = sorted({p.get("script") for p in points} - {s[:-3] for s in os.listdir(ROOT) if s.endswith(".py")},
+                     key=str)
     if scripts:
         raise errors.UserError(f"{path} names scripts {scripts} that are not at the repo root: give each point a "
                                f"\"script\" such as experiment or probe")
@@ -84,9 +86,11 @@ def load_grid(name: str) -> list[dict]:
 @functools.cache
 def script_settings(script: str) -> dict:
     """A script's settings and their defaults, as `python <script>.py --help=json` prints them."""
-    done = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), "--help=json"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), "--help=json"], capture_output=True,
+                          text=True)
     if done.returncode:
-        raise errors.UserError(f"python {script}.py --help=json failed: {(done.stderr.strip().splitlines() or [''])[-1]}")
+        raise errors.UserError(f"python {script}.py --help=json failed: "
+                               f"{(done.stderr.strip().splitlines() or [''])[-1]}")
     return {k.upper(): v for k, v in json.loads(done.stdout).items()}
 
 
@@ -99,7 +103,8 @@ def read_settings(grid: list[dict]) -> None:
 def point_args(cfg: SimpleNamespace, point: dict) -> list[str]:
     """The point's command-line overrides: the sweep's own (where they differ from config.py), then the point's."""
     given = {k: v for k, v in vars(cfg).items() if k not in SETTINGS and v != cli.defaults()[k]}
-    return cli.as_args({**given, **thread_share(cfg, point)}) + cli.as_args({k: v for k, v in point.items() if k != "script"})
+    return (cli.as_args({**given, **thread_share(cfg, point)})
+            + cli.as_args({k: v for k, v in point.items() if k != "script"}))
 
 
 def thread_share(cfg: SimpleNamespace, point: dict) -> dict:
@@ -210,7 +215,8 @@ def main(cfg: SimpleNamespace) -> None:
             print(f"saved {path}")
     print(f"the comparison: python table.py {cfg.RESULTS_DIR}")
     if failed:
-        raise errors.UserError(f"{len(failed)} of {len(grid)} points failed ({'; '.join(failed)}): run the sweep again to retry them")
+        raise errors.UserError(f"{len(failed)} of {len(grid)} points failed ({'; '.join(failed)}): "
+                               "run the sweep again to retry them")
 
 
 if __name__ == "__main__":

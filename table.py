@@ -29,7 +29,7 @@ import torch
 
 from harness import cli, errors, files, ledger, plots, rategrid, scoring, stats
 
-TRAIN_REVIEWS = 0  # the rows trained on this many reviews, and those with no trained parameters (prompts, searches); 0: all
+TRAIN_REVIEWS = 0  # rows trained on this many reviews, plus those with nothing trained (prompts, searches); 0: all
 AGAINST = ""  # the paired tests' reference: the best row whose name contains this text; "": the best row
 SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
 SIZE_KEYS = ("TRAIN_LIMIT", "PROBE_TRAIN", "VECTOR_REVIEWS")  # set by the training reviews (steer takes all of a
@@ -43,7 +43,8 @@ def load_runs(results_dir: str) -> pd.DataFrame:
     """Every finished ledger row with its run's config and per-review correctness [reviews] (strict, restricted)."""
     rows = [r for r in ledger.rows(results_dir) if r["status"] == "finished"]
     if not rows:
-        raise errors.UserError(f"{results_dir} holds no finished runs in {ledger.path(results_dir)}: give a results folder")
+        raise errors.UserError(f"{results_dir} holds no finished runs in {ledger.path(results_dir)}: "
+                               "give a results folder")
     loaded = {r["run_id"]: stats.load_run(os.path.join(results_dir, r["run_id"])) for r in rows}
     stats.check_same_reviews(loaded)
     for r in rows:
@@ -100,7 +101,8 @@ def pooled(name: str, group: str, runs: pd.DataFrame) -> dict:
             "restricted_mean": restricted[0], "restricted_std": restricted[1],
             "label_bias": seeds["label_bias"].mean(), "restricted_label_bias": seeds["restricted_label_bias"].mean(),
             "train_seconds": seeds["train_seconds"].mean(), "score_seconds": seeds["score_seconds"].mean(),
-            "scores": seeds["score"].tolist(), "right": torch.stack(list(seeds["right"])), "run_ids": " ".join(seeds["run_id"]),
+            "scores": seeds["score"].tolist(), "right": torch.stack(list(seeds["right"])),
+            "run_ids": " ".join(seeds["run_id"]),
             "rate_chosen": chosen, "config": json.dumps(config),
             "curve": json.dumps([script, {k: v for k, v in config.items()
                                           if k not in SIZE_KEYS and not (chosen and k == "RATE_BY_EPOCH")}, chosen])}
@@ -143,7 +145,8 @@ def markdown(table: pd.DataFrame) -> str:
     for i, r in table.iterrows():
         test = [("reference" if i else "best"), "–"] if r["reference"] else difference(r)
         cells = [r["run"], r["method"], f"{r['trainable_params']:,}", f"{r['samples']:,}" if r["samples"] else "–",
-                 str(r["seeds"]), fmt(r["score_mean"], r["score_std"]), f"[{100 * r['score_low']:.1f}, {100 * r['score_high']:.1f}]",
+                 str(r["seeds"]), fmt(r["score_mean"], r["score_std"]),
+                 f"[{100 * r['score_low']:.1f}, {100 * r['score_high']:.1f}]",
                  fmt(r["restricted_mean"], r["restricted_std"]),
                  f"{100 * r['label_bias']:.0f}% / {100 * r['restricted_label_bias']:.0f}%",
                  f"{r['train_seconds']:,.0f}", f"{r['score_seconds']:,.0f}",

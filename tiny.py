@@ -13,7 +13,8 @@ TINY_DIR = "data/tiny"  # where `python tiny.py` writes: model/, csv/, and the r
 REVIEWS = {"train": 120, "test": 60}  # rows of each CSV
 EXPERIMENT = (f"python experiment.py --model_id={TINY_DIR}/model --csv_dir={TINY_DIR}/csv --data_dir={TINY_DIR} "
               f"--results_dir={TINY_DIR}/results --train_limit={REVIEWS['train']} --test_limit={REVIEWS['test']} "
-              "--batch_size=10 '--rate_by_epoch=[0.5,0.5,0.5]' --threads=1")  # the smoke run on it, as the README's quick
+              "--batch_size=10 '--rate_by_epoch=[0.5,0.5,0.5]' "
+              "--threads=1")  # the smoke run on it, as the README's quick
 # start gives it: one thread, so that other jobs on the machine do not slow it down many times over
 
 # Llama 3's pre-tokenizer split, so that text pieces tokenize the same alone as inside the rendered template
@@ -75,7 +76,8 @@ def build(root: str) -> dict[str, list[tuple[int, str]]]:
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         initializer_range=0.2)  # at the default 0.02 attention barely carries context, so no primer could steer it
+                         # at the default 0.02 attention barely carries context, so no primer could steer it
+                         initializer_range=0.2)
     logging.disable_progress_bar()  # its one "Writing model shards" bar says nothing here
     LlamaForCausalLM(config).save_pretrained(model_dir)
     logging.enable_progress_bar()

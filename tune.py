@@ -23,13 +23,13 @@ from harness.layouts import make_layout
 METHOD = "lora"  # what is trained: "lora", "ia3", "layernorm" (peft), "prefix" (per-layer keys and values) or "loreft"
 LORA_RANK = 8  # "lora": rank of each update
 LORA_ALPHA = 16  # "lora": updates are scaled by LORA_ALPHA / LORA_RANK
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # "lora": the modules that get an update (the attention projections)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # "lora": the modules updated (the attention projections)
 PREFIX_LENGTH = 4  # "prefix": virtual tokens, each a key and a value in every layer
 REFT_RANK = 4  # "loreft": rank r of the edit at each layer
 REFT_LAYERS = []  # "loreft": decoder layers (1-based) edited after the review; []: the middle one
 RATE = 1e-3  # (config.py's is for primers) Adam's own peak rate
-RATE_SCALE = "absolute"  # (config.py has "embedding") these parameters have no embedding scale: the rates are Adam's own
-ADAPTER_PATH = None  # a saved adapter (results/<run id>/adapter, or adapter.safetensors for prefix and loreft): score it, no training
+RATE_SCALE = "absolute"  # (config.py: "embedding") these parameters have no embedding scale: rates are Adam's own
+ADAPTER_PATH = None  # a saved adapter (results/<run id>/adapter, or adapter.safetensors for prefix, loreft): score it
 SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
 METHODS = (*adapters.PEFT_METHODS, "prefix", "loreft")
 
@@ -39,12 +39,14 @@ def check(cfg) -> None:
     if cfg.METHOD not in METHODS:
         raise errors.UserError(f"--method={cfg.METHOD!r} is not one of {', '.join(METHODS)}")
     if cfg.RATE_SCALE != "absolute":
-        raise errors.UserError(f"--rate_scale={cfg.RATE_SCALE!r}: tune.py's rates are Adam's own, --rate_scale=absolute")
+        raise errors.UserError(f"--rate_scale={cfg.RATE_SCALE!r}: tune.py's rates are Adam's own, "
+                               "--rate_scale=absolute")
     for name in ("LORA_RANK", "PREFIX_LENGTH", "REFT_RANK"):
         if getattr(cfg, name) < 1:
             raise errors.UserError(f"--{name.lower()}={getattr(cfg, name)} must be at least 1")
     if cfg.ADAPTER_PATH and not os.path.exists(cfg.ADAPTER_PATH):
-        raise errors.UserError(f"--adapter_path={cfg.ADAPTER_PATH} does not exist: give a tune.py run's adapter or adapter.safetensors")
+        raise errors.UserError(f"--adapter_path={cfg.ADAPTER_PATH} does not exist: "
+                               "give a tune.py run's adapter or adapter.safetensors")
 
 
 def describe(cfg, layers: tuple[int, ...] = ()) -> str:
@@ -85,7 +87,8 @@ def prepare(task) -> tuple[dict[str, torch.Tensor], object, dict]:
         try:
             edit.load_state_dict(saved)
         except RuntimeError as e:
-            raise errors.UserError(f"--adapter_path={path} does not fit --model_id={cfg.MODEL_ID}: use one trained on this model") from e
+            raise errors.UserError(f"--adapter_path={path} does not fit --model_id={cfg.MODEL_ID}: "
+                                   "use one trained on this model") from e
     return dict(edit.named_parameters()), edit, {"method": "loreft", "rank": rank, "layers": ",".join(map(str, layers))}
 
 
@@ -94,7 +97,8 @@ def save(task, run_dir: str, params: dict, edit, meta: dict) -> None:
         if parallel.is_main():
             task.model.save_pretrained(os.path.join(run_dir, "adapter"))  # safetensors; its folder is the ADAPTER_PATH
     else:
-        adapters.save_tensors(run_dir, params if edit is None else edit.state_dict(), {**meta, "model_id": task.cfg.MODEL_ID})
+        adapters.save_tensors(run_dir, params if edit is None else edit.state_dict(),
+                              {**meta, "model_id": task.cfg.MODEL_ID})
 
 
 def run(cfg) -> None:
@@ -107,8 +111,8 @@ def run(cfg) -> None:
     trainable = sum(p.numel() for p in params.values())
     if cfg.ADAPTER_PATH:
         with torch.inference_mode():
-            runs.record(task, "tune", f"saved {method} ({cfg.ADAPTER_PATH})", 0, scoring.predict(task, plain, steer=steer),
-                        trainable_params=trainable)
+            runs.record(task, "tune", f"saved {method} ({cfg.ADAPTER_PATH})", 0,
+                        scoring.predict(task, plain, steer=steer), trainable_params=trainable)
         return
     run_dir = runs.run_dir_or_resume(cfg, "tune")
     evaluate = None if task.val is None else lambda: scoring.score(task, plain, split=task.val, steer=steer)

@@ -30,7 +30,8 @@ def task(tiny, tmp_path_factory):
 def meta(task):
     """The tiny model on the meta device in bfloat16: any tensor left on the CPU, or any value read back, raises."""
     model = copy.deepcopy(task.model).to(device="meta", dtype=torch.bfloat16)
-    return runs.Task(task.cfg, task.tokenizer, model, torch.device("meta"), task.label_ids.to("meta"), task.train, task.test)
+    return runs.Task(task.cfg, task.tokenizer, model, torch.device("meta"), task.label_ids.to("meta"), task.train,
+                     task.test)
 
 
 @pytest.mark.parametrize("position", POSITIONS)
@@ -55,8 +56,10 @@ def test_a_training_step_reads_nothing_back_from_the_device(task, meta, position
     primer = torch.zeros(4, 64, device="meta", requires_grad=True)
     optimizer = torch.optim.Adam([primer], lr=0.1)
     for step in range(2):  # the second step runs on Adam's state
-        kept = training.Pending(None, training.snapshot({"primer": primer}), training.optimizer_state(optimizer, [primer]), 0.0, 0.1)
-        loss = training.train_step([primer], optimizer, primers.loss_of(meta, layout, primer), torch.arange(4 * step, 4 * step + 4))
+        kept = training.Pending(None, training.snapshot({"primer": primer}),
+                                training.optimizer_state(optimizer, [primer]), 0.0, 0.1)
+        loss = training.train_step([primer], optimizer, primers.loss_of(meta, layout, primer),
+                                   torch.arange(4 * step, 4 * step + 4))
         assert loss.device.type == "meta" and kept.before["primer"].device.type == "meta"
     assert optimizer.state[primer]["exp_avg"].device.type == "meta"
 
@@ -77,7 +80,8 @@ def test_a_non_finite_loss_found_steps_later_rolls_back_as_one_found_at_once(tas
         os.makedirs(tmp_path / folder)
         log, status = training.train(task, {"primer": primer}, poisoned, str(tmp_path / folder),
                                      training.Schedule.of(task.cfg))
-        return log, status, primer.detach(), torch.load(tmp_path / folder / "checkpoint.pt", weights_only=True), len(calls)
+        return (log, status, primer.detach(), torch.load(tmp_path / folder / "checkpoint.pt", weights_only=True),
+                len(calls))
 
     at_once, later = run(1, "at_once"), run(12, "later")
     assert at_once[4] == 7 and later[4] == 10  # the late check ran the whole first epoch's 10 steps
@@ -131,10 +135,12 @@ def test_a_gguf_is_dequantized_without_looking_for_packed_kernels(task, monkeypa
     from harness import hub
 
     def looked():
-        raise AssertionError("transformers looked for GGUF kernels: the weights could stay packed on a machine that has them")
+        raise AssertionError("transformers looked for GGUF kernels: "
+                             "the weights could stay packed on a machine that has them")
     monkeypatch.setattr(quantizer_gguf, "get_gguf_kernel", looked)
     path = real.model_path()  # SmolLM2's Q4_1 file: llama, so read as if its architecture had the packed path
-    for config, packs in ((hub._model_kwargs(path, None)["quantization_config"], False), (quantizer_gguf.GgufConfig(), True)):
+    for config, packs in ((hub._model_kwargs(path, None)["quantization_config"], False),
+                          (quantizer_gguf.GgufConfig(), True)):
         quantizer = quantizer_gguf.GgufHfQuantizer(config)
         quantizer.read_header(path)
         quantizer.supported, quantizer.header = True, quantizer_gguf.GgufHeader.from_file(path)
@@ -173,36 +179,44 @@ def test_every_script_runs_on_cuda_in_bfloat16(tiny, tmp_path, monkeypatch):
     import steer
     import sweep
     for position in POSITIONS:
-        experiment.run(cli.configure(cuda_args(tiny, tmp_path / position, f"--primer_position={position}", "--rate_by_epoch=[0.1]")))
+        experiment.run(cli.configure(cuda_args(tiny, tmp_path / position, f"--primer_position={position}",
+                                               "--rate_by_epoch=[0.1]")))
         assert one_row(tmp_path / position)["status"] == "finished"
     (primer,) = glob.glob(f"{tmp_path}/system/results/*-experiment/primer.safetensors")
     for script in ("prompt_long.py", "prompt_short.py"):
         result = run_script(script, *cuda_args(tiny, tmp_path / script))
         assert result.returncode == 0, result.stderr
         one_row(tmp_path / script)
-    probe.run(cli.configure(cuda_args(tiny, tmp_path / "probe", "--train_limit=120", "--val_limit=40", "--probe_train=80"), probe.SETTINGS))
+    probe.run(cli.configure(cuda_args(tiny, tmp_path / "probe", "--train_limit=120", "--val_limit=40",
+                                      "--probe_train=80"), probe.SETTINGS))
     one_row(tmp_path / "probe")
     for vector in ("pair", "mean", "learned"):
-        steer.run(cli.configure(cuda_args(tiny, tmp_path / vector, f"--vector={vector}", "--val_limit=30", "--vector_reviews=20",
-                                          "--steer_layers=[1, 2]", "--coefficients=[0.0, 0.5]", "--rate_by_epoch=[0.1]"), steer.SETTINGS))
+        steer.run(cli.configure(cuda_args(tiny, tmp_path / vector, f"--vector={vector}", "--val_limit=30",
+                                          "--vector_reviews=20", "--steer_layers=[1, 2]", "--coefficients=[0.0, 0.5]",
+                                          "--rate_by_epoch=[0.1]"), steer.SETTINGS))
         one_row(tmp_path / vector)
-    steer.run(cli.configure(cuda_args(tiny, tmp_path / "generate", "--generate=True", f"--judge_path={primer}", "--val_limit=30", "--vector_reviews=20",
-                                      "--samples=2", "--max_new_tokens=4", "--generate_coefficients=[0.0, 1.0]"), steer.SETTINGS))
+    steer.run(cli.configure(cuda_args(tiny, tmp_path / "generate", "--generate=True", f"--judge_path={primer}",
+                                      "--val_limit=30", "--vector_reviews=20", "--samples=2", "--max_new_tokens=4",
+                                      "--generate_coefficients=[0.0, 1.0]"), steer.SETTINGS))
     assert glob.glob(f"{tmp_path}/generate/results/*-steer/generation_summary.csv")
     for search in ("edit", "tokens"):
-        search_prompt.run(cli.configure(cuda_args(tiny, tmp_path / search, f"--search={search}", "--val_limit=30", "--steps=2",
-                                                  "--candidates=3"), search_prompt.SETTINGS))
+        search_prompt.run(cli.configure(cuda_args(tiny, tmp_path / search, f"--search={search}", "--val_limit=30",
+                                                  "--steps=2", "--candidates=3"), search_prompt.SETTINGS))
         one_row(tmp_path / search)
-    bake.run(cli.configure(cuda_args(tiny, tmp_path / "bake", "--lora_rank=4", "--rate_by_epoch=[1e-2]", "--val_limit=20"), bake.SETTINGS))
+    bake.run(cli.configure(cuda_args(tiny, tmp_path / "bake", "--lora_rank=4", "--rate_by_epoch=[1e-2]",
+                                     "--val_limit=20"), bake.SETTINGS))
     one_row(tmp_path / "bake")
     monkeypatch.setattr(sweep, "GRID", [{"script": "experiment", "primer_length": 2, "rate_by_epoch": [0.1]},
-                                        {"script": "experiment", "primer_length": 4, "rate_by_epoch": [0.1], "primer_position": "suffix"}])
+                                        {"script": "experiment", "primer_length": 4, "rate_by_epoch": [0.1],
+                                         "primer_position": "suffix"}])
     sweep.main(cli.configure(cuda_args(tiny, tmp_path / "sweep")))
     assert [int(r["tokens"]) for r in ledger.rows(f"{tmp_path}/sweep/results")] == [2, 4]
-    result = run_script("bench.py", "--random_init=True", f"--model_id={tiny.model_dir}", "--device=cuda", "--steps=2", "--warmup=1",
-                        "--batch_size=4", "--score_batch_size=8", "--max_review_tokens=64", "--invariance=16")
+    result = run_script("bench.py", "--random_init=True", f"--model_id={tiny.model_dir}", "--device=cuda", "--steps=2",
+                        "--warmup=1", "--batch_size=4", "--score_batch_size=8", "--max_review_tokens=64",
+                        "--invariance=16")
     assert result.returncode == 0, result.stderr
-    assert "attention: EFFICIENT_ATTENTION (cuDNN off on CUDA)" in result.stdout or "attention: FLASH_ATTENTION" in result.stdout, result.stdout
+    assert ("attention: EFFICIENT_ATTENTION (cuDNN off on CUDA)" in result.stdout
+            or "attention: FLASH_ATTENTION" in result.stdout), result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +231,8 @@ def test_batching_changes_no_answer_on_cuda(gpu_task, position):
     logits are closer than the largest move batching made."""
     layout = layouts.make_layout(gpu_task, None, primer_length=4, position=position)
     primer = primers.init_primer(gpu_task.model, 4, seed=1)
-    logits = lambda idx: frozen.forward(gpu_task.model, *layouts.assemble(layout, gpu_task.test, idx), layout, primer).logits
+    logits = lambda idx: frozen.forward(gpu_task.model, *layouts.assemble(layout, gpu_task.test, idx), layout,
+                                        primer).logits
     with torch.inference_mode():
         order = torch.arange(len(gpu_task.test))
         alone = torch.cat([logits(i[None]) for i in order])
@@ -237,7 +252,8 @@ def test_a_training_step_never_waits_on_the_gpu(gpu_task, position):
     loss_of = primers.loss_of(gpu_task, layout, primer)
 
     def step(batch: int) -> training.Pending:
-        kept = training.Pending(None, training.snapshot({"primer": primer}), training.optimizer_state(optimizer, [primer]), 0.0, 0.1)
+        kept = training.Pending(None, training.snapshot({"primer": primer}),
+                                training.optimizer_state(optimizer, [primer]), 0.0, 0.1)
         kept.loss = training.train_step([primer], optimizer, loss_of, torch.arange(6 * batch, 6 * batch + 6))
         return kept
     step(0)  # Adam's state and the allocator's blocks exist from here on

@@ -28,13 +28,17 @@ DIRTY_ROWS = [b'"3","a third label"', b'"1"', b'"2",""', b'"1","   "', b'"2","ca
 def test_each_kind_of_dirty_row_is_counted_reported_and_skipped(tmp_path, capsys):
     path = tmp_path / "dirty.csv"
     good = [b'"1","fine"', b' "2" , "  stray whitespace around both fields  "'] * 400  # whitespace is stripped, kept
-    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(good[:300] + DIRTY_ROWS + good[300:]) + b"\n")  # a byte-order mark first
+    # a byte-order mark first
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(good[:300] + DIRTY_ROWS + good[300:]) + b"\n")
     labels, texts, bad = data.read_csv(str(path))
     assert bad == list(range(301, 301 + len(DIRTY_ROWS)))  # every kind, at its own line
-    assert len(texts) == 800 and labels.tolist() == [0, 1] * 400 and texts[:2] == ["fine", "stray whitespace around both fields"]
+    assert (len(texts) == 800 and labels.tolist() == [0, 1] * 400
+            and texts[:2] == ["fine", "stray whitespace around both fields"])
     assert capsys.readouterr().out == (
-        f"{path}: skipping 6 of 806 rows that are not '\"1\" or \"2\",\"review\"' (line 301: label '3' is not \"1\" or \"2\"; "
-        "line 302: 1 fields, not 2; line 303: empty review; line 304: empty review; line 305: bytes that are not UTF-8; ...); "
+        f"{path}: skipping 6 of 806 rows that are not '\"1\" or \"2\",\"review\"' "
+        "(line 301: label '3' is not \"1\" or \"2\"; "
+        "line 302: 1 fields, not 2; line 303: empty review; line 304: empty review; "
+        "line 305: bytes that are not UTF-8; ...); "
         "up to 1% may be\n")  # each row's reason, and the share tolerated
 
 
@@ -45,9 +49,10 @@ def test_prep_writes_nothing_when_one_csv_is_too_dirty(tiny, tmp_path):
     (csv_dir / "test.csv").write_bytes(b'"1","fine"\n' * 50 + b'"x","y"\n')  # 2% bad
     result = run_script("prep.sh", *overrides(tiny, tmp_path), f"--csv_dir={csv_dir}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (f"error: {csv_dir}/test.csv: 1 of 51 rows are not '\"1\" or \"2\",\"review\"' "
-                                                      "(line 51: label 'x' is not \"1\" or \"2\"), more than the 1% of rows "
-                                                      "tolerated: fix or replace the file")
+    assert result.stderr.strip().splitlines()[-1] == (f"error: {csv_dir}/test.csv: 1 of 51 rows are not "
+                                                      "'\"1\" or \"2\",\"review\"' "
+                                                      "(line 51: label 'x' is not \"1\" or \"2\"), "
+                                                      "more than the 1% of rows tolerated: fix or replace the file")
     assert not os.path.exists(tmp_path / "data" / "train.pt")  # train.csv was fine, but nothing is written
 
 
@@ -113,9 +118,11 @@ def test_load_split_prepares_again_for_another_sample_or_tokenizer_and_refuses_p
     capsys.readouterr()
     split = data.load_split(cfg, tokenizer, "test")  # another --test_limit: the CSVs are there, so prepared again
     assert len(split) == 50 and split.meta["limit"] == 50 and int(split.labels.sum()) == 25
-    assert f"{path} was prepared with limit=60, not 50: preparing it again from {tiny.csv_dir}" in capsys.readouterr().out
+    assert (f"{path} was prepared with limit=60, not 50: preparing it again from {tiny.csv_dir}"
+            in capsys.readouterr().out)
     assert train.read_bytes() == before  # the other split is kept as it was
-    assert len(data.load_split(cfg, tokenizer, "test")) == 50 and capsys.readouterr().out == ""  # now current: loaded as is
+    # now current: loaded as is
+    assert len(data.load_split(cfg, tokenizer, "test")) == 50 and capsys.readouterr().out == ""
     cfg.SEED, tested = 1, path.read_bytes()  # another seed: other training reviews, the same test reviews
     assert data.load_split(cfg, tokenizer, "train").meta["seed"] == 1 and train.read_bytes() != before
     assert data.load_split(cfg, tokenizer, "test").meta["seed"] == 0 and path.read_bytes() == tested
@@ -140,20 +147,23 @@ def test_tokenizing_counts_reviews_not_thousands(tiny, capfd):
     assert "1500/1500" in bar and " reviews/s" in bar and "x1000" not in bar
 
 
-PUBLIC_LINES = ['"2","Said ""wow"", then left.\\n\\nGreat!"', '"1","Caf\u00e9 na\u00efve \u2014 \u201csmart\u201d quotes, \u00fcber-bad."',
+PUBLIC_LINES = ['"2","Said ""wow"", then left.\\n\\nGreat!"',
+                '"1","Caf\u00e9 na\u00efve \u2014 \u201csmart\u201d quotes, \u00fcber-bad."',
                 '"2","A backslash-n at the end\\n"', '"1","Line one.\\nLine two ""quoted"" here?"'] * 30
 # the first two rows of the public train.csv, as huggingface/datasets' dummy data for yelp_polarity holds them
-REAL_LINES = [('"1","Unfortunately, the frustration of being Dr. Goldberg\'s patient is a repeat of the experience I\'ve had with so '
-               'many other doctors in NYC -- good doctor, terrible staff.  It seems that his staff simply never answers the phone.  '
-               'It usually takes 2 hours of repeated calling to get an answer.  Who has time for that or wants to deal with it?  I '
-               'have run into this problem with many other doctors and I just don\'t get it.  You have office workers, you have '
-               'patients with medical needs, why isn\'t anyone answering the phone?  It\'s incomprehensible and not work the '
+REAL_LINES = [('"1","Unfortunately, the frustration of being Dr. Goldberg\'s patient is a repeat of the experience '
+               'I\'ve had with so many other doctors in NYC -- good doctor, terrible staff.  It seems that his '
+               'staff simply never answers the phone.  It usually takes 2 hours of repeated calling to get an '
+               'answer.  Who has time for that or wants to deal with it?  I have run into this problem with many '
+               'other doctors and I just don\'t get it.  You have office workers, you have patients with medical '
+               'needs, why isn\'t anyone answering the phone?  It\'s incomprehensible and not work the '
                'aggravation.  It\'s with regret that I feel that I have to give Dr. Goldberg 2 stars."'),
-              ('"2","Been going to Dr. Goldberg for over 10 years. I think I was one of his 1st patients when he started at MHMG. '
-               'He\'s been great over the years and is really all about the big picture. It is because of him, not my now former '
-               'gyn Dr. Markoff, that I found out I have fibroids. He explores all options with you and is very patient and '
-               'understanding. He doesn\'t judge and asks all the right questions. Very thorough and wants to be kept in the loop '
-               'on every aspect of your medical health and your life."')]
+              ('"2","Been going to Dr. Goldberg for over 10 years. I think I was one of his 1st patients when he '
+               'started at MHMG. He\'s been great over the years and is really all about the big picture. It is '
+               'because of him, not my now former gyn Dr. Markoff, that I found out I have fibroids. He explores '
+               'all options with you and is very patient and understanding. He doesn\'t judge and asks all the '
+               'right questions. Very thorough and wants to be kept in the loop on every aspect of your medical '
+               'health and your life."')]
 
 
 @pytest.fixture
@@ -165,7 +175,8 @@ def hub_yelp_polarity():
     import datasets
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["1", "2"])})
     lines = [line + "\n" for line in REAL_LINES + PUBLIC_LINES]
-    rows = {"text": [line[5:-2].strip() for line in lines], "label": [features["label"].str2int(line[1]) for line in lines]}
+    rows = {"text": [line[5:-2].strip() for line in lines],
+            "label": [features["label"].str2int(line[1]) for line in lines]}
     return datasets.DatasetDict({split: datasets.Dataset.from_dict(rows, features=features) for split in data.SPLITS})
 
 
@@ -175,14 +186,17 @@ def test_fetched_reviews_equal_the_public_csv_token_for_token(tiny, tmp_path, mo
     import datasets
     served = hub_yelp_polarity["train"]
     # the schema the dataset card documents: text a string, label a class label "1" (0) or "2" (1)
-    assert served.features == datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["1", "2"])})
+    assert served.features == datasets.Features({"text": datasets.Value("string"),
+                                                 "label": datasets.ClassLabel(names=["1", "2"])})
     assert served.features["label"].int2str([0, 1]) == ["1", "2"]
-    assert served[0]["label"] == 0 and served[0]["text"].startswith("Unfortunately, the frustration of being Dr. Goldberg's patient")
+    assert served[0]["label"] == 0 and served[0]["text"].startswith(
+        "Unfortunately, the frustration of being Dr. Goldberg's patient")
     assert served[1]["label"] == 1 and served[2] == {"label": 1, "text": 'Said ""wow"", then left.\\n\\nGreat!'}
     public = tmp_path / "public"
     public.mkdir()
     for split in data.SPLITS:
-        (public / f"{split}.csv").write_text("".join(line + "\n" for line in REAL_LINES + PUBLIC_LINES), encoding="utf-8")
+        (public / f"{split}.csv").write_text("".join(line + "\n" for line in REAL_LINES + PUBLIC_LINES),
+                                             encoding="utf-8")
 
     def load_dataset(path, name=None, **kwargs):
         if (path, name) != ("fancyzhx/yelp_polarity", "plain_text"):
@@ -192,16 +206,19 @@ def test_fetched_reviews_equal_the_public_csv_token_for_token(tiny, tmp_path, mo
     tokenizer = hub.load_tokenizer(tiny.model_dir)
     stored = {}
     for source in ("public", "fetched"):
-        cfg = cli.configure(overrides(tiny, tmp_path / source) + [f"--csv_dir={tmp_path / source}", "--train_limit=100", "--test_limit=100"])
+        cfg = cli.configure(overrides(tiny, tmp_path / source)
+                            + [f"--csv_dir={tmp_path / source}", "--train_limit=100", "--test_limit=100"])
         data.prepare(cfg, tokenizer)
         stored[source] = torch.load(tmp_path / source / "data" / "train.pt", weights_only=True)
     assert stored["fetched"]["meta"]["bad_rows"] == 0
     for key in ("tokens", "offsets", "labels"):
         assert torch.equal(stored["fetched"][key], stored["public"][key])
-    assert (tmp_path / "fetched" / "train.csv").read_text(encoding="utf-8") == (public / "train.csv").read_text(encoding="utf-8")
+    assert ((tmp_path / "fetched" / "train.csv").read_text(encoding="utf-8")
+            == (public / "train.csv").read_text(encoding="utf-8"))
     labels, texts, _ = data.read_csv(str(tmp_path / "fetched" / "train.csv"))
     assert labels[:3].tolist() == [0, 1, 1] and texts[1].startswith("Been going to Dr. Goldberg for over 10 years.")
-    assert texts[2:4] == ['Said "wow", then left.\n\nGreat!', "Caf\u00e9 na\u00efve \u2014 \u201csmart\u201d quotes, \u00fcber-bad."]
+    assert texts[2:4] == ['Said "wow", then left.\n\nGreat!',
+                          "Caf\u00e9 na\u00efve \u2014 \u201csmart\u201d quotes, \u00fcber-bad."]
 
 
 def test_written_csvs_read_back_as_written(tmp_path):
@@ -221,7 +238,8 @@ def test_a_split_drawn_from_an_edited_csv_is_drawn_again_and_one_whose_csv_is_go
     test_csv.write_text("".join(rows[:-2]))  # two reviews fewer, as a deduplication would leave it
     capsys.readouterr()
     again = data.load_split(cfg, tokenizer, "test")
-    assert f"test.pt was prepared with another test.csv than {cfg.CSV_DIR}'s: preparing it again" in capsys.readouterr().out
+    assert (f"test.pt was prepared with another test.csv than {cfg.CSV_DIR}'s: preparing it again"
+            in capsys.readouterr().out)
     assert again.meta["rows"] == first.meta["rows"] - 2 and again.meta["csv"] != first.meta["csv"]
     test_csv.unlink()  # the CSVs deleted after prep (Yelp's take 430 MB): the split is used as it is
     assert torch.equal(data.load_split(cfg, tokenizer, "test").tokens, again.tokens) and capsys.readouterr().out == ""

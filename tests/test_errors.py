@@ -31,7 +31,8 @@ def test_missing_csvs_with_the_hub_out_of_reach_fail_at_once_in_one_line(tiny, t
                              "HF_HOME": str(tmp_path / "hf")})
     (line,) = result.stderr.strip().splitlines()
     assert result.returncode == 1 and line.startswith(f"error: no CSVs in {tmp_path}/nowhere and fetching "
-                                                      "fancyzhx/yelp_polarity failed (cannot reach http://127.0.0.1:9: ")
+                                                      "fancyzhx/yelp_polarity failed "
+                                                      "(cannot reach http://127.0.0.1:9: ")
     assert time.perf_counter() - start < 20  # start-up and the tokenizer; the retries took 28 s more
 
 
@@ -70,8 +71,8 @@ def test_a_folder_without_a_model_says_so(tmp_path):
 
 def test_offline_mode_and_an_uncached_id():
     from transformers import AutoTokenizer  # the tests run with HF_HUB_OFFLINE=1 (conftest)
-    with pytest.raises(errors.UserError, match="^nobody/no-such-model is neither a folder here nor in the local Hugging "
-                                            "Face cache, and HF_HUB_OFFLINE is set: unset it"):
+    with pytest.raises(errors.UserError, match="^nobody/no-such-model is neither a folder here nor in the local "
+                                            "Hugging Face cache, and HF_HUB_OFFLINE is set: unset it"):
         hub._from_hub(AutoTokenizer.from_pretrained, "nobody/no-such-model")
 
 
@@ -82,9 +83,9 @@ def test_no_network_fails_at_once_without_retries(tmp_path):
                         env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path)})
     assert result.returncode == 1 and "Traceback" not in result.stderr and "Retry" not in result.stderr + result.stdout
     (line,) = result.stderr.strip().splitlines()
-    assert re.fullmatch(r"error: cannot reach http://127\.0\.0\.1:9 \(ConnectError: .*\), and nobody/no-such-model is not in "
-                        r"the local Hugging Face cache: connect to the network, or set --model_id to a local model folder "
-                        r"\(python tiny.py builds a tiny one\)", line)
+    assert re.fullmatch(r"error: cannot reach http://127\.0\.0\.1:9 \(ConnectError: .*\), "
+                        r"and nobody/no-such-model is not in the local Hugging Face cache: connect to the network, "
+                        r"or set --model_id to a local model folder \(python tiny.py builds a tiny one\)", line)
     assert "HF_HUB_OFFLINE=1 skips this check" in result.stdout
     assert time.perf_counter() - start < 40
 
@@ -101,8 +102,9 @@ def test_no_network_loads_a_cached_model_from_the_cache(online_hub, monkeypatch,
 def test_a_gated_model_says_so(online_hub):
     def gated(model_id, **kwargs):
         raise OSError("You are trying to access a gated repo.") from http_error(online_hub.errors.GatedRepoError)
-    with pytest.raises(errors.UserError, match="^meta-llama/Llama-3.2-1B-Instruct is gated and this machine has no access: "
-                                            "accept its license on https://huggingface.co/meta-llama/Llama-3.2-1B-Instruct"):
+    with pytest.raises(errors.UserError, match="^meta-llama/Llama-3.2-1B-Instruct is gated and this machine "
+                                            "has no access: accept its license on "
+                                            "https://huggingface.co/meta-llama/Llama-3.2-1B-Instruct"):
         hub._from_hub(gated, "meta-llama/Llama-3.2-1B-Instruct")
 
 
@@ -110,7 +112,8 @@ def test_an_id_the_hub_does_not_know_says_so(online_hub, monkeypatch):
     def unknown(model_id, timeout):
         raise http_error(online_hub.errors.RepositoryNotFoundError)
     monkeypatch.setattr(online_hub, "model_info", unknown)
-    with pytest.raises(errors.UserError, match="^no folder nobody/nothing here and no model nobody/nothing on huggingface.co"):
+    with pytest.raises(errors.UserError,
+                       match="^no folder nobody/nothing here and no model nobody/nothing on huggingface.co"):
         hub._from_hub(never_called, "nobody/nothing")
 
 
@@ -139,7 +142,8 @@ def test_primer_of_the_wrong_width_or_kind_is_refused(tiny, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a primer")
     with pytest.raises(errors.UserError, match="is not a primer file"):
         primers.load_primer(str(tmp_path / "notes.txt"), model, "system")
-    save_file({"primer": torch.zeros(4, 64)}, str(tmp_path / "suffix.safetensors"), metadata={"primer_position": "suffix"})
+    save_file({"primer": torch.zeros(4, 64)}, str(tmp_path / "suffix.safetensors"),
+              metadata={"primer_position": "suffix"})
     assert primers.load_primer(str(tmp_path / "suffix.safetensors"), model, "suffix").shape == (4, 64)
     primers.load_primer(str(tmp_path / "suffix.safetensors"), model, "system")
     assert "was trained at --primer_position=suffix and is scored at system" in capsys.readouterr().out
@@ -175,12 +179,14 @@ def test_a_path_setting_naming_a_file_where_a_folder_is_wanted_is_one_line(tiny,
     assert result.stderr.strip().splitlines() == [(f"error: --results_dir={a_file} is a file, not a folder: "
                                                    "set --results_dir to a folder you can write in")]
     cfg = cli.configure(overrides(tiny, tmp_path) + [f"--results_dir={a_file}/results"])
-    with pytest.raises(errors.UserError, match=f"^--results_dir={a_file}/results cannot be made: part of that path is a file"):
+    with pytest.raises(errors.UserError,
+                       match=f"^--results_dir={a_file}/results cannot be made: part of that path is a file"):
         runs.new_run_dir(cfg, "experiment")
     tokenizer = hub.load_tokenizer(tiny.model_dir)
     for setting in ("data_dir", "csv_dir"):
         cfg = cli.configure(overrides(tiny, tmp_path) + [f"--{setting}={a_file}"])
-        with pytest.raises(errors.UserError, match=f"^--{setting}={a_file} is a file, not a folder: set --{setting} to a folder"):
+        with pytest.raises(errors.UserError,
+                           match=f"^--{setting}={a_file} is a file, not a folder: set --{setting} to a folder"):
             data.prepare(cfg, tokenizer)
     assert a_file.read_text() == "not a folder" and not os.path.exists(tmp_path / "data")  # nothing written anywhere
 
@@ -210,7 +216,8 @@ ARGS = {"probe": lambda tiny, out, *more: test_probe.probe_args(tiny, out, *more
     ("probe", "--probe=svm", "--probe='svm' is not one of linear, mlp"),
     ("probe", "--condition=primer", "--condition=primer needs --primer_path="),
     ("probe", "--val_limit=0", "a probe's layer and regularization are chosen on validation reviews: set --val_limit"),
-    ("probe", "--probe_train=81", "--probe_train=81 must be between 2 and the 80 training reviews left after --val_limit=40"),
+    ("probe", "--probe_train=81",
+     "--probe_train=81 must be between 2 and the 80 training reviews left after --val_limit=40"),
     ("steer", "--vector=random", "--vector='random' is not one of pair, mean, learned"),
     ("steer", "--pair=['Love']", "--pair=['Love'] must be two different texts"),
     ("steer", "--prompt=medium", "--prompt='medium' is not one of short, long, text:<words>"),
@@ -220,7 +227,8 @@ ARGS = {"probe": lambda tiny, out, *more: test_probe.probe_args(tiny, out, *more
     ("steer", "--vector_reviews=100", "--vector_reviews=100 must be between 1 and the 70 training reviews"),
     ("steer", "--vector_reviews=0", "--vector_reviews=0 must be at least 1"),
     ("tune", "--rate_by_epoch=['fast']", "--rate_by_epoch=['fast'] must be a list of numbers, one rate per epoch"),
-    ("tune", "--val_limit=0 --rate_grid=[[1e-3]]", "--rate_grid chooses the rates on validation reviews: set --val_limit"),
+    ("tune", "--val_limit=0 --rate_grid=[[1e-3]]",
+     "--rate_grid chooses the rates on validation reviews: set --val_limit"),
     ("tune", "--method=bitfit", "--method='bitfit' is not one of lora, ia3, layernorm, prefix, loreft"),
     ("tune", "--rate_scale=embedding", "--rate_scale='embedding': tune.py's rates are Adam's own"),
     ("tune", "--reft_rank=0", "--reft_rank=0 must be at least 1"),

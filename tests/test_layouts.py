@@ -14,11 +14,14 @@ from conftest import overrides, run_script
 from harness import cli, data, errors, frozen, layouts, primers, runs
 
 # Mistral-7B-Instruct-v0.2's template: user and assistant turns only, a system message raises
-MISTRAL_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-                    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                    "{% endif %}"
                     "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
                     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
-                    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+                    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}"
+                    "{% endif %}{% endfor %}")
 SHORT_RUN = ["--rate_by_epoch=[0.1]", "--train_limit=40", "--test_limit=20"]
 
 
@@ -39,7 +42,8 @@ def set_template(template):
 
 
 def prepend_space(tokenizer):
-    """Llama 2's legacy SentencePiece habit: a space before every text piece, so "1" alone is " 1" but not after "\\n\\n"."""
+    """Llama 2's legacy SentencePiece habit: a space before every text piece, so "1" alone is " 1" but not after
+    "\\n\\n"."""
     from tokenizers import normalizers
     tokenizer.backend_tokenizer.normalizer = normalizers.Prepend(" ")
 
@@ -103,7 +107,8 @@ def test_logits_are_the_unpadded_forward_whatever_the_batch(task, position):
         with torch.no_grad():
             logits = frozen.forward(task.model, ids, n, layout, primer).logits
             for row, i in enumerate(batch):
-                torch.testing.assert_close(logits[row], unpadded_logits(task, layout, task.test, i, primer), atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(logits[row], unpadded_logits(task, layout, task.test, i, primer),
+                                           atol=1e-5, rtol=1e-5)
 
 
 def test_suffix_cache_gives_the_plain_loss_and_primer_gradient(task):
@@ -119,7 +124,8 @@ def test_suffix_cache_gives_the_plain_loss_and_primer_gradient(task):
 
     ids, lengths = layouts.assemble(layout, task.train, idx)
     cached = loss_and_grad(lambda primer: frozen.forward(task.model, ids, lengths, layout, primer).logits)
-    plain = loss_and_grad(lambda primer: torch.stack([unpadded_logits(task, layout, task.train, int(i), primer) for i in idx]))
+    plain = loss_and_grad(lambda primer: torch.stack([unpadded_logits(task, layout, task.train, int(i), primer)
+                                                      for i in idx]))
     assert cached[1].abs().sum() > 0
     torch.testing.assert_close(cached, plain, atol=1e-6, rtol=1e-5)
 
@@ -134,7 +140,8 @@ def test_template_without_system_role_takes_the_system_content_in_the_user_turn(
     ids, _ = layouts.assemble(text, task.test, torch.tensor([3]))
     user = prompt_short.SYSTEM + "\n\n" + prompt_short.USER.replace("{review}", decode(task, review(task.test, 3)))
     assert decode(task, ids[0]) == f"<|begin_of_text|>[INST] {user} [/INST]"
-    assert capsys.readouterr().out.count("takes no system message: the system content or primer goes at the start of the user turn") == 1
+    assert capsys.readouterr().out.count("takes no system message: "
+                                         "the system content or primer goes at the start of the user turn") == 1
 
 
 def test_tokenizer_without_template_gets_a_plain_prompt(tiny, models, tmp_path, capsys):
@@ -145,7 +152,8 @@ def test_tokenizer_without_template_gets_a_plain_prompt(tiny, models, tmp_path, 
     text = layouts.make_layout(task, "Rate it.", "Review: {review}")
     assert decode(task, text.prefix) == "<|begin_of_text|>" and text.joins == ("Rate it.\n\nReview: ", "\nAnswer:")
     assert task.label_ids.tolist() == task.tokenizer.convert_tokens_to_ids(["1", "2"])
-    assert capsys.readouterr().out.count("has no chat template: the prompt is bos, the system content or primer, the review and '\\nAnswer:'") == 1
+    assert capsys.readouterr().out.count("has no chat template: the prompt is bos, the system content or primer, "
+                                         "the review and '\\nAnswer:'") == 1
 
 
 def test_labels_are_tokenized_where_the_answer_goes(tiny, models, tmp_path):
@@ -173,7 +181,8 @@ def test_positions_and_any_model_through_the_command_line(tiny, models, tmp_path
         assert f"-experiment | {method} | 40 | 256 | 4 |" in stdout
         (run,) = [d for d in os.listdir(out / "results") if d.endswith("experiment")]
         assert json.loads((out / "results" / run / "config.json").read_text())["primer_position"] == position
-        note = "the system content or primer goes at the start of the user turn" if position == "system" else "has no chat template"
+        note = ("the system content or primer goes at the start of the user turn" if position == "system"
+                else "has no chat template")
         assert (note in stdout) == (position != "prefix")
     wrong = cli.configure(overrides(tiny, tmp_path / "wrong") + ["--primer_position=middle"])
     with pytest.raises(errors.UserError, match="--primer_position='middle' is not one of system, prefix, suffix"):
@@ -191,8 +200,10 @@ def seam_task(tiny, tmp_path_factory):
     endings = ["\n```\n\n# Classification", "\n```\n\n# Output", "\nAnswer:"]
     corpus = [r + e for r in SEAM_REVIEWS for e in endings] * 50 + [t for _, t in tiny.splits["train"]]
     tokenizer = build_tokenizer(corpus, str(tmp_path_factory.mktemp("seams")))
-    assert all(len(tokenizer(r + "\n", add_special_tokens=False)["input_ids"]) < len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1
-               for r in SEAM_REVIEWS[:3])  # "!\n", ".\n" and "?\n" are single tokens
+    # "!\n", ".\n" and "?\n" are single tokens
+    assert all(len(tokenizer(r + "\n", add_special_tokens=False)["input_ids"])
+               < len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1
+               for r in SEAM_REVIEWS[:3])
     cfg = cli.configure(overrides(tiny, tmp_path_factory.mktemp("seam_cfg")))
     tokens, offsets, _ = data.tokenize(tokenizer, SEAM_REVIEWS, 100)
     split = data.Split(tokens, offsets, torch.zeros(len(SEAM_REVIEWS), dtype=torch.long), {})
@@ -224,4 +235,5 @@ def test_every_layout_is_the_tokenizers_own_tokenization_of_its_text(seam_task, 
                 continue
             before, after = text.split(primer)
             start = len(encode(before))
-            assert ids[0, :start].tolist() == encode(before) and ids[0, start + 4:].tolist() == encode(after), (template, position, review)
+            assert ids[0, :start].tolist() == encode(before) and ids[0, start + 4:].tolist() == encode(after), (
+                template, position, review)

@@ -15,17 +15,20 @@ import table
 from conftest import ROOT, overrides, run_script
 from harness import cli, errors, ledger, plots, runs, stats
 
-CONFIGS = [{"primer_length": 2, "train_limit": 100}, {"primer_length": 2, "train_limit": 50}, {"primer_length": 4, "train_limit": 100}]
+CONFIGS = [{"primer_length": 2, "train_limit": 100}, {"primer_length": 2, "train_limit": 50},
+           {"primer_length": 4, "train_limit": 100}]
 
 
 @pytest.fixture(scope="session")
 def results(tiny, tmp_path_factory):
     """A results folder of 2 seeds x CONFIGS primer runs and one text prompt, all on the whole tiny test file."""
     out = tmp_path_factory.mktemp("table")
-    base = overrides(tiny, out) + ["--test_limit=1000", "--rate_by_epoch=[0.1]"]  # 1000 > the 60 test rows: all of them, any seed
+    # 1000 > the 60 test rows: all of them, any seed
+    base = overrides(tiny, out) + ["--test_limit=1000", "--rate_by_epoch=[0.1]"]
     for seed in (0, 1):
         for config in CONFIGS:
-            experiment.run(cli.configure(base + [f"--seed={seed}", f"--data_dir={out}/data-{seed}-{config['train_limit']}"]
+            experiment.run(cli.configure(base + [f"--seed={seed}",
+                                                 f"--data_dir={out}/data-{seed}-{config['train_limit']}"]
                                          + cli.as_args(config)))
     runs.score_text_prompt(cli.configure(base), "prompt_short", prompt_short.SYSTEM, prompt_short.USER)
     return out / "results"
@@ -47,7 +50,8 @@ def test_one_row_per_configuration_with_its_seeds_spread_and_a_paired_test(resul
     written = table.write(str(results))
     printed = capsys.readouterr().out
     assert (results / "table.md").read_text() in printed + "\n"
-    assert len(written) == 4 and written["seeds"].tolist().count(2) == 3 and sorted(written["samples"]) == [0, 50, 100, 100]
+    assert (len(written) == 4 and written["seeds"].tolist().count(2) == 3
+            and sorted(written["samples"]) == [0, 50, 100, 100])
     frame = pd.DataFrame(ledger.rows(str(results)))
     best = written.iloc[0]
     best_right = np.stack([correct(results / run) for run in best["run_ids"].split()])
@@ -56,7 +60,8 @@ def test_one_row_per_configuration_with_its_seeds_spread_and_a_paired_test(resul
         runs = r["run_ids"].split()
         scores = [correct(results / run).mean() for run in runs]
         assert r["score_mean"] == pytest.approx(np.mean(scores))
-        assert (math.isnan(r["score_std"]) and len(runs) == 1) or r["score_std"] == pytest.approx(np.std(scores, ddof=1))
+        assert ((math.isnan(r["score_std"]) and len(runs) == 1)
+                or r["score_std"] == pytest.approx(np.std(scores, ddof=1)))
         assert set(frame[frame["run_id"].isin(runs)]["seed"]) == ({0, 1} if r["script"] == "experiment" else {0})
         assert r["label_bias"] == pytest.approx(np.mean([most_frequent_share(results / run) for run in runs]))
         if i == 0:
@@ -65,7 +70,8 @@ def test_one_row_per_configuration_with_its_seeds_spread_and_a_paired_test(resul
         mine = np.stack([correct(results / run) for run in runs])  # every seed's row: the seeds are resampled
         difference, low, high, p = stats.bootstrap_difference(mine, best_right)
         assert difference == pytest.approx(mine.mean() - best_right.mean())
-        assert (r["difference"], r["difference_low"], r["difference_high"], r["bootstrap_p"]) == (difference, low, high, p)
+        assert ((r["difference"], r["difference_low"], r["difference_high"], r["bootstrap_p"])
+                == (difference, low, high, p))
         assert " | ".join(table.difference(pd.Series(r))) in printed
     csv = pd.read_csv(results / "table.csv")
     assert csv["score_mean"].tolist() == pytest.approx(written["score_mean"].tolist())
@@ -99,26 +105,30 @@ def test_the_figures_name_methods_keep_a_0_line_in_sight_and_put_rates_in_the_le
     plots.table_data(written, "unused.png")
     (hard_line,) = [line for line in figures[0].axes[0].lines if line.get_label() == "hard primer"]
     assert figures[0].axes[0].get_ylim()[0] < hard_line.get_ydata()[0] == 0  # above the frame, not on it
-    assert not figures[1].axes[0].texts and figures[1].axes[0].get_legend().texts[0].get_text() == "primer, primer_length=2"
+    assert (not figures[1].axes[0].texts
+            and figures[1].axes[0].get_legend().texts[0].get_text() == "primer, primer_length=2")
 
 
 def test_runs_on_other_test_reviews_are_refused(results, tmp_path, tiny):
     folder = tmp_path / "mixed"
     shutil.copytree(results, folder)
     primer = next(folder.glob("*-experiment/primer.safetensors"))  # re-scored, no training, on a sample of 40 reviews
-    experiment.run(cli.configure(overrides(tiny, tmp_path) + [f"--results_dir={folder}", "--test_limit=40", f"--primer_path={primer}"]))
-    with pytest.raises(errors.UserError, match=r" were not scored on the same test reviews \(their test_limit differ\)"):
+    experiment.run(cli.configure(overrides(tiny, tmp_path) + [f"--results_dir={folder}", "--test_limit=40",
+                                                              f"--primer_path={primer}"]))
+    with pytest.raises(errors.UserError,
+                       match=r" were not scored on the same test reviews \(their test_limit differ\)"):
         table.write(str(folder))
     other_seed = tmp_path / "other_seed"  # the test sample is the same at every seed: a seed-1 re-score pairs with it
-    experiment.run(cli.configure(overrides(tiny, tmp_path) + [f"--results_dir={other_seed}", "--test_limit=40", f"--primer_path={primer}",
-                                                              "--seed=1", f"--data_dir={tmp_path}/data-seed1"]))
+    experiment.run(cli.configure(overrides(tiny, tmp_path) + [f"--results_dir={other_seed}", "--test_limit=40",
+                                                              f"--primer_path={primer}", "--seed=1",
+                                                              f"--data_dir={tmp_path}/data-seed1"]))
     runs = {str(d): stats.load_run(str(d)) for d in [*folder.glob("*-experiment"), *other_seed.glob("*-experiment")]
             if stats.load_run(str(d))[0]["test_limit"] == 40}
     assert len(runs) == 2
     stats.check_same_reviews(runs)
     assert run_script("table.py", str(tmp_path / "none")).stderr.strip() == (
-        f"error: {tmp_path}/none: no such folder (in {ROOT}): give a results folder, one holding results.csv and its run "
-        "folders (python table.py results/)")
+        f"error: {tmp_path}/none: no such folder (in {ROOT}): give a results folder, "
+        "one holding results.csv and its run folders (python table.py results/)")
     assert run_script("table.py").stderr.strip() == "error: give one results folder, not 0: python table.py results/"
 
 
@@ -141,8 +151,10 @@ def test_paired_is_mcnemar_on_one_seed_and_counts_each_review_once_on_several():
 
 
 def test_a_family_pools_what_seeds_choose_and_keeps_two_records_of_one_run_apart():
-    assert table.family("linear probe (layer 22, last)") == table.family("linear probe (layer 17, mean)") == "linear probe"
-    assert table.family("token search, exact ids (27.2 CPU min): 'Classify'") != table.family("prompt search (tokens, decoded text): 'C'")
+    assert (table.family("linear probe (layer 22, last)") == table.family("linear probe (layer 17, mean)")
+            == "linear probe")
+    assert (table.family("token search, exact ids (27.2 CPU min): 'Classify'")
+            != table.family("prompt search (tokens, decoded text): 'C'"))
 
 
 def test_one_size_against_a_named_row_and_the_mistakes_of_both_settings(results, capsys):
