@@ -55,8 +55,8 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
             advance(rate, share)
         alive += widened(grid, points, alive, lambda rate: [advance(rate, s) for s in rungs[:rung + 1]])
         if share < 1:
-            alive = sorted(alive, key=lambda r: rank(points[r]))[:math.ceil(len(alive) / 2)]
-    chosen = min(alive, key=lambda r: rank(points[r]))
+            alive = sorted(alive, key=lambda r: rank(points[r]), reverse=True)[:math.ceil(len(alive) / 2)]
+    chosen = max(alive, key=lambda r: rank(points[r]))
     table = grid_table(points, chosen, method, len(task.train))
     training.restore(params, points[chosen]["tensors"])
     files.write_atomic(os.path.join(run_dir, "rate_grid.csv"), table.to_csv(index=False))
@@ -65,9 +65,9 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
     return points[chosen]["log"], points[chosen]["status"], float(table["train_seconds"].sum())
 
 
-def rank(point: dict) -> tuple:
-    """Sort key: the better validation first (most strict, then label-restricted answers right)."""
-    return -point["best"]["correct"], -point["best"]["restricted_correct"]
+def rank(point: dict) -> tuple[int, int]:
+    """A rate's standing: its best validation's, by the repo's one rule (training.validation_key)."""
+    return training.validation_key(point["best"])
 
 
 def widened(grid: list, points: dict, alive: list, train) -> list:
@@ -75,7 +75,7 @@ def widened(grid: list, points: dict, alive: list, train) -> list:
     `train(rate)` as far as the others; at most WIDEN of them over the whole grid."""
     added = []
     while len(points) < len(grid) + WIDEN and all(isinstance(r, (int, float)) for r in points):
-        best, rates = min(alive + added, key=lambda r: rank(points[r])), sorted(points)
+        best, rates = max(alive + added, key=lambda r: rank(points[r])), sorted(points)
         if len(rates) < 2 or rates[0] < best < rates[-1]:
             break
         edge, inner = (rates[0], rates[1]) if best == rates[0] else (rates[-1], rates[-2])

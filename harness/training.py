@@ -339,10 +339,15 @@ def validate(task: Task, params: dict[str, torch.Tensor], evaluate: Callable[[],
           f"best so far: epoch {best['epoch']}, step {best['step']:,}", flush=True)
 
 
+def validation_key(row: dict) -> tuple[int, int]:
+    """What "better on validation" means for every choice the repo makes (an epoch, a rate, a layer, a coefficient,
+    a prompt): more strict answers right, then more label-restricted ones right; the earlier candidate wins a tie."""
+    return row["correct"], row["restricted_correct"]
+
+
 def best_validation(rows: list[dict]) -> Optional[dict]:
-    """The best validation row: most strict answers right, then most label-restricted ones right, then the earliest;
-    None without rows. The one rule for "best on validation" of every choice the repo makes."""
-    return max(rows, key=lambda r: (r["correct"], r["restricted_correct"]), default=None)
+    """The best validation row by validation_key, the earliest of equals; None without rows."""
+    return max(rows, key=validation_key, default=None)
 
 
 def keep_best(schedule: Schedule, params: dict[str, torch.Tensor], validation: dict) -> None:
