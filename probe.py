@@ -22,7 +22,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from harness import activations, cli, data, errors, files, parallel, plots, prompts, runs, scoring
+from harness import activations, cli, data, errors, files, parallel, plots, prompts, runs, scoring, training
 
 CONDITION = "none"  # the prompt around the review: "none" (the review alone), "short", "long", "primer" (PRIMER_PATH)
 POOLING = "both"  # "last" (hidden state where the answer is predicted), "mean" (over the review's tokens) or "both"
@@ -102,8 +102,8 @@ def fit_layers(cfg, train: dict, val: dict, y_train: np.ndarray, y_val: np.ndarr
         for layer in layers:
             x, x_val = train[pooling][layer].numpy(), val[pooling][layer].numpy()
             tries = [(make_probe(cfg, c).fit(x, y_train), c) for c in cfg.PROBE_C]
-            correct, c, probe = max(((int((p.predict(x_val) == y_val).sum()), c, p) for p, c in tries),
-                                    key=lambda t: t[0])
+            found = [{"correct": int((p.predict(x_val) == y_val).sum()), "c": c, "probe": p} for p, c in tries]
+            correct, c, probe = training.best_validation(found).values()
             low, high = scoring.wilson_interval(correct, len(y_val))
             rows.append({"condition": cfg.CONDITION, "probe": cfg.PROBE, "layer": layer, "pooling": pooling, "c": c,
                          "val_correct": correct, "val_total": len(y_val), "val_score": correct / len(y_val),
@@ -141,7 +141,8 @@ def run(cfg) -> None:
     start = time.perf_counter()
     table, fitted = fit_layers(cfg, train, val, sample.labels.numpy(), task.val.labels.numpy(), layers)
     fit_seconds = time.perf_counter() - start
-    best = table.iloc[table["val_score"].to_numpy().argmax()]  # ties: "last" pooling before "mean", the earliest layer
+    # ties: "last" pooling before "mean", the earliest layer
+    best = training.best_validation(table.to_dict("records"), prefix="val_")
     layer, pooling = int(best["layer"]), str(best["pooling"])
     files.write_atomic(os.path.join(run_dir, "probe_layers.csv"), table.to_csv(index=False))
     print(table.to_string(index=False, float_format="{:.3f}".format))

@@ -142,7 +142,8 @@ def sweep(task: Task, plain: Layout, layers: tuple[int, ...], unit: torch.Tensor
 
 
 def validation_columns(found: dict) -> dict:
-    return {"val_" + k: found[k] for k in ("correct", "total", "score", "score_low", "score_high", "restricted_score")}
+    keys = ("correct", "total", "score", "score_low", "score_high", "restricted_correct", "restricted_score")
+    return {"val_" + k: found[k] for k in keys}
 
 
 def learned(task: Task, plain: Layout, run_dir: str, reviews: int) -> tuple[pd.DataFrame, dict, list[dict], str]:
@@ -214,7 +215,7 @@ def run(cfg) -> None:
         layers = sweep_layers(cfg, len(task.model.get_decoder().layers))
         unit, norm = directions(task, layers, reviews)
         table, steers = sweep(task, plain, layers, unit, norm)
-    best = table.sort_values(["val_score", "val_restricted_score"], ascending=False, kind="stable").iloc[0]
+    best = training.best_validation(table.to_dict("records"), prefix="val_")
     steer = steers[int(best["layer"]), float(best["coefficient"])]
     files.write_atomic(os.path.join(run_dir, "steer_sweep.csv"), table.to_csv(index=False))
     print(table.to_string(index=False, float_format="{:.3f}".format))

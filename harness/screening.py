@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from harness import files, frozen, scoring
+from harness import files, frozen, scoring, training
 from harness.layouts import assemble, encode, make_layout
 from harness.task import Task
 
@@ -39,7 +39,7 @@ class Search:
         if key not in self.scored:
             found = scoring.score(self.task, layout, primer, self.task.val)
             self.forwards += len(self.task.val)
-            self.scored[key] = (found["correct"], found["restricted_correct"])
+            self.scored[key] = training.validation_key(found)  # the pool and the search compare these
             self.rows.append({"step": step, "text": text, "user": user, "token_ids": json.dumps(ids),
                               "val_correct": found["correct"],
                               "val_score": found["score"], "val_restricted_score": found["restricted_score"],

@@ -339,15 +339,17 @@ def validate(task: Task, params: dict[str, torch.Tensor], evaluate: Callable[[],
           f"best so far: epoch {best['epoch']}, step {best['step']:,}", flush=True)
 
 
-def validation_key(row: dict) -> tuple[int, int]:
+def validation_key(row: dict, prefix: str = "") -> tuple[int, int]:
     """What "better on validation" means for every choice the repo makes (an epoch, a rate, a layer, a coefficient,
-    a prompt): more strict answers right, then more label-restricted ones right; the earlier candidate wins a tie."""
-    return row["correct"], row["restricted_correct"]
+    a probe, a prompt): more strict answers right (row[prefix + "correct"]), then more label-restricted ones right;
+    the earlier candidate wins a tie. A row without a restricted count (a probe's: it answers only labels) counts
+    its strict one there."""
+    return row[prefix + "correct"], row.get(prefix + "restricted_correct", row[prefix + "correct"])
 
 
-def best_validation(rows: list[dict]) -> Optional[dict]:
+def best_validation(rows: list[dict], prefix: str = "") -> Optional[dict]:
     """The best validation row by validation_key, the earliest of equals; None without rows."""
-    return max(rows, key=validation_key, default=None)
+    return max(rows, key=lambda row: validation_key(row, prefix), default=None)
 
 
 def keep_best(schedule: Schedule, params: dict[str, torch.Tensor], validation: dict) -> None:
