@@ -109,7 +109,7 @@ def as_chosen(run_dir: str, config: dict) -> tuple[dict, Optional[float]]:
     as it is, and None."""
     if not config.get("rate_grid"):
         return config, None
-    grid = pd.read_csv(os.path.join(run_dir, "rate_grid.csv"))
+    grid = pd.read_csv(os.path.join(run_dir, "rate_grid.csv"), dtype={"rates": str})  # peak rates read as text too
     chosen = grid[grid["chosen"]].iloc[0]
     rate = ast.literal_eval(chosen["rates"])
     key = "rate_by_epoch" if isinstance(rate, list) else "rate"
