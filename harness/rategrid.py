@@ -104,16 +104,18 @@ def first(rate) -> float:
 
 
 def as_chosen(run_dir: str, config: dict) -> tuple[dict, Optional[float]]:
-    """A rate-grid run's config (config.json's keys) as that of the plain run of its chosen rate, which trains the
-    same tensors from the same start on the same batches, and that rate's training seconds; any other run's config
-    as it is, and None."""
+    """A rate-grid run's config (config.json's keys) and its chosen rate's training seconds; any other run's config
+    as it is, and None. A grid of per-epoch lists (the reference's) reads as the plain run of the list it chose,
+    which trains the same tensors from the same start on the same batches; a grid of peak rates stays itself, the
+    method being the grid with each seed choosing its own rate."""
     if not config.get("rate_grid"):
         return config, None
     grid = pd.read_csv(os.path.join(run_dir, "rate_grid.csv"), dtype={"rates": str})  # peak rates read as text too
     chosen = grid[grid["chosen"]].iloc[0]
     rate = ast.literal_eval(chosen["rates"])
-    key = "rate_by_epoch" if isinstance(rate, list) else "rate"
-    return {**config, key: rate, "rate_grid": []}, float(chosen["train_seconds"])
+    if not isinstance(rate, list):
+        return config, float(chosen["train_seconds"])
+    return {**config, "rate_by_epoch": rate, "rate_grid": []}, float(chosen["train_seconds"])
 
 
 def draw(results_dir: str) -> str:

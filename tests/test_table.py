@@ -1,5 +1,6 @@
 """table.py on tiny runs (three primer configurations, two seeds each, and a text prompt), and McNemar's test that
 compare.py uses, checked against numpy and scipy (the bootstrap over seeds and reviews: test_stats.py)."""
+import glob
 import math
 import os
 import shutil
@@ -173,10 +174,23 @@ def test_one_size_against_a_named_row_and_the_mistakes_of_both_settings(results,
         assert run_script("table.py", str(results), *args).stderr.strip().startswith(f"error: {error}")
 
 
-def test_the_published_folder_reproduces_the_readme_table():
-    """Every run folder behind the README's table is committed: table.py on them prints the README's rows."""
-    folder = os.path.join(os.path.dirname(table.__file__), "results", "published", "table")
-    written = table.summarize(table.load_runs(folder), 300, "primer_length=4")
+@pytest.mark.parametrize("folder, against", [("table", "primer_length=4"), ("converged", "experiment")])
+def test_the_published_folders_reproduce_the_readme_tables(folder, against):
+    """Every run folder behind the README's tables is committed: table.py on them prints the README's rows."""
+    folder = os.path.join(ROOT, "results", "published", folder)
+    written = table.summarize(table.load_runs(folder), 300, against)
     readme = open(os.path.join(os.path.dirname(table.__file__), "README.md"), encoding="utf-8").read()
     assert table.markdown(written) in readme
     assert (written["seeds"][written["trainable_params"] > 0] >= 3).all()  # every trained row has its seeds
+
+
+def test_the_converged_runs_chose_inside_their_grids_and_went_past_their_best():
+    """The README's converged table: every trained run chose its rate strictly inside a grid of at least 4 rates, and
+    the chosen rate's best validation came before its last step (training went on until it stopped improving)."""
+    grids = [pd.read_csv(path) for path in glob.glob(os.path.join(ROOT, "results", "published", "converged", "*",
+                                                                  "rate_grid.csv"))]
+    assert len(grids) >= 6
+    for grid in grids:
+        chosen = grid[grid["chosen"]].iloc[0]
+        assert len(grid) >= 4 and grid["first_rate"].min() < chosen["first_rate"] < grid["first_rate"].max()
+        assert chosen["best_step"] < chosen["steps"]
