@@ -103,7 +103,8 @@ def fit_layers(cfg, train: dict, val: dict, y_train: np.ndarray, y_val: np.ndarr
             x, x_val = train[pooling][layer].numpy(), val[pooling][layer].numpy()
             tries = [(make_probe(cfg, c).fit(x, y_train), c) for c in cfg.PROBE_C]
             found = [{"correct": int((p.predict(x_val) == y_val).sum()), "c": c, "probe": p} for p, c in tries]
-            correct, c, probe = training.best_validation(found).values()
+            best = training.best_validation(found)
+            correct, c, probe = best["correct"], best["c"], best["probe"]
             low, high = scoring.wilson_interval(correct, len(y_val))
             rows.append({"condition": cfg.CONDITION, "probe": cfg.PROBE, "layer": layer, "pooling": pooling, "c": c,
                          "val_correct": correct, "val_total": len(y_val), "val_score": correct / len(y_val),
