@@ -6,7 +6,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -15,79 +15,15 @@ import torch
 from tqdm import tqdm
 
 from harness import errors, files, ledger, parallel
+from harness.schedule import Schedule  # what train() takes: scripts build it as training.Schedule.of(cfg)
 from harness.task import Task
 
 CHUNK_BATCHES = 64  # length grouping sorts reviews within chunks of this many batches
 # steps between reads of the losses on the host (non-finite check, progress bar); none waits in between
 CHECK_EVERY = 16
-DECAYS = ("cosine", "constant")  # the values DECAY may take
-FLOOR = 0.1  # a cosine decay ends at this share of the peak rate (nanoGPT's min_lr)
 
 # (this process's share of a batch of training reviews, the batch's size) -> its part of the batch's mean loss
 LossOf = Callable[[torch.Tensor, int], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How long and how fast the loop trains, and what it keeps: built once per run (Schedule.of) and passed on,
-    as minGPT's Trainer takes its own config. Rates are Adam's own (the config's times its RATE_SCALE unit)."""
-    rate: float  # peak learning rate, reached after the warmup
-    epochs: int = 1  # the budget: passes over the training reviews
-    warmup: float = 0.0  # share of the budget over which the rate rises linearly to `rate`
-    decay: str = "constant"  # "cosine": down to FLOOR x rate at the budget's end; "constant": stays at `rate`
-    clip: float = 0.0  # the gradients' total norm is clipped to this before each step; 0: never
-    eval_every: int = 0  # steps between validations; 0: at each epoch's end (and always at the budget's end)
-    patience: int = 0  # stop once this many validations in a row have not beaten the best; 0: never
-    keep_best: bool = False  # end with the tensors of the best validation rather than the last
-    rate_by_epoch: tuple[float, ...] = ()  # the reference's schedule instead: one constant rate per epoch
-    batch_size: int = 6
-    seed: int = 0  # the batch order of epoch e is seeded with seed + e
-    checkpoint_every: int = 500  # steps between checkpoints (one is also saved at each epoch's end)
-
-    @classmethod
-    def of(cls, cfg, unit: float = 1.0) -> "Schedule":
-        """The run's schedule from config.py's settings, rates in absolute terms (`unit` per rate of the config)."""
-        if cfg.DECAY not in DECAYS:
-            raise errors.UserError(f"--decay={cfg.DECAY!r} is not one of {', '.join(DECAYS)}")
-        if not 0 <= cfg.WARMUP_SHARE < 1:
-            raise errors.UserError(f"--warmup_share={cfg.WARMUP_SHARE} must be a share of the budget: "
-                                   f"at least 0, below 1")
-        reference = bool(cfg.RATE_BY_EPOCH)  # the reference clipped nothing and stopped nothing early
-        return cls(cfg.RATE * unit, cfg.EPOCHS, cfg.WARMUP_SHARE, cfg.DECAY, 0.0 if reference else cfg.CLIP_NORM,
-                   cfg.EVAL_EVERY, 0 if reference else cfg.PATIENCE, cfg.KEEP_BEST,
-                   tuple(rate * unit for rate in cfg.RATE_BY_EPOCH), cfg.BATCH_SIZE, cfg.SEED, cfg.CHECKPOINT_EVERY)
-
-    def at(self, rate, unit: float = 1.0) -> "Schedule":
-        """This schedule at another rate of a grid: a peak rate, or a list of per-epoch rates (the reference's)."""
-        if isinstance(rate, (list, tuple)):
-            return replace(self, rate_by_epoch=tuple(r * unit for r in rate), clip=0.0, patience=0)
-        return replace(self, rate=rate * unit, rate_by_epoch=())
-
-    def total_steps(self, per_epoch: int) -> int:
-        return (len(self.rate_by_epoch) or self.epochs) * per_epoch
-
-    def rate_at(self, step: int, per_epoch: int) -> float:
-        """Adam's learning rate for step (0-based) of a budget of total_steps(per_epoch)."""
-        if self.rate_by_epoch:
-            return self.rate_by_epoch[step // per_epoch]
-        total = self.total_steps(per_epoch)
-        warm = round(self.warmup * total)
-        if step < warm:
-            return self.rate * (step + 1) / warm
-        if self.decay == "constant":
-            return self.rate
-        done = (step - warm) / max(1, total - 1 - warm)
-        return self.rate * (FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * done)))
-
-    def validates_after(self, step: int, per_epoch: int) -> bool:
-        """Whether validation is due once `step` steps are done."""
-        every = self.eval_every or per_epoch
-        return step > 0 and (step % every == 0 or step == self.total_steps(per_epoch))
-
-    def next_stop(self, step: int, per_epoch: int, end: int) -> int:
-        """The step count at which the loop next stops stepping: an epoch's end, a validation, or `end`."""
-        every = self.eval_every or per_epoch
-        return min((step // per_epoch + 1) * per_epoch, (step // every + 1) * every, end)
 
 
 class Interrupted(errors.UserError):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harness import cli, errors, layouts, primers, rategrid, runs, scoring, training
-from harness.training import Schedule
+from harness.schedule import FLOOR, Schedule
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,9 @@ def test_the_rate_warms_up_then_decays_by_a_cosine_to_a_tenth():
     schedule = Schedule(rate=1.0, epochs=4, warmup=0.25, decay="cosine")
     rates = [schedule.rate_at(step, per_epoch=10) for step in range(40)]
     assert rates[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])  # linear to the peak over a quarter
-    assert rates[10] == pytest.approx(1.0) and rates[-1] == pytest.approx(training.FLOOR)
+    assert rates[10] == pytest.approx(1.0) and rates[-1] == pytest.approx(FLOOR)
     assert all(a >= b for a, b in zip(rates[10:], rates[11:]))  # never rises after the warmup
-    assert rates[25] == pytest.approx(training.FLOOR + (1 - training.FLOOR) * 0.5 * (1 + math.cos(math.pi * 15 / 29)))
+    assert rates[25] == pytest.approx(FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * 15 / 29)))
     assert {Schedule(rate=0.3, epochs=2).rate_at(s, 10) for s in range(20)} == {0.3}  # "constant", no warmup
     reference = Schedule(rate=9.0, rate_by_epoch=(0.1, 0.01), warmup=0.5, decay="cosine")  # its rates win
     assert [reference.rate_at(s, 5) for s in range(10)] == [0.1] * 5 + [0.01] * 5 and reference.total_steps(5) == 10
