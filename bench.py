@@ -202,7 +202,7 @@ def naive_logits(task: runs.Task, layout: layouts.Layout, primer: torch.Tensor, 
     rows, lengths = [], []
     for i in idx.tolist():
         review = split.tokens[split.offsets[i]:split.offsets[i + 1]].long()
-        row = frozen.unpadded_embeds(task.model, layout, review, primer)
+        row = layouts.unpadded_embeds(task.model, layout, review, primer)
         lengths.append(len(row))
         rows.append(F.pad(row, (0, 0, 0, pad_to - len(row))))
     lengths = torch.tensor(lengths, device=device)

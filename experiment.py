@@ -9,7 +9,7 @@
     python experiment.py --rate_scale=absolute '--rate_by_epoch=[1e-4, 1e-5, 1e-6]'   # the reference's schedule
 """
 from harness import cli, primers, rategrid, runs, scoring, training
-from harness.layouts import check_primer_position, make_layout
+from harness.layouts import make_layout
 
 
 def train_primer(task, layout, primer, run_dir: str) -> tuple[list[dict], str, float]:
@@ -28,8 +28,6 @@ def train_primer(task, layout, primer, run_dir: str) -> tuple[list[dict], str, f
 
 
 def run(cfg) -> None:
-    check_primer_position(cfg.PRIMER_POSITION, cfg.GRADIENT_CHECKPOINTING)  # before minutes of data prep and loading
-    primers.check_rate_scale(cfg.RATE_SCALE)
     task = runs.setup(cfg, with_train=cfg.PRIMER_PATH is None)
     if cfg.PRIMER_PATH:
         primer = primers.load_primer(cfg.PRIMER_PATH, task.model, cfg.PRIMER_POSITION)
@@ -41,8 +39,9 @@ def run(cfg) -> None:
     method += "" if cfg.PRIMER_POSITION == "system" else f" ({cfg.PRIMER_POSITION})"  # the ledger tells positions apart
     log, status, seconds = (None, "finished", None) if cfg.PRIMER_PATH else train_primer(task, layout, primer, run_dir)
     primers.save_primer(run_dir, primer, cfg.MODEL_ID, cfg.PRIMER_POSITION)
-    runs.record(task, "experiment", method, len(primer), scoring.predict(task, layout, primer), run_dir, log,
-                primer.numel(), status, train_seconds=seconds)
+    predictions = scoring.predict(task, layout, primer)
+    runs.record(task, "experiment", method, len(primer), predictions, run_dir, log, primer.numel(), status,
+                train_seconds=seconds)
 
 
 if __name__ == "__main__":

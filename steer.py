@@ -154,7 +154,6 @@ def learned(task: Task, plain: Layout, run_dir: str, reviews: int) -> tuple[pd.D
     norm = float(steering.residual(task, (layer,), reviews)[1][0])
     vector = torch.zeros(task.model.get_input_embeddings().weight.shape[1], device=task.device)
     steer = Steer(vector, (layer,), 1.0, cfg.AFTER_REVIEW)
-    primers.check_rate_scale(cfg.RATE_SCALE)
     unit = norm / vector.numel() ** 0.5 if cfg.RATE_SCALE == "embedding" else 1.0
     evaluate = lambda: scoring.score(task, plain, None, task.val, steer)
     log, status, _ = rategrid.train_grid(task, {"vector": vector}, primers.loss_of(task, plain, steer=steer), run_dir,

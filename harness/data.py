@@ -100,6 +100,21 @@ def balanced_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate([by_label[c][: take[c]] for c in (0, 1)]))
 
 
+def hold_out(train: Split, count: int, seed: int) -> tuple[Split, Optional[Split]]:
+    """The reviews to train on and `count` (VAL_LIMIT) validation reviews held out of them (seeded, label-balanced),
+    or all of them and None when count is 0."""
+    if not count:
+        return train, None
+    if not 0 < count < len(train):
+        raise errors.UserError(f"--val_limit={count} must be between 1 and {len(train) - 1}: validation "
+                               f"reviews are held out of the {len(train):,} training reviews (--train_limit), and "
+                               f"some must be left to train on")
+    held = torch.from_numpy(balanced_sample(train.labels.numpy(), count, seed))
+    rest = torch.ones(len(train), dtype=torch.bool)
+    rest[held] = False
+    return train.subset(rest.nonzero().squeeze(1)), train.subset(held)
+
+
 def write_csv(path: str, labels: list[int], texts: list[str]) -> None:
     """Reviews in the public Yelp polarity format (label "1" or "2" quoted, newlines as a literal \\n), atomically."""
     with files.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
@@ -119,7 +134,6 @@ def fetch_csvs(csv_dir: str) -> None:
         raise errors.UserError(f"no CSVs in {csv_dir} and fetching {HF_DATASET[0]} failed "
                                f"({unreachable or type(e).__name__}); "
                                f"put the Yelp polarity train.csv and test.csv in {csv_dir} or set --csv_dir") from e
-    files.folder(csv_dir, "--csv_dir")
     for split in SPLITS:
         path = os.path.join(csv_dir, f"{split}.csv")
         with files.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
@@ -188,12 +202,13 @@ def split_path(cfg: SimpleNamespace, split: str) -> str:
 
 def prepare(cfg: SimpleNamespace, tokenizer, splits: tuple[str, ...] = SPLITS) -> None:
     """Write DATA_DIR/<split>.pt for each of `splits` from the CSVs, fetching those first when absent."""
-    if not all(os.path.exists(os.path.join(files.folder(cfg.CSV_DIR, "--csv_dir", write=False), f"{s}.csv"))
-               for s in splits):
+    missing = not all(os.path.isfile(os.path.join(cfg.CSV_DIR, f"{s}.csv")) for s in splits)
+    files.folder(cfg.CSV_DIR, "--csv_dir", write=missing)  # a file in its place is refused before any download
+    files.folder(cfg.DATA_DIR, "--data_dir")  # as is an unwritable data folder
+    if missing:
         fetch_csvs(cfg.CSV_DIR)
     sources = {split: os.path.join(cfg.CSV_DIR, f"{split}.csv") for split in splits}
     rows = {split: read_csv(source) for split, source in sources.items()}  # all checked before anything is written
-    files.folder(cfg.DATA_DIR, "--data_dir")
     for split, source in sources.items():
         labels, texts, bad = rows[split]
         meta = expected_meta(cfg, tokenizer, split)

@@ -6,7 +6,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from harness.layouts import Layout
+from harness.task import Layout
 
 
 @dataclass
@@ -148,19 +148,6 @@ def float32_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor
     head = model.get_output_embeddings()
     bias = None if head.bias is None else head.bias.float()
     return F.linear(hidden.float(), head.weight.float(), bias)
-
-
-def unpadded_embeds(model: torch.nn.Module, layout: Layout, review: torch.Tensor,
-                    primer: Optional[torch.Tensor]) -> torch.Tensor:
-    """One review's input embeddings [T, hidden] in its layout, primer in its slot, no batch and no padding: the
-    straightforward way (bench.py's baseline loop, and the reference the tests hold the batched paths to)."""
-    embed = model.get_input_embeddings()
-    review = torch.tensor(layout.review_ids([review.tolist()])[0], dtype=torch.long)
-    rows = embed(torch.cat([layout.prefix, review, layout.suffix]).to(embed.weight.device))
-    if primer is None:
-        return rows
-    start = layout.slot.start + (len(layout.prefix) + len(review) if layout.in_suffix else 0)
-    return torch.cat([rows[:start], primer.to(rows), rows[start + len(primer):]])
 
 
 def to_model(model: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:

@@ -2,14 +2,13 @@
 import functools
 import re
 import weakref
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from jinja2.exceptions import TemplateError
 
 from harness import data, errors
-from harness.task import Task
+from harness.task import Layout, Task  # layouts.Layout: what make_layout returns
 
 PRIMER_SLOT = "\x00PRIMER\x00"  # stands for the primer while the chat template is rendered
 REVIEW_SLOT = "\x00REVIEW\x00"  # stands for the review likewise
@@ -19,38 +18,6 @@ PLAIN_ANSWER_CUE = "\nAnswer:"  # ends the prompt of a model with no chat templa
 PAD_MULTIPLE = 1
 # between system content and the user message when both share the user turn (as Gemma's template does)
 SYSTEM_SEPARATOR = "\n\n"
-
-
-@dataclass
-class Layout:
-    """Token ids around the review: prefix (primer slot included, as placeholder ids), review, suffix."""
-    prefix: torch.Tensor
-    suffix: torch.Tensor
-    slot: slice  # the primer's positions in the prefix (in the suffix when in_suffix); empty for a text prompt
-    prompt_tokens: int  # tokens the prompt adds to the review: primer length, or the text prompt's own tokens
-    in_suffix: bool = False  # the slot indexes the suffix: the primer follows the review (PRIMER_POSITION "suffix")
-    joins: tuple[str, str] = ("", "")  # prompt text glued to the review on each side, tokenized together with it
-    tokenizer: object = None  # needed only when joins are not empty
-    cache: dict = field(default_factory=dict, repr=False, compare=False)  # id(split) -> joined review ids (assemble)
-
-    def review_ids(self, reviews: list[list[int]]) -> list[list[int]]:
-        """The ids of each review with the text joined to it: where a prompt's text runs into the review with no
-        special token between them, a BPE tokenizer merges across the seam ("!" + "\\n" is one token "!\\n"), so
-        that text is tokenized with the review, as the tokenizer would tokenize the whole prompt."""
-        return self.joined_ids(reviews)[0]
-
-    def joined_ids(self, reviews: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
-        """review_ids, and [n, 2]: how many of each one's first and last ids are the joined prompt text alone (a
-        token across the seam counts as the review's), so that pooling "over the review" takes its own tokens."""
-        if self.joins == ("", ""):
-            return reviews, torch.zeros(len(reviews), 2, dtype=torch.long)
-        texts = self.tokenizer.batch_decode(reviews, clean_up_tokenization_spaces=False)
-        head, tail = self.joins
-        encoded = self.tokenizer([head + t + tail for t in texts], add_special_tokens=False,
-                                 return_offsets_mapping=True)
-        counts = [[sum(end <= len(head) for _, end in spans), sum(start >= len(head) + len(text) for start, _ in spans)]
-                  for text, spans in zip(texts, encoded["offset_mapping"])]
-        return encoded["input_ids"], torch.tensor(counts, dtype=torch.long).view(-1, 2)
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -176,7 +143,7 @@ def assemble(layout: Layout, split: data.Split, idx: torch.Tensor,
              with_joins: bool = False) -> tuple[torch.Tensor, ...]:
     """Right-padded input ids [B, L] of reviews idx in their layout, and each row's real length [B]; L is the
     longest row rounded up to a multiple of PAD_MULTIPLE. With with_joins, also each row's count of joined prompt
-    ids before and after its review's own [B, 2] (Layout.joined_ids)."""
+    ids before and after its review's own [B, 2] (joined_ids)."""
     reviews, joins = review_rows(layout, split, idx)
     rows = [torch.cat([layout.prefix, review, layout.suffix]) for review in reviews]
     lengths = torch.tensor([len(r) for r in rows])
@@ -191,7 +158,7 @@ def padded_width(longest: int) -> int:
 
 
 def review_rows(layout: Layout, split: data.Split, idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The ids of reviews idx with the layout's joins, and their joined-id counts [B, 2] (Layout.joined_ids). Joined
+    """The ids of reviews idx with the layout's joins, and their joined-id counts [B, 2] (joined_ids). Joined
     ids are tokenized once per layout and split and kept on the layout, so later epochs and validations assemble a
     batch without the tokenizer."""
     bounds = zip(split.offsets[idx].tolist(), split.offsets[idx + 1].tolist())
@@ -200,11 +167,40 @@ def review_rows(layout: Layout, split: data.Split, idx: torch.Tensor) -> tuple[l
     kept = joined_cache(layout, split)
     missing = [i for i in dict.fromkeys(idx.tolist()) if i not in kept]
     if missing:
-        reviews, counts = layout.joined_ids([split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist()
-                                             for i in missing])
+        reviews, counts = joined_ids(layout, [split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist()
+                                              for i in missing])
         kept.update((i, (torch.tensor(r, dtype=torch.long), c)) for i, r, c in zip(missing, reviews, counts))
     rows = [kept[i] for i in idx.tolist()]
     return [ids for ids, _ in rows], torch.stack([c for _, c in rows]) if rows else torch.zeros(0, 2, dtype=torch.long)
+
+
+def joined_ids(layout: Layout, reviews: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+    """The ids of each review with the prompt text joined to it, and [n, 2]: how many of each one's first and last ids
+    are that text alone (a token across the seam counts as the review's), so that pooling "over the review" takes its
+    own tokens. Where a prompt's text runs into the review with no special token between them, a BPE tokenizer
+    merges across the seam ("!" + "\\n" is one token "!\\n"), so that text is tokenized with the review, as the
+    tokenizer would tokenize the whole prompt."""
+    if layout.joins == ("", ""):
+        return reviews, torch.zeros(len(reviews), 2, dtype=torch.long)
+    texts = layout.tokenizer.batch_decode(reviews, clean_up_tokenization_spaces=False)
+    head, tail = layout.joins
+    encoded = layout.tokenizer([head + t + tail for t in texts], add_special_tokens=False, return_offsets_mapping=True)
+    counts = [[sum(end <= len(head) for _, end in spans), sum(start >= len(head) + len(text) for start, _ in spans)]
+              for text, spans in zip(texts, encoded["offset_mapping"])]
+    return encoded["input_ids"], torch.tensor(counts, dtype=torch.long).view(-1, 2)
+
+
+def unpadded_embeds(model: torch.nn.Module, layout: Layout, review: torch.Tensor,
+                    primer: Optional[torch.Tensor]) -> torch.Tensor:
+    """One review's input embeddings [T, hidden] in its layout, primer in its slot, no batch and no padding: the
+    straightforward way (bench.py's baseline loop, and the reference the tests hold the batched paths to)."""
+    embed = model.get_input_embeddings()
+    review = torch.tensor(joined_ids(layout, [review.tolist()])[0][0], dtype=torch.long)
+    rows = embed(torch.cat([layout.prefix, review, layout.suffix]).to(embed.weight.device))
+    if primer is None:
+        return rows
+    start = layout.slot.start + (len(layout.prefix) + len(review) if layout.in_suffix else 0)
+    return torch.cat([rows[:start], primer.to(rows), rows[start + len(primer):]])
 
 
 def joined_cache(layout: Layout, split: data.Split) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

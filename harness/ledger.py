@@ -55,12 +55,12 @@ def read_lines(ledger: str) -> tuple[list[str], list[list[str]]]:
 def check(results_dir: str) -> None:
     """A one-line error if the ledger cannot take a row (a damaged file, a results folder that is a file or not
     writable): so it is found before the work, not after."""
-    files.folder(results_dir, "--results_dir")
     if os.path.exists(path(results_dir)):
         read_lines(path(results_dir))
+    files.folder(results_dir, "--results_dir")
 
 
-def append(results_dir: str, row: dict) -> None:
+def add_row(results_dir: str, row: dict) -> None:
     """Add one row at the end under the lock, so runs that finish together all keep theirs. Rows already there are
     never rewritten, but for a ledger of an older version, whose columns gain this version's once (their text kept)."""
     ledger = path(results_dir)

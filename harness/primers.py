@@ -11,7 +11,6 @@ from harness import errors, files, frozen, parallel, training
 from harness.layouts import Layout, assemble, encode
 from harness.task import Task
 
-RATE_SCALES = ("embedding", "absolute")  # the values RATE_SCALE may take (see rate_unit)
 STALL_MOVE = 0.1  # a primer that moved less than this many embedding stds per coordinate (RMS) barely trained
 STALL_LOSS = 0.9  # as did one whose loss ended above this share of where it started
 
@@ -75,11 +74,6 @@ def nearest_tokens(task: Task, primer: torch.Tensor, k: int) -> tuple[torch.Tens
     return cosine.topk(k, dim=1)
 
 
-def check_rate_scale(scale: str) -> None:
-    if scale not in RATE_SCALES:
-        raise errors.UserError(f"--rate_scale={scale!r} is not one of {', '.join(RATE_SCALES)}")
-
-
 def embedding_std(model: torch.nn.Module) -> float:
     """The std of the input embedding table's entries: the scale of a coordinate the primer's Adam steps move."""
     return model.get_input_embeddings().weight.float().std().item()
@@ -88,7 +82,6 @@ def embedding_std(model: torch.nn.Module) -> float:
 def rate_unit(task: Task) -> float:
     """What RATE and RATE_BY_EPOCH are counted in: the embedding table's std ("embedding": Adam moves every coordinate
     by about its rate, whatever the model's scale), or 1 ("absolute", the reference's rates)."""
-    check_rate_scale(task.cfg.RATE_SCALE)
     return embedding_std(task.model) if task.cfg.RATE_SCALE == "embedding" else 1.0
 
 

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from harness import data, errors, files, frozen, hub, ledger, parallel, plots, scoring, shots
-from harness.layouts import answer_context, label_token_ids, make_layout
+from harness.layouts import answer_context, check_primer_position, label_token_ids, make_layout
+from harness.schedule import RATE_SCALES
 from harness.task import Task  # runs.Task: what setup returns
 from harness.training import best_epoch
 
@@ -21,8 +22,7 @@ from harness.training import best_epoch
 def setup(cfg: SimpleNamespace, with_train: bool = True, held_out: bool = True) -> Task:
     """The task: frozen model, tokenizer, label ids, the test split and (with_train) the training split, with
     VAL_LIMIT validation reviews held out of it unless held_out is False (a script that sizes its own hold-out)."""
-    if with_train:
-        _check_choices(cfg)
+    _check_choices(cfg, with_train)
     ledger.check(cfg.RESULTS_DIR)  # a damaged ledger is found before the work, not after it
     device = hub.resolve_device(cfg.DEVICE)
     tokenizer = hub.load_tokenizer(cfg.MODEL_ID, cfg.GGUF_FILE)
@@ -30,16 +30,22 @@ def setup(cfg: SimpleNamespace, with_train: bool = True, held_out: bool = True) 
     labels = torch.tensor(label_token_ids(tokenizer, cfg.LABELS, answer_at), device=device)
     with parallel.local_main_first():  # under accelerate one process per machine prepares missing data
         count = cfg.VAL_LIMIT if held_out else 0
-        train, val = hold_out(data.load_split(cfg, tokenizer, "train"), count, cfg.SEED) if with_train else (None, None)
+        train, val = (data.hold_out(data.load_split(cfg, tokenizer, "train"), count, cfg.SEED) if with_train
+                      else (None, None))
         test = data.load_split(cfg, tokenizer, "test")
     torch.manual_seed(cfg.SEED)
     model = hub.load_model(cfg.MODEL_ID, cfg.GGUF_FILE, device, cfg.DTYPE, cfg.GRADIENT_CHECKPOINTING)
     return Task(cfg, tokenizer, model, device, labels, train, test, val)
 
 
-def _check_choices(cfg: SimpleNamespace) -> None:
-    """Rates that are numbers, and choices made on validation reviews with some to make them on: one line before data
-    prep and loading."""
+def _check_choices(cfg: SimpleNamespace, with_train: bool) -> None:
+    """Config choices that exist, rates that are numbers (with_train), and choices made on validation reviews with
+    some to make them on: one line before data prep and loading."""
+    check_primer_position(cfg.PRIMER_POSITION, cfg.GRADIENT_CHECKPOINTING)
+    if not with_train:
+        return
+    if cfg.RATE_SCALE not in RATE_SCALES:
+        raise errors.UserError(f"--rate_scale={cfg.RATE_SCALE!r} is not one of {', '.join(RATE_SCALES)}")
     if cfg.RATE_GRID and not cfg.VAL_LIMIT:
         raise errors.UserError("--rate_grid chooses the rates on validation reviews: "
                                "set --val_limit (e.g. --val_limit=200)")
@@ -50,21 +56,6 @@ def _check_choices(cfg: SimpleNamespace) -> None:
     if not all(map(number, cfg.RATE_BY_EPOCH)):
         raise errors.UserError(f"--rate_by_epoch={cfg.RATE_BY_EPOCH!r} must be a list of numbers, one rate per epoch: "
                                "e.g. '--rate_by_epoch=[3e-2, 1e-2, 3e-3]'")
-
-
-def hold_out(train: data.Split, count: int, seed: int) -> tuple[data.Split, Optional[data.Split]]:
-    """The reviews to train on and `count` (VAL_LIMIT) validation reviews held out of them (seeded, label-balanced),
-    or all of them and None when count is 0."""
-    if not count:
-        return train, None
-    if not 0 < count < len(train):
-        raise errors.UserError(f"--val_limit={count} must be between 1 and {len(train) - 1}: validation "
-                               f"reviews are held out of the {len(train):,} training reviews (--train_limit), and "
-                               f"some must be left to train on")
-    held = torch.from_numpy(data.balanced_sample(train.labels.numpy(), count, seed))
-    rest = torch.ones(len(train), dtype=torch.bool)
-    rest[held] = False
-    return train.subset(rest.nonzero().squeeze(1)), train.subset(held)
 
 
 @parallel.made_by_main
@@ -107,6 +98,7 @@ def record(task: Task, script: str, method: str, prompt_tokens: int, predictions
     train seconds come from the training split and the loss log unless given."""
     cfg = task.cfg
     run_dir = run_dir or new_run_dir(cfg, script)
+    environment = _environment(task)
     if samples is None:
         samples = len(task.train) if log is not None else 0
     if train_seconds is None:
@@ -118,14 +110,14 @@ def record(task: Task, script: str, method: str, prompt_tokens: int, predictions
     if not parallel.is_main():
         return row  # under accelerate the main process alone writes the run folder and the ledger
     files.write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(row, indent=2))
-    files.write_atomic(os.path.join(run_dir, "environment.json"), json.dumps(_environment(task), indent=2))
+    files.write_atomic(os.path.join(run_dir, "environment.json"), json.dumps(environment, indent=2))
     with files.atomic_path(os.path.join(run_dir, "predictions.safetensors")) as tmp:
         tensors = {k: v.contiguous() for k, v in predictions.items() if k != "seconds"}
         save_file({**tensors, "label_ids": task.label_ids.cpu()}, tmp)
     if log:
         files.write_atomic(os.path.join(run_dir, "losses.csv"), pd.DataFrame(log).to_csv(index=False))
         print(f"saved {plots.loss_curve(run_dir, method, prompt_tokens)} (the training loss)")
-    ledger.append(cfg.RESULTS_DIR, row)
+    ledger.add_row(cfg.RESULTS_DIR, row)
     print(ledger.format_table([row]))
     print(f"saved {run_dir} and a row of {ledger.path(cfg.RESULTS_DIR)}")
     return row
@@ -152,10 +144,10 @@ def _environment(task: Task) -> dict:
     gpu = torch.cuda.get_device_name(task.device) if task.device.type == "cuda" else None
     return {"git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "gguf": installed("gguf"), "kernels": installed("kernels"),
-            "gguf_packed": hub.packed_gguf(task.model), "device": str(task.device), "gpu": gpu,
+            "attention": frozen.attention_backend(task.model, task.device), "gguf_packed": hub.packed_gguf(task.model),
+            "device": str(task.device), "gpu": gpu,
             "dtype": str(next(task.model.parameters()).dtype).removeprefix("torch."),
-            "attention": frozen.attention_backend(task.model, task.device), "processes": parallel.world_size(),
-            "threads": torch.get_num_threads()}
+            "processes": parallel.world_size(), "threads": torch.get_num_threads()}
 
 
 def score_text_prompt(cfg: SimpleNamespace, script: str, system: str, user: str, shot_count: int = 0,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from harness import errors
 
 DECAYS = ("cosine", "constant")  # the values DECAY may take
+RATE_SCALES = ("embedding", "absolute")  # the values RATE_SCALE may take (see primers.rate_unit)
 FLOOR = 0.1  # a cosine decay ends at this share of the peak rate (nanoGPT's min_lr)
 
 
@@ -48,8 +49,17 @@ class Schedule:
     def total_steps(self, per_epoch: int) -> int:
         return (len(self.rate_by_epoch) or self.epochs) * per_epoch
 
-    def rate_at(self, step: int, per_epoch: int) -> float:
-        """Adam's learning rate for step (0-based) of a budget of total_steps(per_epoch)."""
+    def rates(self, per_epoch: int) -> list[float]:
+        """Adam's learning rate at each step of the budget, total_steps(per_epoch) of them."""
+        return [self._rate_at(step, per_epoch) for step in range(self.total_steps(per_epoch))]
+
+    def validation_steps(self, per_epoch: int) -> list[int]:
+        """The step counts after which validation is due: every eval_every steps (each epoch's end when 0) and the
+        budget's end."""
+        every, total = self.eval_every or per_epoch, self.total_steps(per_epoch)
+        return [*range(every, total, every), total]
+
+    def _rate_at(self, step: int, per_epoch: int) -> float:
         if self.rate_by_epoch:
             return self.rate_by_epoch[step // per_epoch]
         total = self.total_steps(per_epoch)
@@ -60,13 +70,3 @@ class Schedule:
             return self.rate
         done = (step - warm) / max(1, total - 1 - warm)
         return self.rate * (FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * done)))
-
-    def validates_after(self, step: int, per_epoch: int) -> bool:
-        """Whether validation is due once `step` steps are done."""
-        every = self.eval_every or per_epoch
-        return step > 0 and (step % every == 0 or step == self.total_steps(per_epoch))
-
-    def next_stop(self, step: int, per_epoch: int, end: int) -> int:
-        """The step count at which the loop next stops stepping: an epoch's end, a validation, or `end`."""
-        every = self.eval_every or per_epoch
-        return min((step // per_epoch + 1) * per_epoch, (step // every + 1) * every, end)

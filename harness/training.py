@@ -137,7 +137,8 @@ def train(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir:
     optimizer = torch.optim.Adam(list(params.values()), lr=schedule.rate)
     progress = load_checkpoint(run_dir, params, optimizer)
     per_epoch = math.ceil(len(task.train) / schedule.batch_size)
-    total = schedule.total_steps(per_epoch)
+    rates, checks = schedule.rates(per_epoch), schedule.validation_steps(per_epoch)
+    total = len(rates)
     end = total if until is None else min(until, total)
     clock = time.perf_counter() - (progress.log[-1]["seconds"] if progress.log else 0.0)  # counts earlier sessions
     stop = []
@@ -148,7 +149,7 @@ def train(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir:
             step = progress.epoch * per_epoch + progress.batch
             rows = progress.validation["rows"]
             done = bool(rows) and rows[-1].get("step") == step  # validated before a resume
-            due = schedule.validates_after(step, per_epoch) or step == end  # a pause is validated, to rank by
+            due = step in checks or step == end  # a pause is validated, to rank by
             if evaluate is not None and due and not done:
                 save_checkpoint(run_dir, params, optimizer, progress)  # validating again is all a resume needs
                 signal.signal(signal.SIGINT, signal.default_int_handler)  # validation stops at once
@@ -166,8 +167,9 @@ def train(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir:
                 break
             if progress.batch == per_epoch:
                 progress.epoch, progress.batch = progress.epoch + 1, 0
-            status = train_steps(task, params, loss_of, optimizer, schedule, per_epoch, end, progress, run_dir, clock,
-                                 stop, script)
+            stop_at = min((progress.epoch + 1) * per_epoch, next(c for c in checks if c > step), end)
+            status = train_steps(task, params, loss_of, optimizer, schedule, rates, per_epoch, stop_at, progress,
+                                 run_dir, clock, stop, script)
             if status:
                 keep_best(schedule, params, progress.validation)
                 return progress.log, status
@@ -186,13 +188,13 @@ def stalled(rows: list[dict], patience: int) -> bool:
 
 
 def train_steps(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, optimizer: torch.optim.Optimizer,
-                schedule: Schedule, per_epoch: int, end: int, progress: Progress, run_dir: str, clock: float,
-                stop: list, script: str) -> Optional[str]:
-    """Steps of progress.epoch up to the schedule's next stop (its end, a validation, or step `end`), then a
-    checkpoint; why training must stop early, or None. The losses are read on the host every CHECK_EVERY steps,
-    before a checkpoint, at the stop and on Ctrl-C (settle), never in between."""
+                schedule: Schedule, rates: list[float], per_epoch: int, stop_at: int, progress: Progress, run_dir: str,
+                clock: float, stop: list, script: str) -> Optional[str]:
+    """Steps of progress.epoch at `rates` (one per step of the budget) up to step `stop_at` (the epoch's end, a
+    validation, or a pause), then a checkpoint; why training must stop early, or None. The losses are read on the
+    host every CHECK_EVERY steps, before a checkpoint, at the stop and on Ctrl-C (settle), never in between."""
     first = progress.epoch * per_epoch
-    last = schedule.next_stop(first + progress.batch, per_epoch, end) - first
+    last = stop_at - first
     batches = length_grouped_batches(task.train.lengths, schedule.batch_size, schedule.seed + progress.epoch)
     epochs = len(schedule.rate_by_epoch) or schedule.epochs
     bar = tqdm(batches[progress.batch:last], desc=f"epoch {progress.epoch + 1}/{epochs}", unit="batch",
@@ -200,7 +202,7 @@ def train_steps(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, op
     tensors, pending, seen, start = list(params.values()), [], 0, time.perf_counter()
     running = None
     for idx in bar:
-        rate = schedule.rate_at(first + progress.batch, per_epoch)
+        rate = rates[first + progress.batch]
         for group in optimizer.param_groups:
             group["lr"] = rate
         before, state = snapshot(params), optimizer_state(optimizer, tensors)

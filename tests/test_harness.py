@@ -203,6 +203,6 @@ def test_rates_are_in_embedding_stds_and_a_stalled_run_says_so(task, tmp_path, c
         assert "note: training barely changed the primer (it moved 0.00 embedding stds" in capsys.readouterr().out
         task.cfg.RATE_SCALE = "relative"
         with pytest.raises(errors.UserError, match="--rate_scale='relative' is not one of embedding, absolute"):
-            experiment.train_primer(task, layout, primers.init_primer(task.model, 4, seed=0), str(tmp_path / "wrong"))
+            runs._check_choices(task.cfg, with_train=True)  # in setup, before data prep and loading
     finally:
         task.cfg.RATE_BY_EPOCH, task.cfg.RATE_SCALE = [0.1, 0.1, 0.1], "absolute"

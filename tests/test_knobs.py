@@ -12,7 +12,7 @@ import experiment
 import steer
 import table
 from conftest import overrides, run_script
-from harness import cli, errors, layouts, ledger, plots, primers, rategrid, runs, scoring
+from harness import cli, data, errors, layouts, ledger, plots, primers, rategrid, runs, scoring
 
 TINY_RUN = ["--train_limit=40", "--test_limit=20"]  # 4 batches of 10 per epoch, 20 test reviews
 TEXT = "text:great food"  # three tokens for the tiny tokenizer
@@ -83,14 +83,14 @@ def test_each_primer_init_is_where_a_run_starts(tiny, tmp_path_factory, task, in
 
 
 def test_validation_reviews_are_held_out_balanced_and_seeded(task):
-    train, val = runs.hold_out(task.train, 10, 0)
+    train, val = data.hold_out(task.train, 10, 0)
     assert (len(train), len(val)) == (30, 10) and val.labels.sum() == 5
     reviews = lambda split: sorted(tuple(split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist())
                                    for i in range(len(split)))
     assert sorted(reviews(train) + reviews(val)) == reviews(task.train)  # every review in exactly one of them
-    assert reviews(runs.hold_out(task.train, 10, 0)[1]) == reviews(val)
-    assert reviews(runs.hold_out(task.train, 10, 1)[1]) != reviews(val)
-    unchanged, none = runs.hold_out(task.train, 0, 0)
+    assert reviews(data.hold_out(task.train, 10, 0)[1]) == reviews(val)
+    assert reviews(data.hold_out(task.train, 10, 1)[1]) != reviews(val)
+    unchanged, none = data.hold_out(task.train, 0, 0)
     assert unchanged is task.train and none is None  # VAL_LIMIT=0: the reference
 
 
@@ -101,8 +101,8 @@ def test_validation_reviews_are_held_out_balanced_and_seeded(task):
 def test_bad_validation_settings_are_refused(task, args, message):
     cfg = cli.configure(args)
     with pytest.raises(errors.UserError, match=message.replace("(", r"\(")):
-        runs._check_choices(cfg)
-        runs.hold_out(task.train, cfg.VAL_LIMIT, cfg.SEED)
+        runs._check_choices(cfg, with_train=True)
+        data.hold_out(task.train, cfg.VAL_LIMIT, cfg.SEED)
 
 
 def test_validation_run_keeps_the_best_epoch(tiny, tmp_path):

@@ -76,7 +76,7 @@ def review(split, i: int) -> torch.Tensor:
 
 def unpadded_logits(task, layout, split, i: int, primer) -> torch.Tensor:
     """The model's own forward over one review's unpadded embeddings, full logits, the last position's row."""
-    embeds = frozen.unpadded_embeds(task.model, layout, review(split, i), primer)
+    embeds = layouts.unpadded_embeds(task.model, layout, review(split, i), primer)
     return task.model(inputs_embeds=embeds[None]).logits[0, -1].float()
 
 

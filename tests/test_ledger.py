@@ -18,7 +18,7 @@ print("ready", flush=True)
 os.read(go, 1)  # returns when the test closes the pipe's other end: every writer at once
 run_dir = runs.new_run_dir(cfg, "race")
 for i in range(rows):
-    ledger.append(results, {"run_id": run_dir.rsplit("/", 1)[1], "script": "race", "correct": i, "status": "finished"})
+    ledger.add_row(results, {"run_id": run_dir.rsplit("/", 1)[1], "script": "race", "correct": i, "status": "finished"})
 """
 
 
@@ -50,7 +50,7 @@ WIDTH = len(ledger.COLUMNS)
     (b'r,s,' + b',' * (WIDTH - 3), "line 3 is cut short (no line end)"),
 ])
 def test_a_damaged_ledger_is_one_line_before_any_work(tmp_path, damage, message):
-    ledger.append(str(tmp_path), {"run_id": "good", "status": "finished"})
+    ledger.add_row(str(tmp_path), {"run_id": "good", "status": "finished"})
     with open(ledger.path(str(tmp_path)), "ab") as f:
         f.write(damage)
     with pytest.raises(errors.UserError, match=re.escape(message)):
@@ -69,7 +69,7 @@ def test_an_older_ledger_still_reads_and_takes_new_rows_with_its_text_kept(tmp_p
     with open(path, "w") as f:
         f.write(OLD)
     ledger.check(str(tmp_path))
-    ledger.append(str(tmp_path), {"run_id": "new", "method": "text prompt", "correct": 7, "status": "finished"})
+    ledger.add_row(str(tmp_path), {"run_id": "new", "method": "text prompt", "correct": 7, "status": "finished"})
     header, *lines = open(path).read().splitlines()
     assert header.split(",")[:WIDTH] == ledger.COLUMNS and "lr_schedule" in header and len(lines) == 2
     old = dict(zip(header.split(","), lines[0].split(",")))

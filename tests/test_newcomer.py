@@ -157,7 +157,7 @@ def test_probe_figure_has_whole_layers_a_title_of_its_own_and_no_hidden_line(tmp
     results, model_id = str(tmp_path / "results"), str(tmp_path / "tiny" / "model")
     os.makedirs(model_id)
     write_probe_run(results, "20260101-000000-probe", model_id, {"last": [0.5, 0.9, 0.8], "mean": [0.5, 0.7, 0.75]})
-    ledger.append(results, {"run_id": "x", "script": "experiment", "method": "primer", "model_id": model_id,
+    ledger.add_row(results, {"run_id": "x", "script": "experiment", "method": "primer", "model_id": model_id,
                             "score": 0.9, "tokens": 4})
     path = plots.probe_layers(results, model_id, str(tmp_path))
     (axes,) = plots.description(path)["axes"]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import experiment
 from conftest import overrides
-from harness import cli, frozen, primers, runs, training
+from harness import cli, layouts, primers, runs, training
 from harness.layouts import make_layout
 
 RUN = ["--train_limit=40", "--test_limit=20", "--val_limit=10", "--keep_best=True", "--rate_by_epoch=[0.1, 0.05]"]
@@ -44,7 +44,7 @@ def plain_logits(task, layout, split, i: int, primer: torch.Tensor) -> torch.Ten
     """Review i of split alone: its unpadded embeddings through the whole HF model, the last position's logits."""
     review = split.tokens[split.offsets[i]:split.offsets[i + 1]].long()
     return task.model(
-        inputs_embeds=frozen.unpadded_embeds(task.model, layout, review, primer)[None]).logits[0, -1].float()
+        inputs_embeds=layouts.unpadded_embeds(task.model, layout, review, primer)[None]).logits[0, -1].float()
 
 
 def plain_counts(task, layout, split, primer: torch.Tensor) -> tuple[int, int]:

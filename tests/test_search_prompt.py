@@ -14,7 +14,7 @@ import prompt_long
 import prompt_short
 import search_prompt
 from conftest import overrides, record_reads
-from harness import cli, errors, files, frozen, ledger, runs, scoring, screening
+from harness import cli, errors, files, frozen, layouts, ledger, runs, scoring, screening
 from harness.layouts import make_layout
 
 BUDGET = 300  # reviews through forward passes: a few steps of each search on the tiny model
@@ -55,7 +55,7 @@ def losses_one_by_one(task, layout, reviews, slot_ids=None, slots=None) -> torch
         slots = table[slot_ids].float()
     for i in reviews.tolist():
         review = task.train.tokens[task.train.offsets[i]:task.train.offsets[i + 1]].long()
-        embeds = frozen.unpadded_embeds(task.model, layout, review, slots)
+        embeds = layouts.unpadded_embeds(task.model, layout, review, slots)
         logits = task.model(inputs_embeds=embeds[None]).logits[0, -1].float()
         losses.append(F.cross_entropy(logits, task.label_ids[task.train.labels[i]]))
     return torch.stack(losses).mean()

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import steer
 from conftest import overrides, record_reads, run_until_first_checkpoint
-from harness import chat, cli, errors, frozen, generation, ledger, primers, runs, scoring
+from harness import chat, cli, errors, frozen, generation, layouts, ledger, primers, runs, scoring
 from harness.layouts import make_layout, prompt_text
 
 
@@ -165,13 +165,13 @@ def judged_alone(task, judge: str, path: str, text: str) -> float:
         primer = load_file(path)["primer"]
         layout = make_layout(task, None, primer_length=len(primer))
         logits = task.model(
-            inputs_embeds=frozen.unpadded_embeds(task.model, layout, review, primer)[None]).logits[0, -1]
+            inputs_embeds=layouts.unpadded_embeds(task.model, layout, review, primer)[None]).logits[0, -1]
         return logits[task.label_ids].double().softmax(-1)[1].item()
     probe, layout = load_file(path), make_layout(task, None)
-    rows = frozen.unpadded_embeds(task.model, layout, review, None)
+    rows = layouts.unpadded_embeds(task.model, layout, review, None)
     # decoder layer 1's output
     states = task.model(inputs_embeds=rows[None], output_hidden_states=True).hidden_states[1][0]
-    (head, tail), = layout.joined_ids([review.tolist()])[1].tolist()  # the prompt text tokenized with the review
+    (head, tail), = layouts.joined_ids(layout, [review.tolist()])[1].tolist()  # prompt text tokenized with review
     pooled = states[len(layout.prefix) + head:len(rows) - len(layout.suffix) - tail].double()  # its own tokens
     mean = pooled.mean(0) if len(pooled) else torch.zeros(states.shape[1], dtype=torch.float64)
     return torch.sigmoid(mean @ probe["weight"].double() + probe["bias"].double()).item()

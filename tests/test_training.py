@@ -29,21 +29,22 @@ def primer_run(task, schedule: Schedule, run_dir, until=None) -> tuple[torch.Ten
 
 def test_the_rate_warms_up_then_decays_by_a_cosine_to_a_tenth():
     schedule = Schedule(rate=1.0, epochs=4, warmup=0.25, decay="cosine")
-    rates = [schedule.rate_at(step, per_epoch=10) for step in range(40)]
+    rates = schedule.rates(per_epoch=10)
+    assert len(rates) == 40
     assert rates[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])  # linear to the peak over a quarter
     assert rates[10] == pytest.approx(1.0) and rates[-1] == pytest.approx(FLOOR)
     assert all(a >= b for a, b in zip(rates[10:], rates[11:]))  # never rises after the warmup
     assert rates[25] == pytest.approx(FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * 15 / 29)))
-    assert {Schedule(rate=0.3, epochs=2).rate_at(s, 10) for s in range(20)} == {0.3}  # "constant", no warmup
+    assert set(Schedule(rate=0.3, epochs=2).rates(10)) == {0.3}  # "constant", no warmup
     reference = Schedule(rate=9.0, rate_by_epoch=(0.1, 0.01), warmup=0.5, decay="cosine")  # its rates win
-    assert [reference.rate_at(s, 5) for s in range(10)] == [0.1] * 5 + [0.01] * 5 and reference.total_steps(5) == 10
+    assert reference.rates(5) == [0.1] * 5 + [0.01] * 5 and reference.total_steps(5) == 10
 
 
 def test_validation_comes_every_n_steps_each_epoch_end_or_the_budgets_end():
     every = Schedule(rate=1.0, epochs=3, eval_every=4)
-    assert [s for s in range(31) if every.validates_after(s, per_epoch=10)] == [4, 8, 12, 16, 20, 24, 28, 30]
-    assert [every.next_stop(s, 10, 30) for s in (0, 4, 8, 9, 28)] == [4, 8, 10, 10, 30]
-    assert [s for s in range(31) if Schedule(rate=1.0, epochs=3).validates_after(s, 10)] == [10, 20, 30]
+    assert every.validation_steps(per_epoch=10) == [4, 8, 12, 16, 20, 24, 28, 30]
+    assert Schedule(rate=1.0, epochs=3).validation_steps(10) == [10, 20, 30]
+    assert Schedule(rate=1.0, epochs=2, eval_every=7).validation_steps(10) == [7, 14, 20]
 
 
 def test_the_config_becomes_a_schedule_and_the_reference_keeps_its_own(task):
