@@ -12,6 +12,7 @@ RESULTS_DIR = "results"  # one folder per run plus the results.csv ledger
 TRAIN_LIMIT = 56000  # training reviews (VAL_LIMIT of them held out): a seeded, label-balanced sample of train.csv
 TEST_LIMIT = 38000  # test reviews: a label-balanced sample of test.csv, the same at every SEED (38,000 is all of it)
 VAL_LIMIT = 0  # reviews held out of the TRAIN_LIMIT sample (seeded, label-balanced) and scored after each epoch; 0: none (the reference)
+TRAIN_REVIEWS = 0  # reviews trained on: 0 all VAL_LIMIT leaves; fewer: a seeded, label-balanced subset; more: the next ones of train.csv's seeded order (a data curve: one validation set, nested training sets)
 KEEP_BEST = True  # with VAL_LIMIT: end with the trained tensors of the best validation instead of the last ones
 MAX_REVIEW_TOKENS = 1024  # reviews longer than this are cut to their first MAX_REVIEW_TOKENS tokens
 PRIMER_LENGTH = 4  # number of trained embedding vectors in the system-prompt slot

@@ -130,8 +130,8 @@ def save_linear(run_dir: str, probe, cfg, layer: int, pooling: str) -> None:
 def run(cfg) -> None:
     check(cfg)
     task = runs.setup(cfg, held_out=False)  # held out below, by the split's size
-    val_limit, probe_train = fitted_sizes(cfg, len(task.train))
-    task.train, task.val = data.hold_out(task.train, val_limit, cfg.SEED)
+    val_limit, probe_train = fitted_sizes(cfg, task.train.meta.get("base", len(task.train)))
+    task.train, task.val = data.training_sets(task.train, val_limit, cfg.TRAIN_REVIEWS, cfg.SEED)
     layout, primer = prompts.layout_of(task, cfg.CONDITION, cfg.PRIMER_PATH, cfg.PRIMER_POSITION)
     sample = probe_sample(task, probe_train)
     run_dir = runs.new_run_dir(cfg, "probe", fitted={"VAL_LIMIT": val_limit, "PROBE_TRAIN": probe_train})

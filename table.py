@@ -32,8 +32,8 @@ from harness import cli, errors, files, ledger, plots, rategrid, scoring, stats
 TRAIN_REVIEWS = 0  # rows trained on this many reviews, plus those with nothing trained (prompts, searches); 0: all
 AGAINST = ""  # the paired tests' reference: the best row whose name contains this text; "": the best row
 SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
-SIZE_KEYS = ("TRAIN_LIMIT", "PROBE_TRAIN", "VECTOR_REVIEWS")  # set by the training reviews (steer takes all of a
-# small split): the data curve's axis, not a row's name
+# set by the training reviews (steer takes all of a small split): the data curve's axis, not a row's name
+SIZE_KEYS = ("TRAIN_LIMIT", "TRAIN_REVIEWS", "PROBE_TRAIN", "VECTOR_REVIEWS")
 COLUMNS = ["Run", "Method", "Params", "Train reviews", "Seeds", "Score (mean ± std)", "One run's 95% interval",
            "Label-restricted (mean ± std)", "Label bias (strict / restricted)", "Train s", "Score s", "Of the probe",
            "Difference (95% interval)", "p (seeds × reviews)"]

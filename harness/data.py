@@ -100,19 +100,32 @@ def balanced_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate([by_label[c][: take[c]] for c in (0, 1)]))
 
 
-def hold_out(train: Split, count: int, seed: int) -> tuple[Split, Optional[Split]]:
-    """The reviews to train on and `count` (VAL_LIMIT) validation reviews held out of them (seeded, label-balanced),
-    or all of them and None when count is 0."""
-    if not count:
-        return train, None
-    if not 0 < count < len(train):
-        raise errors.UserError(f"--val_limit={count} must be between 1 and {len(train) - 1}: validation "
-                               f"reviews are held out of the {len(train):,} training reviews (--train_limit), and "
+def training_sets(split: Split, val_limit: int, train_reviews: int, seed: int) -> tuple[Split, Optional[Split]]:
+    """The reviews to train on and `val_limit` validation reviews (seeded, label-balanced; None when 0), both from the
+    TRAIN_LIMIT sample (the reviews prep sampled past it join training): with `train_reviews` fewer than it leaves, a
+    seeded label-balanced subset is trained on. At one seed the validation reviews are the same for every
+    train_reviews and a smaller training set lies inside a larger one."""
+    base = split.meta.get("base", len(split))
+    if not val_limit and base == len(split) and not 0 < train_reviews < base:
+        return split, None
+    if val_limit and not 0 < val_limit < base:
+        raise errors.UserError(f"--val_limit={val_limit} must be between 1 and {base - 1}: validation "
+                               f"reviews are held out of the {base:,} training reviews (--train_limit), and "
                                f"some must be left to train on")
-    held = torch.from_numpy(balanced_sample(train.labels.numpy(), count, seed))
-    rest = torch.ones(len(train), dtype=torch.bool)
+    labels = split.labels[:base].numpy()
+    held = torch.from_numpy(balanced_sample(labels, val_limit, seed)) if val_limit else torch.zeros(0, dtype=torch.long)
+    rest = torch.ones(base, dtype=torch.bool)
     rest[held] = False
-    return train.subset(rest.nonzero().squeeze(1)), train.subset(held)
+    train = torch.cat([rest.nonzero().squeeze(1), torch.arange(base, len(split))])
+    if 0 < train_reviews < len(train):
+        train = train[torch.from_numpy(balanced_sample(split.labels[train].numpy(), train_reviews, seed))]
+    return split.subset(train), split.subset(held) if val_limit else None
+
+
+def extra_reviews(train_limit: int, val_limit: int, train_reviews: int) -> int:
+    """Training reviews prep samples past the TRAIN_LIMIT sample, so that `train_reviews` are left after the
+    validation ones (0 when that sample has enough)."""
+    return max(0, train_reviews - (train_limit - val_limit))
 
 
 def write_csv(path: str, labels: list[int], texts: list[str]) -> None:
@@ -192,6 +205,7 @@ def expected_meta(cfg: SimpleNamespace, tokenizer, split: str) -> dict:
     digest = csv_fingerprint(os.path.join(cfg.CSV_DIR, f"{split}.csv"))
     return {"model_id": cfg.MODEL_ID, "vocab_size": len(tokenizer), "vocab_fingerprint": vocab_fingerprint(tokenizer),
             "limit": cfg.TRAIN_LIMIT if split == "train" else cfg.TEST_LIMIT,
+            "extra": extra_reviews(cfg.TRAIN_LIMIT, cfg.VAL_LIMIT, cfg.TRAIN_REVIEWS) if split == "train" else 0,
             "max_review_tokens": cfg.MAX_REVIEW_TOKENS, "seed": sample_seed(cfg, split),
             **({"csv": digest} if digest else {})}
 
@@ -213,6 +227,8 @@ def prepare(cfg: SimpleNamespace, tokenizer, splits: tuple[str, ...] = SPLITS) -
         labels, texts, bad = rows[split]
         meta = expected_meta(cfg, tokenizer, split)
         keep = balanced_sample(labels, meta["limit"], meta["seed"])
+        more = np.setdiff1d(balanced_sample(labels, meta["limit"] + meta["extra"], meta["seed"]), keep)
+        meta["base"], keep = len(keep), np.concatenate([keep, more])  # the next reviews of the same seeded order
         tokens, offsets, truncated = tokenize(tokenizer, [texts[i] for i in keep], cfg.MAX_REVIEW_TOKENS)
         meta.update(source=source, rows=len(labels), bad_rows=len(bad), count=len(keep), truncated=truncated,
                     positives=int(labels[keep].sum()))
@@ -232,7 +248,7 @@ def load_split(cfg: SimpleNamespace, tokenizer, split: str) -> Split:
         print(f"{path} is missing: preparing it as ./prep.sh would", flush=True)
         prepare(cfg, tokenizer, (split,))
     stored = read_split(path)
-    meta, want = stored["meta"], expected_meta(cfg, tokenizer, split)
+    meta, want = {"extra": 0, **stored["meta"]}, expected_meta(cfg, tokenizer, split)  # "extra": 0 before it existed
     stale = {k: (meta.get(k), v) for k, v in want.items() if k != "model_id" and meta.get(k) != v}
     if stale:
         why = [f"{k}={old}, not {new}" for k, (old, new) in stale.items()

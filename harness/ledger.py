@@ -8,7 +8,7 @@ from typing import Iterator, Optional
 import pandas as pd
 
 from harness import errors, files
-from harness.cli import RESUMABLE
+from harness.cli import RESUMABLE, defaults
 
 COLUMNS = ["run_id", "method", "script", "status", "model_id", "samples", "trainable_params", "tokens", "correct",
            "total", "score", "restricted_correct", "restricted_score", "label_answer_share", "score_low", "score_high",
@@ -108,15 +108,16 @@ def format_table(rows: list[dict]) -> str:
 
 
 NEUTRAL_KEYS = RESUMABLE - {"DEVICE"} | {"RESUME"}  # cannot change a result: what a resume may change, but the device
-TRAINING_KEYS = {"TRAIN_LIMIT", "BATCH_SIZE", "PRIMER_LENGTH", "RATE_BY_EPOCH", "RATE_SCALE", "PRIMER_PATH",
-                 "PRIMER_POSITION", "PRIMER_INIT", "VAL_LIMIT", "KEEP_BEST"}  # a text prompt uses none of them
+TRAINING_KEYS = {"TRAIN_LIMIT", "TRAIN_REVIEWS", "BATCH_SIZE", "PRIMER_LENGTH", "RATE_BY_EPOCH", "RATE_SCALE",
+                 "PRIMER_PATH", "PRIMER_POSITION", "PRIMER_INIT", "VAL_LIMIT", "KEEP_BEST"}  # a text prompt uses none
 TEXT_PROMPT_SCRIPTS = ("prompt_long", "prompt_short")
 
 
 def result_config(script: str, config: dict) -> dict:
     """What decides a run's result: its config (uppercase keys) less the keys that cannot change it."""
     ignored = NEUTRAL_KEYS | (TRAINING_KEYS if script in TEXT_PROMPT_SCRIPTS else set())
-    return {k.upper(): v for k, v in config.items() if k.upper() not in ignored}
+    config = {**defaults(), **{k.upper(): v for k, v in config.items()}}  # a setting added since ran at its default
+    return {k: v for k, v in config.items() if k not in ignored}
 
 
 def run_config(results_dir: str, row: dict) -> Optional[dict]:

@@ -29,9 +29,9 @@ def setup(cfg: SimpleNamespace, with_train: bool = True, held_out: bool = True) 
     answer_at = answer_context(tokenizer, cfg.TEMPLATE_KWARGS)
     labels = torch.tensor(label_token_ids(tokenizer, cfg.LABELS, answer_at), device=device)
     with parallel.local_main_first():  # under accelerate one process per machine prepares missing data
-        count = cfg.VAL_LIMIT if held_out else 0
-        train, val = (data.hold_out(data.load_split(cfg, tokenizer, "train"), count, cfg.SEED) if with_train
-                      else (None, None))
+        train = data.load_split(cfg, tokenizer, "train") if with_train else None
+        train, val = (data.training_sets(train, cfg.VAL_LIMIT, cfg.TRAIN_REVIEWS, cfg.SEED) if with_train and held_out
+                      else (train, None))
         test = data.load_split(cfg, tokenizer, "test")
     torch.manual_seed(cfg.SEED)
     model = hub.load_model(cfg.MODEL_ID, cfg.GGUF_FILE, device, cfg.DTYPE, cfg.GRADIENT_CHECKPOINTING)

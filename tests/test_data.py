@@ -107,6 +107,26 @@ def test_prep_writes_safe_tokenized_splits(tiny, tmp_path):
         assert any("\n\nThey said \"come back\"" in text for text in decoded)
 
 
+def test_a_data_curve_nests_its_training_sets_and_keeps_one_validation_set(tiny, tmp_path):
+    """--train_reviews below, at and above what --train_limit leaves after --val_limit: one validation set, each
+    training set inside the next, label-balanced, and train_reviews=0 the run it was before the setting existed."""
+    tokenizer = hub.load_tokenizer(tiny.model_dir)
+    ids = lambda split: {tuple(split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist()) for i in range(len(split))}
+    sets = {}
+    for reviews in (0, 10, 30, 50, 90):  # the 40-review sample leaves 30; 50 and 90 take the next reviews of train.csv
+        cfg = cli.configure([*overrides(tiny, tmp_path / str(reviews)), "--train_limit=40", "--val_limit=10",
+                             f"--train_reviews={reviews}"])
+        train, val = data.training_sets(data.load_split(cfg, tokenizer, "train"), 10, reviews, 0)
+        assert len(train) == (reviews or 30) and train.labels.sum() == len(train) // 2 and len(val) == 10
+        sets[reviews] = ids(train), ids(val)
+    assert all(val == sets[0][1] for _, val in sets.values())  # the same validation reviews at every size
+    assert sets[30] == sets[0]  # all that the sample leaves: train_reviews=0
+    assert sets[10][0] < sets[30][0] < sets[50][0] < sets[90][0]  # nested
+    assert not sets[90][0] & sets[0][1]  # validation reviews are never trained on
+    stored = torch.load(tmp_path / "90" / "data" / "train.pt", weights_only=True)
+    assert (stored["meta"]["base"], stored["meta"]["extra"]) == (40, 60)
+
+
 def test_load_split_prepares_again_for_another_sample_or_tokenizer_and_refuses_pickles(tiny, tmp_path, cfg, capsys):
     tokenizer = hub.load_tokenizer(tiny.model_dir)
     assert len(data.load_split(cfg, tokenizer, "test")) == 60  # prepares the split itself when it is missing

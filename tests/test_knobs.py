@@ -83,14 +83,14 @@ def test_each_primer_init_is_where_a_run_starts(tiny, tmp_path_factory, task, in
 
 
 def test_validation_reviews_are_held_out_balanced_and_seeded(task):
-    train, val = data.hold_out(task.train, 10, 0)
+    train, val = data.training_sets(task.train, 10, 0, 0)
     assert (len(train), len(val)) == (30, 10) and val.labels.sum() == 5
     reviews = lambda split: sorted(tuple(split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist())
                                    for i in range(len(split)))
     assert sorted(reviews(train) + reviews(val)) == reviews(task.train)  # every review in exactly one of them
-    assert reviews(data.hold_out(task.train, 10, 0)[1]) == reviews(val)
-    assert reviews(data.hold_out(task.train, 10, 1)[1]) != reviews(val)
-    unchanged, none = data.hold_out(task.train, 0, 0)
+    assert reviews(data.training_sets(task.train, 10, 0, 0)[1]) == reviews(val)
+    assert reviews(data.training_sets(task.train, 10, 0, 1)[1]) != reviews(val)
+    unchanged, none = data.training_sets(task.train, 0, 0, 0)
     assert unchanged is task.train and none is None  # VAL_LIMIT=0: the reference
 
 
@@ -102,7 +102,7 @@ def test_bad_validation_settings_are_refused(task, args, message):
     cfg = cli.configure(args)
     with pytest.raises(errors.UserError, match=message.replace("(", r"\(")):
         runs._check_choices(cfg, with_train=True)
-        data.hold_out(task.train, cfg.VAL_LIMIT, cfg.SEED)
+        data.training_sets(task.train, cfg.VAL_LIMIT, cfg.TRAIN_REVIEWS, cfg.SEED)
 
 
 def test_validation_run_keeps_the_best_epoch(tiny, tmp_path):
