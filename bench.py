@@ -62,12 +62,12 @@ def synthetic_layout(vocab: int, primer_length: int, position: str) -> layouts.L
                           primer_length)
 
 
-def bench_layout(task: runs.Task, position: str) -> layouts.Layout:
+def bench_layout(task: runs.Task, position: str, primer_length: int) -> layouts.Layout:
     """MODEL_ID's own layout with the primer at position, or a synthetic one when there is no tokenizer."""
     layouts.check_primer_position(position, task.cfg.GRADIENT_CHECKPOINTING)
     if task.tokenizer is None:
-        return synthetic_layout(task.model.get_input_embeddings().weight.shape[0], task.cfg.PRIMER_LENGTH, position)
-    return layouts.make_layout(task, None, primer_length=task.cfg.PRIMER_LENGTH, position=position)
+        return synthetic_layout(task.model.get_input_embeddings().weight.shape[0], primer_length, position)
+    return layouts.make_layout(task, None, primer_length=primer_length, position=position)
 
 
 def random_model(cfg, device: torch.device) -> torch.nn.Module:
@@ -117,7 +117,7 @@ def bench_task(cfg) -> tuple[runs.Task, layouts.Layout]:
     labels = (layouts.label_token_ids(tokenizer, cfg.LABELS, layouts.answer_context(tokenizer, cfg.TEMPLATE_KWARGS))
               if tokenizer else [vocab - 2, vocab - 1])
     task = runs.Task(cfg, tokenizer, model, device, torch.tensor(labels, device=device), split, split)
-    layout = bench_layout(task, cfg.PRIMER_POSITION)
+    layout = bench_layout(task, cfg.PRIMER_POSITION, cfg.PRIMER_LENGTH)
     print(f"model {cfg.MODEL_ID}{' (random weights)' if cfg.RANDOM_INIT else ''} on {device_name(device)}, "
           f"{'reviews of ' + split.meta['source'] if prepared else 'synthetic Yelp-length reviews'}", flush=True)
     return task, layout
@@ -231,6 +231,31 @@ def batch_invariance(task: runs.Task, layout: layouts.Layout, primer: torch.Tens
             f"(label logit gap median {(alone[:, labels[0]] - alone[:, labels[1]]).abs().median():.3g})")
 
 
+def vector_rows(task: runs.Task, shape: dict, batches: list[torch.Tensor], peak: float) -> list[dict]:
+    """steer.py's learned vector trained at the middle layer on the same batches: the full forward, then the layers
+    above it on its kept outputs (frozen.steered_logits), every batch's kept first (a later epoch's steps)."""
+    plain, count = bench_layout(task, "system", 0), len(task.model.get_decoder().layers)
+    steer = frozen.Steer(torch.zeros(shape["d"], device=task.device, requires_grad=True), ((count + 1) // 2,))
+    optimizer = torch.optim.Adam([steer.vector], lr=1e-3)
+    real = lambda idx: task.train.lengths[idx] + len(plain.prefix) + len(plain.suffix)
+
+    def step(idx: torch.Tensor, layers: tuple[int, ...]) -> None:  # layers: forward's full pass, the hidden states kept
+        ids, lengths = layouts.assemble(plain, task.train, idx)
+        logits = frozen.forward(task.model, ids, lengths, plain, steer=steer, layers=layers).logits
+        loss = F.cross_entropy(logits, task.label_ids[task.train.labels[idx].to(task.device)])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        for idx in batches:
+            frozen.forward(task.model, *layouts.assemble(plain, task.train, idx), plain, steer=steer)
+    return [measure(name, lambda idx: step(idx, layers), batches, real,
+                    lambda idx: len(idx) * layouts.padded_width(int(real(idx).max())),
+                    lambda idx: batch_flops(shape, real(idx), False, True), task, peak)
+            for name, layers in (("train, learned vector, full forward", (count,)),
+                                 ("train, learned vector, layers below kept", ()))]
+
+
 def print_table(rows: list[dict]) -> None:
     print("| Run | Samples/s | Real tokens/s | Padding | Peak memory | TFLOP/s | MFU |\n|---|---|---|---|---|---|---|")
     for r in rows:
@@ -275,7 +300,9 @@ def run(cfg) -> None:
 
     rows = [train_row("train", layout)]
     compared = [] if cfg.GRADIENT_CHECKPOINTING else [p for p in ("system", "suffix") if p != cfg.PRIMER_POSITION]
-    rows += [train_row(f"train, primer position {p}", bench_layout(task, p)) for p in compared]  # the same batches
+    rows += [train_row(f"train, primer position {p}", bench_layout(task, p, cfg.PRIMER_LENGTH))
+             for p in compared]  # the same batches
+    rows += vector_rows(task, shape, train_batches, peak)
     if cfg.BASELINE:
         rows.append(measure("train, straightforward loop", naive_train, train_batches, real, to_longest,
                             lambda idx: batch_flops(shape, real(idx), True, True), task, peak))
@@ -309,6 +336,9 @@ def run(cfg) -> None:
         train_at = {p: by_name["train" if p == cfg.PRIMER_POSITION else f"train, primer position {p}"]["samples/s"]
                     for p in ("system", "suffix")}
         print(f"train, primer position suffix: {train_at['suffix'] / train_at['system']:.1f}x primer position system")
+    full, kept = (r["samples/s"] for r in rows if r["run"].startswith("train, learned vector"))
+    middle = (len(task.model.get_decoder().layers) + 1) // 2
+    print(f"train, learned vector: {kept / full:.1f}x the full forward with layer {middle}'s outputs kept")
     minutes = (cfg.REF_TRAIN / by_name["train"]["samples/s"] + cfg.REF_TEST / by_name["score"]["samples/s"]) / 60
     print(f"reference run ({cfg.REF_TRAIN:,} training samples, {cfg.REF_TEST:,} test reviews) projected: "
           f"{minutes:,.1f} minutes on {device_name(device)} at batch size {cfg.BATCH_SIZE} / {cfg.SCORE_BATCH_SIZE}")

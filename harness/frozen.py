@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from harness.task import Layout
 
+STATE_CACHE_BYTES = 2 * 2**30  # layer outputs kept per layout for steered forwards (steered_logits); past it recomputed
+
 
 @dataclass
 class Steer:
@@ -56,6 +58,9 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, la
     LM head runs only at the last real positions. A primer after the review runs on a cache of the rest
     (suffix_logits). The decoder is reached through the public accessors, so a peft-wrapped model works too. Inputs
     are moved to the model's device without waiting on it, and nothing here reads a value back from the device."""
+    steer = None if steer is not None and steer.coefficient == 0 else steer  # adds nothing: the unsteered forward
+    if steer is not None and primer is None and not layers and span == 1:
+        return Output(steered_logits(model, ids, lengths, layout, steer))
     ids, lengths = to_model(model, ids), to_model(model, lengths)
     if layout.in_suffix and primer is not None and primer.dim() == 2 and steer is None and not layers and span == 1:
         return Output(suffix_logits(model, ids, lengths, layout, primer))
@@ -116,6 +121,79 @@ def hooks(model: torch.nn.Module, steer: Optional[Steer], after_review: Optional
     finally:
         for handle in handles:
             handle.remove()
+
+
+@dataclass
+class _Kept:
+    """Layer outputs kept on a layout (Layout.cache["states", id(decoder)]) by steered_logits."""
+    states: dict = field(default_factory=dict)  # (layer, a review's ids as bytes) -> [its tokens, hidden]
+    nbytes: int = 0
+
+
+class _Skipped(torch.nn.Module):
+    """A decoder layer below the reused one: hands its input on."""
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+class _Replayed(torch.nn.Module):
+    """The reused decoder layer: its kept output instead of its work (hooks on it still steer that output)."""
+    def __init__(self, states: torch.Tensor):
+        super().__init__()
+        self.states = states
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.states
+
+
+@contextlib.contextmanager
+def _layers_swapped(decoder: torch.nn.Module, layers: list[torch.nn.Module]) -> Iterator[None]:
+    kept = decoder.layers
+    decoder.layers = torch.nn.ModuleList(layers)
+    try:
+        yield
+    finally:
+        decoder.layers = kept
+
+
+def layer_outputs(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, layer: int) -> torch.Tensor:
+    """The output of decoder layer `layer` [B, T, hidden] for right-padded rows, the layers above it not run."""
+    decoder, out = model.get_decoder(), {}
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    with torch.no_grad(), hooks(model, None, None, (layer,), out.__setitem__), \
+            _layers_swapped(decoder, list(decoder.layers[:layer])):
+        decoder(input_ids=ids, attention_mask=attention_mask(model, positions < lengths[:, None], ids.shape[1]),
+                position_ids=positions.expand_as(ids), use_cache=False)
+    return out[layer]
+
+
+def steered_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, layout: Layout,
+                   steer: Steer) -> torch.Tensor:
+    """forward's logits with `steer` and no primer: nothing below the first steered layer L changes, so each
+    review's output of layer L is computed once per layout (kept on it, up to STATE_CACHE_BYTES) and later steps,
+    epochs, rates and coefficients run only the layers above L."""
+    layer, decoder = min(steer.layers), model.get_decoder()
+    kept = layout.cache.setdefault(("states", id(decoder)), _Kept())  # a layout scored on two models keeps both
+    sizes = lengths.tolist()
+    keys = [(layer, row_ids[:n].numpy().tobytes()) for row_ids, n in zip(ids.cpu(), sizes)]
+    ids, lengths = to_model(model, ids), to_model(model, lengths)
+    rows = []
+    for row, (key, n) in enumerate(zip(keys, sizes)):  # each review alone, unpadded: the same in every batch, bitwise
+        state = kept.states.get(key)
+        if state is None:
+            state = layer_outputs(model, ids[row:row + 1, :n], lengths[row:row + 1], layer)[0]
+            if kept.nbytes < STATE_CACHE_BYTES:
+                kept.states[key], kept.nbytes = state, kept.nbytes + state.nbytes
+        rows.append(state)
+    states = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    states = F.pad(states, (0, 0, 0, ids.shape[1] - states.shape[1]))
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    blocks = [_Skipped()] * (layer - 1) + [_Replayed(states)] + list(decoder.layers[layer:])
+    with _layers_swapped(decoder, blocks), hooks(model, steer, positions >= (lengths - len(layout.suffix))[:, None]):
+        hidden = decoder(inputs_embeds=states, attention_mask=attention_mask(model, positions < lengths[:, None],
+                                                                             ids.shape[1]),
+                         position_ids=positions.expand_as(ids), use_cache=False).last_hidden_state
+    return float32_logits(model, hidden[torch.arange(len(ids), device=ids.device), lengths - 1])
 
 
 def suffix_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, layout: Layout,

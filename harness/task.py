@@ -33,4 +33,5 @@ class Layout:
     in_suffix: bool = False  # the slot indexes the suffix: the primer follows the review (PRIMER_POSITION "suffix")
     joins: tuple[str, str] = ("", "")  # prompt text glued to the review on each side, tokenized together with it
     tokenizer: object = None  # needed only when joins are not empty
-    cache: dict = field(default_factory=dict, repr=False, compare=False)  # id(split) -> joined review ids (assemble)
+    # id(split) -> joined review ids (assemble); ("states", id(decoder)) -> layer outputs (frozen.steered_logits)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)

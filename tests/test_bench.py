@@ -11,14 +11,15 @@ import torch
 
 import bench
 from conftest import run_script
-from harness import cli, primers, training
+from harness import cli, frozen, primers, training
 
 # MAX_TOKENS: lengths vary, not all cut to one
 STEPS, WARMUP, BATCH, SCORE_BATCH, MAX_TOKENS, PRIMER = 2, 1, 4, 8, 256, 4
 ARGS = [f"--steps={STEPS}", f"--warmup={WARMUP}", f"--batch_size={BATCH}", f"--score_batch_size={SCORE_BATCH}",
         f"--max_review_tokens={MAX_TOKENS}", f"--primer_length={PRIMER}"]
 ROWS = ("train", "train, primer position suffix", "train, straightforward loop", "score", "score, straightforward loop",
-        "probe features, every layer")
+        "probe features, every layer", "train, learned vector, full forward",
+        "train, learned vector, layers below kept")
 NUMBER = r"[\d.e+-]+"
 
 
@@ -79,8 +80,8 @@ def expected_rows(conf: dict) -> dict[str, dict]:
     sample = torch.from_numpy(np.random.default_rng(0).permutation(len(split))[:(WARMUP + STEPS) * SCORE_BATCH])
     score = list(sample[split.lengths[sample].argsort(descending=True)].split(SCORE_BATCH))[WARMUP:]
 
-    def row(batches, naive: bool, training_: bool) -> dict:
-        real = [split.lengths[idx] + fixed for idx in batches]
+    def row(batches, naive: bool, training_: bool, primer: bool = True) -> dict:
+        real = [split.lengths[idx] + fixed - (0 if primer else PRIMER) for idx in batches]
         padded = sum(len(r) * (longest if naive else int(r.max())) for r in real)
         flops = sum(llama_flops(conf, r, r if naive else torch.ones_like(r), training_) for r in real)
         samples = sum(len(r) for r in real)
@@ -89,7 +90,9 @@ def expected_rows(conf: dict) -> dict[str, dict]:
     return {"train": row(train, False, True), "train, primer position suffix": row(train, False, True),
             "train, straightforward loop": row(train, True, True), "score": row(score, False, False),
             "score, straightforward loop": row(score, True, False),
-            "probe features, every layer": row(score, False, False)}
+            "probe features, every layer": row(score, False, False),
+            "train, learned vector, full forward": row(train, False, True, primer=False),
+            "train, learned vector, layers below kept": row(train, False, True, primer=False)}
 
 
 # catches: warm-up batches counted but not timed (or the reverse), padding counted as work, the LM head's positions
@@ -118,6 +121,8 @@ def test_bench_figures_are_those_of_the_batches_it_timed(printed, tiny):
     for what in ("train", "score"):  # the speed-ups are those of the table's rows, not inverted or of other rows
         assert meet(speed_up(what), quotient(sps[what], sps[f"{what}, straightforward loop"]))
     assert meet(speed_up("train, primer position suffix"), quotient(sps["train, primer position suffix"], sps["train"]))
+    assert meet(speed_up("train, learned vector"), quotient(sps["train, learned vector, layers below kept"],
+                                                            sps["train, learned vector, full forward"]))
     projected = re.search(r"^reference run \(290,000 training samples, 38,000 test reviews\) projected: ([\d,.]+) "
                           r"minutes", out, re.MULTILINE)
     slowest, fastest = zip(sps["train"], sps["score"])
@@ -156,7 +161,7 @@ def test_the_suffix_row_runs_only_the_suffix_with_gradients(tiny):
     task, _ = bench.bench_task(cfg)
     idx = training.length_grouped_batches(task.train.lengths, BATCH, 0)[0]
     primer = primers.init_primer(task.model, PRIMER, 0).requires_grad_(True)
-    layouts = {position: bench.bench_layout(task, position) for position in ("system", "suffix")}
+    layouts = {position: bench.bench_layout(task, position, PRIMER) for position in ("system", "suffix")}
     counts = {position: positions_with_gradient(
                   task.model, lambda at=at: primers.loss_of(task, at, primer)(idx, len(idx)).backward())
               for position, at in layouts.items()}
@@ -164,3 +169,23 @@ def test_the_suffix_row_runs_only_the_suffix_with_gradients(tiny):
     system = layouts["system"]
     assert counts["system"] == len(idx) * (len(system.prefix) + int(task.train.lengths[idx].max()) + len(system.suffix))
     assert counts["suffix"] * 5 < counts["system"]
+
+
+# catches: the learned vector's kept row running the layers below the steered one again (a later step's forward
+# should start at the kept outputs), which would leave its speed-up a timing accident
+def test_a_steered_step_runs_the_layers_below_once_per_review(tiny):
+    cfg = cli.configure(["--random_init=True", f"--model_id={tiny.model_dir}", "--device=cpu", *ARGS], bench.BENCH)
+    task, _ = bench.bench_task(cfg)
+    idx = training.length_grouped_batches(task.train.lengths, BATCH, 0)[0]
+    plain, count = bench.bench_layout(task, "system", 0), len(task.model.get_decoder().layers)
+    steer = frozen.Steer(torch.zeros(task.model.config.hidden_size, requires_grad=True), (count,))
+    calls = []
+    first = task.model.get_decoder().layers[0]
+    handle = first.register_forward_hook(lambda *args: calls.append(torch.is_grad_enabled()))
+    try:
+        for _ in range(2):
+            primers.loss_of(task, plain, steer=steer)(idx, len(idx)).backward()
+    finally:
+        handle.remove()
+    assert calls == [False] * len(idx)  # each review alone, without gradients, in the first step only
+    assert steer.vector.grad.abs().sum() > 0

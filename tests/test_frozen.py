@@ -77,6 +77,26 @@ def test_steering_adds_where_it_is_told_and_nowhere_else(task):
                                plain.logits)
 
 
+def test_a_steered_forward_reuses_the_layers_below_and_gives_the_full_forwards_logits_and_gradients(task):
+    """Without a primer a steered forward runs the layers above the steered one on the layout's kept outputs of
+    that layer: the full forward's logits and gradient (which `layers` asks for), in any batch."""
+    count = len(task.model.get_decoder().layers)
+    vector = torch.randn(task.model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    for layers, after_review in (((2,), False), ((2, count), True)):
+        layout = layouts.make_layout(task, None)
+        steer = frozen.Steer(vector.clone().requires_grad_(), layers, 3.0, after_review)
+        ids, lengths = layouts.assemble(layout, task.test, torch.tensor([5, 2, 0, 9]))
+        full = frozen.forward(task.model, ids, lengths, layout, steer=steer, layers=(count,)).logits
+        (want,) = torch.autograd.grad(full.logsumexp(-1).sum(), steer.vector)
+        for _ in range(2):  # computing the kept outputs, then reusing them
+            reused = frozen.forward(task.model, ids, lengths, layout, steer=steer).logits
+            (got,) = torch.autograd.grad(reused.logsumexp(-1).sum(), steer.vector)
+            torch.testing.assert_close(reused, full, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert len(layout.cache["states", id(task.model.get_decoder())].states) == 4
+        assert_row_independent(task, layout, lambda idx: {"steer": steer})
+
+
 def test_the_forward_reaches_a_peft_wrapped_decoder(task):
     from peft import LoraConfig, get_peft_model
     layout = layouts.make_layout(task, None, primer_length=2)
