@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from harness.task import Layout
 
-STATE_CACHE_BYTES = 2 * 2**30  # layer outputs kept per layout for steered forwards (steered_logits); past it recomputed
+STATE_CACHE_BYTES = 2 * 2**30  # per layout and kind: what _per_review keeps of the frozen reviews; past it recomputed
 
 
 @dataclass
@@ -61,9 +61,9 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, la
     steer = None if steer is not None and steer.coefficient == 0 else steer  # adds nothing: the unsteered forward
     if steer is not None and primer is None and not layers and span == 1:
         return Output(steered_logits(model, ids, lengths, layout, steer))
-    ids, lengths = to_model(model, ids), to_model(model, lengths)
     if layout.in_suffix and primer is not None and primer.dim() == 2 and steer is None and not layers and span == 1:
         return Output(suffix_logits(model, ids, lengths, layout, primer))
+    ids, lengths = to_model(model, ids), to_model(model, lengths)
     embeds = model.get_input_embeddings()(ids)
     if primer is not None:
         spliced = primer.to(embeds).expand(len(ids), -1, -1)
@@ -125,8 +125,8 @@ def hooks(model: torch.nn.Module, steer: Optional[Steer], after_review: Optional
 
 @dataclass
 class _Kept:
-    """Layer outputs kept on a layout (Layout.cache["states", id(decoder)]) by steered_logits."""
-    states: dict = field(default_factory=dict)  # (layer, a review's ids as bytes) -> [its tokens, hidden]
+    """What _per_review keeps on a layout (Layout.cache[kind, id(decoder)])."""
+    states: dict = field(default_factory=dict)  # a review's ids as bytes -> what was computed from them
     nbytes: int = 0
 
 
@@ -156,36 +156,58 @@ def _layers_swapped(decoder: torch.nn.Module, layers: list[torch.nn.Module]) -> 
         decoder.layers = kept
 
 
-def layer_outputs(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, layer: int) -> torch.Tensor:
-    """The output of decoder layer `layer` [B, T, hidden] for right-padded rows, the layers above it not run."""
+def layer_output(model: torch.nn.Module, ids: torch.Tensor, layer: int) -> list[torch.Tensor]:
+    """[The output of decoder layer `layer` [T, hidden]] for one unpadded row of ids [1, T], the layers above not
+    run."""
     decoder, out = model.get_decoder(), {}
-    positions = torch.arange(ids.shape[1], device=ids.device)
     with torch.no_grad(), hooks(model, None, None, (layer,), out.__setitem__), \
             _layers_swapped(decoder, list(decoder.layers[:layer])):
-        decoder(input_ids=ids, attention_mask=attention_mask(model, positions < lengths[:, None], ids.shape[1]),
-                position_ids=positions.expand_as(ids), use_cache=False)
-    return out[layer]
+        decoder(input_ids=ids, use_cache=False, **_unpadded(model, ids))
+    return [out[layer][0]]
+
+
+def review_cache(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each decoder layer's keys then values [1, heads, T, head_dim] for one unpadded row of ids [1, T]."""
+    with torch.no_grad():
+        cache = model.get_decoder()(input_ids=ids, use_cache=True, **_unpadded(model, ids)).cache
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def _unpadded(model: torch.nn.Module, ids: torch.Tensor) -> dict:
+    """The mask and positions forward gives a row without padding (the same attention kernel as a batch's)."""
+    width = ids.shape[1]
+    return {"attention_mask": attention_mask(model, torch.ones_like(ids, dtype=torch.bool), width),
+            "position_ids": torch.arange(width, device=ids.device)[None]}
+
+
+def _per_review(model: torch.nn.Module, layout: Layout, kind: str, ids: torch.Tensor, sizes: list[int],
+                compute: Callable[[torch.nn.Module, torch.Tensor], list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """compute(model, ids [1, n]) for the first n ids of each row (n in sizes): each review alone and unpadded, so
+    bitwise the same in every batch and on resume, and kept on the layout (up to STATE_CACHE_BYTES) for later steps,
+    epochs, rates and coefficients."""
+    kept = layout.cache.setdefault((kind, id(model.get_decoder())), _Kept())  # a layout on two models keeps both
+    found = []
+    for row, n in zip(ids.cpu(), sizes):
+        key = row[:n].numpy().tobytes()
+        value = kept.states.get(key)
+        if value is None:
+            value = compute(model, to_model(model, row[None, :n]))
+            if kept.nbytes < STATE_CACHE_BYTES:
+                kept.states[key] = value
+                kept.nbytes += sum(t.nbytes for t in value)
+        found.append(value)
+    return found
 
 
 def steered_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, layout: Layout,
                    steer: Steer) -> torch.Tensor:
     """forward's logits with `steer` and no primer: nothing below the first steered layer L changes, so each
-    review's output of layer L is computed once per layout (kept on it, up to STATE_CACHE_BYTES) and later steps,
-    epochs, rates and coefficients run only the layers above L."""
+    review's output of layer L is computed once (_per_review) and the forward runs only the layers above L on it."""
     layer, decoder = min(steer.layers), model.get_decoder()
-    kept = layout.cache.setdefault(("states", id(decoder)), _Kept())  # a layout scored on two models keeps both
-    sizes = lengths.tolist()
-    keys = [(layer, row_ids[:n].numpy().tobytes()) for row_ids, n in zip(ids.cpu(), sizes)]
+    states = _per_review(model, layout, f"layer {layer}", ids, lengths.tolist(),
+                         lambda model, row: layer_output(model, row, layer))
     ids, lengths = to_model(model, ids), to_model(model, lengths)
-    rows = []
-    for row, (key, n) in enumerate(zip(keys, sizes)):  # each review alone, unpadded: the same in every batch, bitwise
-        state = kept.states.get(key)
-        if state is None:
-            state = layer_outputs(model, ids[row:row + 1, :n], lengths[row:row + 1], layer)[0]
-            if kept.nbytes < STATE_CACHE_BYTES:
-                kept.states[key], kept.nbytes = state, kept.nbytes + state.nbytes
-        rows.append(state)
-    states = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    states = torch.nn.utils.rnn.pad_sequence([state for state, in states], batch_first=True)
     states = F.pad(states, (0, 0, 0, ids.shape[1] - states.shape[1]))
     positions = torch.arange(ids.shape[1], device=ids.device)
     blocks = [_Skipped()] * (layer - 1) + [_Replayed(states)] + list(decoder.layers[layer:])
@@ -198,26 +220,27 @@ def steered_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Ten
 
 def suffix_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, layout: Layout,
                   primer: torch.Tensor) -> torch.Tensor:
-    """forward's logits for a primer after the review: prefix and review run once without gradients into a
-    key-value cache, then only the primer and the tokens after it run on that cache, so backward covers those few
-    tokens alone. The cached part is left-padded so every row ends at the same column and the suffix block is one
-    dense block for all rows; the mask hides the left padding and explicit positions keep rows independent."""
-    decoder, suffix = model.get_decoder(), layout.suffix.to(ids.device)
-    context = lengths - len(suffix)  # each row's prefix and review tokens
-    width = ids.shape[1] - len(suffix)  # the longest row's context or more (never read from the device)
-    positions = torch.arange(width, device=ids.device) - (width - context)[:, None]  # negative in the left padding
-    real = positions >= 0
-    with torch.no_grad():
-        cache = decoder(input_ids=ids.gather(1, positions.clamp(min=0)),
-                        attention_mask=attention_mask(model, real, width),
-                        position_ids=positions.clamp(min=0), use_cache=True).cache
+    """forward's logits for a primer after the review: each review's prefix and review run once into a key-value
+    cache (_per_review), then only the primer and the tokens after it run on the batch's caches, so backward covers
+    those few tokens alone. The caches are left-padded so every row ends at the same column and the suffix block is
+    one dense block for all rows; the mask hides the left padding and explicit positions keep rows independent."""
+    from transformers import DynamicCache
+    sizes = (lengths - len(layout.suffix)).tolist()  # each row's prefix and review tokens
+    caches = _per_review(model, layout, "review cache", ids, sizes, review_cache)
+    width = max(sizes)
+    left = lambda tensors: torch.cat([F.pad(t, (0, 0, width - n, 0)) for t, n in zip(tensors, sizes)])
+    cache = DynamicCache(ddp_cache_data=[(left([c[i] for c in caches]), left([c[i + 1] for c in caches]))
+                                         for i in range(0, len(caches[0]), 2)], config=model.config)
+    ids, context = to_model(model, ids), to_model(model, torch.tensor(sizes))
+    suffix = layout.suffix.to(ids.device)
+    real = torch.arange(width, device=ids.device) >= (width - context)[:, None]
     embeds = model.get_input_embeddings()(suffix)
     embeds = torch.cat([embeds[:layout.slot.start], primer.to(embeds), embeds[layout.slot.stop:]])
     keys = torch.cat([real, real.new_ones(len(ids), len(suffix))], dim=1)
-    hidden = decoder(inputs_embeds=embeds.expand(len(ids), -1, -1), cache=cache, use_cache=True,
-                     attention_mask=attention_mask(model, keys, len(suffix)),
-                     position_ids=context[:, None] + torch.arange(len(suffix), device=ids.device)).last_hidden_state
-    return float32_logits(model, hidden[:, -1])
+    hidden = model.get_decoder()(inputs_embeds=embeds.expand(len(ids), -1, -1), cache=cache, use_cache=True,
+                                 attention_mask=attention_mask(model, keys, len(suffix)),
+                                 position_ids=context[:, None] + torch.arange(len(suffix), device=ids.device))
+    return float32_logits(model, hidden.last_hidden_state[:, -1])
 
 
 def float32_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -171,21 +171,31 @@ def test_the_suffix_row_runs_only_the_suffix_with_gradients(tiny):
     assert counts["suffix"] * 5 < counts["system"]
 
 
-# catches: the learned vector's kept row running the layers below the steered one again (a later step's forward
-# should start at the kept outputs), which would leave its speed-up a timing accident
-def test_a_steered_step_runs_the_layers_below_once_per_review(tiny):
+# catches: frozen work done again after the first step: the layers below a steered one, or a suffix primer's review
+# (a later step's forward should start at what the first one kept), which would leave the kept rows' speed-up a
+# timing accident
+def test_the_frozen_part_of_a_step_runs_once_per_review(tiny):
     cfg = cli.configure(["--random_init=True", f"--model_id={tiny.model_dir}", "--device=cpu", *ARGS], bench.BENCH)
     task, _ = bench.bench_task(cfg)
     idx = training.length_grouped_batches(task.train.lengths, BATCH, 0)[0]
-    plain, count = bench.bench_layout(task, "system", 0), len(task.model.get_decoder().layers)
+    reviews = task.train.lengths[idx].tolist()
+    count = len(task.model.get_decoder().layers)
     steer = frozen.Steer(torch.zeros(task.model.config.hidden_size, requires_grad=True), (count,))
-    calls = []
-    first = task.model.get_decoder().layers[0]
-    handle = first.register_forward_hook(lambda *args: calls.append(torch.is_grad_enabled()))
-    try:
-        for _ in range(2):
-            primers.loss_of(task, plain, steer=steer)(idx, len(idx)).backward()
-    finally:
-        handle.remove()
-    assert calls == [False] * len(idx)  # each review alone, without gradients, in the first step only
-    assert steer.vector.grad.abs().sum() > 0
+    plain, suffix = bench.bench_layout(task, "system", 0), bench.bench_layout(task, "suffix", PRIMER)
+    primer = primers.init_primer(task.model, PRIMER, 0).requires_grad_(True)
+    # (gradients on, rows x positions) of each run of the first decoder layer over two steps
+    want = {"steer": sorted((False, len(plain.prefix) + n + len(plain.suffix)) for n in reviews),  # each row, once
+            "suffix": sorted([(False, len(suffix.prefix) + n) for n in reviews]  # each review, once
+                             + [(True, len(idx) * len(suffix.suffix))] * 2)}  # the suffix block, at every step
+    for name, loss_of in (("steer", primers.loss_of(task, plain, steer=steer)),
+                          ("suffix", primers.loss_of(task, suffix, primer))):
+        calls = []
+        handle = task.model.get_decoder().layers[0].register_forward_hook(
+            lambda module, inputs, output: calls.append((torch.is_grad_enabled(), output.shape[0] * output.shape[1])))
+        try:
+            for _ in range(2):
+                loss_of(idx, len(idx)).backward()
+        finally:
+            handle.remove()
+        assert sorted(calls) == want[name], name
+    assert steer.vector.grad.abs().sum() > 0 and primer.grad.abs().sum() > 0
