@@ -17,9 +17,9 @@ from harness import cli, frozen, primers, training
 STEPS, WARMUP, BATCH, SCORE_BATCH, MAX_TOKENS, PRIMER = 2, 1, 4, 8, 256, 4
 ARGS = [f"--steps={STEPS}", f"--warmup={WARMUP}", f"--batch_size={BATCH}", f"--score_batch_size={SCORE_BATCH}",
         f"--max_review_tokens={MAX_TOKENS}", f"--primer_length={PRIMER}"]
-ROWS = ("train", "train, primer position suffix", "train, straightforward loop", "score", "score, straightforward loop",
-        "probe features, every layer", "train, learned vector, full forward",
-        "train, learned vector, layers below kept")
+ROWS = ("train", "train, primer position suffix", "train, primer position suffix, reviews kept",
+        "train, straightforward loop", "score", "score, straightforward loop", "probe features, every layer",
+        "train, learned vector, full forward", "train, learned vector, layers below kept")
 NUMBER = r"[\d.e+-]+"
 
 
@@ -88,6 +88,7 @@ def expected_rows(conf: dict) -> dict[str, dict]:
         return {"tokens per sample": sum(int(r.sum()) for r in real) / samples, "flops per sample": flops / samples,
                 "padding": 1 - sum(int(r.sum()) for r in real) / padded}
     return {"train": row(train, False, True), "train, primer position suffix": row(train, False, True),
+            "train, primer position suffix, reviews kept": row(train, False, True),
             "train, straightforward loop": row(train, True, True), "score": row(score, False, False),
             "score, straightforward loop": row(score, True, False),
             "probe features, every layer": row(score, False, False),
@@ -121,6 +122,8 @@ def test_bench_figures_are_those_of_the_batches_it_timed(printed, tiny):
     for what in ("train", "score"):  # the speed-ups are those of the table's rows, not inverted or of other rows
         assert meet(speed_up(what), quotient(sps[what], sps[f"{what}, straightforward loop"]))
     assert meet(speed_up("train, primer position suffix"), quotient(sps["train, primer position suffix"], sps["train"]))
+    kept = re.search(r"^train, primer position suffix: .* epoch, ([\d.]+)x once its reviews are kept$", out, re.M)
+    assert meet(bounds(kept.group(1)), quotient(sps["train, primer position suffix, reviews kept"], sps["train"]))
     assert meet(speed_up("train, learned vector"), quotient(sps["train, learned vector, layers below kept"],
                                                             sps["train, learned vector, full forward"]))
     projected = re.search(r"^reference run \(290,000 training samples, 38,000 test reviews\) projected: ([\d,.]+) "
