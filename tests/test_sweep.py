@@ -10,7 +10,7 @@ import pytest
 import sweep
 import tune
 from conftest import overrides, run_script
-from harness import cli, errors, files, ledger, plots, scoring
+from harness import cli, data, errors, files, ledger, plots, scoring
 
 
 def assert_png(path) -> None:
@@ -215,3 +215,24 @@ def test_losses_figure_marks_each_runs_epoch_boundaries(tmp_path, monkeypatch):
     marks = [(line.get_xdata()[0], line.get_color()) for line in fig.axes[0].lines if line.get_linestyle() == ":"]
     assert marks == [(5.5, curves[0].get_color()), (10.5, curves[0].get_color()),
                      (3.5, curves[1].get_color()), (6.5, curves[1].get_color())]
+
+
+def test_the_converged_table_and_its_curve_share_one_validation_set_and_nest_their_training_sets(tiny, tmp_path):
+    """grids/cpu_converged.json and grids/cpu_curve.json: valid command lines, three seeds at every method and size,
+    the curve's sizes 100 to 2,000 drawn from the table's TRAIN_LIMIT and VAL_LIMIT (so one validation set and nested
+    training sets: data.training_sets), each data folder holding one sample."""
+    grid = sweep.expand(sweep.load_grid("cpu_converged")) + sweep.expand(sweep.load_grid("cpu_curve"))
+    sweep.read_settings(grid)
+    configs = [sweep.point_config(cli.configure(overrides(tiny, tmp_path)), point) for point in grid]
+    assert len({sweep.result_key(p["script"], vars(c)) for p, c in zip(grid, configs)}) == len(grid)
+    assert {(c.TRAIN_LIMIT, c.VAL_LIMIT, c.TEST_LIMIT) for c in configs} == {(500, 200, 400)}
+    seeds, folders = {}, {}
+    for point, c in zip(grid, configs):
+        size = c.TRAIN_REVIEWS or c.TRAIN_LIMIT - c.VAL_LIMIT
+        assert point["script"] != "probe" or c.PROBE_TRAIN == size, point
+        seeds.setdefault((what(point["script"], c), size), set()).add(c.SEED)
+        sample = (data.extra_reviews(c.TRAIN_LIMIT, c.VAL_LIMIT, c.TRAIN_REVIEWS), c.SEED)
+        assert folders.setdefault(c.DATA_DIR, sample) == sample, point  # one prepared sample per folder
+    assert all(found == {0, 1, 2} for found in seeds.values()), seeds
+    for method in (4, 16, "learned", "ia3", None):
+        assert {size for m, size in seeds if m == method} == {100, 300, 1000, 2000}, method
