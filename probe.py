@@ -49,10 +49,10 @@ def check(cfg) -> None:
                                f"at least 1")
 
 
-def fitted_sizes(cfg, reviews: int) -> tuple[int, int]:
-    """VAL_LIMIT and PROBE_TRAIN fitted to a training split of `reviews` where they are this script's defaults and
-    the split is too small for them (a fifth held out, the rest fit on); one error naming both when given values do
-    not fit."""
+def fitted_sizes(cfg, reviews: int, extra: int = 0) -> tuple[int, int]:
+    """VAL_LIMIT and PROBE_TRAIN fitted to a TRAIN_LIMIT sample of `reviews` (and `extra` reviews prep sampled past
+    it, for TRAIN_REVIEWS) where they are this script's defaults and the split is too small for them (a fifth held
+    out, the rest fit on); one error naming both when given values do not fit."""
     val, fit = cfg.VAL_LIMIT, cfg.PROBE_TRAIN
     if val == VAL_LIMIT and val > reviews // 5:
         val = max(2, reviews // 5)
@@ -60,10 +60,11 @@ def fitted_sizes(cfg, reviews: int) -> tuple[int, int]:
         raise errors.UserError(f"--val_limit={val} must be between 1 and {reviews - 2:,}: validation reviews are held "
                                f"out of the {reviews:,} training reviews (--train_limit), and --probe_train (at least "
                                "2) of the rest are fit on: lower --val_limit or raise --train_limit")
-    if fit == PROBE_TRAIN and fit > reviews - val:
-        fit = reviews - val
-    if not 2 <= fit <= reviews - val:
-        raise errors.UserError(f"--probe_train={fit} must be between 2 and the {reviews - val:,} training reviews left "
+    left = min(reviews - val + extra, cfg.TRAIN_REVIEWS or reviews - val + extra)  # what training_sets will leave
+    if fit == PROBE_TRAIN and fit > left:
+        fit = left
+    if not 2 <= fit <= left:
+        raise errors.UserError(f"--probe_train={fit} must be between 2 and the {left:,} training reviews left "
                                f"after --val_limit={val}: lower it or raise --train_limit")
     fitted = {name: (new, default) for name, new, old, default in (("val_limit", val, cfg.VAL_LIMIT, VAL_LIMIT),
                                                                     ("probe_train", fit, cfg.PROBE_TRAIN, PROBE_TRAIN))
@@ -130,7 +131,8 @@ def save_linear(run_dir: str, probe, cfg, layer: int, pooling: str) -> None:
 def run(cfg) -> None:
     check(cfg)
     task = runs.setup(cfg, held_out=False)  # held out below, by the split's size
-    val_limit, probe_train = fitted_sizes(cfg, task.train.meta.get("base", len(task.train)))
+    base = task.train.meta.get("base", len(task.train))  # the TRAIN_LIMIT sample; the rest, sampled for TRAIN_REVIEWS
+    val_limit, probe_train = fitted_sizes(cfg, base, len(task.train) - base)
     task.train, task.val = data.training_sets(task.train, val_limit, cfg.TRAIN_REVIEWS, cfg.SEED)
     layout, primer = prompts.layout_of(task, cfg.CONDITION, cfg.PRIMER_PATH, cfg.PRIMER_POSITION)
     sample = probe_sample(task, probe_train)

@@ -55,9 +55,10 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, la
     with_joins: the prompt text tokenized with the review at its start and end).
 
     Right padding with an attention mask and explicit positions keeps every row independent of its batch mates; the
-    LM head runs only at the last real positions. A primer after the review runs on a cache of the rest
-    (suffix_logits). The decoder is reached through the public accessors, so a peft-wrapped model works too. Inputs
-    are moved to the model's device without waiting on it, and nothing here reads a value back from the device."""
+    LM head runs only at the last real positions. A primer after the review, or a steer without a primer, runs on
+    what is kept of each review's frozen part (suffix_logits, steered_logits). The decoder is reached through the
+    public accessors, so a peft-wrapped model works too. Inputs (on the host, from layouts.assemble) are moved to the
+    model's device without waiting on it, and nothing here reads a value back from the device."""
     steer = None if steer is not None and steer.coefficient == 0 else steer  # adds nothing: the unsteered forward
     if steer is not None and primer is None and not layers and span == 1:
         return Output(steered_logits(model, ids, lengths, layout, steer))

@@ -69,7 +69,8 @@ def test_real_and_tiny_show_and_take_only_the_settings_they_read(monkeypatch, ca
 
 
 def test_probe_defaults_fit_a_small_split_and_given_values_that_do_not_fit_say_so(capsys):
-    cfg = types.SimpleNamespace(VAL_LIMIT=probe.VAL_LIMIT, PROBE_TRAIN=probe.PROBE_TRAIN, TRAIN_LIMIT=120)
+    cfg = types.SimpleNamespace(VAL_LIMIT=probe.VAL_LIMIT, PROBE_TRAIN=probe.PROBE_TRAIN, TRAIN_LIMIT=120,
+                                TRAIN_REVIEWS=0)
     assert probe.fitted_sizes(cfg, 120) == (24, 96)
     assert capsys.readouterr().out == ("120 training reviews: --val_limit=24 (its default 1000 does not fit), "
                                        "--probe_train=96 (its default 5600 does not fit)\n")
@@ -83,6 +84,9 @@ def test_probe_defaults_fit_a_small_split_and_given_values_that_do_not_fit_say_s
     with pytest.raises(errors.UserError,
                        match=r"^--val_limit=119 must be between 1 and 118: .* lower --val_limit or raise"):
         probe.fitted_sizes(types.SimpleNamespace(**{**vars(cfg), "VAL_LIMIT": 119}), 120)
+    curve = types.SimpleNamespace(**{**vars(cfg), "VAL_LIMIT": 40})  # --train_reviews: fewer, or reviews sampled past
+    assert [probe.fitted_sizes(types.SimpleNamespace(**{**vars(curve), "TRAIN_REVIEWS": n}), 120, extra)[1]
+            for n, extra in ((50, 0), (200, 120))] == [50, 200]
 
 
 def test_tiny_builds_quietly(tmp_path, capfd):
