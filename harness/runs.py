@@ -46,6 +46,9 @@ def _check_choices(cfg: SimpleNamespace, with_train: bool) -> None:
         return
     if cfg.RATE_SCALE not in RATE_SCALES:
         raise errors.UserError(f"--rate_scale={cfg.RATE_SCALE!r} is not one of {', '.join(RATE_SCALES)}")
+    if not isinstance(cfg.TRAIN_REVIEWS, int) or cfg.TRAIN_REVIEWS < 0:
+        raise errors.UserError(f"--train_reviews={cfg.TRAIN_REVIEWS!r} must be a whole number of reviews, 0 for all "
+                               "that --val_limit leaves")
     if cfg.RATE_GRID and not cfg.VAL_LIMIT:
         raise errors.UserError("--rate_grid chooses the rates on validation reviews: "
                                "set --val_limit (e.g. --val_limit=200)")

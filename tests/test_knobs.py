@@ -97,6 +97,7 @@ def test_validation_reviews_are_held_out_balanced_and_seeded(task):
 @pytest.mark.parametrize("args, message", [
     (["--val_limit=40"], "--val_limit=40 must be between 1 and 39: validation reviews are held out of the 40 training"),
     (["--rate_grid=[[1e-2], [1e-3]]"], "--rate_grid chooses the rates on validation reviews: set --val_limit"),
+    (["--train_reviews=-5"], "--train_reviews=-5 must be a whole number of reviews, 0 for all that --val_limit leaves"),
 ])
 def test_bad_validation_settings_are_refused(task, args, message):
     cfg = cli.configure(args)
