@@ -82,7 +82,7 @@ def test_a_steered_forward_reuses_the_layers_below_and_gives_the_full_forwards_l
     that layer: the full forward's logits and gradient (which `layers` asks for), in any batch."""
     count = len(task.model.get_decoder().layers)
     vector = torch.randn(task.model.config.hidden_size, generator=torch.Generator().manual_seed(1))
-    for layers, after_review in (((2,), False), ((2, count), True)):
+    for layers, after_review in (((2,), False), ((1, count), True)):  # the kept layer 2, or 1 and one above
         layout = layouts.make_layout(task, None)
         steer = frozen.Steer(vector.clone().requires_grad_(), layers, 3.0, after_review)
         ids, lengths = layouts.assemble(layout, task.test, torch.tensor([5, 2, 0, 9]))
