@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from harness.task import Layout
 
-STATE_CACHE_BYTES = 2 * 2**30  # per layout and kind: what _per_review keeps of the frozen reviews; past it recomputed
+STATE_CACHE_BYTES = 2 * 2**30  # per layout and model: what _per_review keeps of the frozen reviews; past it recomputed
 
 
 @dataclass
@@ -126,8 +126,8 @@ def hooks(model: torch.nn.Module, steer: Optional[Steer], after_review: Optional
 
 @dataclass
 class _Kept:
-    """What _per_review keeps on a layout (Layout.cache[kind, id(decoder)])."""
-    states: dict = field(default_factory=dict)  # a review's ids as bytes -> what was computed from them
+    """What _per_review keeps on a layout (Layout.cache["kept", id(decoder)]), all kinds within one budget."""
+    states: dict = field(default_factory=dict)  # (kind, a review's ids as bytes) -> what was computed from them
     nbytes: int = 0
 
 
@@ -186,10 +186,10 @@ def _per_review(model: torch.nn.Module, layout: Layout, kind: str, ids: torch.Te
     """compute(model, ids [1, n]) for the first n ids of each row (n in sizes): each review alone and unpadded, so
     bitwise the same in every batch and on resume, and kept on the layout (up to STATE_CACHE_BYTES) for later steps,
     epochs, rates and coefficients."""
-    kept = layout.cache.setdefault((kind, id(model.get_decoder())), _Kept())  # a layout on two models keeps both
+    kept = layout.cache.setdefault(("kept", id(model.get_decoder())), _Kept())  # a layout on two models keeps both
     found = []
     for row, n in zip(ids.cpu(), sizes):
-        key = row[:n].numpy().tobytes()
+        key = kind, row[:n].numpy().tobytes()
         value = kept.states.get(key)
         if value is None:
             value = compute(model, to_model(model, row[None, :n]))
