@@ -46,6 +46,8 @@ def test_cpu_inputs_primers_and_steering_vectors_meet_the_activations_on_their_d
         assert out.logits.device.type == "meta" and out.logits.shape == (5, task.model.config.vocab_size)
         assert out.last[1].device.type == out.mean[0].device.type == "meta"
     assert frozen.forward(meta.model, ids, lengths, layout, primer).logits.dtype == torch.float32
+    kept = frozen.forward(meta.model, ids, lengths, layout, steer=frozen.Steer(vector, (2,), 1.0))  # layer 1 kept
+    assert kept.logits.device.type == "meta" and kept.logits.dtype == torch.float32
 
 
 @pytest.mark.parametrize("position", ("system", "suffix"))
