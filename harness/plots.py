@@ -344,9 +344,11 @@ def curve_label(rows: pd.DataFrame) -> str:
     label = ", ".join([family(rows["method"].iloc[0])] + re.sub(r" rate_by_epoch=\[[^]]*\]", "", settings).split())
     if not rows["rate_chosen"].all():
         return ", ".join([family(rows["method"].iloc[0])] + settings.split())
-    rates = "; ".join(f"{int(r['samples']):,}: "
-                      + ",".join(f"{rate:g}" for rate in json.loads(r["config"])["RATE_BY_EPOCH"])
-                      for _, r in rows.iterrows())
+    schedules = [json.loads(r["config"]).get("RATE_BY_EPOCH") for _, r in rows.iterrows()]
+    if not all(schedules):  # a grid of peak rates: each seed chose its own (its run's rate_grid.csv)
+        return f"{label}, peak rate chosen per seed on validation"
+    rates = "; ".join(f"{int(r['samples']):,}: " + ",".join(f"{rate:g}" for rate in schedule)
+                      for (_, r), schedule in zip(rows.iterrows(), schedules))
     return f"{label}, rate chosen at each size ({rates})"
 
 

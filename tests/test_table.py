@@ -194,3 +194,15 @@ def test_the_converged_runs_chose_inside_their_grids_and_went_past_their_best():
         chosen = grid[grid["chosen"]].iloc[0]
         assert len(grid) >= 4 and grid["first_rate"].min() < chosen["first_rate"] < grid["first_rate"].max()
         assert chosen["best_step"] < chosen["steps"]
+
+
+def test_the_converged_data_figure_names_its_per_seed_rate_choice(monkeypatch):
+    """The converged curve's runs choose a peak rate per seed (no schedule in their config): the data figure draws
+    each method across its sizes and says so in the legend, rather than a schedule its runs do not have."""
+    figures = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
+    written = table.summarize(table.load_runs(os.path.join(ROOT, "results", "published", "converged")))
+    plots.table_data(written, "unused.png")
+    legend = [t.get_text() for t in figures[0].axes[0].get_legend().texts]
+    assert "primer, primer_length=4, peak rate chosen per seed on validation" in legend
+    assert len(legend) == (written.groupby("curve")["samples"].nunique() > 1).sum() >= 4
