@@ -131,11 +131,12 @@ def result_key(script: str, config: dict) -> str:
 
 
 def find_run(script: str, cfg: SimpleNamespace) -> Optional[dict]:
-    """The latest ledger row of a run of `script` whose saved config gives the same result as cfg, or None."""
+    """The latest ledger row of a run of `script` whose saved config, with the settings it fitted to its data as they
+    were asked for, gives the same result as cfg, or None."""
     want = result_key(script, vars(cfg))
     for row in reversed(ledger.rows(cfg.RESULTS_DIR)):
         config = ledger.run_config(cfg.RESULTS_DIR, row) if row["script"] == script else None
-        if config is not None and result_key(script, config) == want:
+        if config is not None and result_key(script, {**config, **config.get("asked", {})}) == want:
             return row
     return None
 

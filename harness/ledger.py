@@ -107,7 +107,8 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-NEUTRAL_KEYS = RESUMABLE - {"DEVICE"} | {"RESUME"}  # cannot change a result: what a resume may change, but the device
+# cannot change a result: what a resume may change, but the device; what a setting fitted to the data was asked to be
+NEUTRAL_KEYS = RESUMABLE - {"DEVICE"} | {"RESUME", "ASKED"}
 TRAINING_KEYS = {"TRAIN_LIMIT", "TRAIN_REVIEWS", "BATCH_SIZE", "PRIMER_LENGTH", "RATE_BY_EPOCH", "RATE_SCALE",
                  "PRIMER_PATH", "PRIMER_POSITION", "PRIMER_INIT", "VAL_LIMIT", "KEEP_BEST"}  # a text prompt uses none
 TEXT_PROMPT_SCRIPTS = ("prompt_long", "prompt_short")

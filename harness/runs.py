@@ -64,9 +64,9 @@ def _check_choices(cfg: SimpleNamespace, with_train: bool) -> None:
 @parallel.made_by_main
 def new_run_dir(cfg: SimpleNamespace, script: str, fitted: Optional[dict[str, Any]] = None) -> str:
     """A new run folder, results/<time>-<script>, holding the run's effective config: cfg, with the values this run
-    fitted to its data (`fitted`, by setting name) in place of those asked for, so that a resume or a sweep reads what
-    the run used (under accelerate the main process makes the folder and every process gets its path). A method that
-    trains takes run_dir_or_resume instead."""
+    fitted to its data (`fitted`, by setting name) in place of those asked for, so that a resume reads what the run
+    used, and those asked for under "asked", so that a sweep finds the run by its command line (under accelerate the
+    main process makes the folder and every process gets its path). A method that trains takes run_dir_or_resume."""
     base = os.path.join(files.folder(cfg.RESULTS_DIR, "--results_dir"), f"{datetime.now():%Y%m%d-%H%M%S}-{script}")
     for n in itertools.count(1):
         path = base if n == 1 else f"{base}-{n}"
@@ -75,8 +75,10 @@ def new_run_dir(cfg: SimpleNamespace, script: str, fitted: Optional[dict[str, An
             break
         except FileExistsError:
             continue
-    used = {**vars(cfg), **(fitted or {})}
-    files.write_atomic(os.path.join(path, "config.json"), json.dumps({k.lower(): v for k, v in used.items()}, indent=2))
+    used = {k.lower(): v for k, v in {**vars(cfg), **(fitted or {})}.items()}
+    asked = {k.lower(): getattr(cfg, k) for k, v in (fitted or {}).items() if getattr(cfg, k) != v}
+    files.write_atomic(os.path.join(path, "config.json"), json.dumps({**used, "asked": asked} if asked else used,
+                                                                     indent=2))
     return path
 
 

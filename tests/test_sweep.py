@@ -7,6 +7,7 @@ import matplotlib.image
 import pandas as pd
 import pytest
 
+import probe
 import sweep
 import tune
 from conftest import overrides, run_script
@@ -33,18 +34,22 @@ def grid_args(tiny, out, grid: list[dict]) -> list[str]:
 def test_a_grid_runs_as_command_lines_reports_failures_and_then_skips_what_is_done(tiny, tmp_path, capfd):
     grid = [{"script": "experiment", "rate_by_epoch": [0.1], "primer_length": 2},
             {"script": "experiment", "primer_path": f"{tmp_path}/missing.safetensors"},
-            {"script": "prompt_short"}]
+            {"script": "prompt_short"},
+            {"script": "probe", "pooling": "last"}]  # its VAL_LIMIT and PROBE_TRAIN are fitted to 100 reviews
     path = tmp_path / "grid.json"
     path.write_text(json.dumps(grid))
     cfg = sweep.configure(grid_args(tiny, tmp_path, grid) + [f"--grid={path}"])
-    with pytest.raises(errors.UserError, match=r"^1 of 3 points failed \(experiment --primer_path="):
+    with pytest.raises(errors.UserError, match=r"^1 of 4 points failed \(experiment --primer_path="):
         sweep.main(cfg)
     out = capfd.readouterr().out
-    assert (f"sweep 2/3: experiment --primer_path='{tmp_path}/missing.safetensors' failed: "
+    assert (f"sweep 2/4: experiment --primer_path='{tmp_path}/missing.safetensors' failed: "
             f"error: --primer_path={tmp_path}/missing" in out)
     first = ledger_frame(tmp_path)
-    assert first["script"].tolist() == ["experiment", "prompt_short"] and first["tokens"][0] == 2
-    assert first["samples"].tolist() == [100, 0] and first["method"][0] == "primer"
+    assert first["script"].tolist() == ["experiment", "prompt_short", "probe"] and first["tokens"][0] == 2
+    assert first["samples"].tolist() == [100, 0, 100] and first["method"][0] == "primer"
+    probed = files.read_json(str(tmp_path / "results" / first["run_id"][2] / "config.json"))
+    assert probed["val_limit"] == 20 and probed["probe_train"] < probe.PROBE_TRAIN  # what it used, and asked for:
+    assert probed["asked"] == {"val_limit": probe.VAL_LIMIT, "probe_train": probe.PROBE_TRAIN}
     config = files.read_json(str(tmp_path / "results" / first["run_id"][0] / "config.json"))
     assert config["primer_length"] == 2 and config["rate_by_epoch"] == [0.1] and config["train_limit"] == 100
     table = out[out.rindex("| Run |"):]  # the combined table printed last
@@ -52,9 +57,9 @@ def test_a_grid_runs_as_command_lines_reports_failures_and_then_skips_what_is_do
     for name in ("scores.png", "losses.png", *(f"{run}/loss.png" for run in first["run_id"][:1])):
         assert_png(tmp_path / "results" / name)
 
-    done = [grid[0], grid[2]]  # everything else is in the ledger now: nothing runs again
+    done = [grid[0], grid[2], grid[3]]  # everything else is in the ledger now: nothing runs again
     rows, failed = sweep.sweep(cfg, sweep.expand(done))
-    assert capfd.readouterr().out.count("already in the ledger") == 2 and not failed
+    assert capfd.readouterr().out.count("already in the ledger") == 3 and not failed
     assert [r["run_id"] for r in rows] == first["run_id"].tolist() and ledger_frame(tmp_path).equals(first)
     point = {"script": "experiment", "primer_length": 2, "rate_by_epoch": [0.1]}
     assert (sweep.find_run("experiment", sweep.point_config(cfg, {**point, "score_batch_size": 7}))["run_id"]
