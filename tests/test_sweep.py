@@ -48,7 +48,7 @@ def test_a_grid_runs_as_command_lines_reports_failures_and_then_skips_what_is_do
     assert first["script"].tolist() == ["experiment", "prompt_short", "probe"] and first["tokens"][0] == 2
     assert first["samples"].tolist() == [100, 0, 100] and first["method"][0] == "primer"
     probed = files.read_json(str(tmp_path / "results" / first["run_id"][2] / "config.json"))
-    assert probed["val_limit"] == 20 and probed["probe_train"] < probe.PROBE_TRAIN  # what it used; below, what was asked
+    assert probed["val_limit"] == 20 and probed["probe_train"] < probe.PROBE_TRAIN  # used; below, what was asked
     assert probed["asked"] == {"val_limit": probe.VAL_LIMIT, "probe_train": probe.PROBE_TRAIN}
     config = files.read_json(str(tmp_path / "results" / first["run_id"][0] / "config.json"))
     assert config["primer_length"] == 2 and config["rate_by_epoch"] == [0.1] and config["train_limit"] == 100
