@@ -49,7 +49,11 @@ def load_runs(results_dir: str) -> pd.DataFrame:
     stats.check_same_reviews(loaded)
     for r in rows:
         config, predictions = loaded[r["run_id"]]
-        config, seconds = rategrid.as_chosen(os.path.join(results_dir, r["run_id"]), config)
+        run_dir = os.path.join(results_dir, r["run_id"])
+        environment = files.read_json(os.path.join(run_dir, "environment.json"))
+        r["core_seconds"] = ((rategrid.candidates_seconds(run_dir, config, r["train_seconds"]) + r["score_seconds"])
+                             * environment.get("threads", 1) * environment.get("processes", 1))  # 1: unrecorded
+        config, seconds = rategrid.as_chosen(run_dir, config)
         r["train_seconds"] = r["train_seconds"] if seconds is None else seconds  # the chosen schedule's alone
         r["rate_chosen"] = seconds is not None
         r["config"] = ledger.result_config(r["script"], config)
@@ -164,6 +168,12 @@ def difference(row: pd.Series) -> list[str]:
     return [f"{100 * row['difference']:+.1f} [{low:+.1f}, {high:+.1f}]", p]
 
 
+def core_hours(runs: pd.DataFrame, table: pd.DataFrame) -> float:
+    """What the runs behind the table's rows cost, in core-hours (load_runs' core_seconds)."""
+    ids = {run for run_ids in table["run_ids"] for run in run_ids.split()}
+    return runs[runs["run_id"].isin(ids)]["core_seconds"].sum() / 3600
+
+
 def write(results_dir: str, train_reviews: int = 0, against: str = "") -> pd.DataFrame:
     runs = load_runs(results_dir)
     table = summarize(runs, train_reviews, against)
@@ -174,6 +184,8 @@ def write(results_dir: str, train_reviews: int = 0, against: str = "") -> pd.Dat
         with files.atomic_path(os.path.join(results_dir, name)) as tmp, open(tmp, "w") as f:
             f.write(content)
     print(text)
+    print(f"these {table['seeds'].sum()} runs cost {core_hours(runs, table):.1f} core-hours (every rate candidate's "
+          "training and the scoring, times the threads and processes each ran on)")
     every = summarize(runs) if train_reviews else table  # the figures draw every size
     for path in (plots.table_params(every, os.path.join(results_dir, "table_params.png")),
                  plots.table_data(every, os.path.join(results_dir, "table_data.png"))):

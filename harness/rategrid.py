@@ -118,6 +118,13 @@ def as_chosen(run_dir: str, config: dict) -> tuple[dict, Optional[float]]:
     return {**config, "rate_by_epoch": rate, "rate_grid": []}, float(chosen["train_seconds"])
 
 
+def candidates_seconds(run_dir: str, config: dict, train_seconds: float) -> float:
+    """A rate-grid run's training seconds over every candidate it tried (rate_grid.csv); any other run's own."""
+    if not config.get("rate_grid"):
+        return train_seconds
+    return float(pd.read_csv(os.path.join(run_dir, "rate_grid.csv"))["train_seconds"].sum())
+
+
 def draw(results_dir: str) -> str:
     """rate_grid.png in results_dir: every run's rate_grid.csv there, drawn by plots.rate_grid (one panel per size)."""
     grids = [pd.read_csv(path).sort_values("first_rate")

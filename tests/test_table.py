@@ -14,7 +14,7 @@ import experiment
 import prompt_short
 import table
 from conftest import ROOT, overrides, run_script
-from harness import cli, errors, ledger, plots, runs, stats
+from harness import cli, errors, files, ledger, plots, runs, stats
 
 CONFIGS = [{"primer_length": 2, "train_limit": 100}, {"primer_length": 2, "train_limit": 50},
            {"primer_length": 4, "train_limit": 100}]
@@ -51,6 +51,11 @@ def test_one_row_per_configuration_with_its_seeds_spread_and_a_paired_test(resul
     written = table.write(str(results))
     printed = capsys.readouterr().out
     assert (results / "table.md").read_text() in printed + "\n"
+    rows = pd.DataFrame(ledger.rows(str(results)))  # the tiny runs: no rate grid, each on the threads it recorded
+    threads = [files.read_json(str(results / run / "environment.json"))["threads"] for run in rows["run_id"]]
+    hours = ((rows["train_seconds"].astype(float) + rows["score_seconds"].astype(float)) * threads).sum() / 3600
+    assert table.core_hours(table.load_runs(str(results)), written) == pytest.approx(hours) and hours > 0
+    assert f"these {len(rows)} runs cost {hours:.1f} core-hours" in printed
     assert (len(written) == 4 and written["seeds"].tolist().count(2) == 3
             and sorted(written["samples"]) == [0, 50, 100, 100])
     frame = pd.DataFrame(ledger.rows(str(results)))
