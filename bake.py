@@ -32,6 +32,7 @@ from harness import (
     parallel,
     prompts,
     rategrid,
+    rundir,
     runs,
     scoring,
     training,
@@ -187,7 +188,7 @@ def run(cfg) -> None:
         return
     task.model = with_adapter(task)
     weights = {name: p for name, p in task.model.named_parameters() if p.requires_grad}
-    run_dir = runs.run_dir_or_resume(cfg, "bake")
+    run_dir = rundir.new_or_resumed(cfg, "bake")
     evaluate = None
     if task.val is not None:
         evaluate = lambda: {**scoring.score(task, student, split=task.val),

@@ -8,7 +8,7 @@
     python experiment.py --val_limit=200 '--rate_grid=[1e-1, 3e-2, 1e-2, 3e-3]'    # the rate chosen on validation
     python experiment.py --rate_scale=absolute '--rate_by_epoch=[1e-4, 1e-5, 1e-6]'   # the reference's schedule
 """
-from harness import cli, primers, rategrid, runs, scoring, training
+from harness import cli, primers, rategrid, rundir, runs, scoring, training
 from harness.layouts import make_layout
 
 
@@ -34,7 +34,7 @@ def run(cfg) -> None:
     else:
         primer = primers.initial_primer(task, cfg.PRIMER_INIT, cfg.PRIMER_LENGTH, cfg.SEED)
     layout = make_layout(task, None, primer_length=len(primer), position=cfg.PRIMER_POSITION)
-    run_dir = runs.run_dir_or_resume(cfg, "experiment")
+    run_dir = rundir.new_or_resumed(cfg, "experiment")
     method = "primer" if cfg.PRIMER_PATH is None else "saved primer"
     method += "" if cfg.PRIMER_POSITION == "system" else f" ({cfg.PRIMER_POSITION})"  # the ledger tells positions apart
     log, status, seconds = (None, "finished", None) if cfg.PRIMER_PATH else train_primer(task, layout, primer, run_dir)

@@ -22,7 +22,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from harness import activations, cli, data, errors, files, parallel, plots, prompts, runs, scoring, training
+from harness import activations, cli, data, errors, files, parallel, plots, prompts, rundir, runs, scoring, training
 
 CONDITION = "none"  # the prompt around the review: "none" (the review alone), "short", "long", "primer" (PRIMER_PATH)
 POOLING = "both"  # "last" (hidden state where the answer is predicted), "mean" (over the review's tokens) or "both"
@@ -136,7 +136,7 @@ def run(cfg) -> None:
     task.train, task.val = data.training_sets(task.train, val_limit, cfg.TRAIN_REVIEWS, cfg.SEED)
     layout, primer = prompts.layout_of(task, cfg.CONDITION, cfg.PRIMER_PATH, cfg.PRIMER_POSITION)
     sample = probe_sample(task, probe_train)
-    run_dir = runs.new_run_dir(cfg, "probe", fitted={"VAL_LIMIT": val_limit, "PROBE_TRAIN": probe_train})
+    run_dir = rundir.new(cfg, "probe", fitted={"VAL_LIMIT": val_limit, "PROBE_TRAIN": probe_train})
     layers = tuple(range(activations.layer_count(task.model)))
     poolings = activations.POOLINGS if cfg.POOLING == "both" else (cfg.POOLING,)
     train, train_seconds = activations.features(task, layout, sample, layers, poolings, run_dir, "train", primer)

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from harness import chat, cli, errors, files, hub, plots, primers, prompts, runs, scoring, screening
+from harness import chat, cli, errors, files, hub, plots, primers, prompts, rundir, runs, scoring, screening
 from harness.layouts import encode, make_layout
 
 SEARCH = "edit"  # "edit" (word edits), "propose" (a chat model writes instructions), "tokens" (gradient-guided swaps)
@@ -239,7 +239,7 @@ def run(cfg) -> None:
         return
     check(cfg)
     task = runs.setup(cfg)
-    run_dir = runs.new_run_dir(cfg, "search_prompt")
+    run_dir = rundir.new(cfg, "search_prompt")
     search = screening.Search(task, run_dir, cfg.BUDGET, cfg.FORWARD_BUDGET)
     if cfg.SEARCH == "tokens":
         ids, user = search_tokens(task, search)
@@ -264,7 +264,7 @@ def run(cfg) -> None:
     layout = make_layout(task, text, user)
     method = f"prompt search ({cfg.SEARCH}{', decoded text' if ids is not None else ''}; {budget}): {text[:40]!r}"
     runs.record(task, "search_prompt", method, layout.prompt_tokens, scoring.predict(task, layout),
-                runs.new_run_dir(cfg, "search_prompt") if ids is not None else run_dir,
+                rundir.new(cfg, "search_prompt") if ids is not None else run_dir,
                 samples=len(task.train), train_seconds=seconds)
 
 

@@ -32,6 +32,7 @@ from harness import (
     primers,
     prompts,
     rategrid,
+    rundir,
     runs,
     scoring,
     steering,
@@ -205,7 +206,7 @@ def run(cfg) -> None:
         runs.record(task, "steer", describe(source, steer, saved=True), 0, scoring.predict(task, plain, steer=steer))
         return
     reviews = vector_review_count(cfg, len(task.train))
-    run_dir = runs.run_dir_or_resume(cfg, "steer", fitted={"VECTOR_REVIEWS": reviews})
+    run_dir = rundir.new_or_resumed(cfg, "steer", fitted={"VECTOR_REVIEWS": reviews})
     source = f"mean of {cfg.PROMPT}" if cfg.VECTOR == "mean" else "pair" if cfg.VECTOR == "pair" else "learned"
     log, status, start = None, "finished", time.perf_counter()
     if cfg.VECTOR == "learned":

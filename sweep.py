@@ -13,7 +13,9 @@ A point is already done when the ledger (RESULTS_DIR/results.csv) has a row of t
 config.json equals the point's config on every key that can change the result (ledger.result_config), a setting the
 run fitted to its data counted as it was asked for (config.json's "asked"). The point's config is its script's
 settings (`python <script>.py --help=json`: the sweep never imports a script) with the overrides on top. A point
-that fails is reported in one line and the sweep goes on; run the sweep again to retry it. With JOBS above 1, that
+that fails is reported in one line and the sweep goes on; run the sweep again to retry it. A point whose run
+folder checkpointed but stopped before its record (a kill, a session's end) is resumed from there (--resume), not
+started again; run one sweep per results folder at a time. With JOBS above 1, that
 many points run at once, each given --threads=<cores / JOBS> unless --threads is set, so they share the cores
 instead of each starting a thread per core.
 
@@ -22,9 +24,11 @@ to lists of values, and the point stands for every combination of them (e.g. {"e
 "{seed}" in a string value standing for the combination's value (e.g. "data_dir": "data/rt/seed{seed}").
 """
 import functools
+import glob
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -101,9 +105,13 @@ def read_settings(grid: list[dict]) -> None:
         list(pool.map(script_settings, dict.fromkeys(point["script"] for point in grid)))
 
 
-def point_args(cfg: SimpleNamespace, point: dict) -> list[str]:
-    """The point's command-line overrides: the sweep's own (where they differ from config.py), then the point's."""
+def point_args(cfg: SimpleNamespace, point: dict, resume: Optional[str] = None) -> list[str]:
+    """The point's command-line overrides: the sweep's own (where they differ from config.py), then the point's; to
+    resume a run folder, --resume and those of the sweep's that a resumed run takes (where files go, how it runs)."""
     given = {k: v for k, v in vars(cfg).items() if k not in SETTINGS and v != cli.defaults()[k]}
+    if resume:
+        return cli.as_args({"RESUME": resume, **{k: v for k, v in {**given, **thread_share(cfg, point)}.items()
+                                                 if k in cli.RESUMABLE}})
     return (cli.as_args({**given, **thread_share(cfg, point)})
             + cli.as_args({k: v for k, v in point.items() if k != "script"}))
 
@@ -142,6 +150,21 @@ def find_run(script: str, cfg: SimpleNamespace) -> Optional[dict]:
     return None
 
 
+def unfinished_run(script: str, cfg: SimpleNamespace) -> Optional[str]:
+    """The latest run folder of `script` in RESULTS_DIR that checkpointed but stopped before its record (no
+    metrics.json: a kill, a crash, a session's end) and whose config gives the same result as cfg, or None."""
+    want = result_key(script, vars(cfg))
+    for folder in sorted(glob.glob(os.path.join(cfg.RESULTS_DIR, f"*-{script}*")), reverse=True):
+        if (not re.fullmatch(rf"\d{{8}}-\d{{6}}-{script}(-\d+)?", os.path.basename(folder))
+                or os.path.exists(os.path.join(folder, "metrics.json"))
+                or not glob.glob(os.path.join(folder, "**", "checkpoint.pt"), recursive=True)):
+            continue
+        config = files.read_json(os.path.join(folder, "config.json"))
+        if result_key(script, {**config, **config.get("asked", {})}) == want:
+            return folder
+    return None
+
+
 def run_command(command: list[str]) -> tuple[int, str]:
     """Run a command line, its output passing through; its exit status and the last line it wrote to stderr."""
     tail = b""
@@ -174,8 +197,13 @@ def run_point(cfg: SimpleNamespace, grid: list[dict], point_cfg: SimpleNamespace
     if row:
         print(f"{at}: {name}: already in the ledger as {row['run_id']}, skipped", flush=True)
         return row, name
-    print(f"{at}: python {script}.py {cli.shell_args(own)}", flush=True)
-    status, last = run_command([sys.executable, os.path.join(ROOT, f"{script}.py"), *point_args(cfg, point)])
+    resume = unfinished_run(script, point_cfg)
+    if resume:
+        print(f"{at}: {name}: resuming {resume}, which stopped before its record (delete it to start again)",
+              flush=True)
+    else:
+        print(f"{at}: python {script}.py {cli.shell_args(own)}", flush=True)
+    status, last = run_command([sys.executable, os.path.join(ROOT, f"{script}.py"), *point_args(cfg, point, resume)])
     row = find_run(script, point_cfg) if status == 0 else None
     if row is None:  # one bad point must not cost the rest of the grid
         print(f"{at}: {name} failed: {last if status else 'it wrote no ledger row'}", flush=True)

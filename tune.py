@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from harness import adapters, cli, errors, parallel, primers, rategrid, reft, runs, scoring, training
+from harness import adapters, cli, errors, parallel, primers, rategrid, reft, rundir, runs, scoring, training
 from harness.layouts import make_layout
 
 METHOD = "lora"  # what is trained: "lora", "ia3", "layernorm" (peft), "prefix" (per-layer keys and values) or "loreft"
@@ -114,7 +114,7 @@ def run(cfg) -> None:
             runs.record(task, "tune", f"saved {method} ({cfg.ADAPTER_PATH})", 0,
                         scoring.predict(task, plain, steer=steer), trainable_params=trainable)
         return
-    run_dir = runs.run_dir_or_resume(cfg, "tune")
+    run_dir = rundir.new_or_resumed(cfg, "tune")
     evaluate = None if task.val is None else lambda: scoring.score(task, plain, split=task.val, steer=steer)
     loss = primers.loss_of(task, plain, steer=steer, trained=tuple(params.values()))
     log, status, seconds = rategrid.train_grid(task, params, loss, run_dir, training.Schedule.of(cfg), cfg.RATE_GRID,

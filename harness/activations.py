@@ -39,7 +39,7 @@ def extract(task: Task, layout: Layout, split: Split, layers: tuple[int, ...], p
     return {p: parallel.sum_across(f).cpu() for p, f in found.items()}
 
 
-def fingerprint(task: Task, layout: Layout, split: Split, layers: tuple[int, ...], poolings: tuple[str, ...],
+def _fingerprint(task: Task, layout: Layout, split: Split, layers: tuple[int, ...], poolings: tuple[str, ...],
                 primer: Optional[torch.Tensor]) -> str:
     """What a split's features depend on: the model, its dtype, the exact input ids around each review, the primer,
     the layers and poolings."""
@@ -61,10 +61,10 @@ def features(task: Task, layout: Layout, split: Split, layers: tuple[int, ...], 
     run_dir/features-<name>.safetensors (float16, with the reviews' labels, and their fingerprint in the metadata).
     Features of the same fingerprint in another run folder of RESULTS_DIR are reused instead of extracted again
     (0 seconds)."""
-    key = fingerprint(task, layout, split, layers, poolings, primer)
+    key = _fingerprint(task, layout, split, layers, poolings, primer)
     path = os.path.join(run_dir, f"features-{name}.safetensors")
     earlier = next((p for p in sorted(glob.glob(os.path.join(task.cfg.RESULTS_DIR, "*", "features-*.safetensors")))
-                    if saved_fingerprint(p) == key), None)
+                    if _saved_fingerprint(p) == key), None)
     if earlier is not None:
         if parallel.is_main() and os.path.abspath(earlier) != os.path.abspath(path):
             try:
@@ -84,7 +84,7 @@ def features(task: Task, layout: Layout, split: Split, layers: tuple[int, ...], 
     return {p: f.half().float() for p, f in found.items()}, seconds
 
 
-def saved_fingerprint(path: str) -> Optional[str]:
+def _saved_fingerprint(path: str) -> Optional[str]:
     try:
         with safe_open(path, "pt") as f:
             return (f.metadata() or {}).get("fingerprint")

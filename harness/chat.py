@@ -26,7 +26,7 @@ def draw(scores: torch.Tensor, uniforms: torch.Tensor, temperature: float) -> to
     return torch.searchsorted(cdf, uniforms.reshape(-1, 1).double() * cdf[:, -1:]).clamp(max=cdf.shape[1] - 1)[:, 0]
 
 
-class DrawPerRow(LogitsProcessor):
+class _DrawPerRow(LogitsProcessor):
     """Scores whose argmax is `draw`'s sample, each row's uniforms from a generator of its own."""
 
     def __init__(self, generators: list[torch.Generator], temperature: float):
@@ -38,7 +38,7 @@ class DrawPerRow(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter_(1, drawn[:, None], 0.0)
 
 
-def row_generators(messages: list[str], seed: int) -> list[torch.Generator]:
+def _row_generators(messages: list[str], seed: int) -> list[torch.Generator]:
     """A generator per message seeded by (seed, the message, how often it came before): a message's k-th answer is
     the same whatever else is asked beside it."""
     seen, generators = {}, []
@@ -52,7 +52,7 @@ def row_generators(messages: list[str], seed: int) -> list[torch.Generator]:
 @torch.inference_mode()
 def sample(model: torch.nn.Module, tokenizer, messages: list[str], template_kwargs: dict, max_new_tokens: int,
            temperature: float, seed: int, steer: Optional[frozen.Steer] = None) -> Answers:
-    """One answer per user message, sampled at `temperature` from the whole vocabulary (row_generators: the same
+    """One answer per user message, sampled at `temperature` from the whole vocabulary (_row_generators: the same
     answer whatever the batch), with `steer` added at every position."""
     prompts = [encode(tokenizer, prompt_text(tokenizer, None, m, template_kwargs)) for m in messages]
     width = max(map(len, prompts))
@@ -61,8 +61,8 @@ def sample(model: torch.nn.Module, tokenizer, messages: list[str], template_kwar
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # left-padded for generate
     starts = width - torch.tensor([len(p) for p in prompts], device=device)[:, None]  # where each prompt begins
     mask = (torch.arange(width, device=device) >= starts).long()
-    noise = LogitsProcessorList([DrawPerRow(row_generators(messages, seed), temperature)])
-    with frozen.hooks(model, steer):  # greedy over DrawPerRow's scores: sampling, row by row
+    noise = LogitsProcessorList([_DrawPerRow(_row_generators(messages, seed), temperature)])
+    with frozen.hooks(model, steer):  # greedy over _DrawPerRow's scores: sampling, row by row
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, logits_processor=noise,
                              max_new_tokens=max_new_tokens, pad_token_id=pad)
     answer = out[:, width:]

@@ -1,4 +1,4 @@
-"""Plumbing shared by every script: config overrides, one-line errors, atomic writes."""
+"""Plumbing shared by every script: config overrides, `--help`, `--resume`'s config read back, one-line errors."""
 import ast
 import difflib
 import functools
@@ -33,7 +33,7 @@ def defaults() -> dict[str, Any]:
     return {k: v for k, v in vars(config).items() if k.isupper()}
 
 
-def settings(extra: Optional[dict[str, Any]] = None, shared: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
+def _settings(extra: Optional[dict[str, Any]] = None, shared: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
     """The settings a script reads, with their defaults: config.py's (only those named in `shared` when a script
     declares it reads no others), then the script's own `extra` ones."""
     base = defaults() if shared is None else {k: v for k, v in defaults().items() if k in shared}
@@ -46,14 +46,14 @@ def own_settings(namespace: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in namespace.items() if k.isupper() and not isinstance(v, types.ModuleType)}
 
 
-def parse_value(text: str) -> Any:
+def _parse_value(text: str) -> Any:
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
 
 
-def check_type(name: str, value: Any, default: Any) -> Any:
+def _check_type(name: str, value: Any, default: Any) -> Any:
     """The value if it fits the default's type (int for float, str for None), else a UserError."""
     if default is None:
         if value is None or isinstance(value, str):
@@ -69,7 +69,7 @@ def check_type(name: str, value: Any, default: Any) -> Any:
         expected = "a number"
     elif isinstance(default, list):
         if isinstance(value, (list, tuple)) and (value or not default):  # empty only where the default is
-            return [check_type(name, v, default[0]) for v in value] if default else list(value)
+            return [_check_type(name, v, default[0]) for v in value] if default else list(value)
         expected = f"a non-empty list like {default!r}" if default else "a list"
     elif isinstance(value, type(default)) and not isinstance(value, bool):
         return value
@@ -84,7 +84,7 @@ def configure(argv: list[str], extra: Optional[dict[str, Any]] = None,
     """config.py's constants (those in `shared` alone when given), plus a script's own `extra` ones, with the
     --name=value overrides of argv applied. With --resume=<run folder> the base is that run's config, and only
     RESUMABLE keys may be overridden."""
-    base = settings(extra, shared)
+    base = _settings(extra, shared)
     given = {}
     for i, arg in enumerate(argv):
         key, eq, text = arg[2:].partition("=")
@@ -92,23 +92,23 @@ def configure(argv: list[str], extra: Optional[dict[str, Any]] = None,
         if not arg.startswith("--"):
             raise UserError(f"cannot read argument {arg!r}: write overrides as --name=value, e.g. --batch_size=8")
         if name not in base:
-            raise UserError(unknown_key(key, base, shared))
+            raise UserError(_unknown_key(key, base, shared))
         if not eq:
             follows = i + 1 < len(argv) and not argv[i + 1].startswith("--")
             value = argv[i + 1] if follows else "True" if isinstance(base[name], bool) else "<value>"
             raise UserError(f"write --{key}={value}, with '=' and no space (see --help)")
-        given[name] = check_type(name, parse_value(text), base[name])
+        given[name] = _check_type(name, _parse_value(text), base[name])
     if given.get("RESUME"):
         fixed = sorted(set(given) - RESUMABLE - {"RESUME"})
         if fixed:
             raise UserError(f"a resumed run keeps its config: {', '.join('--' + k.lower() for k in fixed)} "
                             f"cannot change on --resume (only {', '.join('--' + k.lower() for k in sorted(RESUMABLE))} "
                             f"can); start a new run instead")
-        base = {**base, **saved_config(given["RESUME"], base)}
+        base = {**base, **_saved_config(given["RESUME"], base)}
     return types.SimpleNamespace(**{**base, **given})
 
 
-def unknown_key(key: str, base: dict[str, Any], shared: Optional[tuple[str, ...]]) -> str:
+def _unknown_key(key: str, base: dict[str, Any], shared: Optional[tuple[str, ...]]) -> str:
     script = os.path.basename(sys.argv[0]) or "this script"
     if not base:
         return f"unknown setting --{key}: {script} takes no settings (see --help)"
@@ -120,18 +120,18 @@ def unknown_key(key: str, base: dict[str, Any], shared: Optional[tuple[str, ...]
     return f"unknown setting --{key}: {guess}({script} reads only {', '.join('--' + k.lower() for k in base)})"
 
 
-def saved_config(run_dir: str, base: dict[str, Any]) -> dict[str, Any]:
+def _saved_config(run_dir: str, base: dict[str, Any]) -> dict[str, Any]:
     """The config run_dir was started with (its config.json), less keys that `base` no longer has and RESUME."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise UserError(f"{run_dir} is not a run folder (no config.json): give results/<run id>")
     saved = {k.upper(): v for k, v in read_json(path).items() if k.upper() in base and k != "resume"}
-    return {k: check_type(k, v, base[k]) for k, v in saved.items()}
+    return {k: _check_type(k, v, base[k]) for k, v in saved.items()}
 
 
 def run_config(run_dir: str, overrides: list[str] = ()) -> types.SimpleNamespace:
     """The config run_dir was started with, overrides on top."""
-    return configure(as_args(saved_config(run_dir, defaults())) + list(overrides))
+    return configure(as_args(_saved_config(run_dir, defaults())) + list(overrides))
 
 
 def setting_comments(path: str) -> dict[str, str]:
@@ -156,7 +156,7 @@ def usage(script: types.ModuleType, extra: Optional[dict[str, Any]] = None,
           shared: Optional[tuple[str, ...]] = None) -> str:
     """--help: the script's docstring, then every setting it reads with its default and its comment."""
     notes = {**setting_comments(config.__file__), **(setting_comments(script.__file__) if extra else {})}
-    values = settings(extra, shared)
+    values = _settings(extra, shared)
     sources = ((["config.py"] if shared is None or shared else [])
                + ([os.path.basename(script.__file__)] if extra else []))
     lines = [(script.__doc__ or "").strip(), ""]
@@ -169,7 +169,7 @@ def usage(script: types.ModuleType, extra: Optional[dict[str, Any]] = None,
     return "\n".join(lines)
 
 
-def print_config(cfg: types.SimpleNamespace) -> None:
+def _print_config(cfg: types.SimpleNamespace) -> None:
     if not vars(cfg):
         return
     width = max(map(len, vars(cfg)))
@@ -183,7 +183,7 @@ def as_args(values: dict[str, Any]) -> list[str]:
 
 def shell_args(values: dict[str, Any]) -> str:
     """Config values as overrides to paste into a shell: a value written plainly where it reads back as itself."""
-    return " ".join(shlex.quote(f"--{k.lower()}={v if parse_value(str(v)) == v else repr(v)}")
+    return " ".join(shlex.quote(f"--{k.lower()}={v if _parse_value(str(v)) == v else repr(v)}")
                     for k, v in values.items())
 
 
@@ -199,7 +199,7 @@ def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, 
         print(usage(sys.modules["__main__"], extra, shared))
         return
     if "--help=json" in sys.argv[1:]:
-        print(settings_json(extra))
+        print(_settings_json(extra))
         return
     quiet_progress_bars()
     alike = True  # whether every process ends as this one does, so that it may wait for the others
@@ -207,7 +207,7 @@ def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, 
         cfg = parse(sys.argv[1:]) if parse else configure(sys.argv[1:], extra, shared)
         parallel.start(getattr(cfg, "DEVICE", "cpu"))
         use_threads(cfg)
-        print_config(cfg)
+        _print_config(cfg)
         if hasattr(cfg, "THREADS"):
             print(f"threads: {torch.get_num_threads()} of {os.cpu_count()} cores (--threads)", flush=True)
         run(cfg)
@@ -215,7 +215,7 @@ def main(run: Callable[[types.SimpleNamespace], Any], extra: Optional[dict[str, 
         sys.exit(f"error: {e}")
     except torch.OutOfMemoryError as e:
         alike = False  # this process's memory, not the others'
-        sys.exit(f"error: {out_of_memory(cfg)} ({str(e).splitlines()[0][:120]})")
+        sys.exit(f"error: {_out_of_memory(cfg)} ({str(e).splitlines()[0][:120]})")
     except KeyboardInterrupt:
         sys.exit("interrupted")
     except Exception:
@@ -241,13 +241,13 @@ def use_threads(cfg: types.SimpleNamespace) -> None:
     os.environ.update({name: str(threads) for name in THREAD_VARIABLES})
 
 
-def settings_json(extra: Optional[dict[str, Any]] = None) -> str:
+def _settings_json(extra: Optional[dict[str, Any]] = None) -> str:
     """--help=json: every setting a script reads with its default, as JSON with config.json's lowercase keys, so a
     sweep learns a script's own settings by running it, never by importing it."""
     return json.dumps({k.lower(): v for k, v in {**defaults(), **(extra or {})}.items()})
 
 
-def out_of_memory(cfg: types.SimpleNamespace) -> str:
+def _out_of_memory(cfg: types.SimpleNamespace) -> str:
     return (f"out of GPU memory: lower --batch_size={cfg.BATCH_SIZE} (training) or "
             f"--score_batch_size={cfg.SCORE_BATCH_SIZE} (scoring), lower --max_review_tokens={cfg.MAX_REVIEW_TOKENS}, "
             f"or set --gradient_checkpointing=True")

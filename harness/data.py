@@ -49,7 +49,7 @@ def vocab_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
-def bad_row(row: list[str]) -> Optional[str]:
+def _bad_row(row: list[str]) -> Optional[str]:
     """Why a CSV row is not '"1" or "2","review"', or None when it is one."""
     if len(row) != 2:
         return f"{len(row)} fields, not 2"
@@ -71,7 +71,7 @@ def read_csv(path: str) -> tuple[np.ndarray, list[str], list[int]]:
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, skipinitialspace=True)  # so stray spaces before a quoted field leave it quoted
         for row in reader:
-            reason = bad_row(row)
+            reason = _bad_row(row)
             if reason:
                 bad.append(reader.line_num)
                 reasons.append(f"line {reader.line_num}: {reason}")
@@ -135,9 +135,9 @@ def write_csv(path: str, labels: list[int], texts: list[str]) -> None:
         writer.writerows([str(label), text.replace("\n", "\\n")] for label, text in zip(labels, texts))
 
 
-def fetch_csvs(csv_dir: str) -> None:
+def _fetch_csvs(csv_dir: str) -> None:
     """Download Yelp polarity through `datasets` and write it back as the public CSVs; one line when it cannot."""
-    unreachable = dataset_unreachable()
+    unreachable = _dataset_unreachable()
     try:
         if unreachable and unreachable != OFFLINE:
             raise ConnectionError(unreachable)  # at once: offline mode alone may still find it in the cache
@@ -155,7 +155,7 @@ def fetch_csvs(csv_dir: str) -> None:
                 f.write(f'"{row["label"] + 1}","{row["text"]}"\n')
 
 
-def dataset_unreachable() -> Optional[str]:
+def _dataset_unreachable() -> Optional[str]:
     """Why the hub cannot be asked for HF_DATASET now (OFFLINE, where `datasets` looks in its cache alone, at once; no
     network, DNS, proxy, timeout), or None when it answers. One quick request decides, where `datasets` would retry
     for about 30 s, printing each retry, before failing."""
@@ -186,13 +186,13 @@ def tokenize(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor
     return torch.cat(pieces), lengths.cumsum(0), truncated
 
 
-def sample_seed(cfg: SimpleNamespace, split: str) -> int:
+def _sample_seed(cfg: SimpleNamespace, split: str) -> int:
     """The seed of a split's sample: SEED for the training reviews; 0 for the test reviews at every SEED, so runs at
     different seeds are scored, and paired, on the same ones."""
     return cfg.SEED if split == "train" else 0
 
 
-def csv_fingerprint(path: str) -> Optional[str]:
+def _csv_fingerprint(path: str) -> Optional[str]:
     """A digest of a CSV's bytes (None when it is gone): a split drawn from an edited or other CSV is drawn again."""
     if not os.path.isfile(path):
         return None
@@ -200,13 +200,13 @@ def csv_fingerprint(path: str) -> Optional[str]:
         return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
-def expected_meta(cfg: SimpleNamespace, tokenizer, split: str) -> dict:
+def _expected_meta(cfg: SimpleNamespace, tokenizer, split: str) -> dict:
     """What a split file must have been prepared with to be used under cfg (its CSV's digest while the CSV is there)."""
-    digest = csv_fingerprint(os.path.join(cfg.CSV_DIR, f"{split}.csv"))
+    digest = _csv_fingerprint(os.path.join(cfg.CSV_DIR, f"{split}.csv"))
     return {"model_id": cfg.MODEL_ID, "vocab_size": len(tokenizer), "vocab_fingerprint": vocab_fingerprint(tokenizer),
             "limit": cfg.TRAIN_LIMIT if split == "train" else cfg.TEST_LIMIT,
             "extra": extra_reviews(cfg.TRAIN_LIMIT, cfg.VAL_LIMIT, cfg.TRAIN_REVIEWS) if split == "train" else 0,
-            "max_review_tokens": cfg.MAX_REVIEW_TOKENS, "seed": sample_seed(cfg, split),
+            "max_review_tokens": cfg.MAX_REVIEW_TOKENS, "seed": _sample_seed(cfg, split),
             **({"csv": digest} if digest else {})}
 
 
@@ -220,12 +220,12 @@ def prepare(cfg: SimpleNamespace, tokenizer, splits: tuple[str, ...] = SPLITS) -
     files.folder(cfg.CSV_DIR, "--csv_dir", write=missing)  # a file in its place is refused before any download
     files.folder(cfg.DATA_DIR, "--data_dir")  # as is an unwritable data folder
     if missing:
-        fetch_csvs(cfg.CSV_DIR)
+        _fetch_csvs(cfg.CSV_DIR)
     sources = {split: os.path.join(cfg.CSV_DIR, f"{split}.csv") for split in splits}
     rows = {split: read_csv(source) for split, source in sources.items()}  # all checked before anything is written
     for split, source in sources.items():
         labels, texts, bad = rows[split]
-        meta = expected_meta(cfg, tokenizer, split)
+        meta = _expected_meta(cfg, tokenizer, split)
         keep = balanced_sample(labels, meta["limit"], meta["seed"])
         more = np.setdiff1d(balanced_sample(labels, meta["limit"] + meta["extra"], meta["seed"]), keep)
         meta["base"], keep = len(keep), np.concatenate([keep, more])  # the next reviews of the same seeded order
@@ -247,8 +247,8 @@ def load_split(cfg: SimpleNamespace, tokenizer, split: str) -> Split:
     if not os.path.exists(path):
         print(f"{path} is missing: preparing it as ./prep.sh would", flush=True)
         prepare(cfg, tokenizer, (split,))
-    stored = read_split(path)
-    meta, want = {"extra": 0, **stored["meta"]}, expected_meta(cfg, tokenizer, split)  # "extra": 0 before it existed
+    stored = _read_split(path)
+    meta, want = {"extra": 0, **stored["meta"]}, _expected_meta(cfg, tokenizer, split)  # "extra": 0 before it existed
     stale = {k: (meta.get(k), v) for k, v in want.items() if k != "model_id" and meta.get(k) != v}
     if stale:
         why = [f"{k}={old}, not {new}" for k, (old, new) in stale.items()
@@ -258,11 +258,11 @@ def load_split(cfg: SimpleNamespace, tokenizer, split: str) -> Split:
         why += [f"another {split}.csv than {cfg.CSV_DIR}'s"] if "csv" in stale else []
         print(f"{path} was prepared with {'; '.join(why)}: preparing it again from {cfg.CSV_DIR}", flush=True)
         prepare(cfg, tokenizer, (split,))
-        stored = read_split(path)
+        stored = _read_split(path)
     return Split(stored["tokens"], stored["offsets"], stored["labels"], stored["meta"])
 
 
-def read_split(path: str) -> dict:
+def _read_split(path: str) -> dict:
     try:
         return torch.load(path, weights_only=True)
     except Exception as e:

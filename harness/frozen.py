@@ -39,7 +39,7 @@ def attention_backend(model: torch.nn.Module, device: torch.device) -> str:
     head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // heads
     dtype = model.get_input_embeddings().weight.dtype
     q = torch.zeros(2, heads, 64, head_dim, device=device, dtype=dtype)
-    mask = attention_mask(model, torch.ones(2, 64, dtype=torch.bool, device=device), 64)
+    mask = _attention_mask(model, torch.ones(2, 64, dtype=torch.bool, device=device), 64)
     if isinstance(mask, dict) or mask.dim() != 4:
         return "transformers' own masks (sliding-window layers)"
     return SDPBackend(torch._fused_sdp_choice(q, q, q, mask, 0.0, False)).name
@@ -56,14 +56,14 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, la
 
     Right padding with an attention mask and explicit positions keeps every row independent of its batch mates; the
     LM head runs only at the last real positions. A primer after the review, or a steer without a primer, runs on
-    what is kept of each review's frozen part (suffix_logits, steered_logits). The decoder is reached through the
+    what is kept of each review's frozen part (_suffix_logits, steered_logits). The decoder is reached through the
     public accessors, so a peft-wrapped model works too. Inputs (on the host, from layouts.assemble) are moved to the
     model's device without waiting on it, and nothing here reads a value back from the device."""
     steer = None if steer is not None and steer.coefficient == 0 else steer  # adds nothing: the unsteered forward
     if steer is not None and primer is None and not layers and span == 1:
         return Output(steered_logits(model, ids, lengths, layout, steer))
     if layout.in_suffix and primer is not None and primer.dim() == 2 and steer is None and not layers and span == 1:
-        return Output(suffix_logits(model, ids, lengths, layout, primer))
+        return Output(_suffix_logits(model, ids, lengths, layout, primer))
     ids, lengths = to_model(model, ids), to_model(model, lengths)
     embeds = model.get_input_embeddings()(ids)
     if primer is not None:
@@ -72,7 +72,7 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, la
         columns = start[:, None] + torch.arange(spliced.shape[1], device=ids.device)
         embeds = embeds.scatter(1, columns[:, :, None].expand(-1, -1, embeds.shape[2]), spliced)
     positions = torch.arange(ids.shape[1], device=ids.device)
-    mask = attention_mask(model, positions < lengths[:, None], ids.shape[1])
+    mask = _attention_mask(model, positions < lengths[:, None], ids.shape[1])
     rows = torch.arange(len(ids), device=ids.device)
     joins = torch.zeros(len(ids), 2, dtype=torch.long, device=ids.device) if joins is None else to_model(model, joins)
     # the review's own tokens
@@ -90,9 +90,9 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, la
         hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=positions.expand_as(ids),
                                      use_cache=False).last_hidden_state
     if span == 1:
-        return Output(float32_logits(model, hidden[rows, lengths - 1]), last, mean)
+        return Output(_float32_logits(model, hidden[rows, lengths - 1]), last, mean)
     columns = lengths[:, None] - span + torch.arange(span, device=ids.device)
-    return Output(float32_logits(model, hidden[rows[:, None], columns]), last, mean)
+    return Output(_float32_logits(model, hidden[rows[:, None], columns]), last, mean)
 
 
 @contextlib.contextmanager
@@ -157,7 +157,7 @@ def _layers_swapped(decoder: torch.nn.Module, layers: list[torch.nn.Module]) -> 
         decoder.layers = kept
 
 
-def layer_output(model: torch.nn.Module, ids: torch.Tensor, layer: int) -> list[torch.Tensor]:
+def _layer_output(model: torch.nn.Module, ids: torch.Tensor, layer: int) -> list[torch.Tensor]:
     """[The output of decoder layer `layer` [T, hidden]] for one unpadded row of ids [1, T], the layers above not
     run."""
     decoder, out = model.get_decoder(), {}
@@ -167,7 +167,7 @@ def layer_output(model: torch.nn.Module, ids: torch.Tensor, layer: int) -> list[
     return [out[layer][0]]
 
 
-def review_cache(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+def _review_cache(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
     """Each decoder layer's keys then values [1, heads, T, head_dim] for one unpadded row of ids [1, T]."""
     with torch.no_grad():
         cache = model.get_decoder()(input_ids=ids, use_cache=True, **_unpadded(model, ids)).cache
@@ -177,7 +177,7 @@ def review_cache(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor
 def _unpadded(model: torch.nn.Module, ids: torch.Tensor) -> dict:
     """The mask and positions forward gives a row without padding (the same attention kernel as a batch's)."""
     width = ids.shape[1]
-    return {"attention_mask": attention_mask(model, torch.ones_like(ids, dtype=torch.bool), width),
+    return {"attention_mask": _attention_mask(model, torch.ones_like(ids, dtype=torch.bool), width),
             "position_ids": torch.arange(width, device=ids.device)[None]}
 
 
@@ -206,20 +206,20 @@ def steered_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Ten
     review's output of layer L is computed once (_per_review) and the forward runs only the layers above L on it."""
     layer, decoder = min(steer.layers), model.get_decoder()
     states = _per_review(model, layout, f"layer {layer}", ids, lengths.tolist(),
-                         lambda model, row: layer_output(model, row, layer))
+                         lambda model, row: _layer_output(model, row, layer))
     ids, lengths = to_model(model, ids), to_model(model, lengths)
     states = torch.nn.utils.rnn.pad_sequence([state for state, in states], batch_first=True)
     states = F.pad(states, (0, 0, 0, ids.shape[1] - states.shape[1]))
     positions = torch.arange(ids.shape[1], device=ids.device)
     blocks = [_Skipped()] * (layer - 1) + [_Replayed(states)] + list(decoder.layers[layer:])
     with _layers_swapped(decoder, blocks), hooks(model, steer, positions >= (lengths - len(layout.suffix))[:, None]):
-        hidden = decoder(inputs_embeds=states, attention_mask=attention_mask(model, positions < lengths[:, None],
+        hidden = decoder(inputs_embeds=states, attention_mask=_attention_mask(model, positions < lengths[:, None],
                                                                              ids.shape[1]),
                          position_ids=positions.expand_as(ids), use_cache=False).last_hidden_state
-    return float32_logits(model, hidden[torch.arange(len(ids), device=ids.device), lengths - 1])
+    return _float32_logits(model, hidden[torch.arange(len(ids), device=ids.device), lengths - 1])
 
 
-def suffix_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, layout: Layout,
+def _suffix_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, layout: Layout,
                   primer: torch.Tensor) -> torch.Tensor:
     """forward's logits for a primer after the review: each review's prefix and review run once into a key-value
     cache (_per_review), then only the primer and the tokens after it run on the batch's caches, so backward covers
@@ -227,7 +227,7 @@ def suffix_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tens
     one dense block for all rows; the mask hides the left padding and explicit positions keep rows independent."""
     from transformers import DynamicCache
     sizes = (lengths - len(layout.suffix)).tolist()  # each row's prefix and review tokens
-    caches = _per_review(model, layout, "review cache", ids, sizes, review_cache)
+    caches = _per_review(model, layout, "review cache", ids, sizes, _review_cache)
     width = max(sizes)
     left = lambda tensors: torch.cat([F.pad(t, (0, 0, width - n, 0)) for t, n in zip(tensors, sizes)])
     cache = DynamicCache(ddp_cache_data=[(left([c[i] for c in caches]), left([c[i + 1] for c in caches]))
@@ -239,12 +239,12 @@ def suffix_logits(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tens
     embeds = torch.cat([embeds[:layout.slot.start], primer.to(embeds), embeds[layout.slot.stop:]])
     keys = torch.cat([real, real.new_ones(len(ids), len(suffix))], dim=1)
     hidden = model.get_decoder()(inputs_embeds=embeds.expand(len(ids), -1, -1), cache=cache, use_cache=True,
-                                 attention_mask=attention_mask(model, keys, len(suffix)),
+                                 attention_mask=_attention_mask(model, keys, len(suffix)),
                                  position_ids=context[:, None] + torch.arange(len(suffix), device=ids.device))
-    return float32_logits(model, hidden.last_hidden_state[:, -1])
+    return _float32_logits(model, hidden.last_hidden_state[:, -1])
 
 
-def float32_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def _float32_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The LM head in float32 on hidden states [..., hidden]: in bfloat16 logits step by about 0.1 at Llama's
     magnitudes, so close label logits would tie and argmax would take the first."""
     head = model.get_output_embeddings()
@@ -262,7 +262,7 @@ def to_model(model: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(device)
 
 
-def attention_mask(model: torch.nn.Module, keys: torch.Tensor, queries: int) -> torch.Tensor:
+def _attention_mask(model: torch.nn.Module, keys: torch.Tensor, queries: int) -> torch.Tensor:
     """The decoder's attention mask for keys [B, K] (True at real tokens), the queries being the last `queries` of
     those K positions: the boolean [B, 1, queries, K] mask transformers would build (each query sees the real keys at
     or before it), built here because transformers' own check whether it may skip the mask reads the padding back

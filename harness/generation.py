@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from harness import activations, chat, data, errors, files, plots, primers, runs, scoring, steering
+from harness import activations, chat, data, errors, files, plots, primers, rundir, runs, scoring, steering
 from harness.frozen import Steer
 from harness.layouts import make_layout
 from harness.task import Task
@@ -109,7 +109,7 @@ def generate(cfg: SimpleNamespace, settings: Generation) -> None:
     task = runs.setup(cfg)
     layer = steering.decoder_layer(task, settings.layer, "--generate_layer")
     direction, rows = _sentiment_steer(task, settings, layer), []
-    run_dir = runs.new_run_dir(cfg, "steer")
+    run_dir = rundir.new(cfg, "steer")
     for c in settings.coefficients:
         steer = Steer(direction.vector, (layer,), c)
         rows += _rows_of(f"vector at layer {layer}", c, *_sample(task, settings, messages, steer))

@@ -119,8 +119,8 @@ def make_layout(task: Task, system: Optional[str], user: str = "{review}", prime
     seam = re.compile("|".join(sorted(seams, key=len, reverse=True)))
     head_end = max((m.end() for m in seam.finditer(head)), default=0)
     tail_start = next((m.start() for m in seam.finditer(tail)), len(tail))
-    prefix, head_slot = encode_around_slot(tok, head[:head_end], primer_length)
-    suffix, tail_slot = encode_around_slot(tok, tail[tail_start:], primer_length)
+    prefix, head_slot = _encode_around_slot(tok, head[:head_end], primer_length)
+    suffix, tail_slot = _encode_around_slot(tok, tail[tail_start:], primer_length)
     in_suffix = tail_slot is not None
     if system is not None:
         prompt_tokens = len(encode(tok, system)) + sum(len(encode(tok, part)) for part in user.split("{review}"))
@@ -131,7 +131,7 @@ def make_layout(task: Task, system: Optional[str], user: str = "{review}", prime
                   (head[head_end:], tail[:tail_start]), tok)
 
 
-def encode_around_slot(tokenizer, text: str, primer_length: int) -> tuple[torch.Tensor, Optional[slice]]:
+def _encode_around_slot(tokenizer, text: str, primer_length: int) -> tuple[torch.Tensor, Optional[slice]]:
     """The ids of text with primer_length placeholder ids where the primer slot is, and the slot (None if absent)."""
     if PRIMER_SLOT not in text:
         return torch.tensor(encode(tokenizer, text), dtype=torch.long), None
@@ -144,7 +144,7 @@ def assemble(layout: Layout, split: data.Split, idx: torch.Tensor,
     """Right-padded input ids [B, L] of reviews idx in their layout, and each row's real length [B]; L is the
     longest row rounded up to a multiple of PAD_MULTIPLE. With with_joins, also each row's count of joined prompt
     ids before and after its review's own [B, 2] (joined_ids)."""
-    reviews, joins = review_rows(layout, split, idx)
+    reviews, joins = _review_rows(layout, split, idx)
     rows = [torch.cat([layout.prefix, review, layout.suffix]) for review in reviews]
     lengths = torch.tensor([len(r) for r in rows])
     ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
@@ -157,14 +157,14 @@ def padded_width(longest: int) -> int:
     return -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
-def review_rows(layout: Layout, split: data.Split, idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _review_rows(layout: Layout, split: data.Split, idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The ids of reviews idx with the layout's joins, and their joined-id counts [B, 2] (joined_ids). Joined
     ids are tokenized once per layout and split and kept on the layout, so later epochs and validations assemble a
     batch without the tokenizer."""
     bounds = zip(split.offsets[idx].tolist(), split.offsets[idx + 1].tolist())
     if layout.joins == ("", ""):
         return [split.tokens[start:end].long() for start, end in bounds], torch.zeros(len(idx), 2, dtype=torch.long)
-    kept = joined_cache(layout, split)
+    kept = _joined_cache(layout, split)
     missing = [i for i in dict.fromkeys(idx.tolist()) if i not in kept]
     if missing:
         reviews, counts = joined_ids(layout, [split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist()
@@ -203,18 +203,18 @@ def unpadded_embeds(model: torch.nn.Module, layout: Layout, review: torch.Tensor
     return torch.cat([rows[:start], primer.to(rows), rows[start + len(primer):]])
 
 
-def joined_cache(layout: Layout, split: data.Split) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def _joined_cache(layout: Layout, split: data.Split) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The layout's joined ids (and counts) of split's reviews made so far, by review index; dropped when the split
     is."""
     key = id(split)
     entry = layout.cache.get(key)
     if entry is None or entry[0]() is not split:
         entry = layout.cache[key] = (weakref.ref(split), {})
-        weakref.finalize(split, forget, weakref.ref(layout), key)  # neither keeps the other alive
+        weakref.finalize(split, _forget, weakref.ref(layout), key)  # neither keeps the other alive
     return entry[1]
 
 
-def forget(layout_ref: weakref.ref, key: int) -> None:
+def _forget(layout_ref: weakref.ref, key: int) -> None:
     layout = layout_ref()
     if layout is not None:
         layout.cache.pop(key, None)

@@ -21,7 +21,7 @@ def path(results_dir: str) -> str:
 
 
 @contextlib.contextmanager
-def locked(results_dir: str) -> Iterator[None]:
+def _locked(results_dir: str) -> Iterator[None]:
     """Every write of the ledger holds this lock, a file of its own, so a ledger replaced by rename stays locked."""
     files.folder(results_dir, "--results_dir")
     with open(os.path.join(results_dir, ".results.lock"), "w") as lock:
@@ -29,7 +29,7 @@ def locked(results_dir: str) -> Iterator[None]:
         yield
 
 
-def read_lines(ledger: str) -> tuple[list[str], list[list[str]]]:
+def _read_lines(ledger: str) -> tuple[list[str], list[list[str]]]:
     """The header and rows of a ledger; a one-line error naming the first damaged line."""
     fix = f"fix that line or move the file aside (mv {ledger} {ledger}.old)"
     with open(ledger, "rb") as f:
@@ -56,7 +56,7 @@ def check(results_dir: str) -> None:
     """A one-line error if the ledger cannot take a row (a damaged file, a results folder that is a file or not
     writable): so it is found before the work, not after."""
     if os.path.exists(path(results_dir)):
-        read_lines(path(results_dir))
+        _read_lines(path(results_dir))
     files.folder(results_dir, "--results_dir")
 
 
@@ -64,8 +64,8 @@ def add_row(results_dir: str, row: dict) -> None:
     """Add one row at the end under the lock, so runs that finish together all keep theirs. Rows already there are
     never rewritten, but for a ledger of an older version, whose columns gain this version's once (their text kept)."""
     ledger = path(results_dir)
-    with locked(results_dir):
-        header, rows = read_lines(ledger) if os.path.exists(ledger) else (COLUMNS, [])
+    with _locked(results_dir):
+        header, rows = _read_lines(ledger) if os.path.exists(ledger) else (COLUMNS, [])
         if not os.path.exists(ledger) or header[:len(COLUMNS)] != COLUMNS:
             columns = COLUMNS + [c for c in header if c not in COLUMNS]
             with files.atomic_path(ledger) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:

@@ -24,24 +24,24 @@ SCORE_LIMITS = (-3, 103)  # a score axis's view (%): a line at 0% or 100% (a har
 # sight above the frame, not on it
 
 
-def window(steps: int) -> int:
+def _window(steps: int) -> int:
     return max(1, steps // SMOOTH_POINTS)
 
 
-def smooth(loss: pd.Series) -> pd.Series:
-    return loss.rolling(window(len(loss)), min_periods=1).mean()
+def _smooth(loss: pd.Series) -> pd.Series:
+    return loss.rolling(_window(len(loss)), min_periods=1).mean()
 
 
-def loss_axis(ax: plt.Axes, ylabel: str, title: str) -> None:
+def _loss_axis(ax: plt.Axes, ylabel: str, title: str) -> None:
     """Log scale, since a loss falls by orders of magnitude, but with plain numbers on the ticks (minor ones as
-    minor_label says); whole steps."""
+    _minor_label says); whole steps."""
     ax.set(yscale="log", xlabel="training step (batch)", ylabel=ylabel, title=title)
     ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda at, _: minor_label(at, ax.get_ylim())))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda at, _: _minor_label(at, ax.get_ylim())))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def minor_label(at: float, limits: tuple[float, float]) -> str:
+def _minor_label(at: float, limits: tuple[float, float]) -> str:
     """A log axis's minor tick label: every one where the view spans at most half a decade (else too few labels),
     those at 2 and 5 of a decade up to 3 decades, none beyond: labelling all of them crowds (10, 9, 8, ... 1, 0.9)."""
     decades = abs(math.log10(limits[1] / limits[0]))
@@ -49,7 +49,7 @@ def minor_label(at: float, limits: tuple[float, float]) -> str:
     return f"{at:g}" if decades <= 0.5 or (decades <= 3 and mantissa in (2, 5)) else ""
 
 
-def described(fig: plt.Figure) -> dict:
+def _described(fig: plt.Figure) -> dict:
     """What a reader sees of each axes: title, axis labels, the tick labels in view, the legend's entries."""
     fig.canvas.draw()  # so the tick labels are the ones drawn
     def ticks(axis, low_high):  # the labelled ticks in view, major and minor, in axis order
@@ -66,25 +66,25 @@ def described(fig: plt.Figure) -> dict:
                      for ax in fig.axes]}
 
 
-def save(fig: plt.Figure, path: str) -> str:
+def _save(fig: plt.Figure, path: str) -> str:
     """Write the figure to path atomically (under accelerate the main process alone writes) and close it. The PNG
-    carries described(fig) as JSON in its "Description" text, so a reader (or a test) can check it without pixels."""
+    carries _described(fig) as JSON in its "Description" text, so a reader (or a test) can check it without pixels."""
     fig.tight_layout()
     if parallel.is_main():
         with files.atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120, metadata={"Description": json.dumps(described(fig))})
+            fig.savefig(tmp, format="png", dpi=120, metadata={"Description": json.dumps(_described(fig))})
     plt.close(fig)
     return path
 
 
 def description(path: str) -> dict:
-    """The described() JSON a PNG of save() carries."""
+    """The _described() JSON a PNG of _save() carries."""
     from PIL import Image
     with Image.open(path) as image:
         return json.loads(image.text["Description"])
 
 
-def mark_epochs(ax: plt.Axes, log: pd.DataFrame, color: str, label: Optional[str] = None) -> None:
+def _mark_epochs(ax: plt.Axes, log: pd.DataFrame, color: str, label: Optional[str] = None) -> None:
     """A dotted line where each epoch after the first starts, as its learning rate changes there (the first labeled)."""
     for i, step in enumerate(log.groupby("epoch")["step"].min().iloc[1:]):
         ax.axvline(step - 0.5, color=color, ls=":", lw=1, label=label if i == 0 else None)
@@ -108,19 +108,19 @@ def loss_curve(run_dir: str, method: str = "", tokens: int = 0) -> str:
     rates = ", ".join(f"{r:g}" for r in cfg.get("rate_by_epoch", []))
     unit = " x embedding std" if cfg.get("rate_scale") == "embedding" else ""
     fig, ax = plt.subplots(figsize=(7, 4))
-    span = window(len(log))
+    span = _window(len(log))
     ax.plot(log["step"], log["loss"], lw=0.8, alpha=0.5 if span > 1 else 1.0, marker="." if len(log) <= 200 else None,
             label="loss of each step", zorder=3)
     if span > 1:  # with one step per window the running mean is the per-step line itself
-        ax.plot(log["step"], smooth(log["loss"]), lw=2, label=f"running mean over {span} steps", zorder=2)
-    mark_epochs(ax, log, "grey", "epoch boundary (the rate changes)")
+        ax.plot(log["step"], _smooth(log["loss"]), lw=2, label=f"running mean over {span} steps", zorder=2)
+    _mark_epochs(ax, log, "grey", "epoch boundary (the rate changes)")
     what = ", ".join(part for part in (method, f"{tokens} tokens" if tokens else "") if part)
-    loss_axis(ax, "cross-entropy loss of the label token",
+    _loss_axis(ax, "cross-entropy loss of the label token",
               f"Training loss: {what + ' on ' if what else ''}{model_name(cfg.get('model_id', '?'))}\n"
               f"rates by epoch [{rates}]{unit}; run {os.path.basename(os.path.normpath(run_dir))}")
     ax.title.set_fontsize(10)
     ax.legend(fontsize=8)
-    return save(fig, os.path.join(run_dir, "loss.png"))
+    return _save(fig, os.path.join(run_dir, "loss.png"))
 
 
 def score_plot(rows: list[dict], path: str) -> str:
@@ -152,7 +152,7 @@ def score_plot(rows: list[dict], path: str) -> str:
         ax.set(title=title, xlabel="primer length (vectors)", ylim=(0, 100))
         ax.legend(fontsize=8)
     axes[0].set_ylabel("test reviews right (%), 95% interval")
-    return save(fig, path)
+    return _save(fig, path)
 
 
 def losses_plot(rows: list[dict], results_dir: str, path: str) -> str:
@@ -163,13 +163,13 @@ def losses_plot(rows: list[dict], results_dir: str, path: str) -> str:
         if os.path.exists(losses):  # text prompts and re-scored primers have no training
             log = pd.read_csv(losses)
             label = f"{r['method']}, {int(r['tokens'])} tokens, lr {r['lr_schedule']}"
-            (line,) = ax.plot(log["step"], smooth(log["loss"]), label=label)
-            mark_epochs(ax, log, line.get_color(), None if any(l.get_linestyle() == ":" for l in ax.lines) else
+            (line,) = ax.plot(log["step"], _smooth(log["loss"]), label=label)
+            _mark_epochs(ax, log, line.get_color(), None if any(l.get_linestyle() == ":" for l in ax.lines) else
                         "epoch boundary (dotted, in the run's color)")
-    loss_axis(ax, "cross-entropy loss (running mean)", "Training loss of each run in the ledger")
+    _loss_axis(ax, "cross-entropy loss (running mean)", "Training loss of each run in the ledger")
     if ax.lines:
         ax.legend(fontsize=8)
-    return save(fig, path)
+    return _save(fig, path)
 
 
 def probe_layers(results_dir: str, model_id: str, run_dir: str) -> str:
@@ -202,7 +202,7 @@ def probe_layers(results_dir: str, model_id: str, run_dir: str) -> str:
                  "(the best probe per layer, on validation reviews; dashed: other methods' test scores)")
     ax.title.set_fontsize(10)
     ax.legend(fontsize=7)
-    return save(fig, os.path.join(run_dir, "probe_layers.png"))
+    return _save(fig, os.path.join(run_dir, "probe_layers.png"))
 
 
 def steer_heatmap(table: pd.DataFrame, path: str) -> str:
@@ -217,7 +217,7 @@ def steer_heatmap(table: pd.DataFrame, path: str) -> str:
     ax.set(xlabel="coefficient (x mean residual norm at the layer)", ylabel="layer",
            title="Validation score (%), steered")
     fig.colorbar(image, ax=ax)
-    return save(fig, path)
+    return _save(fig, path)
 
 
 def generation_curve(summary: pd.DataFrame, run_dir: str) -> str:
@@ -235,7 +235,7 @@ def generation_curve(summary: pd.DataFrame, run_dir: str) -> str:
         ax.legend(fontsize=8)
     axes[0].set_ylim(-0.05, 1.05)
     fig.suptitle("Steered answers: how positive and how fluent, against the steering coefficient", fontsize=10)
-    return save(fig, os.path.join(run_dir, "generation.png"))
+    return _save(fig, os.path.join(run_dir, "generation.png"))
 
 
 def search_curve(candidates: pd.DataFrame, path: str) -> str:
@@ -247,7 +247,7 @@ def search_curve(candidates: pd.DataFrame, path: str) -> str:
     ax.set(xlabel="reviews through forward passes", ylabel="validation reviews right (%)",
            title="Prompt search: validation score of each candidate prompt, and the best so far")
     ax.legend()
-    return save(fig, path)
+    return _save(fig, path)
 
 
 def search_curves(runs: list[tuple[str, pd.DataFrame]], path: str) -> str:
@@ -259,7 +259,7 @@ def search_curves(runs: list[tuple[str, pd.DataFrame]], path: str) -> str:
     ax.set(xlabel="CPU minutes spent (one core)", ylabel="best validation score so far (%), strict",
            title="Prompt search")
     ax.legend()
-    return save(fig, path)
+    return _save(fig, path)
 
 
 def rate_grid(grids: list[pd.DataFrame], path: str) -> str:
@@ -282,10 +282,10 @@ def rate_grid(grids: list[pd.DataFrame], path: str) -> str:
         ax.legend(fontsize=6)
     panels[sizes[0]].set_ylabel("validation score (strict)")
     fig.suptitle("each method across its learning rates (circled: chosen on validation)")
-    return save(fig, path)
+    return _save(fig, path)
 
 
-def seed_spread(ax: plt.Axes, x: pd.Series, rows: pd.DataFrame, label: str, color: str):
+def _seed_spread(ax: plt.Axes, x: pd.Series, rows: pd.DataFrame, label: str, color: str):
     """Each row of table.py's table: its mean score with its seeds' standard deviation as an error bar (returned, for
     the legend), each seed's score a dot."""
     bars = ax.errorbar(x, 100 * rows["score_mean"], yerr=100 * rows["score_std"].fillna(0), marker="o", capsize=3,
@@ -295,13 +295,13 @@ def seed_spread(ax: plt.Axes, x: pd.Series, rows: pd.DataFrame, label: str, colo
     return bars
 
 
-def family(method: str) -> str:
+def _family(method: str) -> str:
     """A ledger method's name less what one run chose: "IA3 (k_proj, v_proj)" and "linear probe (layer 3, last); ..."
     are "IA3" and "linear probe"."""
     return re.split(r"\s*[(:;]", method, maxsplit=1)[0]
 
 
-def method_label(method: str) -> str:
+def _method_label(method: str) -> str:
     """A ledger method as a legend names it: without the prompt a search found and the budget it spent."""
     method = re.sub(r": '.*$", "", method)
     return re.sub(r"[;,]? ?[\d.]+ CPU min[^)]*", "", method).replace(" ()", "")
@@ -313,14 +313,14 @@ def table_params(table: pd.DataFrame, path: str) -> str:
     its own color."""
     fig, ax = plt.subplots(figsize=(8, 5))
     trained, fixed = table[table["trainable_params"] > 0], table[table["trainable_params"] == 0]
-    series, shown = list(trained.groupby(trained["method"].map(family), sort=False)), []
+    series, shown = list(trained.groupby(trained["method"].map(_family), sort=False)), []
     for i, (name, rows) in enumerate(series):
         for j, (_, size) in enumerate(rows.sort_values("trainable_params").groupby("samples")):
-            bars = seed_spread(ax, size["trainable_params"], size, name if j == 0 else "_nolegend_", color_of(i))
+            bars = _seed_spread(ax, size["trainable_params"], size, name if j == 0 else "_nolegend_", _color_of(i))
             shown += [bars] if j == 0 else []
     for i, (_, r) in enumerate(fixed.iterrows(), len(series)):
-        shown.append(ax.axhline(100 * r["score_mean"], color=color_of(i), ls=("--", "-.", ":")[i % 3], lw=1.2,
-                                label=method_label(r["method"])))
+        shown.append(ax.axhline(100 * r["score_mean"], color=_color_of(i), ls=("--", "-.", ":")[i % 3], lw=1.2,
+                                label=_method_label(r["method"])))
     sizes = sorted(set(trained["samples"]))
     where = f"{sizes[0]:,} training reviews" if len(sizes) == 1 else f"{len(sizes)} training-set sizes, a line each"
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="test reviews right (%), mean ± std over seeds",
@@ -328,22 +328,22 @@ def table_params(table: pd.DataFrame, path: str) -> str:
            ylim=SCORE_LIMITS)
     # beside the axes: it hides no line
     ax.legend(handles=shown, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    return save(fig, path)
+    return _save(fig, path)
 
 
-def color_of(i: int) -> str:
+def _color_of(i: int) -> str:
     """The i-th legend entry's color: matplotlib's ten, then Dark2's eight (saturated, so a thin line shows)."""
     return f"C{i}" if i < 10 else matplotlib.colormaps["Dark2"].colors[(i - 10) % 8]
 
 
-def curve_label(rows: pd.DataFrame) -> str:
+def _curve_label(rows: pd.DataFrame) -> str:
     """A data curve's name: its method's family and the settings that tell it from the other rows of its script, and
     where each size chose its own rate on validation, those rates size by size (not the schedule of one size)."""
     settings = re.sub(r"^\S+( \([^)]*\))?", "", rows["run"].iloc[0])  # the run's name less its script and family
     settings = re.sub(r" method=\S+", "", settings)  # the family names it
-    label = ", ".join([family(rows["method"].iloc[0])] + re.sub(r" rate_by_epoch=\[[^]]*\]", "", settings).split())
+    label = ", ".join([_family(rows["method"].iloc[0])] + re.sub(r" rate_by_epoch=\[[^]]*\]", "", settings).split())
     if not rows["rate_chosen"].all():
-        return ", ".join([family(rows["method"].iloc[0])] + settings.split())
+        return ", ".join([_family(rows["method"].iloc[0])] + settings.split())
     schedules = [json.loads(r["config"]).get("RATE_BY_EPOCH") for _, r in rows.iterrows()]
     if not all(schedules):  # a grid of peak rates: each seed chose its own (its run's rate_grid.csv)
         return f"{label}, peak rate chosen per seed on validation"
@@ -359,7 +359,7 @@ def table_data(table: pd.DataFrame, path: str) -> str:
     curves = [rows.sort_values("samples") for _, rows in table.groupby("curve", sort=False)
               if rows["samples"].nunique() > 1]
     for i, rows in enumerate(curves):
-        seed_spread(ax, rows["samples"], rows, curve_label(rows), color_of(i))
+        _seed_spread(ax, rows["samples"], rows, _curve_label(rows), _color_of(i))
     ax.set(xscale="log", xlabel="training reviews", ylabel="test reviews right (%), mean ± std over seeds",
            title="Score against training reviews", ylim=SCORE_LIMITS)
     if curves:
@@ -367,4 +367,4 @@ def table_data(table: pd.DataFrame, path: str) -> str:
         ax.set_xticks(sizes, [f"{n:,}" for n in sizes])  # the sizes run, in plain numbers
         ax.minorticks_off()
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.13))  # below the axes: long entries hide no point
-    return save(fig, path)
+    return _save(fig, path)

@@ -55,9 +55,9 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
             advance(rate, share)
         alive += widened(grid, points, alive, lambda rate: [advance(rate, s) for s in rungs[:rung + 1]])
         if share < 1:
-            alive = sorted(alive, key=lambda r: rank(points[r]), reverse=True)[:math.ceil(len(alive) / 2)]
-    chosen = max(alive, key=lambda r: rank(points[r]))
-    table = grid_table(points, chosen, method, len(task.train))
+            alive = sorted(alive, key=lambda r: _rank(points[r]), reverse=True)[:math.ceil(len(alive) / 2)]
+    chosen = max(alive, key=lambda r: _rank(points[r]))
+    table = _grid_table(points, chosen, method, len(task.train))
     training.restore(params, points[chosen]["tensors"])
     files.write_atomic(os.path.join(run_dir, "rate_grid.csv"), table.to_csv(index=False))
     files.write_atomic(os.path.join(run_dir, "validation.csv"), points[chosen]["validation"].to_csv(index=False))
@@ -65,7 +65,7 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
     return points[chosen]["log"], points[chosen]["status"], float(table["train_seconds"].sum())
 
 
-def rank(point: dict) -> tuple[int, int]:
+def _rank(point: dict) -> tuple[int, int]:
     """A rate's standing: its best validation's, by the repo's one rule (training.validation_key)."""
     return training.validation_key(point["best"])
 
@@ -75,7 +75,7 @@ def widened(grid: list, points: dict, alive: list, train) -> list:
     `train(rate)` as far as the others; at most WIDEN of them over the whole grid."""
     added = []
     while len(points) < len(grid) + WIDEN and all(isinstance(r, (int, float)) for r in points):
-        best, rates = max(alive + added, key=lambda r: rank(points[r])), sorted(points)
+        best, rates = max(alive + added, key=lambda r: _rank(points[r])), sorted(points)
         if len(rates) < 2 or rates[0] < best < rates[-1]:
             break
         edge, inner = (rates[0], rates[1]) if best == rates[0] else (rates[-1], rates[-2])
@@ -85,13 +85,13 @@ def widened(grid: list, points: dict, alive: list, train) -> list:
     return added
 
 
-def grid_table(points: dict, chosen, method: str, reviews: int) -> pd.DataFrame:
+def _grid_table(points: dict, chosen, method: str, reviews: int) -> pd.DataFrame:
     """rate_grid.csv: one row per rate, its best validation, how far it trained, and whether it was chosen."""
     rows = []
-    for rate, point in sorted(points.items(), key=lambda item: first(item[0])):
+    for rate, point in sorted(points.items(), key=lambda item: _first(item[0])):
         best, log = point["best"], point["log"]
         rows.append({"method": method, "train_reviews": reviews,
-                     "rates": str(list(rate) if isinstance(rate, tuple) else rate), "first_rate": first(rate),
+                     "rates": str(list(rate) if isinstance(rate, tuple) else rate), "first_rate": _first(rate),
                      "best_epoch": int(best["epoch"]), "best_step": int(best.get("step", 0)), "steps": len(log),
                      "status": point["status"], "val_correct": best["correct"], "val_total": best["total"],
                      "val_score": best["score"], "val_restricted_score": best["restricted_score"],
@@ -99,7 +99,7 @@ def grid_table(points: dict, chosen, method: str, reviews: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def first(rate) -> float:
+def _first(rate) -> float:
     return rate[0] if isinstance(rate, (list, tuple)) else rate
 
 

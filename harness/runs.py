@@ -1,22 +1,18 @@
-"""A run from start to record: the task (config, frozen model, data), the run folder, and the ledger row."""
-import itertools
+"""A run from start to record: the task (config, frozen model, data), its record in the run folder and the ledger row,
+and a text prompt's run."""
 import json
 import os
-import platform
-import subprocess
-from datetime import datetime
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Optional
 
 import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from harness import data, errors, files, frozen, hub, ledger, parallel, plots, scoring, shots
+from harness import data, environment, errors, files, hub, ledger, parallel, plots, rundir, scoring, shots
 from harness.layouts import answer_context, check_primer_position, label_token_ids, make_layout
 from harness.schedule import RATE_SCALES
 from harness.task import Task  # runs.Task: what setup returns
-from harness.training import best_epoch
 
 
 def setup(cfg: SimpleNamespace, with_train: bool = True, held_out: bool = True) -> Task:
@@ -61,40 +57,6 @@ def _check_choices(cfg: SimpleNamespace, with_train: bool) -> None:
                                "e.g. '--rate_by_epoch=[3e-2, 1e-2, 3e-3]'")
 
 
-@parallel.made_by_main
-def new_run_dir(cfg: SimpleNamespace, script: str, fitted: Optional[dict[str, Any]] = None) -> str:
-    """A new run folder, results/<time>-<script>, holding the run's effective config: cfg, with the values this run
-    fitted to its data (`fitted`, by setting name) in place of those asked for, so that a resume reads what the run
-    used, and those asked for under "asked", so that a sweep finds the run by its command line (under accelerate the
-    main process makes the folder and every process gets its path). A method that trains takes run_dir_or_resume."""
-    base = os.path.join(files.folder(cfg.RESULTS_DIR, "--results_dir"), f"{datetime.now():%Y%m%d-%H%M%S}-{script}")
-    for n in itertools.count(1):
-        path = base if n == 1 else f"{base}-{n}"
-        try:
-            os.makedirs(path)  # fails if another run made it first: two runs in one second get two folders
-            break
-        except FileExistsError:
-            continue
-    used = {k.lower(): v for k, v in {**vars(cfg), **(fitted or {})}.items()}
-    asked = {k.lower(): getattr(cfg, k) for k, v in (fitted or {}).items() if getattr(cfg, k) != v}
-    files.write_atomic(os.path.join(path, "config.json"), json.dumps({**used, "asked": asked} if asked else used,
-                                                                     indent=2))
-    return path
-
-
-
-
-def run_dir_or_resume(cfg: SimpleNamespace, script: str, fitted: Optional[dict[str, Any]] = None) -> str:
-    """The folder of RESUME (refused when that run has finished), or a new one (new_run_dir, with `fitted`): where a
-    method that trains (and so checkpoints) writes."""
-    if not cfg.RESUME:
-        return new_run_dir(cfg, script, fitted)
-    if os.path.exists(os.path.join(cfg.RESUME, "metrics.json")):
-        raise errors.UserError(f"{cfg.RESUME} has finished: its scores are in {cfg.RESUME}/metrics.json and its row "
-                               f"in the ledger")
-    return cfg.RESUME
-
-
 def record(task: Task, script: str, method: str, prompt_tokens: int, predictions: dict,
            run_dir: Optional[str] = None, log: Optional[list[dict]] = None, trainable_params: int = 0,
            status: str = "finished", samples: Optional[int] = None, train_seconds: Optional[float] = None) -> dict:
@@ -102,20 +64,21 @@ def record(task: Task, script: str, method: str, prompt_tokens: int, predictions
     results.csv ledger; prints and returns the row. A method saves its own artifacts in run_dir first. Samples and
     train seconds come from the training split and the loss log unless given."""
     cfg = task.cfg
-    run_dir = run_dir or new_run_dir(cfg, script)
-    environment = _environment(task)
+    run_dir = run_dir or rundir.new(cfg, script)
+    scores, best = scoring.metrics(task.label_ids, predictions), scoring.best_epoch(run_dir)
+    env = environment.describe(task.model, task.device)
     if samples is None:
         samples = len(task.train) if log is not None else 0
     if train_seconds is None:
         train_seconds = log[-1]["seconds"] if log else 0.0
     row = {"run_id": os.path.basename(run_dir), "method": method, "script": script, "status": status,
            "model_id": cfg.MODEL_ID, "samples": samples, "trainable_params": trainable_params, "tokens": prompt_tokens,
-           **scoring.metrics(task.label_ids, predictions), "seed": cfg.SEED, "best_epoch": best_epoch(run_dir),
+           **scores, "seed": cfg.SEED, "best_epoch": best,
            "train_seconds": round(train_seconds, 1), "score_seconds": round(predictions["seconds"], 1)}
     if not parallel.is_main():
         return row  # under accelerate the main process alone writes the run folder and the ledger
     files.write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(row, indent=2))
-    files.write_atomic(os.path.join(run_dir, "environment.json"), json.dumps(environment, indent=2))
+    files.write_atomic(os.path.join(run_dir, "environment.json"), json.dumps(env, indent=2))
     with files.atomic_path(os.path.join(run_dir, "predictions.safetensors")) as tmp:
         tensors = {k: v.contiguous() for k, v in predictions.items() if k != "seconds"}
         save_file({**tensors, "label_ids": task.label_ids.cpu()}, tmp)
@@ -126,33 +89,6 @@ def record(task: Task, script: str, method: str, prompt_tokens: int, predictions
     print(ledger.format_table([row]))
     print(f"saved {run_dir} and a row of {ledger.path(cfg.RESULTS_DIR)}")
     return row
-
-
-def _environment(task: Task) -> dict:
-    """What the config cannot say about a run: the code's commit, the libraries (gguf and kernels decide how a GGUF
-    file loads: None when not installed), whether GGUF weights stayed packed, the device, dtype and attention kernel,
-    and torch's CPU threads (THREADS, or the default: one per core)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import transformers
-
-    def installed(name: str) -> Optional[str]:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                capture_output=True, text=True).stdout.strip() or None
-    except OSError:  # no git installed
-        commit = None
-    gpu = torch.cuda.get_device_name(task.device) if task.device.type == "cuda" else None
-    return {"git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "gguf": installed("gguf"), "kernels": installed("kernels"),
-            "attention": frozen.attention_backend(task.model, task.device), "gguf_packed": hub.packed_gguf(task.model),
-            "device": str(task.device), "gpu": gpu,
-            "dtype": str(next(task.model.parameters()).dtype).removeprefix("torch."),
-            "processes": parallel.world_size(), "threads": torch.get_num_threads()}
 
 
 def score_text_prompt(cfg: SimpleNamespace, script: str, system: str, user: str, shot_count: int = 0,
@@ -166,7 +102,7 @@ def score_text_prompt(cfg: SimpleNamespace, script: str, system: str, user: str,
                            "text prompt" + (f" ({shot_count} shots)" if shot_count else ""))
     if not calibrated:
         return record(task, script, method, layout.prompt_tokens, predictions)
-    run_dir, bias = new_run_dir(cfg, script), shots.label_bias(task, layout)
+    run_dir, bias = rundir.new(cfg, script), shots.label_bias(task, layout)
     raw = scoring.metrics(task.label_ids, predictions)
     files.write_atomic(os.path.join(run_dir, "calibration.json"), json.dumps(
         {"content_free": list(shots.CONTENT_FREE), "label_probabilities": bias.exp().tolist(),

@@ -1,11 +1,14 @@
-"""Answers to scores: per-review predictions, the strict and label-restricted counts, Wilson intervals."""
+"""Answers to scores: per-review predictions, the strict and label-restricted counts, Wilson intervals, and the
+best validation epoch of a run folder (by training.best_validation, the repo's one rule)."""
 import math
+import os
 import time
 from typing import Optional
 
+import pandas as pd
 import torch
 
-from harness import batches, frozen, parallel
+from harness import batches, frozen, parallel, training
 from harness.data import Split
 from harness.layouts import Layout, assemble
 from harness.task import Task
@@ -62,6 +65,14 @@ def score(task: Task, layout: Layout, primer: Optional[torch.Tensor] = None, spl
           steer: Optional[frozen.Steer] = None) -> dict:
     """metrics() of predict()."""
     return metrics(task.label_ids, predict(task, layout, primer, split, steer))
+
+
+def best_epoch(run_dir: str) -> Optional[int]:
+    """The best epoch on the validation reviews by run_dir's validation.csv; None when the run validated none."""
+    path = os.path.join(run_dir, "validation.csv")
+    if not os.path.exists(path):
+        return None
+    return int(training.best_validation(pd.read_csv(path).to_dict("records"))["epoch"])
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:

@@ -30,7 +30,7 @@ def correctness(predictions: dict) -> dict[str, torch.Tensor]:
     return dict(zip(("score", "label-restricted"), scoring.right(predictions["label_ids"], predictions)))
 
 
-def test_reviews(config: dict, predictions: dict) -> tuple:
+def _test_reviews(config: dict, predictions: dict) -> tuple:
     """What identifies the test reviews a run was scored on: SAME_SPLIT_KEYS, and the labels in order."""
     return tuple(config.get(k) for k in SAME_SPLIT_KEYS) + (tuple(predictions["label"].tolist()),)
 
@@ -38,9 +38,9 @@ def test_reviews(config: dict, predictions: dict) -> tuple:
 def check_same_reviews(runs: dict[str, tuple[dict, dict]]) -> None:
     """A one-line error unless every run {folder: (config, predictions)} was scored on the same test reviews."""
     (first, (config, predictions)), *rest = runs.items()
-    want = test_reviews(config, predictions)
+    want = _test_reviews(config, predictions)
     for other, (other_config, other_predictions) in rest:
-        if test_reviews(other_config, other_predictions) != want:
+        if _test_reviews(other_config, other_predictions) != want:
             differ = [k for k in SAME_SPLIT_KEYS if config.get(k) != other_config.get(k)]
             raise errors.UserError(f"{first} and {other} were not scored on the same test reviews (their "
                                    f"{', '.join(differ) or 'labels'} differ): compare runs with the same --csv_dir, "
@@ -67,7 +67,7 @@ BOOTSTRAP_RESAMPLES = 10_000  # the smallest two-sided p it can give is 2 / 10,0
 BOOTSTRAP_SEED = 0  # the same resamples for every pair of rows: a table's p-values do not move between prints
 
 
-def resampled_scores(right: np.ndarray, review_weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _resampled_scores(right: np.ndarray, review_weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A row's mean score [resamples] under resampled reviews (weights [resamples, reviews], counts summing to the
     review count) and its seeds [seeds, reviews] drawn with replacement: the seed is a source of noise as the test
     review is, so a row's score is not treated as that of one fixed classifier. The seeds' draw is widened by
@@ -99,7 +99,7 @@ def bootstrap_difference(right_a: Rights, right_b: Rights, resamples: int = BOOT
     rng = np.random.default_rng(seed)
     reviews = a.shape[1]
     review_weights = rng.multinomial(reviews, np.full(reviews, 1 / reviews), size=resamples)  # [resamples, reviews]
-    diff = resampled_scores(a, review_weights, rng) - resampled_scores(b, review_weights, rng)
+    diff = _resampled_scores(a, review_weights, rng) - _resampled_scores(b, review_weights, rng)
     below, above = int((diff <= 0).sum()), int((diff >= 0).sum())
     p = min(1.0, 2 * (min(below, above) + 1) / (resamples + 1))
     low, high = np.quantile(diff, [0.025, 0.975])

@@ -31,7 +31,7 @@ class Interrupted(errors.UserError):
 
 
 @dataclass
-class Progress:
+class _Progress:
     """Where training stands: the next batch to run is `batch` of epoch `epoch` (0-based)."""
     epoch: int = 0
     batch: int = 0
@@ -84,7 +84,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]
     return [{k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()} for p in params]
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], states: list[dict]) -> None:
+def _restore_optimizer(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], states: list[dict]) -> None:
     for p, state in zip(params, states):
         if state:
             optimizer.state[p] = state
@@ -104,7 +104,7 @@ def restore(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) ->
 
 @parallel.main_writes
 def save_checkpoint(run_dir: str, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    progress: Progress) -> None:
+                    progress: _Progress) -> None:
     state = {"params": {name: p.detach().cpu() for name, p in params.items()}, "optimizer": optimizer.state_dict(),
              "epoch": progress.epoch, "batch": progress.batch, "log": progress.log, "validation": progress.validation,
              "torch_rng": torch.get_rng_state()}
@@ -112,17 +112,17 @@ def save_checkpoint(run_dir: str, params: dict[str, torch.Tensor], optimizer: to
         torch.save(state, tmp)
 
 
-def load_checkpoint(run_dir: str, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> Progress:
+def _load_checkpoint(run_dir: str, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> _Progress:
     """Restore the tensors, optimizer and RNG from run_dir's checkpoint if there is one; where to go on from."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.exists(path):
-        return Progress(last_good=snapshot(params))
+        return _Progress(last_good=snapshot(params))
     state = torch.load(path, weights_only=True)
     restore(params, state["params"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     print(f"resuming {run_dir} at epoch {state['epoch'] + 1}, batch {state['batch']}", flush=True)
-    return Progress(state["epoch"], state["batch"], state["log"], state["validation"], snapshot(params))
+    return _Progress(state["epoch"], state["batch"], state["log"], state["validation"], snapshot(params))
 
 
 def train(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir: str, schedule: Schedule,
@@ -135,7 +135,7 @@ def train(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir:
     for p in params.values():
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(list(params.values()), lr=schedule.rate)
-    progress = load_checkpoint(run_dir, params, optimizer)
+    progress = _load_checkpoint(run_dir, params, optimizer)
     per_epoch = math.ceil(len(task.train) / schedule.batch_size)
     rates, checks = schedule.rates(per_epoch), schedule.validation_steps(per_epoch)
     total = len(rates)
@@ -156,10 +156,10 @@ def train(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir:
                 try:
                     validate(task, params, evaluate, progress, run_dir)
                 except KeyboardInterrupt:
-                    raise Interrupted(resume_hint(run_dir, script)) from None
+                    raise Interrupted(_resume_hint(run_dir, script)) from None
                 signal.signal(signal.SIGINT, on_ctrl_c)
                 save_checkpoint(run_dir, params, optimizer, progress)
-            if step < total and stalled(rows, schedule.patience):
+            if step < total and _stalled(rows, schedule.patience):
                 print(f"validation has not improved for {schedule.patience} evaluations: stopping at step {step:,} "
                       f"of {total:,}", flush=True)
                 break
@@ -168,31 +168,31 @@ def train(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir:
             if progress.batch == per_epoch:
                 progress.epoch, progress.batch = progress.epoch + 1, 0
             stop_at = min((progress.epoch + 1) * per_epoch, next(c for c in checks if c > step), end)
-            status = train_steps(task, params, loss_of, optimizer, schedule, rates, per_epoch, stop_at, progress,
+            status = _train_steps(task, params, loss_of, optimizer, schedule, rates, per_epoch, stop_at, progress,
                                  run_dir, clock, stop, script)
             if status:
-                keep_best(schedule, params, progress.validation)
+                _keep_best(schedule, params, progress.validation)
                 return progress.log, status
     finally:
         signal.signal(signal.SIGINT, previous)
-    if step < total and not stalled(progress.validation["rows"], schedule.patience):
+    if step < total and not _stalled(progress.validation["rows"], schedule.patience):
         return progress.log, "paused"
-    keep_best(schedule, params, progress.validation)
+    _keep_best(schedule, params, progress.validation)
     return progress.log, "finished"
 
 
-def stalled(rows: list[dict], patience: int) -> bool:
+def _stalled(rows: list[dict], patience: int) -> bool:
     """Whether the last `patience` validations all came after the best one (never, with patience 0)."""
     best = best_validation(rows)
     return bool(patience) and best is not None and len(rows) - 1 - rows.index(best) >= patience
 
 
-def train_steps(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, optimizer: torch.optim.Optimizer,
-                schedule: Schedule, rates: list[float], per_epoch: int, stop_at: int, progress: Progress, run_dir: str,
+def _train_steps(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, optimizer: torch.optim.Optimizer,
+                schedule: Schedule, rates: list[float], per_epoch: int, stop_at: int, progress: _Progress, run_dir: str,
                 clock: float, stop: list, script: str) -> Optional[str]:
     """Steps of progress.epoch at `rates` (one per step of the budget) up to step `stop_at` (the epoch's end, a
     validation, or a pause), then a checkpoint; why training must stop early, or None. The losses are read on the
-    host every CHECK_EVERY steps, before a checkpoint, at the stop and on Ctrl-C (settle), never in between."""
+    host every CHECK_EVERY steps, before a checkpoint, at the stop and on Ctrl-C (_settle), never in between."""
     first = progress.epoch * per_epoch
     last = stop_at - first
     batches = length_grouped_batches(task.train.lengths, schedule.batch_size, schedule.seed + progress.epoch)
@@ -214,7 +214,7 @@ def train_steps(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, op
         if not (checkpoint or progress.batch % CHECK_EVERY == 0 or (stop and not parallel.started())):
             continue
         halt = parallel.anyone(bool(stop))  # under accelerate all processes stop after the same step
-        losses, failure = settle(params, optimizer, pending, progress, clock, run_dir)
+        losses, failure = _settle(params, optimizer, pending, progress, clock, run_dir)
         if failure:
             return failure
         for value in losses:
@@ -224,12 +224,12 @@ def train_steps(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, op
         if halt or checkpoint:
             save_checkpoint(run_dir, params, optimizer, progress)
         if halt:
-            raise Interrupted(resume_hint(run_dir, script))
+            raise Interrupted(_resume_hint(run_dir, script))
     return None
 
 
-def settle(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, pending: list[Pending],
-           progress: Progress, clock: float, run_dir: str) -> tuple[list[float], Optional[str]]:
+def _settle(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, pending: list[Pending],
+           progress: _Progress, clock: float, run_dir: str) -> tuple[list[float], Optional[str]]:
     """Read the pending steps' losses (the one wait for the device) and log them; at the first non-finite one, undo
     it and every step after it, put back the last tensors whose loss was finite, save a checkpoint and say why
     training stops. Returns the losses logged and that reason (None when every loss was finite)."""
@@ -246,7 +246,7 @@ def settle(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, pe
         pending.clear()
         return losses, None
     restore(params, pending[bad - 1].before if bad else progress.last_good)
-    restore_optimizer(optimizer, list(params.values()), pending[bad].state)  # as it was after the last finite step
+    _restore_optimizer(optimizer, list(params.values()), pending[bad].state)  # as it was after the last finite step
     progress.batch -= len(pending) - bad
     pending.clear()
     save_checkpoint(run_dir, params, optimizer, progress)
@@ -255,11 +255,11 @@ def settle(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, pe
     return losses[:bad], f"stopped early at {where}: non-finite loss {losses[bad]}"
 
 
-def resume_hint(run_dir: str, script: str) -> str:
+def _resume_hint(run_dir: str, script: str) -> str:
     return f"interrupted; checkpoint saved: resume with {parallel.launch_command()} {script} --resume={run_dir}"
 
 
-def validate(task: Task, params: dict[str, torch.Tensor], evaluate: Callable[[], dict], progress: Progress,
+def validate(task: Task, params: dict[str, torch.Tensor], evaluate: Callable[[], dict], progress: _Progress,
              run_dir: str) -> None:
     """Score the validation reviews where training stands, print the scores, add them to the validation rows and
     run_dir/validation.csv (rewritten each time, to follow a long run), and copy the tensors if they are the best."""
@@ -290,16 +290,10 @@ def best_validation(rows: list[dict], prefix: str = "") -> Optional[dict]:
     return max(rows, key=lambda row: validation_key(row, prefix), default=None)
 
 
-def keep_best(schedule: Schedule, params: dict[str, torch.Tensor], validation: dict) -> None:
+def _keep_best(schedule: Schedule, params: dict[str, torch.Tensor], validation: dict) -> None:
     """With schedule.keep_best, put the tensors of the best validation in place of the last ones."""
     best = best_validation(validation["rows"])
     if schedule.keep_best and best is not None:
         restore(params, validation["best"])
         print(f"keeping the {', '.join(params)} of epoch {best['epoch']}, step {best.get('step', '?')}, the best on "
               f"the validation reviews", flush=True)
-
-
-def best_epoch(run_dir: str) -> Optional[int]:
-    """The best epoch on the validation reviews by run_dir's validation.csv; None when the run validated none."""
-    path = os.path.join(run_dir, "validation.csv")
-    return int(best_validation(pd.read_csv(path).to_dict("records"))["epoch"]) if os.path.exists(path) else None

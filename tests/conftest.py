@@ -18,7 +18,9 @@ if WORKERS > 1:  # each worker, and each script it starts, takes its share of th
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 
 import tiny as tiny_files  # noqa: E402  (the fixture below is called tiny)
-from harness import cli  # noqa: E402
+from harness import cli, runs  # noqa: E402
+
+TINY_RUN = ["--train_limit=40", "--test_limit=20"]  # 4 batches of 10 per epoch, 20 test reviews
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +37,13 @@ def overrides(tiny, out) -> list[str]:
             f"--results_dir={out}/results", "--device=cpu", "--train_limit=100", "--test_limit=60",
             "--batch_size=10", "--primer_length=4", "--rate_by_epoch=[0.1, 0.1, 0.1]",
             "--rate_scale=absolute"]
+
+
+@pytest.fixture(scope="session")
+def task(tiny, tmp_path_factory):
+    """The tiny model's task under overrides: 100 training and 60 test reviews, no validation hold-out. Shared by the
+    test files that do not build one of their own; a test that changes it puts it back."""
+    return runs.setup(cli.configure(overrides(tiny, tmp_path_factory.mktemp("task"))))
 
 
 @pytest.fixture

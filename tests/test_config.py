@@ -1,3 +1,6 @@
+import ast
+import glob
+import os
 import shlex
 
 import pytest
@@ -5,7 +8,7 @@ import pytest
 import bench
 import config
 import experiment
-from conftest import run_script
+from conftest import ROOT, run_script
 from harness import cli, errors, hub
 
 
@@ -87,3 +90,28 @@ def test_a_script_that_declares_its_settings_shows_only_those():
             and "  --test_snippets=2400\n" in shown)
     assert cli.usage(tiny, None, ()).endswith("\n\nsettings: none")
     assert vars(cli.configure([], shared=())) == {}
+
+
+def test_the_package_reads_only_config_settings_and_nothing_but_a_parser_assigns_them():
+    """harness/ reads cfg.NAME only where config.py declares NAME (a script's own settings are read in that script and
+    passed on as values), and only the command-line parsers (harness/cli.py, a script's parse) assign to a config."""
+    declared = {name for name in vars(config) if name.isupper()}
+    read, assigned = [], []
+    for path in sorted(glob.glob(os.path.join(ROOT, "harness", "*.py")) + glob.glob(os.path.join(ROOT, "*.py"))):
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        parsers = [range(f.lineno, f.end_lineno + 1) for f in ast.walk(tree)
+                   if isinstance(f, ast.FunctionDef) and (f.name == "parse" or path.endswith("harness/cli.py"))]
+        for node in ast.walk(tree):
+            if not hasattr(node, "lineno") or any(node.lineno in lines for lines in parsers):
+                continue
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+                assigned += [f"{path}:{node.lineno}" for t in targets if isinstance(t, ast.Attribute)
+                             and t.attr.isupper() and "cfg" in ast.unparse(t.value)]
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "setattr":
+                assigned += [f"{path}:{node.lineno}"] if "cfg" in ast.unparse(node.args[0]) else []
+            if (os.path.basename(os.path.dirname(path)) == "harness" and isinstance(node, ast.Attribute)
+                    and node.attr.isupper() and ast.unparse(node.value).endswith("cfg") and node.attr not in declared):
+                read.append(f"{path}:{node.lineno} {node.attr}")
+    assert not read, "harness/ reads settings config.py does not declare: pass them as values\n" + "\n".join(read)
+    assert not assigned, "the config is assigned outside a parser:\n" + "\n".join(assigned)

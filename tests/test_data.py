@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import overrides, run_script
-from harness import cli, data, errors, hub
+from conftest import TINY_RUN, overrides, run_script
+from harness import cli, data, errors, hub, runs
+
+
+@pytest.fixture(scope="module")
+def task(tiny, tmp_path_factory):
+    return runs.setup(cli.configure(overrides(tiny, tmp_path_factory.mktemp("data")) + TINY_RUN))
 
 
 def test_csv_quirks_are_decoded(tmp_path):
@@ -263,3 +268,27 @@ def test_a_split_drawn_from_an_edited_csv_is_drawn_again_and_one_whose_csv_is_go
     assert again.meta["rows"] == first.meta["rows"] - 2 and again.meta["csv"] != first.meta["csv"]
     test_csv.unlink()  # the CSVs deleted after prep (Yelp's take 430 MB): the split is used as it is
     assert torch.equal(data.load_split(cfg, tokenizer, "test").tokens, again.tokens) and capsys.readouterr().out == ""
+
+
+def test_validation_reviews_are_held_out_balanced_and_seeded(task):
+    train, val = data.training_sets(task.train, 10, 0, 0)
+    assert (len(train), len(val)) == (30, 10) and val.labels.sum() == 5
+    reviews = lambda split: sorted(tuple(split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist())
+                                   for i in range(len(split)))
+    assert sorted(reviews(train) + reviews(val)) == reviews(task.train)  # every review in exactly one of them
+    assert reviews(data.training_sets(task.train, 10, 0, 0)[1]) == reviews(val)
+    assert reviews(data.training_sets(task.train, 10, 0, 1)[1]) != reviews(val)
+    unchanged, none = data.training_sets(task.train, 0, 0, 0)
+    assert unchanged is task.train and none is None  # VAL_LIMIT=0: the reference
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--val_limit=40"], "--val_limit=40 must be between 1 and 39: validation reviews are held out of the 40 training"),
+    (["--rate_grid=[[1e-2], [1e-3]]"], "--rate_grid chooses the rates on validation reviews: set --val_limit"),
+    (["--train_reviews=-5"], "--train_reviews=-5 must be a whole number of reviews, 0 for all that --val_limit leaves"),
+])
+def test_bad_validation_settings_are_refused(task, args, message):
+    cfg = cli.configure(args)
+    with pytest.raises(errors.UserError, match=message.replace("(", r"\(")):
+        runs._check_choices(cfg, with_train=True)
+        data.training_sets(task.train, cfg.VAL_LIMIT, cfg.TRAIN_REVIEWS, cfg.SEED)

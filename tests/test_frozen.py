@@ -7,15 +7,9 @@ import warnings
 import pytest
 import torch
 
-from conftest import overrides
-from harness import adapters, cli, frozen, layouts, primers, runs
+from harness import adapters, frozen, hub, layouts, primers
 
 BATCHES = ([0], [0, 5], [5, 2, 0, 9])  # review 0 alone and among longer and shorter batch mates
-
-
-@pytest.fixture(scope="module")
-def task(tiny, tmp_path_factory):
-    return runs.setup(cli.configure(overrides(tiny, tmp_path_factory.mktemp("frozen"))), with_train=False)
 
 
 def outputs(task, layout, idx, **inputs) -> frozen.Output:
@@ -150,3 +144,67 @@ def test_mean_pooling_takes_the_reviews_own_tokens_not_the_prompt_text_joined_to
         own = slice(len(layout.prefix) + first, len(layout.prefix) + last + 1)
         for n, l in enumerate((0, 1)):  # (HF normalizes the last layer's hidden states)
             torch.testing.assert_close(pooled[4]["mean"][n, row], states[l][0, own].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_logits_do_not_depend_on_batch_mates_or_padding(task):
+    layout = layouts.make_layout(task, None, primer_length=4)
+    primer = primers.init_primer(task.model, 4, seed=1)
+    lengths = task.test.lengths
+    short, long_ = int(lengths.argmin()), int(lengths.argmax())
+    assert lengths[long_] > lengths[short] + 10  # so the short review gets real padding below
+
+    def logits(idx):
+        ids, n = layouts.assemble(layout, task.test, torch.tensor(idx))
+        return frozen.forward(task.model, ids, n, layout, primer).logits
+
+    alone = logits([short])[0]
+    for batch in ([short, long_], [long_, 7, short, 2], [short] * 3):
+        together = logits(batch)[batch.index(short)]
+        torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_changes_memory_not_results(task):
+    """The same loss and primer gradient with and without checkpointing the layers."""
+    layout = layouts.make_layout(task, None, primer_length=4)
+    ids, lengths = layouts.assemble(layout, task.train, torch.arange(6))
+    targets = task.label_ids[task.train.labels[:6]]
+
+    def loss_and_grad():
+        primer = primers.init_primer(task.model, 4, seed=0).requires_grad_(True)
+        logits = frozen.forward(task.model, ids, lengths, layout, primer).logits
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        loss.backward()
+        return loss.detach(), primer.grad
+
+    plain = loss_and_grad()
+    hub.freeze(task.model, checkpointing=True)
+    try:
+        checkpointed = loss_and_grad()
+        calls = []
+        hook = task.model.base_model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+        loss_and_grad()
+        hook.remove()
+    finally:
+        task.model.activation_checkpointing_disable()
+        task.model.eval()
+    assert len(calls) == 2  # the first layer's MLP ran again in the backward pass: checkpointing really was on
+    torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_answers_are_read_from_float32_logits_in_a_bfloat16_model(task):
+    """Two label logits that tie in bfloat16 (its step is 0.25 at 50) but not in float32 pick the right label."""
+    model = copy.deepcopy(task.model).to(torch.bfloat16)
+    layout = layouts.make_layout(task, None, primer_length=0)
+    ids, lengths = layouts.assemble(layout, task.test, torch.tensor([0]))
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids).last_hidden_state[0, -1]
+        one, two = task.label_ids.tolist()
+        head = model.get_output_embeddings().weight
+        head[one] = (hidden.float() * 50 / hidden.float().square().sum()).to(torch.bfloat16)  # logit about 50
+        head[two] = head[one]
+        j = int(hidden.float().abs().argmax())
+        head[two, j] = torch.nextafter(head[one, j], head[one, j] + hidden[j].sign())  # one bfloat16 step up the logit
+        in_bf16 = model.get_output_embeddings()(hidden)[[one, two]]
+        logits = frozen.forward(model, ids, lengths, layout, None).logits[0, [one, two]]
+    assert in_bf16[0] == in_bf16[1], "the case no longer ties in bfloat16: pick another magnitude"
+    assert logits.dtype == torch.float32 and logits[1] > logits[0]

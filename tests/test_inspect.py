@@ -7,7 +7,7 @@ import torch
 
 import inspect_primer
 from conftest import run_script
-from harness import errors, layouts, ledger, primers, runs, scoring
+from harness import errors, layouts, ledger, primers, rundir, runs, scoring
 
 WORDS = [" great", " awful", " food"]  # one token each in the tiny vocabulary
 SCALES = [3.0, 1.0, 0.5]  # cosine ignores a vector's length; the norm column shows it
@@ -22,7 +22,7 @@ def known_primer_run(cfg):
     table = task.model.get_input_embeddings().weight.detach()
     primer = torch.stack([s * table[i[0]] for s, i in zip(SCALES, ids)])
     layout = layouts.make_layout(task, None, primer_length=len(primer))
-    run_dir = runs.new_run_dir(cfg, "experiment")
+    run_dir = rundir.new(cfg, "experiment")
     primers.save_primer(run_dir, primer, cfg.MODEL_ID, cfg.PRIMER_POSITION)
     row = runs.record(task, "experiment", "primer", len(primer), scoring.predict(task, layout, primer), run_dir)
     return task, primer, os.path.join(cfg.RESULTS_DIR, row["run_id"])

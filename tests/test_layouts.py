@@ -56,11 +56,6 @@ def models(tiny, tmp_path_factory):
             "prepend": variant(tiny, root, "prepend", prepend_space)}
 
 
-@pytest.fixture(scope="module")
-def task(tiny, tmp_path_factory):
-    return runs.setup(cli.configure(overrides(tiny, tmp_path_factory.mktemp("layouts"))))
-
-
 def task_for(tiny, tmp_path, model_dir: str) -> runs.Task:
     layouts.say_once.cache_clear()  # each test sees its own notes
     return runs.setup(cli.configure(overrides(tiny, tmp_path) + [f"--model_id={model_dir}"]), with_train=False)
@@ -237,3 +232,37 @@ def test_every_layout_is_the_tokenizers_own_tokenization_of_its_text(seam_task, 
             start = len(encode(before))
             assert ids[0, :start].tolist() == encode(before) and ids[0, start + 4:].tolist() == encode(after), (
                 template, position, review)
+
+
+def test_text_layout_is_the_chat_template_tokenized(task):
+    layout = layouts.make_layout(task, prompt_short.SYSTEM, prompt_short.USER)
+    ids, lengths = layouts.assemble(layout, task.test, torch.tensor([3]))
+    review = task.tokenizer.decode(task.test.tokens[task.test.offsets[3]:task.test.offsets[4]].tolist())
+    messages = [{"role": "system", "content": prompt_short.SYSTEM},
+                {"role": "user", "content": prompt_short.USER.replace("{review}", review)}]
+    text = task.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                              date_string="26 Jul 2024")
+    assert ids[0].tolist() == task.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert lengths.tolist() == [ids.shape[1]]
+
+
+def test_primer_slot_is_the_system_message(task):
+    layout = layouts.make_layout(task, None, primer_length=4)
+    decode = lambda t: task.tokenizer.decode(t.tolist())
+    assert decode(layout.prefix[:layout.slot.start]).endswith("system<|end_header_id|>\n\nToday Date: 26 Jul 2024\n\n")
+    assert decode(layout.prefix[layout.slot.stop:]) == "<|eot_id|><|start_header_id|>user<|end_header_id|>"
+    assert layout.joins == ("\n\n", "")  # tokenized with the review: no special token between them
+    assert decode(layout.suffix) == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert layout.slot.stop - layout.slot.start == layout.prompt_tokens == 4
+
+
+def test_assemble_right_pads_each_review_in_its_layout(task):
+    layout = layouts.make_layout(task, None, primer_length=4)
+    idx = torch.tensor([5, 0, 9])
+    ids, lengths = layouts.assemble(layout, task.test, idx)
+    for row, i in enumerate(idx):
+        text = task.tokenizer.decode(task.test.tokens[task.test.offsets[i]:task.test.offsets[i + 1]])
+        review = task.tokenizer("\n\n" + text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        expected = torch.cat([layout.prefix, review, layout.suffix])
+        assert lengths[row] == len(expected)
+        assert torch.equal(ids[row, :len(expected)], expected) and (ids[row, len(expected):] == 0).all()

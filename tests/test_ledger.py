@@ -11,12 +11,12 @@ from harness import errors, ledger
 
 WRITER = """
 import os, sys, types
-from harness import ledger, runs
+from harness import ledger, rundir
 results, go, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 cfg = types.SimpleNamespace(RESULTS_DIR=results, SEED=0)
 print("ready", flush=True)
 os.read(go, 1)  # returns when the test closes the pipe's other end: every writer at once
-run_dir = runs.new_run_dir(cfg, "race")
+run_dir = rundir.new(cfg, "race")
 for i in range(rows):
     ledger.add_row(results, {"run_id": run_dir.rsplit("/", 1)[1], "script": "race", "correct": i, "status": "finished"})
 """
@@ -89,3 +89,10 @@ def test_a_file_that_is_no_ledger_stops_a_run_at_its_start(tiny, tmp_path):
         f"error: {results}/results.csv is not a ledger (no run_id column): "
         f"move it aside (mv {results}/results.csv {results}/results.csv.old)")
     assert os.listdir(results) == ["results.csv"] and not os.path.exists(tmp_path / "data")  # no run, no data prep
+
+
+def test_format_score_prints_the_half_width():
+    row = {"score": 0.959, "score_low": 0.957, "score_high": 0.961, "restricted_score": 0.5, "restricted_low": 0.404,
+           "restricted_high": 0.596}
+    assert ledger.format_score(row, "score") == "95.9% ±0.2"
+    assert ledger.format_score(row, "restricted") == "50.0% ±9.6"

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, overrides, run_script
-from harness import errors
+from harness import errors, rundir
 
 SLOW = ["--batch_size=4", "--checkpoint_every=5", "--rate_by_epoch=[0.1, 0.1, 0.1, 0.1]"]  # 80 steps
 VALIDATED = ["--val_limit=20", "--keep_best=True"]  # 20 of the 100 reviews scored after each epoch, the best kept
@@ -106,8 +106,8 @@ def test_ctrl_c_while_validating_stops_and_resumes_to_the_same_primer(tiny, tmp_
 
 
 def test_resume_takes_only_overrides_that_cannot_change_the_result(tiny, tmp_path, monkeypatch, capsys):
-    from harness import cli, runs
-    run = runs.new_run_dir(cli.configure(overrides(tiny, tmp_path) + ["--score_batch_size=64"]), "experiment")
+    from harness import cli
+    run = rundir.new(cli.configure(overrides(tiny, tmp_path) + ["--score_batch_size=64"]), "experiment")
     monkeypatch.setattr("sys.argv", ["experiment.py", f"--resume={run}", "--score_batch_size=8",
                                      "--checkpoint_every=7"])
     resumed = []

@@ -14,7 +14,7 @@ import prompt_long
 import prompt_short
 import search_prompt
 from conftest import overrides, record_reads
-from harness import cli, errors, files, frozen, layouts, ledger, runs, scoring, screening
+from harness import cli, errors, files, frozen, layouts, ledger, rundir, runs, scoring, screening
 from harness.layouts import make_layout
 
 BUDGET = 300  # reviews through forward passes: a few steps of each search on the tiny model
@@ -94,7 +94,7 @@ def test_each_token_step_takes_a_gradient_token_that_lowers_the_loss_as_measured
     cfg = cli.configure(search_args(tiny, tmp_path, "--search=tokens"), search_prompt.SETTINGS)
     task = runs.setup(cfg)
     calls = count_forwards(monkeypatch)
-    search = screening.Search(task, runs.new_run_dir(cfg, "search_prompt"), cfg.BUDGET, cfg.FORWARD_BUDGET)
+    search = screening.Search(task, rundir.new(cfg, "search_prompt"), cfg.BUDGET, cfg.FORWARD_BUDGET)
     _, user = search_prompt.search_tokens(task, search)
     table = task.model.get_input_embeddings().weight.float()
     layout = make_layout(task, None, user, primer_length=len(search.steps[0]["before"]))

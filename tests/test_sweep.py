@@ -6,11 +6,14 @@ import time
 import matplotlib.image
 import pandas as pd
 import pytest
+import torch
+from safetensors.torch import load_file
 
+import experiment
 import probe
 import sweep
 import tune
-from conftest import overrides, run_script
+from conftest import overrides, run_script, run_until_first_checkpoint
 from harness import cli, data, errors, files, ledger, plots, scoring
 
 
@@ -182,7 +185,7 @@ def test_an_override_of_a_grid_key_is_refused_naming_the_grid():
 def drawn_figure(monkeypatch, draw):
     """The figure that draw() saves."""
     figures = []
-    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
     draw()
     return figures[0]
 
@@ -241,3 +244,29 @@ def test_the_converged_table_and_its_curve_share_one_validation_set_and_nest_the
     assert all(found == {0, 1, 2} for found in seeds.values()), seeds
     for method in (4, 16, "learned", "ia3", None):
         assert {size for m, size in seeds if m == method} == {100, 300, 1000, 2000}, method
+
+
+def test_a_point_stopped_before_its_record_is_resumed_to_what_a_straight_run_gives(tiny, tmp_path, monkeypatch,
+                                                                                  capfd):
+    grid = [{"script": "experiment", "rate_grid": [0.3, 0.1, 0.03], "val_limit": 20, "epochs": 2, "rate_by_epoch": []}]
+    (tmp_path / "grid.json").write_text(json.dumps(grid))
+    killed, straight = (sweep.configure(grid_args(tiny, tmp_path / name, grid) + [f"--grid={tmp_path}/grid.json"])
+                        for name in ("killed", "straight"))
+    run_until_first_checkpoint(lambda: experiment.run(sweep.point_config(killed, grid[0])), monkeypatch)
+    (folder,) = os.listdir(tmp_path / "killed" / "results")
+    assert sweep.unfinished_run("experiment", sweep.point_config(killed, grid[0])) == str(
+        tmp_path / "killed" / "results" / folder)
+    assert sweep.unfinished_run("experiment", sweep.point_config(killed, {**grid[0], "seed": 1})) is None
+    for cfg in (killed, straight):
+        rows, failed = sweep.sweep(cfg, grid)
+        assert len(rows) == 1 and not failed
+    out = capfd.readouterr()
+    assert f"resuming {tmp_path}/killed/results/{folder}, which stopped before its record" in out.out
+    assert f"resuming {tmp_path}/killed/results/{folder}/rates_0 at epoch 1, batch " in out.out  # its checkpoint
+    (row,) = ledger.rows(str(tmp_path / "killed" / "results"))
+    assert row["run_id"] == folder  # the stopped folder finished, no second one started
+    other = ledger_frame(tmp_path / "straight")["run_id"][0]
+    resumed, whole = (load_file(str(tmp_path / name / "results" / run / "primer.safetensors"))["primer"]
+                      for name, run in (("killed", folder), ("straight", other)))
+    assert torch.equal(resumed, whole)
+    assert sweep.unfinished_run("experiment", sweep.point_config(killed, grid[0])) is None  # it has its record now

@@ -89,7 +89,7 @@ def test_one_row_per_configuration_with_its_seeds_spread_and_a_paired_test(resul
 
 def test_the_data_figure_draws_one_curve_per_configuration_across_sizes(results, monkeypatch):
     figures = []
-    monkeypatch.setattr(table.plots, "save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(table.plots, "_save", lambda fig, path: figures.append(fig) or path)
     written = table.summarize(table.load_runs(str(results)))
     plots.table_data(written, "unused.png")
     curve = written[written["run"] == "experiment primer_length=2"].sort_values("samples")
@@ -106,7 +106,7 @@ def test_the_figures_name_methods_keep_a_0_line_in_sight_and_put_rates_in_the_le
     assert params["legend"] == ["primer", "text prompt", "hard primer"]  # not experiment, prompt_short, inspect_primer
     assert params["title"] == "Score against trainable parameters (2 training-set sizes, a line each)"
     figures = []
-    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
     plots.table_params(with_hard, "unused.png")
     plots.table_data(written, "unused.png")
     (hard_line,) = [line for line in figures[0].axes[0].lines if line.get_label() == "hard primer"]
@@ -205,7 +205,7 @@ def test_the_converged_data_figure_names_its_per_seed_rate_choice(monkeypatch):
     """The converged curve's runs choose a peak rate per seed (no schedule in their config): the data figure draws
     each method across its sizes and says so in the legend, rather than a schedule its runs do not have."""
     figures = []
-    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
     written = table.summarize(table.load_runs(os.path.join(ROOT, "results", "published", "converged")))
     plots.table_data(written, "unused.png")
     legend = [t.get_text() for t in figures[0].axes[0].get_legend().texts]
