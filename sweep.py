@@ -13,11 +13,10 @@ A point is already done when the ledger (RESULTS_DIR/results.csv) has a row of t
 config.json equals the point's config on every key that can change the result (ledger.result_config), a setting the
 run fitted to its data counted as it was asked for (config.json's "asked"). The point's config is its script's
 settings (`python <script>.py --help=json`: the sweep never imports a script) with the overrides on top. A point
-that fails is reported in one line and the sweep goes on; run the sweep again to retry it. A point whose run
-folder checkpointed but stopped before its record (a kill, a session's end) is resumed from there (--resume), not
-started again; run one sweep per results folder at a time. With JOBS above 1, that
-many points run at once, each given --threads=<cores / JOBS> unless --threads is set, so they share the cores
-instead of each starting a thread per core.
+that fails is reported in one line and the sweep goes on; run the sweep again to retry it. A point whose run folder
+checkpointed but stopped before its record (a kill, a session's end) is resumed from there (--resume), not started
+again; run one sweep per results folder at a time. With JOBS above 1, that many points run at once, each given
+--threads=<cores / JOBS> unless --threads is set, so they share the cores instead of each starting a thread per core.
 
 A grid file is JSON: a list of points, each {"script": name, "<setting>": value, ...}; a point's "each" maps settings
 to lists of values, and the point stands for every combination of them (e.g. {"each": {"seed": [0, 1, 2]}}), a

@@ -253,7 +253,6 @@ def _out_of_memory(cfg: types.SimpleNamespace) -> str:
             f"or set --gradient_checkpointing=True")
 
 
-
 def quiet_progress_bars() -> None:
     """When stderr is not a terminal (a log file, a pipe), a progress bar redraws at most every PROGRESS_SECONDS and
     on closing, so a redirected log keeps one line per bar instead of one per update; a terminal keeps live bars.

@@ -116,8 +116,9 @@ TEXT_PROMPT_SCRIPTS = ("prompt_long", "prompt_short")
 
 def result_config(script: str, config: dict) -> dict:
     """What decides a run's result: its config (uppercase keys) less the keys that cannot change it."""
-    ignored = NEUTRAL_KEYS | (TRAINING_KEYS if script in TEXT_PROMPT_SCRIPTS else set())
     config = {**defaults(), **{k.upper(): v for k, v in config.items()}}  # a setting added since ran at its default
+    untrained = script in TEXT_PROMPT_SCRIPTS and not config.get("SHOTS")  # shots are drawn from the training split
+    ignored = NEUTRAL_KEYS | (TRAINING_KEYS if untrained else set())
     return {k: v for k, v in config.items() if k not in ignored}
 
 

@@ -30,8 +30,6 @@ def new(cfg: SimpleNamespace, script: str, fitted: Optional[dict[str, Any]] = No
     return path
 
 
-
-
 def new_or_resumed(cfg: SimpleNamespace, script: str, fitted: Optional[dict[str, Any]] = None) -> str:
     """The folder of RESUME (refused when that run has finished), or a new one (`new`, with `fitted`): where a
     method that trains (and so checkpoints) writes."""

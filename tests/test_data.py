@@ -1,3 +1,5 @@
+"""CSVs to splits: quirks and dirty rows, seeded balanced samples, nested training sets and the validation hold-out,
+splits prepared again when their sample or tokenizer changes."""
 import os
 import pickle
 import shutil

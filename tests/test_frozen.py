@@ -1,4 +1,5 @@
-"""The one forward pass: a primer per row, steering vectors, hidden states, and a peft-wrapped model."""
+"""The one forward pass: logits that do not depend on batch mates or padding, read in float32, the same under gradient
+checkpointing; a primer per row, steering vectors, hidden states, and a peft-wrapped model."""
 import copy
 import dataclasses
 import types

@@ -1,4 +1,5 @@
-"""Any chat model (templates without a system role, no template, labels tokenized in context) and PRIMER_POSITION."""
+"""The prompt around a review: the chat template's own tokens, the primer's slot, right padding, any chat model
+(templates without a system role, no template, labels tokenized in context) and PRIMER_POSITION."""
 import json
 import os
 import shutil

@@ -1,4 +1,5 @@
-"""The results ledger: rows appended under a lock by concurrent runs, damage found before a run starts."""
+"""The results ledger: rows appended under a lock by concurrent runs, damage found before a run starts, scores printed
+with their half-width."""
 import os
 import re
 import subprocess

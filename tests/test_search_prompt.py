@@ -126,7 +126,6 @@ def test_each_token_step_takes_a_gradient_token_that_lowers_the_loss_as_measured
     assert spent_before < BUDGET <= search.forwards + 2 * search.backwards
 
 
-
 def test_edit_search_starts_from_the_baselines_as_they_score_and_is_reproducible(tiny, tmp_path):
     texts, folders = [], []
     for attempt in ("a", "b"):

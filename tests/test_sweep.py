@@ -72,6 +72,9 @@ def test_a_grid_runs_as_command_lines_reports_failures_and_then_skips_what_is_do
     same = sweep.point_config(cfg, {**text, "train_limit": 50, "rate_by_epoch": [1.0]})  # no effect on a text prompt
     assert sweep.find_run("prompt_short", same)["run_id"] == first["run_id"][1]
     assert sweep.find_run("prompt_short", sweep.point_config(cfg, {**text, "test_limit": 50})) is None
+    shots = sweep.point_config(cfg, {**text, "shots": 2})  # its examples are training reviews: their limit counts
+    assert sweep.find_run("prompt_short", shots) is None and ledger.result_config("prompt_short", {
+        **vars(shots), "TRAIN_LIMIT": 50}) != ledger.result_config("prompt_short", vars(shots))
     assert sweep.find_run("prompt_short", sweep.point_config(cfg, {**text, "labels": ["a", "b"]})) is None
     assert sweep.find_run("prompt_long", sweep.point_config(cfg, {"script": "prompt_long"})) is None
 
