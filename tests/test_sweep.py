@@ -251,7 +251,7 @@ def test_the_converged_table_and_its_curve_share_one_validation_set_and_nest_the
 
 def test_a_point_stopped_before_its_record_is_resumed_to_what_a_straight_run_gives(tiny, tmp_path, monkeypatch,
                                                                                   capfd):
-    grid = [{"script": "experiment", "rate_grid": [0.3, 0.1, 0.03], "val_limit": 20, "epochs": 2, "rate_by_epoch": []}]
+    grid = [{"script": "experiment", "rate_grid": [0.3, 0.1, 0.03], "val_limit": 20, "epochs": 1, "rate_by_epoch": []}]
     (tmp_path / "grid.json").write_text(json.dumps(grid))
     killed, straight = (sweep.configure(grid_args(tiny, tmp_path / name, grid) + [f"--grid={tmp_path}/grid.json"])
                         for name in ("killed", "straight"))
