@@ -77,8 +77,8 @@ def names(runs: pd.DataFrame) -> dict[str, str]:
     for script, groups in runs.groupby("script"):
         parsed = {g: json.loads(g) for g in groups["group"].unique()}
         configs = {g: dict(p[2]) for g, p in parsed.items()}
-        varying = sorted({k for c in configs.values() for k in c if k not in SIZE_KEYS
-                          and len({json.dumps(other.get(k)) for other in configs.values()}) > 1})
+        varying = sorted({k for c in configs.values() for k in c if k not in SIZE_KEYS  # among the rows it matters to
+                          and len({json.dumps(other[k]) for other in configs.values() if k in other}) > 1})
         families = len({p[1] for p in parsed.values()}) > 1
         for group, config in configs.items():
             out[group] = " ".join([script] + ([f"({parsed[group][1]})"] if families else [])

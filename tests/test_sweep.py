@@ -87,6 +87,7 @@ def test_jobs_run_points_at_once_each_on_its_share_of_the_cores(monkeypatch, cap
     done, running, most, lock = set(), [0], [0], threading.Lock()
     monkeypatch.setattr(sweep, "find_run",
                         lambda script, point: {"run_id": f"seed{point['seed']}"} if point["seed"] in done else None)
+    monkeypatch.setattr(sweep, "unfinished_run", lambda script, point: None)  # nothing stopped midway
 
     def run_command(command):
         with lock:
