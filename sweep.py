@@ -138,13 +138,18 @@ def result_key(script: str, config: dict) -> str:
     return json.dumps([script, ledger.result_config(script, config)], sort_keys=True)
 
 
+def asked_key(script: str, config: dict) -> str:
+    """result_key of a run folder's config.json, with the settings it fitted to its data as they were asked for."""
+    return result_key(script, {**config, **config.get("asked", {})})
+
+
 def find_run(script: str, cfg: SimpleNamespace) -> Optional[dict]:
     """The latest ledger row of a run of `script` whose saved config, with the settings it fitted to its data as they
     were asked for, gives the same result as cfg, or None."""
     want = result_key(script, vars(cfg))
     for row in reversed(ledger.rows(cfg.RESULTS_DIR)):
         config = ledger.run_config(cfg.RESULTS_DIR, row) if row["script"] == script else None
-        if config is not None and result_key(script, {**config, **config.get("asked", {})}) == want:
+        if config is not None and asked_key(script, config) == want:
             return row
     return None
 
@@ -158,8 +163,7 @@ def unfinished_run(script: str, cfg: SimpleNamespace) -> Optional[str]:
                 or os.path.exists(os.path.join(folder, "metrics.json"))
                 or not glob.glob(os.path.join(folder, "**", "checkpoint.pt"), recursive=True)):
             continue
-        config = files.read_json(os.path.join(folder, "config.json"))
-        if result_key(script, {**config, **config.get("asked", {})}) == want:
+        if asked_key(script, files.read_json(os.path.join(folder, "config.json"))) == want:
             return folder
     return None
 
