@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Optional
 
-from harness import cli, errors, files, ledger, plots
+from harness import cli, errors, files, ledger, tableplots
 
 GRID = ""  # the grid to run: "" (DEFAULT_GRID below), a name in grids/ (e.g. cpu_table), or a path to a .json grid file
 JOBS = 1  # points run at once, each on its share of the cores (--threads=<cores / JOBS>, unless --threads is given)
@@ -243,8 +243,8 @@ def main(cfg: SimpleNamespace) -> None:
     print(ledger.format_table(rows))
     rows = [with_schedule(row, cfg.RESULTS_DIR) for row in rows]
     if rows:
-        for path in (plots.score_plot(rows, os.path.join(cfg.RESULTS_DIR, "scores.png")),
-                     plots.losses_plot(rows, cfg.RESULTS_DIR, os.path.join(cfg.RESULTS_DIR, "losses.png"))):
+        for path in (tableplots.score_plot(rows, os.path.join(cfg.RESULTS_DIR, "scores.png")),
+                     tableplots.losses_plot(rows, cfg.RESULTS_DIR, os.path.join(cfg.RESULTS_DIR, "losses.png"))):
             print(f"saved {path}")
     print(f"the comparison: python table.py {cfg.RESULTS_DIR}")
     if failed:

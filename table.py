@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import pandas as pd
 import torch
 
-from harness import cli, errors, files, ledger, plots, rategrid, scoring, stats
+from harness import cli, errors, files, ledger, rategrid, scoring, stats, tableplots
 
 TRAIN_REVIEWS = 0  # rows trained on this many reviews, plus those with nothing trained (prompts, searches); 0: all
 AGAINST = ""  # the paired tests' reference: the best row whose name contains this text; "": the best row
@@ -187,8 +187,8 @@ def write(results_dir: str, train_reviews: int = 0, against: str = "") -> pd.Dat
     print(f"these {table['seeds'].sum()} runs cost {core_hours(runs, table):.1f} core-hours (every rate candidate's "
           "training and the scoring, times the threads and processes each ran on)")
     every = summarize(runs) if train_reviews else table  # the figures draw every size
-    for path in (plots.table_params(every, os.path.join(results_dir, "table_params.png")),
-                 plots.table_data(every, os.path.join(results_dir, "table_data.png"))):
+    for path in (tableplots.table_params(every, os.path.join(results_dir, "table_params.png")),
+                 tableplots.table_data(every, os.path.join(results_dir, "table_data.png"))):
         print(f"saved {path}")
     return table
 

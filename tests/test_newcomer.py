@@ -170,7 +170,7 @@ def test_probe_figure_has_whole_layers_a_title_of_its_own_and_no_hidden_line(tmp
     assert axes["legend"] == ["linear probe, review alone, last pooling", "linear probe, review alone, mean pooling",
                               "experiment test score (primer)"]
     figures = []
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
     plots.probe_layers(results, model_id, str(tmp_path))
     lines = figures[0].axes[0].lines
     probes, reference = lines[:2], lines[2]

@@ -12,7 +12,7 @@ import experiment
 import steer
 import table
 from conftest import TINY_RUN, overrides
-from harness import cli, layouts, ledger, plots, primers, rategrid, runs, scoring
+from harness import cli, layouts, ledger, plots, primers, rategrid, runs, scoring, tableplots
 from harness.schedule import Schedule
 
 
@@ -99,8 +99,8 @@ def test_a_rate_grid_keeps_the_schedule_best_on_validation(tiny, tmp_path, monke
     module.run(cli.configure([*args, "--train_limit=30", "--rate_grid=[[0.3, 0.3]]"],
                              getattr(module, "SETTINGS", None)))
     figures = []
-    monkeypatch.setattr(table.plots, "_save", lambda fig, path: figures.append(fig) or path)
-    plots.table_data(table.summarize(table.load_runs(f"{tmp_path}/results")), "unused.png")
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
+    tableplots.table_data(table.summarize(table.load_runs(f"{tmp_path}/results")), "unused.png")
     (bars,) = figures[0].axes[0].containers
     first = ",".join(f"{rate:g}" for rate in eval(grid["rates"][chosen]))
     assert list(bars.lines[0].get_xdata()) == [20, 30]

@@ -14,7 +14,7 @@ import probe
 import sweep
 import tune
 from conftest import overrides, run_script, run_until_first_checkpoint
-from harness import cli, data, errors, files, ledger, plots, scoring
+from harness import cli, data, errors, files, ledger, plots, scoring, tableplots
 
 
 def assert_png(path) -> None:
@@ -189,7 +189,7 @@ def test_an_override_of_a_grid_key_is_refused_naming_the_grid():
 def drawn_figure(monkeypatch, draw):
     """The figure that draw() saves."""
     figures = []
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
     draw()
     return figures[0]
 
@@ -203,7 +203,7 @@ def test_scores_figure_draws_the_wilson_intervals(monkeypatch):
                 "restricted_low": rlow, "restricted_high": rhigh}
     rows = [row("experiment", 4, 150), row("experiment", 8, 170), row("prompt_short", 30, 110, "text prompt"),
             row("experiment", 4, 120, "primer (suffix)")]
-    fig = drawn_figure(monkeypatch, lambda: plots.score_plot(rows, "unused.png"))
+    fig = drawn_figure(monkeypatch, lambda: tableplots.score_plot(rows, "unused.png"))
     for ax, name in zip(fig.axes, ("score", "restricted")):
         bars, _ = ax.containers  # one line with error bars per position and schedule
         assert [c.get_label() for c in ax.containers] == ["primer, lr 0.1", "primer (suffix), lr 0.1"]
@@ -222,7 +222,7 @@ def test_losses_figure_marks_each_runs_epoch_boundaries(tmp_path, monkeypatch):
         pd.DataFrame({"step": range(1, len(epochs) + 1), "epoch": epochs, "loss": 1.0}).to_csv(
             tmp_path / run / "losses.csv")
     rows = [{"run_id": run, "method": "primer", "tokens": 4, "lr_schedule": "0.1, 0.1, 0.1"} for run in ("a", "b")]
-    fig = drawn_figure(monkeypatch, lambda: plots.losses_plot(rows, str(tmp_path), "unused.png"))
+    fig = drawn_figure(monkeypatch, lambda: tableplots.losses_plot(rows, str(tmp_path), "unused.png"))
     curves = [line for line in fig.axes[0].lines if line.get_linestyle() == "-"]
     marks = [(line.get_xdata()[0], line.get_color()) for line in fig.axes[0].lines if line.get_linestyle() == ":"]
     assert marks == [(5.5, curves[0].get_color()), (10.5, curves[0].get_color()),

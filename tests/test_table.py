@@ -14,7 +14,7 @@ import experiment
 import prompt_short
 import table
 from conftest import ROOT, overrides, run_script
-from harness import cli, errors, files, ledger, plots, runs, stats
+from harness import cli, errors, files, ledger, plots, runs, stats, tableplots
 
 CONFIGS = [{"primer_length": 2, "train_limit": 100}, {"primer_length": 2, "train_limit": 50},
            {"primer_length": 4, "train_limit": 100}]
@@ -89,9 +89,9 @@ def test_one_row_per_configuration_with_its_seeds_spread_and_a_paired_test(resul
 
 def test_the_data_figure_draws_one_curve_per_configuration_across_sizes(results, monkeypatch):
     figures = []
-    monkeypatch.setattr(table.plots, "_save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
     written = table.summarize(table.load_runs(str(results)))
-    plots.table_data(written, "unused.png")
+    tableplots.table_data(written, "unused.png")
     curve = written[written["run"] == "experiment primer_length=2"].sort_values("samples")
     (bars,) = figures[0].axes[0].containers  # one curve: the 4-vector primer has one size only, the text prompt none
     line = bars.lines[0]
@@ -102,13 +102,13 @@ def test_the_figures_name_methods_keep_a_0_line_in_sight_and_put_rates_in_the_le
     written = table.summarize(table.load_runs(str(results)))
     hard = written[written["trainable_params"] == 0].assign(method="hard primer", score_mean=0.0, scores=[[0.0]])
     with_hard = pd.concat([written, hard], ignore_index=True)
-    params = plots.description(plots.table_params(with_hard, str(tmp_path / "params.png")))["axes"][0]
+    params = plots.description(tableplots.table_params(with_hard, str(tmp_path / "params.png")))["axes"][0]
     assert params["legend"] == ["primer", "text prompt", "hard primer"]  # not experiment, prompt_short, inspect_primer
     assert params["title"] == "Score against trainable parameters (2 training-set sizes, a line each)"
     figures = []
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
-    plots.table_params(with_hard, "unused.png")
-    plots.table_data(written, "unused.png")
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
+    tableplots.table_params(with_hard, "unused.png")
+    tableplots.table_data(written, "unused.png")
     (hard_line,) = [line for line in figures[0].axes[0].lines if line.get_label() == "hard primer"]
     assert figures[0].axes[0].get_ylim()[0] < hard_line.get_ydata()[0] == 0  # above the frame, not on it
     assert (not figures[1].axes[0].texts
@@ -205,9 +205,9 @@ def test_the_converged_data_figure_names_its_per_seed_rate_choice(monkeypatch):
     """The converged curve's runs choose a peak rate per seed (no schedule in their config): the data figure draws
     each method across its sizes and says so in the legend, rather than a schedule its runs do not have."""
     figures = []
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
     written = table.summarize(table.load_runs(os.path.join(ROOT, "results", "published", "converged")))
-    plots.table_data(written, "unused.png")
+    tableplots.table_data(written, "unused.png")
     legend = [t.get_text() for t in figures[0].axes[0].get_legend().texts]
     assert "primer, primer_length=4, peak rate chosen per seed on validation" in legend
     assert len(legend) == (written.groupby("curve")["samples"].nunique() > 1).sum() >= 4
