@@ -272,6 +272,57 @@ def print_table(rows: list[dict]) -> None:
               f"| {r['TFLOP/s']:.3g} | {100 * r['MFU']:.1f}% |")
 
 
+def score_rows(task: runs.Task, layout: layouts.Layout, primer: torch.Tensor, shape: dict, batches: list[torch.Tensor],
+               peak: float, baseline: bool) -> list[dict]:
+    """Scoring (with BASELINE, the straightforward loop too) and probe.py's feature extraction on the same batches."""
+    split, device, fixed = task.train, task.device, len(layout.prefix) + len(layout.suffix)
+    real = lambda idx: split.lengths[idx] + fixed
+    grouped = lambda idx: len(idx) * layouts.padded_width(int(real(idx).max()))
+    flops = lambda idx: batch_flops(shape, real(idx), False, False)
+    rows = [measure("score", lambda idx: scoring.predict_batch(task, layout, primer, idx), batches, real, grouped,
+                    flops, task, peak)]
+    if baseline:
+        longest = int(split.lengths.max()) + fixed
+        with torch.inference_mode():
+            rows.append(measure("score, straightforward loop",
+                                lambda idx: naive_logits(task, layout, primer, idx, longest), batches, real,
+                                lambda idx: len(idx) * longest,
+                                lambda idx: batch_flops(shape, real(idx), True, False), task, peak))
+    every_layer = tuple(range(activations.layer_count(task.model)))
+
+    @torch.inference_mode()
+    def features(idx):  # probe.py's extraction: the scoring pass plus every layer's hidden states, pooled
+        ids, lengths = layouts.assemble(layout, split, idx)
+        frozen.forward(task.model, ids.to(device), lengths.to(device), layout, primer, layers=every_layer)
+    return rows + [measure("probe features, every layer", features, batches, real, grouped, flops, task, peak)]
+
+
+def print_ratios(cfg, rows: list[dict], task: runs.Task) -> None:
+    """The speed-ups the table implies: against the straightforward loop, the suffix primer against the system one,
+    the learned vector on kept outputs, and the reference run's projected time."""
+    by_name = {r["run"]: r for r in rows}
+    if cfg.BASELINE:
+        for what in ("train", "score"):
+            print(f"{what}: {by_name[what]['samples/s'] / by_name[what + ', straightforward loop']['samples/s']:.1f}x "
+                  "the straightforward loop")
+    if cfg.GRADIENT_CHECKPOINTING:
+        print("primer position suffix not timed: it does not combine with --gradient_checkpointing=True")
+    else:
+        train_at = {p: by_name["train" if p == cfg.PRIMER_POSITION else f"train, primer position {p}"]["samples/s"]
+                    for p in ("system", "suffix")}
+        kept = by_name["train, primer position suffix, reviews kept"]["samples/s"]
+        print(f"train, primer position suffix: {train_at['suffix'] / train_at['system']:.1f}x primer position system "
+              f"in the first epoch, {kept / train_at['system']:.1f}x once its reviews are kept")
+    full, kept = (r["samples/s"] for r in rows if r["run"].startswith("train, learned vector"))
+    middle = (len(task.model.get_decoder().layers) + 1) // 2
+    print(f"train, learned vector: {kept / full:.1f}x the full forward with layer {middle}'s outputs kept")
+    minutes = (cfg.REF_TRAIN / by_name["train"]["samples/s"] + cfg.REF_TEST / by_name["score"]["samples/s"]) / 60
+    print(f"reference run ({cfg.REF_TRAIN:,} training samples, {cfg.REF_TEST:,} test reviews) projected: "
+          f"{minutes:,.1f} minutes on {device_name(task.device)} at batch size {cfg.BATCH_SIZE} / "
+          f"{cfg.SCORE_BATCH_SIZE}")
+
+
+
 def run(cfg) -> None:
     task, layout = bench_task(cfg)
     split, device, n = task.train, task.device, cfg.WARMUP + cfg.STEPS
@@ -286,7 +337,6 @@ def run(cfg) -> None:
     print(attention_line(task, {"train": train_batches[cfg.WARMUP:], "score": score_batches[cfg.WARMUP:]}, layout),
           flush=True)
     real = lambda idx: split.lengths[idx] + fixed
-    grouped = lambda idx: len(idx) * layouts.padded_width(int(real(idx).max()))
     longest = int(split.lengths.max()) + fixed
     to_longest = lambda idx: len(idx) * longest
 
@@ -318,44 +368,11 @@ def run(cfg) -> None:
     if cfg.BASELINE:
         rows.append(measure("train, straightforward loop", naive_train, train_batches, real, to_longest,
                             lambda idx: batch_flops(shape, real(idx), True, True), task, peak))
-    rows.append(measure("score", lambda idx: scoring.predict_batch(task, layout, primer.detach(), idx), score_batches,
-                        real, grouped, lambda idx: batch_flops(shape, real(idx), False, False), task, peak))
-    if cfg.BASELINE:
-        with torch.inference_mode():
-            rows.append(measure("score, straightforward loop",
-                                lambda idx: naive_logits(task, layout, primer.detach(), idx, longest),
-                                score_batches, real, to_longest, lambda idx: batch_flops(shape, real(idx), True, False),
-                                task, peak))
-    every_layer = tuple(range(activations.layer_count(task.model)))
-
-    @torch.inference_mode()
-    def features(idx):  # probe.py's extraction: the scoring pass plus every layer's hidden states, pooled
-        ids, lengths = layouts.assemble(layout, split, idx)
-        frozen.forward(task.model, ids.to(device), lengths.to(device), layout, primer.detach(), layers=every_layer)
-    rows.append(measure("probe features, every layer", features, score_batches, real, grouped,
-                        lambda idx: batch_flops(shape, real(idx), False, False), task, peak))
+    rows += score_rows(task, layout, primer.detach(), shape, score_batches, peak, cfg.BASELINE)
     print_table(rows)
     if cfg.INVARIANCE:
         print(batch_invariance(task, layout, primer.detach(), cfg.INVARIANCE))
-    by_name = {r["run"]: r for r in rows}
-    if cfg.BASELINE:
-        for what in ("train", "score"):
-            print(f"{what}: {by_name[what]['samples/s'] / by_name[what + ', straightforward loop']['samples/s']:.1f}x "
-                  "the straightforward loop")
-    if cfg.GRADIENT_CHECKPOINTING:
-        print("primer position suffix not timed: it does not combine with --gradient_checkpointing=True")
-    else:
-        train_at = {p: by_name["train" if p == cfg.PRIMER_POSITION else f"train, primer position {p}"]["samples/s"]
-                    for p in ("system", "suffix")}
-        kept = by_name["train, primer position suffix, reviews kept"]["samples/s"]
-        print(f"train, primer position suffix: {train_at['suffix'] / train_at['system']:.1f}x primer position system "
-              f"in the first epoch, {kept / train_at['system']:.1f}x once its reviews are kept")
-    full, kept = (r["samples/s"] for r in rows if r["run"].startswith("train, learned vector"))
-    middle = (len(task.model.get_decoder().layers) + 1) // 2
-    print(f"train, learned vector: {kept / full:.1f}x the full forward with layer {middle}'s outputs kept")
-    minutes = (cfg.REF_TRAIN / by_name["train"]["samples/s"] + cfg.REF_TEST / by_name["score"]["samples/s"]) / 60
-    print(f"reference run ({cfg.REF_TRAIN:,} training samples, {cfg.REF_TEST:,} test reviews) projected: "
-          f"{minutes:,.1f} minutes on {device_name(device)} at batch size {cfg.BATCH_SIZE} / {cfg.SCORE_BATCH_SIZE}")
+    print_ratios(cfg, rows, task)
 
 
 if __name__ == "__main__":
