@@ -72,17 +72,20 @@ def family(method: str) -> str:
 
 def names(runs: pd.DataFrame) -> dict[str, str]:
     """Each group's name: its script, its method's family where the script's rows have several, and the settings in
-    which it differs from the script's other rows."""
+    which it differs from the other rows of its script and family (a family's own settings, its method's, go
+    without saying)."""
     out = {}
     for script, groups in runs.groupby("script"):
         parsed = {g: json.loads(g) for g in groups["group"].unique()}
-        configs = {g: dict(p[2]) for g, p in parsed.items()}
-        varying = sorted({k for c in configs.values() for k in c if k not in SIZE_KEYS  # among the rows it matters to
-                          and len({json.dumps(other[k]) for other in configs.values() if k in other}) > 1})
-        families = len({p[1] for p in parsed.values()}) > 1
-        for group, config in configs.items():
-            out[group] = " ".join([script] + ([f"({parsed[group][1]})"] if families else [])
-                                  + [f"{k.lower()}={config.get(k)!r}".replace("'", "") for k in varying])
+        families = {p[1] for p in parsed.values()}
+        for family_name in families:
+            configs = {g: dict(p[2]) for g, p in parsed.items() if p[1] == family_name}
+            # among the rows it matters to
+            varying = sorted({k for c in configs.values() for k in c if k not in SIZE_KEYS
+                              and len({json.dumps(other[k]) for other in configs.values() if k in other}) > 1})
+            for group, config in configs.items():
+                out[group] = " ".join([script] + ([f"({family_name})"] if len(families) > 1 else [])
+                                      + [f"{k.lower()}={config.get(k)!r}".replace("'", "") for k in varying])
     return out
 
 

@@ -1,6 +1,7 @@
 """table.py on tiny runs (three primer configurations, two seeds each, and a text prompt), and McNemar's test that
 compare.py uses, checked against numpy and scipy (the bootstrap over seeds and reviews: test_stats.py)."""
 import glob
+import json
 import math
 import os
 import shutil
@@ -161,6 +162,17 @@ def test_a_family_pools_what_seeds_choose_and_keeps_two_records_of_one_run_apart
             == "linear probe")
     assert (table.family("token search, exact ids (27.2 CPU min): 'Classify'")
             != table.family("prompt search (tokens, decoded text): 'C'"))
+
+
+def test_a_row_is_named_by_its_family_and_what_differs_within_it():
+    """tune.py's methods each bring their own settings (method, rate grid): the family names them; only what differs
+    between two rows of one family (here IA3's two rates) is spelled out."""
+    def group(family: str, **settings) -> str:
+        return json.dumps(["tune", family, settings], sort_keys=True)
+    groups = [group("IA3", METHOD="ia3", RATE=0.01), group("IA3", METHOD="ia3", RATE=0.003),
+              group("LoReFT", METHOD="loreft", RATE=0.01), group("LayerNorm tuning", METHOD="layernorm", RATE=0.001)]
+    assert sorted(table.names(pd.DataFrame({"script": "tune", "group": groups})).values()) == [
+        "tune (IA3) rate=0.003", "tune (IA3) rate=0.01", "tune (LayerNorm tuning)", "tune (LoReFT)"]
 
 
 def test_one_size_against_a_named_row_and_the_mistakes_of_both_settings(results, capsys):
