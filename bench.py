@@ -322,7 +322,6 @@ def print_ratios(cfg, rows: list[dict], task: runs.Task) -> None:
           f"{cfg.SCORE_BATCH_SIZE}")
 
 
-
 def run(cfg) -> None:
     task, layout = bench_task(cfg)
     split, device, n = task.train, task.device, cfg.WARMUP + cfg.STEPS
