@@ -196,7 +196,8 @@ def run(cfg) -> None:
     answers = continuations(task, teacher, primer, run_dir)
     loss = loss_of(task, student, teacher, primer, answers)
     log, status, seconds = rategrid.train_grid(task, weights, loss, run_dir, training.Schedule.of(cfg), cfg.RATE_GRID,
-                                               evaluate, f"baked {cfg.TEACHER}", "bake.py")
+                                               evaluate, f"baked {cfg.TEACHER}", "bake.py",
+                                               transfer=rategrid.transfer_of(cfg))
     if parallel.is_main():
         task.model.save_pretrained(os.path.join(run_dir, "adapter"))  # safetensors; its folder is the ADAPTER_PATH
     with task.model.disable_adapter():

@@ -22,7 +22,7 @@ def train_primer(task, layout, primer, run_dir: str) -> tuple[list[dict], str, f
     unit = primers.rate_unit(task)
     log, status, seconds = rategrid.train_grid(task, {"primer": primer}, primers.loss_of(task, layout, primer), run_dir,
                                                training.Schedule.of(task.cfg, unit), task.cfg.RATE_GRID, evaluate,
-                                               method, "experiment.py", unit)
+                                               method, "experiment.py", unit, rategrid.transfer_of(task.cfg))
     primers.note_stall(log, primer.detach() - start, primers.embedding_std(task.model))
     return log, status, seconds
 

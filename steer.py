@@ -159,7 +159,8 @@ def learned(task: Task, plain: Layout, run_dir: str, reviews: int) -> tuple[pd.D
     evaluate = lambda: scoring.score(task, plain, None, task.val, steer)
     log, status, _ = rategrid.train_grid(task, {"vector": vector}, primers.loss_of(task, plain, steer=steer), run_dir,
                                          training.Schedule.of(cfg, unit), cfg.RATE_GRID, evaluate,
-                                         f"learned steering vector (layer {layer})", "steer.py", unit)
+                                         f"learned steering vector (layer {layer})", "steer.py", unit,
+                                         rategrid.transfer_of(cfg))
     vector.requires_grad_(False)
     row = {"layer": layer, "coefficient": 1.0, "residual_norm": norm, **validation_columns(evaluate())}
     return pd.DataFrame([row]), {(layer, 1.0): steer}, log, status

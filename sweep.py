@@ -20,7 +20,9 @@ again; run one sweep per results folder at a time. With JOBS above 1, that many 
 
 A grid file is JSON: a list of points, each {"script": name, "<setting>": value, ...}; a point's "each" maps settings
 to lists of values, and the point stands for every combination of them (e.g. {"each": {"seed": [0, 1, 2]}}), a
-"{seed}" in a string value standing for the combination's value (e.g. "data_dir": "data/rt/seed{seed}").
+"{seed}" in a string value standing for the combination's value (e.g. "data_dir": "data/rt/seed{seed}"). A point with
+"share_rate": true and a rate grid lets its first seed choose the rate; each other seed tries that rate first
+(--rate_from=<the first seed's run>) and chooses on its own grid only where the rate does not hold there.
 """
 import functools
 import glob
@@ -49,16 +51,29 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 TAIL_BYTES = 4096  # of a point's stderr, kept to report its last line when it fails
 
 
+SOURCE = "rate_from_point"  # a point's key, the sweep's own: the point whose run it takes its rate from
+
+
 def expand(points: list[dict]) -> list[dict]:
-    """The grid's points with each point's "each" axes spelled out, every combination a point of its own."""
+    """The grid's points with each point's "each" axes spelled out, every combination a point of its own; with
+    "share_rate", each seed but the first names the first seed's point (SOURCE)."""
     out = []
     for point in points:
         axes = point.get("each", {})
+        if point.get("share_rate") and not axes.get("seed"):
+            raise errors.UserError(f"a point with \"share_rate\" shares its first seed's rate with the others: give "
+                                   f"it \"each\": {{\"seed\": [0, 1, 2]}} ({point})")
         for values in itertools.product(*axes.values()):
             named = dict(zip(axes, values))
-            fixed = {k: fill(v, named) for k, v in point.items() if k != "each"}
-            out.append({**fixed, **named})
+            out.append(filled(point, named))
+            if point.get("share_rate") and named["seed"] != axes["seed"][0]:
+                out[-1][SOURCE] = filled(point, {**named, "seed": axes["seed"][0]})
     return out
+
+
+def filled(point: dict, named: dict) -> dict:
+    """One combination of a point's axes: its own settings filled with the combination's values, and those values."""
+    return {**{k: fill(v, named) for k, v in point.items() if k not in ("each", "share_rate")}, **named}
 
 
 def fill(value, named: dict):
@@ -112,7 +127,7 @@ def point_args(cfg: SimpleNamespace, point: dict, resume: Optional[str] = None) 
         return cli.as_args({"RESUME": resume, **{k: v for k, v in {**given, **thread_share(cfg, point)}.items()
                                                  if k in cli.RESUMABLE}})
     return (cli.as_args({**given, **thread_share(cfg, point)})
-            + cli.as_args({k: v for k, v in point.items() if k != "script"}))
+            + cli.as_args({k: v for k, v in point.items() if k not in ("script", SOURCE)}))
 
 
 def thread_share(cfg: SimpleNamespace, point: dict) -> dict:
@@ -185,15 +200,28 @@ def sweep(cfg: SimpleNamespace, grid: list[dict]) -> tuple[list[dict], list[str]
     ledger row of each point done (in grid order) and the points that failed."""
     read_settings(grid)
     configs = [point_config(cfg, point) for point in grid]  # every point checked before any runs
+    runs = {}  # a point's future ledger row, by its index: the points that take their rate from it wait on it
     with ThreadPoolExecutor(max_workers=jobs_of(cfg)) as pool:
-        done = list(pool.map(lambda i: run_point(cfg, grid, configs[i], i), range(len(grid))))
+        for i in sorted(range(len(grid)), key=lambda i: SOURCE in grid[i]):  # sources start first: no wait for none
+            source = runs[grid.index(grid[i][SOURCE])] if SOURCE in grid[i] else None
+            runs[i] = pool.submit(run_point, cfg, grid, configs[i], i, source)
+        done = [runs[i].result() for i in range(len(grid))]
     return [row for row, _ in done if row], [name for row, name in done if row is None]
 
 
-def run_point(cfg: SimpleNamespace, grid: list[dict], point_cfg: SimpleNamespace, i: int) -> tuple[Optional[dict], str]:
+def run_point(cfg: SimpleNamespace, grid: list[dict], point_cfg: SimpleNamespace, i: int,
+              source=None) -> tuple[Optional[dict], str]:
     """Point i of the grid: its ledger row (already there, or written by running it; None when it failed) and its
-    name for one-line reports."""
-    point, at = grid[i], f"sweep {i + 1}/{len(grid)}"
+    name for one-line reports. With `source` (the future of the point it takes its rate from), it waits for that
+    run and tries its rate first."""
+    point, at = {k: v for k, v in grid[i].items() if k != SOURCE}, f"sweep {i + 1}/{len(grid)}"
+    if source is not None:
+        taken, _ = source.result()
+        if taken is None:
+            print(f"{at}: not run: the point it takes its rate from failed", flush=True)
+            return None, " ".join([point["script"], "--rate_from=<a failed point>"])
+        point = {**point, "rate_from": os.path.join(cfg.RESULTS_DIR, taken["run_id"])}
+        point_cfg = point_config(cfg, point)
     script, own = point["script"], {k: v for k, v in point.items() if k != "script"}
     name = " ".join([script] + cli.as_args(own))
     row = find_run(script, point_cfg)

@@ -57,7 +57,8 @@ def load_runs(results_dir: str) -> pd.DataFrame:
         r["train_seconds"] = r["train_seconds"] if seconds is None else seconds  # the chosen schedule's alone
         r["rate_chosen"] = seconds is not None
         r["config"] = ledger.result_config(r["script"], config)
-        settings = {k: v for k, v in r["config"].items() if k != "SEED" and v not in (None, [])}  # unset as absent
+        # a seed that took its rate from another (RATE_FROM) pools with it; an unset setting reads as absent
+        settings = {k: v for k, v in r["config"].items() if k not in ("SEED", "RATE_FROM") and v not in (None, [])}
         r["group"] = json.dumps([r["script"], family(r["method"]), settings], sort_keys=True)
         r["right"], r["restricted_right"] = stats.correctness(predictions).values()
         r["label_bias"], r["restricted_label_bias"] = stats.label_bias(predictions)

@@ -118,7 +118,7 @@ def run(cfg) -> None:
     evaluate = None if task.val is None else lambda: scoring.score(task, plain, split=task.val, steer=steer)
     loss = primers.loss_of(task, plain, steer=steer, trained=tuple(params.values()))
     log, status, seconds = rategrid.train_grid(task, params, loss, run_dir, training.Schedule.of(cfg), cfg.RATE_GRID,
-                                               evaluate, method, "tune.py")
+                                               evaluate, method, "tune.py", transfer=rategrid.transfer_of(cfg))
     for p in params.values():
         p.requires_grad_(False)
     save(task, run_dir, params, edit, meta)

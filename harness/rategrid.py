@@ -2,30 +2,42 @@
 of its own (checkpointed and resumed as any run). The grid widens while its best rate sits at an edge, and spends
 little on bad rates by successive halving: every rate trains a quarter of the budget, the better half goes on to half
 of it, the better half of those to the whole. The best validation is kept, the grid saved (rate_grid.csv) and drawn
-for every method of a results folder (rate_grid.png)."""
+for every method of a results folder (rate_grid.png). A rate chosen at another seed (RATE_FROM) is tried first and
+kept where it holds: this seed's best validation at it within RATE_HOLDS of that seed's."""
 import ast
 import glob
 import math
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import pandas as pd
 import torch
 
-from harness import files, plots, training
+from harness import errors, files, ledger, plots, training
 from harness.task import Task
 
 RUNGS = (0.25, 0.5, 1.0)  # successive halving: shares of the budget after which the worse half of the rates stops
 WIDEN = 3  # most rates a grid adds beyond its edge while its best sits there
+SEED_KEYS = {"SEED", "DATA_DIR", "RATE_FROM", "RATE_HOLDS"}  # what a run may change from the run whose rate it takes
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A peak rate another seed chose on its grid, and the best validation score it must reach here to be kept."""
+    rate: float
+    bar: float  # that seed's best validation score less RATE_HOLDS
+    source: str  # that seed's run id
 
 
 def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.LossOf, run_dir: str,
                schedule: training.Schedule, grid: list, evaluate, method: str, script: str,
-               unit: float = 1.0) -> tuple[list[dict], str, float]:
+               unit: float = 1.0, transfer: Optional[Transfer] = None) -> tuple[list[dict], str, float]:
     """`schedule` at each rate of `grid` (peak rates, or lists of per-epoch rates; times `unit`), or `schedule`
     alone when the grid is empty; leaves params at the chosen rate's tensors and returns its loss log and status, and
     the seconds every rate took. With a grid, run_dir gets rate_grid.csv, the chosen rate's validation.csv, and the
-    figure of every rate_grid.csv beside it."""
+    figure of every rate_grid.csv beside it. A `transfer` trains its rate's whole budget first and is chosen where
+    it reaches its bar; else it joins the grid as a candidate already trained (successive halving skips it)."""
     if not grid:
         log, status = training.train(task, params, loss_of, run_dir, schedule, evaluate, script)
         return log, status, log[-1]["seconds"] if log else 0.0
@@ -50,19 +62,55 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
     grid = [tuple(rate) if isinstance(rate, list) else rate for rate in grid]  # a dict key each
     alive = list(grid)
     rungs = RUNGS if all(isinstance(rate, (int, float)) for rate in grid) else (1.0,)  # the reference's: each whole
+    if transfer:
+        advance(transfer.rate, 1.0)
+        held = points[transfer.rate]["best"]["score"] >= transfer.bar
+        print(f"rate {transfer.rate} of {transfer.source} {'holds' if held else 'does not hold'} here (its bar: "
+              f"{transfer.bar:.1%}){'' if held else '; choosing among the grid'}", flush=True)
+        alive, rungs = ([transfer.rate], ()) if held else (list(dict.fromkeys([*grid, transfer.rate])), rungs)
     for rung, share in enumerate(rungs):
         for rate in alive:
-            advance(rate, share)
+            if rate not in points or points[rate]["share"] < share:  # a transferred rate has trained its whole
+                advance(rate, share)
         alive += widened(grid, points, alive, lambda rate: [advance(rate, s) for s in rungs[:rung + 1]])
         if share < 1:
             alive = sorted(alive, key=lambda r: _rank(points[r]), reverse=True)[:math.ceil(len(alive) / 2)]
     chosen = max(alive, key=lambda r: _rank(points[r]))
-    table = _grid_table(points, chosen, method, len(task.train))
+    table = _grid_table(points, chosen, method, len(task.train)).assign(rate_from=transfer.source if transfer else "")
     training.restore(params, points[chosen]["tensors"])
     files.write_atomic(os.path.join(run_dir, "rate_grid.csv"), table.to_csv(index=False))
     files.write_atomic(os.path.join(run_dir, "validation.csv"), points[chosen]["validation"].to_csv(index=False))
     print(f"chosen on validation: rate {chosen}; every method's grid: {draw(os.path.dirname(run_dir))}")
     return points[chosen]["log"], points[chosen]["status"], float(table["train_seconds"].sum())
+
+
+def transfer_of(cfg) -> Optional[Transfer]:
+    """RATE_FROM's chosen rate and the bar it must reach at this seed; None without RATE_FROM. A UserError where that
+    folder is not a finished grid of peak rates of the same run at another seed."""
+    if not cfg.RATE_FROM:
+        return None
+    folder, given = cfg.RATE_FROM.rstrip("/"), f"--rate_from={cfg.RATE_FROM}"
+    if not all(os.path.isfile(os.path.join(folder, f)) for f in ("rate_grid.csv", "config.json", "metrics.json")):
+        raise errors.UserError(f"{given} is no finished rate-grid run (rate_grid.csv, config.json, metrics.json): "
+                               "give the folder of a run with --rate_grid at another seed")
+    if not cfg.RATE_GRID:
+        raise errors.UserError(f"{given} needs --rate_grid too: this seed chooses its own rate where that one does "
+                               "not hold")
+    source = {k.upper(): v for k, v in files.read_json(os.path.join(folder, "config.json")).items()}
+    source.update({k.upper(): v for k, v in source.pop("ASKED", {}).items()})  # settings it fitted, as asked
+    ignored = SEED_KEYS | ledger.NEUTRAL_KEYS
+    differ = sorted(k.lower() for k, v in vars(cfg).items() if k not in ignored and k in source and source[k] != v)
+    if differ:
+        raise errors.UserError(f"{given} ran with other {', '.join(differ)}: give a run that differs from this one "
+                               "in its seed alone")
+    grid = pd.read_csv(os.path.join(folder, "rate_grid.csv"), dtype={"rates": str}, keep_default_na=False)
+    chosen = grid[grid["chosen"]].iloc[0]
+    if chosen.get("rate_from", ""):
+        raise errors.UserError(f"{given} took its rate from {chosen['rate_from']}: give that run instead")
+    rate = ast.literal_eval(chosen["rates"])
+    if isinstance(rate, list):
+        raise errors.UserError(f"{given} chose per-epoch rates {rate}: only a peak rate is tried at another seed")
+    return Transfer(float(rate), float(chosen["val_score"]) - cfg.RATE_HOLDS, os.path.basename(folder))
 
 
 def _rank(point: dict) -> tuple[int, int]:

@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from harness import data, environment, errors, files, hub, ledger, parallel, plots, rundir, scoring, shots
+from harness import data, environment, errors, files, hub, ledger, parallel, plots, rategrid, rundir, scoring, shots
 from harness.layouts import answer_context, check_primer_position, label_token_ids, make_layout
 from harness.schedule import RATE_SCALES
 from harness.task import Task  # runs.Task: what setup returns
@@ -52,6 +52,7 @@ def _check_choices(cfg: SimpleNamespace, with_train: bool) -> None:
     if not all(number(rate) or (isinstance(rate, list) and rate and all(map(number, rate))) for rate in cfg.RATE_GRID):
         raise errors.UserError(f"--rate_grid={cfg.RATE_GRID!r} must be a list of rates, each a peak rate "
                                "or a non-empty list of per-epoch rates: e.g. '--rate_grid=[1e-1, 3e-2, 1e-2, 3e-3]'")
+    rategrid.transfer_of(cfg)  # a run to take the rate from that is no such run: said before loading anything
     if not all(map(number, cfg.RATE_BY_EPOCH)):
         raise errors.UserError(f"--rate_by_epoch={cfg.RATE_BY_EPOCH!r} must be a list of numbers, one rate per epoch: "
                                "e.g. '--rate_by_epoch=[3e-2, 1e-2, 3e-3]'")

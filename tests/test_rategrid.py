@@ -12,7 +12,7 @@ import experiment
 import steer
 import table
 from conftest import TINY_RUN, overrides
-from harness import cli, layouts, ledger, plots, primers, rategrid, runs, scoring, tableplots
+from harness import cli, errors, layouts, ledger, plots, primers, rategrid, runs, scoring, tableplots
 from harness.schedule import Schedule
 
 
@@ -108,3 +108,29 @@ def test_a_rate_grid_keeps_the_schedule_best_on_validation(tiny, tmp_path, monke
     rategrid.draw(f"{tmp_path}/results")  # every grid of the folder, one panel per training size
     assert [ax.get_title() for ax in figures[1].axes] == ["20 training reviews", "30 training reviews"]
     assert (grid["train_reviews"] == 30).all()
+
+
+def test_a_rate_chosen_at_one_seed_is_kept_at_another_only_where_it_holds(tiny, tmp_path, capsys):
+    args = [*overrides(tiny, tmp_path), *TINY_RUN, "--val_limit=10", "--rate_grid=[0.3, 0.1, 0.03]",
+            "--rate_by_epoch=[]", "--epochs=2"]
+    experiment.run(cli.configure(args))
+    (source,) = glob.glob(f"{tmp_path}/results/*-experiment")
+    chosen = pd.read_csv(f"{source}/rate_grid.csv").query("chosen").iloc[0]
+    budget = 2 * math.ceil(30 / 10)
+    for seed, holds in ((1, 1.0), (2, -1.0)):  # a bar of 0% is always reached, one above 100% never
+        experiment.run(cli.configure([*args, f"--seed={seed}", f"--rate_from={source}", f"--rate_holds={holds}",
+                                      f"--results_dir={tmp_path}/seed{seed}"]))
+        (run,) = glob.glob(f"{tmp_path}/seed{seed}/*-experiment")
+        grid = pd.read_csv(f"{run}/rate_grid.csv")
+        first = grid.iloc[[list(grid["first_rate"]).index(chosen["first_rate"])]]  # the rate taken, trained whole
+        assert (grid["rate_from"] == os.path.basename(source)).all() and int(first["steps"].iloc[0]) == budget
+        assert grid["first_rate"].is_unique  # a rate that does not hold is not trained twice
+        assert len(grid) == 1 if holds > 0 else len(grid) >= 3 and bool(grid["chosen"].any())
+        assert os.path.exists(f"{run}/rates_0/losses.csv")
+    out = capsys.readouterr().out
+    assert f"of {os.path.basename(source)} holds here" in out and "does not hold here" in out
+    for more, error in ((["--primer_length=2"], "ran with other primer_length: give a run that differs from this one"),
+                        (["--rate_grid=[]"], "needs --rate_grid too"),
+                        ([f"--rate_from={tmp_path}"], "is no finished rate-grid run")):
+        with pytest.raises(errors.UserError, match=error):
+            experiment.run(cli.configure([*args, "--seed=1", f"--rate_from={source}", *more]))

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import experiment
 import probe
 import sweep
+import table
 import tune
 from conftest import overrides, run_script, run_until_first_checkpoint
 from harness import cli, data, errors, files, ledger, plots, scoring, tableplots
@@ -274,3 +275,21 @@ def test_a_point_stopped_before_its_record_is_resumed_to_what_a_straight_run_giv
                       for name, run in (("killed", folder), ("straight", other)))
     assert torch.equal(resumed, whole)
     assert sweep.unfinished_run("experiment", sweep.point_config(killed, grid[0])) is None  # it has its record now
+
+
+def test_a_shared_rate_is_taken_from_the_first_seeds_run_and_the_sweep_then_skips_both(tiny, tmp_path, capfd):
+    grid = [{"script": "experiment", "rate_grid": [0.3, 0.1, 0.03], "val_limit": 20, "epochs": 1, "rate_by_epoch": [],
+             "share_rate": True, "each": {"seed": [0, 1]}}]
+    (tmp_path / "grid.json").write_text(json.dumps(grid))
+    cfg = sweep.configure(grid_args(tiny, tmp_path, grid) + [f"--grid={tmp_path}/grid.json", "--jobs=2"])
+    rows, failed = sweep.sweep(cfg, sweep.load_grid(cfg.GRID))
+    assert not failed and [row["run_id"] for row in rows] == list(ledger_frame(tmp_path)["run_id"])  # seed 0 first
+    first, second = (files.read_json(f"{cfg.RESULTS_DIR}/{row['run_id']}/config.json") for row in rows)
+    assert first["rate_from"] is None and second["rate_from"] == f"{cfg.RESULTS_DIR}/{rows[0]['run_id']}"
+    assert (pd.read_csv(f"{cfg.RESULTS_DIR}/{rows[1]['run_id']}/rate_grid.csv")["rate_from"] == rows[0]["run_id"]).all()
+    (pooled,) = table.summarize(table.load_runs(cfg.RESULTS_DIR)).itertuples()
+    assert pooled.seeds == 2  # one row: the seed that took its rate pools with the one it took it from
+    assert sweep.sweep(cfg, sweep.load_grid(cfg.GRID))[0] == rows  # both found in the ledger, nothing run again
+    assert capfd.readouterr().out.count("already in the ledger") == 2
+    with pytest.raises(errors.UserError, match='a point with "share_rate" shares its first seed'):
+        sweep.expand([{"script": "experiment", "share_rate": True}])
