@@ -64,10 +64,9 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
     rungs = RUNGS if all(isinstance(rate, (int, float)) for rate in grid) else (1.0,)  # the reference's: each whole
     if transfer:
         advance(transfer.rate, 1.0)
-        held = points[transfer.rate]["best"]["score"] >= transfer.bar
-        print(f"rate {transfer.rate} of {transfer.source} {'holds' if held else 'does not hold'} here (its bar: "
-              f"{transfer.bar:.1%}){'' if held else '; choosing among the grid'}", flush=True)
-        alive, rungs = ([transfer.rate], ()) if held else (list(dict.fromkeys([*grid, transfer.rate])), rungs)
+        held = _holds(transfer, points)
+        alive = [transfer.rate] if held else [*dict.fromkeys([*grid, transfer.rate])]  # a candidate with the rest
+        rungs = () if held else rungs
     for rung, share in enumerate(rungs):
         for rate in alive:
             if rate not in points or points[rate]["share"] < share:  # a transferred rate has trained its whole
@@ -82,6 +81,14 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
     files.write_atomic(os.path.join(run_dir, "validation.csv"), points[chosen]["validation"].to_csv(index=False))
     print(f"chosen on validation: rate {chosen}; every method's grid: {draw(os.path.dirname(run_dir))}")
     return points[chosen]["log"], points[chosen]["status"], float(table["train_seconds"].sum())
+
+
+def _holds(transfer: Transfer, points: dict) -> bool:
+    """Whether the transferred rate, trained whole, reached its bar here (said in one line)."""
+    held = points[transfer.rate]["best"]["score"] >= transfer.bar
+    print(f"rate {transfer.rate} of {transfer.source} {'holds' if held else 'does not hold'} here (its bar: "
+          f"{transfer.bar:.1%}){'' if held else '; choosing among the grid'}", flush=True)
+    return held
 
 
 def transfer_of(cfg) -> Optional[Transfer]:
