@@ -67,18 +67,12 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, la
     ids, lengths = to_model(model, ids), to_model(model, lengths)
     embeds = model.get_input_embeddings()(ids)
     if primer is not None:
-        spliced = primer.to(embeds).expand(len(ids), -1, -1)
-        start = layout.slot.start + (lengths - len(layout.suffix) if layout.in_suffix else torch.zeros_like(lengths))
-        columns = start[:, None] + torch.arange(spliced.shape[1], device=ids.device)
-        embeds = embeds.scatter(1, columns[:, :, None].expand(-1, -1, embeds.shape[2]), spliced)
+        embeds = _spliced(embeds, primer, layout, lengths)
     positions = torch.arange(ids.shape[1], device=ids.device)
     mask = _attention_mask(model, positions < lengths[:, None], ids.shape[1])
     rows = torch.arange(len(ids), device=ids.device)
     joins = torch.zeros(len(ids), 2, dtype=torch.long, device=ids.device) if joins is None else to_model(model, joins)
-    # the review's own tokens
-    start, stop = len(layout.prefix) + joins[:, 0], lengths - len(layout.suffix) - joins[:, 1]
-    review = (positions >= start[:, None]) & (positions < stop[:, None])
-    weights = review.float() / review.sum(1, keepdim=True).clamp(min=1)  # an empty review (steer.py's pair) pools to 0
+    weights = _review_weights(positions, lengths, layout, joins)
     last, mean = {}, {}
 
     def keep(layer: int, hidden: torch.Tensor) -> None:  # pooled as the layer runs: no [B, T, hidden] kept per layer
@@ -93,6 +87,24 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, la
         return Output(_float32_logits(model, hidden[rows, lengths - 1]), last, mean)
     columns = lengths[:, None] - span + torch.arange(span, device=ids.device)
     return Output(_float32_logits(model, hidden[rows[:, None], columns]), last, mean)
+
+
+def _spliced(embeds: torch.Tensor, primer: torch.Tensor, layout: Layout, lengths: torch.Tensor) -> torch.Tensor:
+    """embeds [B, T, hidden] with the primer ([k, hidden], or [B, k, hidden]) in each row's slot: after its review
+    in a suffix layout, where the slot moves with the review's length."""
+    spliced = primer.to(embeds).expand(len(embeds), -1, -1)
+    start = layout.slot.start + (lengths - len(layout.suffix) if layout.in_suffix else torch.zeros_like(lengths))
+    columns = start[:, None] + torch.arange(spliced.shape[1], device=embeds.device)
+    return embeds.scatter(1, columns[:, :, None].expand(-1, -1, embeds.shape[2]), spliced)
+
+
+def _review_weights(positions: torch.Tensor, lengths: torch.Tensor, layout: Layout,
+                    joins: torch.Tensor) -> torch.Tensor:
+    """[B, T] weights that average over each row's own review tokens (less its `joins`); an empty review (steer.py's
+    pair) pools to 0."""
+    start, stop = len(layout.prefix) + joins[:, 0], lengths - len(layout.suffix) - joins[:, 1]
+    review = (positions >= start[:, None]) & (positions < stop[:, None])
+    return review.float() / review.sum(1, keepdim=True).clamp(min=1)
 
 
 @contextlib.contextmanager
