@@ -14,9 +14,9 @@ label-restricted, mean over seeds: 100% is a constant classifier), and the diffe
 row named like AGAINST) with its 95% interval and p by a paired bootstrap over seeds and test reviews
 (stats.bootstrap_difference). Every run must have been scored on the same test reviews.
 Writes table.md and table.csv (with TRAIN_REVIEWS: table_<n>.md and table_<n>.csv, that size's rows and those of
-prompts and searches), table_params.png (score against trainable parameters) and table_data.png (score against
-training reviews, every size: a method whose rate was chosen on validation at each size is one curve, its legend
-entry giving each size's rate) into that folder.
+prompts and searches, and rates_<n>.md, the rate each seed of a rate grid chose), table_params.png (score against
+trainable parameters) and table_data.png (score against training reviews, every size: a method whose rate was
+chosen on validation at each size is one curve, its legend entry giving each size's rate) into that folder.
 """
 import json
 import math
@@ -172,6 +172,31 @@ def difference(row: pd.Series) -> list[str]:
     return [f"{100 * row['difference']:+.1f} [{low:+.1f}, {high:+.1f}]", p]
 
 
+RATE_COLUMNS = ["Run", "Seed", "Rates tried", "Chosen", "Best epoch", "Epochs run", "Validation", "Test"]
+
+
+def rate_choices(runs: pd.DataFrame, results_dir: str, train_reviews: int) -> str:
+    """Markdown, one line per rate-grid run trained on `train_reviews` (by row name, then seed): the rates it tried
+    (its grid, then those it widened to; a rate taken from another seed's run first), the one it chose, that rate's
+    best and last epoch, its best validation score and the run's test score; "" without such runs."""
+    named, seeds = names(runs), runs.set_index("run_id")["seed"]
+    lines = []
+    for _, r in runs[runs["rate_chosen"] & (runs["samples"] == train_reviews)].iterrows():
+        grid = pd.read_csv(os.path.join(results_dir, r["run_id"], "rate_grid.csv"), keep_default_na=False)
+        chosen, asked = grid.query("chosen").iloc[0], [float(rate) for rate in r["config"]["RATE_GRID"]]
+        tried = [f"{rate:g}" for rate in sorted(asked) if rate in set(grid["first_rate"])]
+        widened = [f"{rate:g}" for rate in grid["first_rate"] if rate not in asked]
+        tried += [f"then {', '.join(widened)}"] if widened else []
+        source = grid["rate_from"].iloc[0] if "rate_from" in grid else ""
+        taken = f"seed {seeds[source]}'s {grid['first_rate'].iloc[0]:g} first; " if source else ""
+        per_epoch = math.ceil(r["samples"] / r["config"]["BATCH_SIZE"])
+        lines.append((named[r["group"]], r["seed"], [taken + ", ".join(tried), f"{chosen['first_rate']:g}",
+                      str(chosen["best_epoch"]), str(math.ceil(chosen["steps"] / per_epoch)),
+                      f"{100 * chosen['val_score']:.1f}%", f"{100 * r['score']:.1f}%"]))
+    rows = [f"| {name} | {seed} | " + " | ".join(cells) + " |" for name, seed, cells in sorted(lines)]
+    return "\n".join(["| " + " | ".join(RATE_COLUMNS) + " |", "|---" * len(RATE_COLUMNS) + "|", *rows]) if rows else ""
+
+
 def core_hours(runs: pd.DataFrame, table: pd.DataFrame) -> float:
     """What the runs behind the table's rows cost, in core-hours (load_runs' core_seconds)."""
     ids = {run for run_ids in table["run_ids"] for run in run_ids.split()}
@@ -190,6 +215,10 @@ def write(results_dir: str, train_reviews: int = 0, against: str = "") -> pd.Dat
     print(text)
     print(f"these {table['seeds'].sum()} runs cost {core_hours(runs, table):.1f} core-hours (every rate candidate's "
           "training and the scoring, times the threads and processes each ran on)")
+    rates = rate_choices(runs, results_dir, train_reviews) if train_reviews else ""
+    if rates:  # each seed's rate, read from its rate_grid.csv
+        files.write_atomic(os.path.join(results_dir, f"rates_{train_reviews}.md"), rates + "\n")
+        print(rates)
     every = summarize(runs) if train_reviews else table  # the figures draw every size
     for path in (tableplots.table_params(every, os.path.join(results_dir, "table_params.png")),
                  tableplots.table_data(every, os.path.join(results_dir, "table_data.png"))):

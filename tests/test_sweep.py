@@ -289,6 +289,9 @@ def test_a_shared_rate_is_taken_from_the_first_seeds_run_and_the_sweep_then_skip
     assert (pd.read_csv(f"{cfg.RESULTS_DIR}/{rows[1]['run_id']}/rate_grid.csv")["rate_from"] == rows[0]["run_id"]).all()
     (pooled,) = table.summarize(table.load_runs(cfg.RESULTS_DIR)).itertuples()
     assert pooled.seeds == 2  # one row: the seed that took its rate pools with the one it took it from
+    chosen = pd.read_csv(f"{cfg.RESULTS_DIR}/{rows[0]['run_id']}/rate_grid.csv").query("chosen")["first_rate"].iloc[0]
+    assert f"| 1 | seed 0's {chosen:g} first; " in table.rate_choices(table.load_runs(cfg.RESULTS_DIR), cfg.RESULTS_DIR,
+                                                                     rows[0]["samples"])
     assert sweep.sweep(cfg, sweep.load_grid(cfg.GRID))[0] == rows  # both found in the ledger, nothing run again
     assert capfd.readouterr().out.count("already in the ledger") == 2
     with pytest.raises(errors.UserError, match='a point with "share_rate" shares its first seed'):

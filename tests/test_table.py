@@ -215,6 +215,13 @@ def test_the_converged_runs_chose_inside_their_grids_and_went_past_their_best():
         assert chosen["best_step"] < chosen["steps"]
 
 
+def test_the_per_seed_rates_on_the_page_are_read_from_the_run_files():
+    folder = os.path.join(ROOT, "results", "published", "converged")
+    rates = table.rate_choices(table.load_runs(folder), folder, 300)
+    assert rates.count("\n") >= 19  # six methods' three seeds, under the header
+    assert rates in open(os.path.join(ROOT, "docs", "results.md"), encoding="utf-8").read()
+
+
 def test_the_converged_data_figure_names_its_per_seed_rate_choice(monkeypatch):
     """The converged curve's runs choose a peak rate per seed (no schedule in their config): the data figure draws
     each method across its sizes and says so in the legend, rather than a schedule its runs do not have."""
