@@ -187,10 +187,13 @@ def rate_choices(runs: pd.DataFrame, results_dir: str, train_reviews: int) -> st
         tried = [f"{rate:g}" for rate in sorted(asked) if rate in set(grid["first_rate"])]
         widened = [f"{rate:g}" for rate in grid["first_rate"] if rate not in asked]
         tried += [f"then {', '.join(widened)}"] if widened else []
-        source = grid["rate_from"].iloc[0] if "rate_from" in grid else ""
-        taken = f"seed {seeds[source]}'s {grid['first_rate'].iloc[0]:g} first; " if source else ""
+        taken = grid[grid["rate_from"] != ""] if "rate_from" in grid else grid.iloc[:0]
+        if len(taken):  # a rate from another seed's run, trained first (alone where it held)
+            source = taken["rate_from"].iloc[0]
+            tried = [f"{'seed ' + str(seeds[source]) if source in seeds else source}'s {taken['first_rate'].iloc[0]:g}"
+                     + (f" first; {', '.join(tried)}" if len(grid) > 1 else "")]
         per_epoch = math.ceil(r["samples"] / r["config"]["BATCH_SIZE"])
-        lines.append((named[r["group"]], r["seed"], [taken + ", ".join(tried), f"{chosen['first_rate']:g}",
+        lines.append((named[r["group"]], r["seed"], [", ".join(tried), f"{chosen['first_rate']:g}",
                       str(chosen["best_epoch"]), str(math.ceil(chosen["steps"] / per_epoch)),
                       f"{100 * chosen['val_score']:.1f}%", f"{100 * r['score']:.1f}%"]))
     rows = [f"| {name} | {seed} | " + " | ".join(cells) + " |" for name, seed, cells in sorted(lines)]

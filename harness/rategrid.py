@@ -75,7 +75,9 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
         if share < 1:
             alive = sorted(alive, key=lambda r: _rank(points[r]), reverse=True)[:math.ceil(len(alive) / 2)]
     chosen = max(alive, key=lambda r: _rank(points[r]))
-    table = _grid_table(points, chosen, method, len(task.train)).assign(rate_from=transfer.source if transfer else "")
+    table = _grid_table(points, chosen, method, len(task.train))
+    table["rate_from"] = ["" if transfer is None or rate != transfer.rate else transfer.source
+                          for rate in table["first_rate"]]  # the row of the rate taken names the run it came from
     training.restore(params, points[chosen]["tensors"])
     files.write_atomic(os.path.join(run_dir, "rate_grid.csv"), table.to_csv(index=False))
     files.write_atomic(os.path.join(run_dir, "validation.csv"), points[chosen]["validation"].to_csv(index=False))

@@ -286,11 +286,11 @@ def test_a_shared_rate_is_taken_from_the_first_seeds_run_and_the_sweep_then_skip
     assert not failed and [row["run_id"] for row in rows] == list(ledger_frame(tmp_path)["run_id"])  # seed 0 first
     first, second = (files.read_json(f"{cfg.RESULTS_DIR}/{row['run_id']}/config.json") for row in rows)
     assert first["rate_from"] is None and second["rate_from"] == f"{cfg.RESULTS_DIR}/{rows[0]['run_id']}"
-    assert (pd.read_csv(f"{cfg.RESULTS_DIR}/{rows[1]['run_id']}/rate_grid.csv")["rate_from"] == rows[0]["run_id"]).all()
+    assert rows[0]["run_id"] in set(pd.read_csv(f"{cfg.RESULTS_DIR}/{rows[1]['run_id']}/rate_grid.csv")["rate_from"])
     (pooled,) = table.summarize(table.load_runs(cfg.RESULTS_DIR)).itertuples()
     assert pooled.seeds == 2  # one row: the seed that took its rate pools with the one it took it from
     chosen = pd.read_csv(f"{cfg.RESULTS_DIR}/{rows[0]['run_id']}/rate_grid.csv").query("chosen")["first_rate"].iloc[0]
-    assert f"| 1 | seed 0's {chosen:g} first; " in table.rate_choices(table.load_runs(cfg.RESULTS_DIR), cfg.RESULTS_DIR,
+    assert f"| 1 | seed 0's {chosen:g}" in table.rate_choices(table.load_runs(cfg.RESULTS_DIR), cfg.RESULTS_DIR,
                                                                      rows[0]["samples"])
     assert sweep.sweep(cfg, sweep.load_grid(cfg.GRID))[0] == rows  # both found in the ledger, nothing run again
     assert capfd.readouterr().out.count("already in the ledger") == 2
