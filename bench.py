@@ -12,13 +12,14 @@ learned steering vector at the middle layer, the full forward against the layers
 outputs. Rows that skip work count the FLOPs of the full pass, so their rates are effective.
 """
 import os
+import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from harness import activations, cli, data, errors, frozen, hub, layouts, primers, runs, scoring, training
-from harness.flops import batch_flops, device_name, matmul_tflops, measure, model_shape
+from harness.flops import batch_flops, device_name, matmul_tflops, model_shape, peak_memory_gb, sync
 
 BENCH = {
     "RANDOM_INIT": False,  # MODEL_ID's architecture (architectures/<name>/ or a folder's config.json), random weights
@@ -116,6 +117,28 @@ def bench_task(cfg) -> tuple[runs.Task, layouts.Layout]:
     print(f"model {cfg.MODEL_ID}{' (random weights)' if cfg.RANDOM_INIT else ''} on {device_name(device)}, "
           f"{'reviews of ' + split.meta['source'] if prepared else 'synthetic Yelp-length reviews'}", flush=True)
     return task, layout
+
+
+def measure(name: str, step, batches: list[torch.Tensor], lengths_of, padded_of, flops_of, task, peak: float) -> dict:
+    """Run step(idx) over warm-up then timed batches; throughput, padding share, memory and utilization."""
+    device, warmup = task.device, task.cfg.WARMUP
+    for idx in batches[:warmup]:
+        step(idx)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed = batches[warmup:]
+    start = time.perf_counter()
+    for idx in timed:
+        step(idx)
+    sync(device)
+    seconds = time.perf_counter() - start
+    samples = sum(len(idx) for idx in timed)
+    real = sum(int(lengths_of(idx).sum()) for idx in timed)
+    padded = sum(padded_of(idx) for idx in timed)
+    tflops = sum(flops_of(idx) for idx in timed) / seconds / 1e12
+    return {"run": name, "samples/s": samples / seconds, "tokens/s": real / seconds, "padding": 1 - real / padded,
+            "peak memory": peak_memory_gb(device), "TFLOP/s": tflops, "MFU": tflops / peak}
 
 
 def naive_logits(task: runs.Task, layout: layouts.Layout, primer: torch.Tensor, idx: torch.Tensor,

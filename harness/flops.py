@@ -1,5 +1,5 @@
-"""How fast a step runs: the useful FLOPs of a batch, the device's dense matmul peak, and a step timed over
-batches into throughput and model-FLOP utilization (bench.py's rows).
+"""What a step's speed is measured against: the useful FLOPs of a batch, the device's dense matmul peak, and the
+device's synchronization and peak memory (bench.py times its steps with them).
 
 FLOPs counted per sample of T real tokens (padding is never counted):
   forward   = 2 * N * T + 2 * d * V * H + 2 * n_layers * d_attn * T^2
@@ -19,7 +19,7 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -30,11 +30,11 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(10):  # the best of several: the device's capability, not its worst moment
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(4):
             a @ b
-        _sync(device)
+        sync(device)
         best = min(best, (time.perf_counter() - start) / 4)
     return 2 * n ** 3 / best / 1e12
 
@@ -58,29 +58,7 @@ def batch_flops(shape: dict, real: torch.Tensor, head_at_every_token: bool, trai
     return float((dense * (2 if training else 1) + attention * (3 if training else 1)).sum())
 
 
-def _peak_memory_gb(device: torch.device) -> str:
+def peak_memory_gb(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 1e9:.1f} GB"
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB RSS"
-
-
-def measure(name: str, step, batches: list[torch.Tensor], lengths_of, padded_of, flops_of, task, peak: float) -> dict:
-    """Run step(idx) over warm-up then timed batches; throughput, padding share, memory and utilization."""
-    device, warmup = task.device, task.cfg.WARMUP
-    for idx in batches[:warmup]:
-        step(idx)
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    timed = batches[warmup:]
-    start = time.perf_counter()
-    for idx in timed:
-        step(idx)
-    _sync(device)
-    seconds = time.perf_counter() - start
-    samples = sum(len(idx) for idx in timed)
-    real = sum(int(lengths_of(idx).sum()) for idx in timed)
-    padded = sum(padded_of(idx) for idx in timed)
-    tflops = sum(flops_of(idx) for idx in timed) / seconds / 1e12
-    return {"run": name, "samples/s": samples / seconds, "tokens/s": real / seconds, "padding": 1 - real / padded,
-            "peak memory": _peak_memory_gb(device), "TFLOP/s": tflops, "MFU": tflops / peak}
