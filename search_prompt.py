@@ -17,6 +17,7 @@ import os
 import random
 import time
 from types import SimpleNamespace
+from typing import Optional
 
 import pandas as pd
 import torch
@@ -250,9 +251,7 @@ def run(cfg) -> None:
     print(f"budget: {search.cpu_minutes():.1f} CPU minutes, {search.forwards:,} reviews through forward passes, "
           f"{search.backwards:,} through backward passes, {seconds:.0f} s")
     print(f"best prompt on validation: system {text!r}, user {user!r}")
-    token_ids = ids.tolist() if ids is not None else encode(task.tokenizer, text)
-    files.write_atomic(os.path.join(run_dir, "prompt.json"),
-                       json.dumps({"text": text, "user": user, "token_ids": token_ids}, indent=2))
+    save_prompt(run_dir, text, user, ids.tolist() if ids is not None else encode(task.tokenizer, text))
     print(f"saved {plots.search_curve(pd.DataFrame(search.rows), os.path.join(run_dir, 'search.png'))}")
     budget = f"{search.cpu_minutes():.1f} CPU min, {search.forwards:,} fwd + {search.backwards:,} bwd reviews"
     if ids is not None:  # the exact ids, then the text they decode to, tokenized again
@@ -261,11 +260,19 @@ def run(cfg) -> None:
         runs.record(task, "search_prompt", f"token search, exact ids ({budget}): {text[:40]!r}", layout.prompt_tokens,
                     scoring.predict(task, layout, table[ids].float()), run_dir, samples=len(task.train),
                     train_seconds=seconds)
-    layout = make_layout(task, text, user)
+    layout, text_dir = make_layout(task, text, user), run_dir
+    if ids is not None:  # the decoded text's own folder names the search that paid for it (table.py's cost)
+        text_dir = rundir.new(cfg, "search_prompt")
+        save_prompt(text_dir, text, user, encode(task.tokenizer, text), search_run=os.path.basename(run_dir))
     method = f"prompt search ({cfg.SEARCH}{', decoded text' if ids is not None else ''}; {budget}): {text[:40]!r}"
-    runs.record(task, "search_prompt", method, layout.prompt_tokens, scoring.predict(task, layout),
-                rundir.new(cfg, "search_prompt") if ids is not None else run_dir,
+    runs.record(task, "search_prompt", method, layout.prompt_tokens, scoring.predict(task, layout), text_dir,
                 samples=len(task.train), train_seconds=seconds)
+
+
+def save_prompt(run_dir: str, text: str, user: str, token_ids: list[int], search_run: Optional[str] = None) -> None:
+    """prompt.json: the prompt a search found; search_run names the run whose search found it, where that is another."""
+    found = {"text": text, "user": user, "token_ids": token_ids, **({"search_run": search_run} if search_run else {})}
+    files.write_atomic(os.path.join(run_dir, "prompt.json"), json.dumps(found, indent=2))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def load_runs(results_dir: str) -> pd.DataFrame:
         config, predictions = loaded[r["run_id"]]
         run_dir = os.path.join(results_dir, r["run_id"])
         environment = files.read_json(os.path.join(run_dir, "environment.json"))
-        r["core_seconds"] = ((rategrid.candidates_seconds(run_dir, config, r["train_seconds"]) + r["score_seconds"])
+        r["core_seconds"] = ((spent_seconds(run_dir, config, r["train_seconds"]) + r["score_seconds"])
                              * environment.get("threads", 1) * environment.get("processes", 1))  # 1: unrecorded
         config, seconds = rategrid.as_chosen(run_dir, config)
         r["train_seconds"] = r["train_seconds"] if seconds is None else seconds  # the chosen schedule's alone
@@ -63,6 +63,15 @@ def load_runs(results_dir: str) -> pd.DataFrame:
         r["right"], r["restricted_right"] = stats.correctness(predictions).values()
         r["label_bias"], r["restricted_label_bias"] = stats.label_bias(predictions)
     return pd.DataFrame(rows)
+
+
+def spent_seconds(run_dir: str, config: dict, train_seconds: float) -> float:
+    """The training seconds a run cost: every rate candidate's (rategrid.candidates_seconds), or none where the run
+    scores what another found (a token search's decoded text: its prompt.json names the search run, which paid)."""
+    prompt = os.path.join(run_dir, "prompt.json")
+    if os.path.exists(prompt) and files.read_json(prompt).get("search_run"):
+        return 0.0
+    return rategrid.candidates_seconds(run_dir, config, train_seconds)
 
 
 def family(method: str) -> str:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import prompt_long
 import prompt_short
 import search_prompt
+import table
 from conftest import overrides, record_reads
 from harness import cli, errors, files, frozen, layouts, ledger, rundir, runs, scoring, screening
 from harness.layouts import make_layout
@@ -45,6 +46,13 @@ def test_each_method_writes_its_candidates_curve_and_ledger_row_and_never_scores
     if method == "tokens":  # the short prompt's system tokens, its user message kept
         assert saved["user"] == prompt_short.USER and rows[0]["tokens"] == len(saved["token_ids"])
         assert rows[1]["method"].startswith("prompt search (tokens, decoded text")
+        # the decoded text's folder names the search, which alone pays for it in table.py's cost
+        decoded = f"{tmp_path}/results/{rows[1]['run_id']}"
+        assert files.read_json(f"{decoded}/prompt.json")["search_run"] == rows[0]["run_id"]
+        threads = files.read_json(f"{decoded}/environment.json")["threads"]
+        cost = table.load_runs(f"{tmp_path}/results").set_index("run_id")["core_seconds"]
+        assert cost[rows[1]["run_id"]] == pytest.approx(float(rows[1]["score_seconds"]) * threads)
+        assert cost[rows[0]["run_id"]] >= float(rows[0]["train_seconds"]) * threads > 0
 
 
 def losses_one_by_one(task, layout, reviews, slot_ids=None, slots=None) -> torch.Tensor:
