@@ -115,6 +115,30 @@ def test_jobs_run_points_at_once_each_on_its_share_of_the_cores(monkeypatch, cap
         sweep.configure(["--jobs=0"])
 
 
+def test_a_point_waiting_for_its_rate_source_leaves_its_slot_to_a_point_that_can_run(monkeypatch):
+    slow, fast = {"script": "prompt_short", "seed": 0}, {"script": "prompt_short", "seed": 2}
+    grid = [slow, {"script": "prompt_short", "seed": 1, sweep.SOURCE: slow}, fast,
+            {"script": "prompt_short", "seed": 3, sweep.SOURCE: fast}]
+    monkeypatch.setattr(sweep, "read_settings", lambda grid: None)
+    monkeypatch.setattr(sweep, "point_config", lambda cfg, point: point)
+    monkeypatch.setattr(sweep, "unfinished_run", lambda script, point: None)
+    done, started, ended = set(), {}, {}
+    monkeypatch.setattr(sweep, "find_run",
+                        lambda script, point: {"run_id": f"seed{point['seed']}"} if point["seed"] in done else None)
+
+    def run_command(command):
+        seed = int(next(arg for arg in command if arg.startswith("--seed=")).removeprefix("--seed="))
+        started[seed] = time.perf_counter()
+        time.sleep(1.0 if seed == 0 else 0.1)
+        ended[seed] = time.perf_counter()
+        done.add(seed)
+        return 0, ""
+    monkeypatch.setattr(sweep, "run_command", run_command)
+    rows, failed = sweep.sweep(sweep.configure(["--jobs=2"]), grid)
+    assert not failed and [r["run_id"] for r in rows] == ["seed0", "seed1", "seed2", "seed3"]
+    assert started[3] < ended[0] <= started[1]  # seed 3 ran while seed 1 waited for seed 0, in no slot
+
+
 def test_unknown_grid_key_stops_before_anything_runs(tiny, tmp_path):
     cfg = cli.configure(overrides(tiny, tmp_path))
     with pytest.raises(errors.UserError, match="unknown config key --primer_lenght"):
