@@ -112,7 +112,9 @@ def pooled(name: str, group: str, runs: pd.DataFrame) -> dict:
     total = int(seeds["total"].iloc[0])
     low, high = scoring.wilson_interval(score[0] * total, total)
     chosen = bool(runs["rate_chosen"].any())  # on validation at this size: the curve joins sizes whatever the rate
-    return {"run": name, "script": script, "method": "; ".join(dict.fromkeys(seeds["method"])),
+    methods = list(dict.fromkeys(seeds["method"]))  # seeds differ in what each chose: a probe's layer, a prompt
+    return {"run": name, "script": script, "method": "; ".join(methods),
+            "method_cell": methods[0] if len(methods) == 1 else f"{family(methods[0])}, chosen per seed (table.csv)",
             "trainable_params": int(seeds["trainable_params"].iloc[0]), "samples": int(seeds["samples"].mean()),
             "seeds": len(seeds), "score_mean": score[0], "score_std": score[1], "score_low": low, "score_high": high,
             "restricted_mean": restricted[0], "restricted_std": restricted[1],
@@ -161,8 +163,8 @@ def markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
     for i, r in table.iterrows():
         test = [("reference" if i else "best"), "–"] if r["reference"] else difference(r)
-        cells = [r["run"], r["method"], f"{r['trainable_params']:,}", f"{r['samples']:,}" if r["samples"] else "–",
-                 str(r["seeds"]), fmt(r["score_mean"], r["score_std"]),
+        cells = [r["run"], r["method_cell"], f"{r['trainable_params']:,}",
+                 f"{r['samples']:,}" if r["samples"] else "–", str(r["seeds"]), fmt(r["score_mean"], r["score_std"]),
                  f"[{100 * r['score_low']:.1f}, {100 * r['score_high']:.1f}]",
                  fmt(r["restricted_mean"], r["restricted_std"]),
                  f"{100 * r['label_bias']:.0f}% / {100 * r['restricted_label_bias']:.0f}%",
@@ -219,7 +221,7 @@ def write(results_dir: str, train_reviews: int = 0, against: str = "") -> pd.Dat
     runs = load_runs(results_dir)
     table = summarize(runs, train_reviews, against)
     text = markdown(table)
-    columns = [c for c in table.columns if c not in ("right", "scores", "curve")]
+    columns = [c for c in table.columns if c not in ("right", "scores", "curve", "method_cell")]
     stem = f"table_{train_reviews}" if train_reviews else "table"
     for name, content in ((f"{stem}.md", text + "\n"), (f"{stem}.csv", table[columns].to_csv(index=False))):
         with files.atomic_path(os.path.join(results_dir, name)) as tmp, open(tmp, "w") as f:

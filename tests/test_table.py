@@ -198,6 +198,9 @@ def test_the_published_folders_reproduce_the_published_tables(folder, page):
     written = table.summarize(runs, 300, "primer_length=4")
     assert table.markdown(written) in open(os.path.join(ROOT, page), encoding="utf-8").read()
     assert (written["seeds"][written["trainable_params"] > 0] >= 3).all()  # every trained row has its seeds
+    varied = written[written["method"] != written["method_cell"]]  # seeds that chose apart: the page names the family
+    assert len(varied) and all(r.method_cell == f"{table.family(r.method)}, chosen per seed (table.csv)"
+                               and r.method.count(table.family(r.method)) == r.seeds for r in varied.itertuples())
 
 
 def test_the_converged_runs_chose_inside_their_grids_and_went_past_their_best():
