@@ -32,7 +32,7 @@ import os
 import re
 import subprocess
 import sys
-import threading
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Optional
@@ -202,21 +202,26 @@ def sweep(cfg: SimpleNamespace, grid: list[dict]) -> tuple[list[dict], list[str]
     read_settings(grid)
     configs = [point_config(cfg, point) for point in grid]  # every point checked before any runs
     runs = {}  # a point's future ledger row, by its index: the points that take their rate from it wait on it
-    # a thread per point, JOBS slots to run in: a point waiting for its source holds no slot, so it keeps none idle
-    slots = threading.Semaphore(jobs_of(cfg))
-    with ThreadPoolExecutor(max_workers=len(grid) or 1) as pool:
-        for i in sorted(range(len(grid)), key=lambda i: SOURCE in grid[i]):  # sources queue for a slot first
-            source = runs[grid.index(grid[i][SOURCE])] if SOURCE in grid[i] else None
-            runs[i] = pool.submit(run_point, cfg, grid, configs[i], i, slots, source)
+    source = {i: grid.index(grid[i][SOURCE]) for i in range(len(grid)) if SOURCE in grid[i]}
+    with ThreadPoolExecutor(max_workers=jobs_of(cfg)) as pool:
+        for i in range(len(grid)):  # sources and every other point first, in grid order
+            if i not in source:
+                runs[i] = pool.submit(run_point, cfg, grid, configs[i], i)
+        waiting = sorted(source)
+        while waiting:  # a point is queued once its source is done, so none holds a job slot waiting for one
+            futures.wait({runs[source[i]] for i in waiting}, return_when=futures.FIRST_COMPLETED)
+            for i in [i for i in waiting if runs[source[i]].done()]:
+                runs[i] = pool.submit(run_point, cfg, grid, configs[i], i, runs[source[i]])
+                waiting.remove(i)
         done = [runs[i].result() for i in range(len(grid))]
     return [row for row, _ in done if row], [name for row, name in done if row is None]
 
 
-def run_point(cfg: SimpleNamespace, grid: list[dict], point_cfg: SimpleNamespace, i: int, slots: threading.Semaphore,
-              source=None) -> tuple[Optional[dict], str]:
-    """Point i of the grid: its ledger row (already there, or written by running it in one of the sweep's slots;
-    None when it failed) and its name for one-line reports. With `source` (the future of the point it takes its rate
-    from), it waits for that run and tries its rate first."""
+def run_point(cfg: SimpleNamespace, grid: list[dict], point_cfg: SimpleNamespace, i: int,
+              source: Optional[futures.Future] = None) -> tuple[Optional[dict], str]:
+    """Point i of the grid: its ledger row (already there, or written by running it; None when it failed) and its
+    name for one-line reports. With `source` (the done future of the point it takes its rate from), it tries that
+    run's rate first."""
     point, at = {k: v for k, v in grid[i].items() if k != SOURCE}, f"sweep {i + 1}/{len(grid)}"
     if source is not None:
         taken, _ = source.result()
@@ -231,15 +236,13 @@ def run_point(cfg: SimpleNamespace, grid: list[dict], point_cfg: SimpleNamespace
     if row:
         print(f"{at}: {name}: already in the ledger as {row['run_id']}, skipped", flush=True)
         return row, name
-    with slots:
-        resume = unfinished_run(script, point_cfg)
-        if resume:
-            print(f"{at}: {name}: resuming {resume}, which stopped before its record (delete it to start again)",
-                  flush=True)
-        else:
-            print(f"{at}: python {script}.py {cli.shell_args(own)}", flush=True)
-        status, last = run_command([sys.executable, os.path.join(ROOT, f"{script}.py"),
-                                    *point_args(cfg, point, resume)])
+    resume = unfinished_run(script, point_cfg)
+    if resume:
+        print(f"{at}: {name}: resuming {resume}, which stopped before its record (delete it to start again)",
+              flush=True)
+    else:
+        print(f"{at}: python {script}.py {cli.shell_args(own)}", flush=True)
+    status, last = run_command([sys.executable, os.path.join(ROOT, f"{script}.py"), *point_args(cfg, point, resume)])
     row = find_run(script, point_cfg) if status == 0 else None
     if row is None:  # one bad point must not cost the rest of the grid
         print(f"{at}: {name} failed: {last if status else 'it wrote no ledger row'}", flush=True)
