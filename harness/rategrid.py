@@ -14,7 +14,7 @@ from typing import Optional
 import pandas as pd
 import torch
 
-from harness import errors, files, ledger, plots, training
+from harness import checkpoints, errors, files, ledger, plots, training
 from harness.task import Task
 
 RUNGS = (0.25, 0.5, 1.0)  # successive halving: shares of the budget after which the worse half of the rates stops
@@ -41,12 +41,12 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
     if not grid:
         log, status = training.train(task, params, loss_of, run_dir, schedule, evaluate, script)
         return log, status, log[-1]["seconds"] if log else 0.0
-    start, points = training.snapshot(params), {}
+    start, points = checkpoints.snapshot(params), {}
 
     def advance(rate, share: float) -> None:  # train `rate` to `share` of its budget, from where its folder stands
         folder = os.path.join(run_dir, f"rates_{list(points).index(rate) if rate in points else len(points)}")
         os.makedirs(folder, exist_ok=True)
-        training.restore(params, start)
+        checkpoints.restore(params, start)
         at = schedule.at(rate, unit)
         until = math.ceil(share * at.total_steps(math.ceil(len(task.train) / at.batch_size)))
         log, status = training.train(task, params, loss_of, folder, at, evaluate, script, until=until)
@@ -54,7 +54,7 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
         files.write_atomic(os.path.join(folder, "losses.csv"), pd.DataFrame(log).to_csv(index=False))
         validation = pd.read_csv(os.path.join(folder, "validation.csv"))
         best = training.best_validation(validation.to_dict("records"))
-        points[rate] = {"tensors": training.snapshot(params), "log": log, "status": status, "validation": validation,
+        points[rate] = {"tensors": checkpoints.snapshot(params), "log": log, "status": status, "validation": validation,
                         "best": best, "share": share}
         print(f"rate {rate}: {len(log):,} steps, best validation {best['score']:.1%} at step {best['step']:,} "
               f"(label-restricted {best['restricted_score']:.1%})", flush=True)
@@ -78,7 +78,7 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
     table = _grid_table(points, chosen, method, len(task.train))
     table["rate_from"] = ["" if transfer is None or rate != transfer.rate else transfer.source
                           for rate in table["first_rate"]]  # the row of the rate taken names the run it came from
-    training.restore(params, points[chosen]["tensors"])
+    checkpoints.restore(params, points[chosen]["tensors"])
     files.write_atomic(os.path.join(run_dir, "rate_grid.csv"), table.to_csv(index=False))
     files.write_atomic(os.path.join(run_dir, "validation.csv"), points[chosen]["validation"].to_csv(index=False))
     print(f"chosen on validation: rate {chosen}; every method's grid: {draw(os.path.dirname(run_dir))}")

@@ -1,12 +1,12 @@
 """One training loop for any trainable tensors (a primer, a steering vector, LoRA weights) and any loss on a batch:
 Adam under a Schedule (warmup, cosine decay, clipping, or the reference's per-epoch rates), length-grouped batches,
-checkpoints and bitwise resume, Ctrl-C, non-finite-loss rollback, validation every N steps with keep-best and early
-stopping, data-parallel under accelerate launch."""
+checkpoints (harness/checkpoints.py) and bitwise resume, Ctrl-C, non-finite-loss rollback, validation every N steps
+with keep-best and early stopping, data-parallel under accelerate launch."""
 import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from harness import errors, files, ledger, parallel
+from harness import checkpoints, errors, files, ledger, parallel
 from harness.schedule import Schedule  # what train() takes: scripts build it as training.Schedule.of(cfg)
 from harness.task import Task
 
@@ -28,17 +28,6 @@ LossOf = Callable[[torch.Tensor, int], torch.Tensor]
 
 class Interrupted(errors.UserError):
     """Ctrl-C stopped training after a checkpoint was saved."""
-
-
-@dataclass
-class _Progress:
-    """Where training stands: the next batch to run is `batch` of epoch `epoch` (0-based)."""
-    epoch: int = 0
-    batch: int = 0
-    log: list = field(default_factory=list)  # one row per step: step, epoch, lr, loss, training seconds so far
-    # per-epoch scores, best epoch's tensors
-    validation: dict = field(default_factory=lambda: {"rows": [], "best": None})
-    last_good: dict = field(default_factory=dict)  # the tensors whose loss was last finite (not checkpointed)
 
 
 def length_grouped_batches(lengths: torch.Tensor, batch_size: int, seed: int) -> list[torch.Tensor]:
@@ -80,51 +69,6 @@ class Pending:
     rate: float  # the step's learning rate
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[dict]:
-    return [{k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()} for p in params]
-
-
-def _restore_optimizer(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], states: list[dict]) -> None:
-    for p, state in zip(params, states):
-        if state:
-            optimizer.state[p] = state
-        else:  # the step undone was the tensor's first: Adam starts afresh
-            optimizer.state.pop(p, None)
-
-
-def snapshot(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in params.items()}
-
-
-def restore(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(values[name])
-
-
-@parallel.main_writes
-def save_checkpoint(run_dir: str, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    progress: _Progress) -> None:
-    state = {"params": {name: p.detach().cpu() for name, p in params.items()}, "optimizer": optimizer.state_dict(),
-             "epoch": progress.epoch, "batch": progress.batch, "log": progress.log, "validation": progress.validation,
-             "torch_rng": torch.get_rng_state()}
-    with files.atomic_path(os.path.join(run_dir, "checkpoint.pt")) as tmp:
-        torch.save(state, tmp)
-
-
-def _load_checkpoint(run_dir: str, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> _Progress:
-    """Restore the tensors, optimizer and RNG from run_dir's checkpoint if there is one; where to go on from."""
-    path = os.path.join(run_dir, "checkpoint.pt")
-    if not os.path.exists(path):
-        return _Progress(last_good=snapshot(params))
-    state = torch.load(path, weights_only=True)
-    restore(params, state["params"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    print(f"resuming {run_dir} at epoch {state['epoch'] + 1}, batch {state['batch']}", flush=True)
-    return _Progress(state["epoch"], state["batch"], state["log"], state["validation"], snapshot(params))
-
-
 def train(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir: str, schedule: Schedule,
           evaluate: Optional[Callable[[], dict]] = None, script: str = "experiment.py",
           until: Optional[int] = None) -> tuple[list[dict], str]:
@@ -135,7 +79,7 @@ def train(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir:
     for p in params.values():
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(list(params.values()), lr=schedule.rate)
-    progress = _load_checkpoint(run_dir, params, optimizer)
+    progress = checkpoints.load(run_dir, params, optimizer)
     per_epoch = math.ceil(len(task.train) / schedule.batch_size)
     rates, checks = schedule.rates(per_epoch), schedule.validation_steps(per_epoch)
     total = len(rates)
@@ -151,14 +95,7 @@ def train(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir:
             done = bool(rows) and rows[-1].get("step") == step  # validated before a resume
             due = step in checks or step == end  # a pause is validated, to rank by
             if evaluate is not None and due and not done:
-                save_checkpoint(run_dir, params, optimizer, progress)  # validating again is all a resume needs
-                signal.signal(signal.SIGINT, signal.default_int_handler)  # validation stops at once
-                try:
-                    validate(task, params, evaluate, progress, run_dir)
-                except KeyboardInterrupt:
-                    raise Interrupted(_resume_hint(run_dir, script)) from None
-                signal.signal(signal.SIGINT, on_ctrl_c)
-                save_checkpoint(run_dir, params, optimizer, progress)
+                _validate_between_checkpoints(task, params, evaluate, optimizer, progress, run_dir, script, on_ctrl_c)
             if step < total and _stalled(rows, schedule.patience):
                 print(f"validation has not improved for {schedule.patience} evaluations: stopping at step {step:,} "
                       f"of {total:,}", flush=True)
@@ -181,6 +118,20 @@ def train(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir:
     return progress.log, "finished"
 
 
+def _validate_between_checkpoints(task: Task, params: dict[str, torch.Tensor], evaluate: Callable[[], dict],
+                                  optimizer: torch.optim.Optimizer, progress: checkpoints.Progress, run_dir: str,
+                                  script: str, on_ctrl_c: Callable) -> None:
+    """validate(), a checkpoint on either side (validating again is all a resume needs); Ctrl-C stops it at once."""
+    checkpoints.save(run_dir, params, optimizer, progress)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        validate(task, params, evaluate, progress, run_dir)
+    except KeyboardInterrupt:
+        raise Interrupted(_resume_hint(run_dir, script)) from None
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    checkpoints.save(run_dir, params, optimizer, progress)
+
+
 def _stalled(rows: list[dict], patience: int) -> bool:
     """Whether the last `patience` validations all came after the best one (never, with patience 0)."""
     best = best_validation(rows)
@@ -188,8 +139,8 @@ def _stalled(rows: list[dict], patience: int) -> bool:
 
 
 def _train_steps(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, optimizer: torch.optim.Optimizer,
-                schedule: Schedule, rates: list[float], per_epoch: int, stop_at: int, progress: _Progress, run_dir: str,
-                clock: float, stop: list, script: str) -> Optional[str]:
+                 schedule: Schedule, rates: list[float], per_epoch: int, stop_at: int, progress: checkpoints.Progress,
+                 run_dir: str, clock: float, stop: list, script: str) -> Optional[str]:
     """Steps of progress.epoch at `rates` (one per step of the budget) up to step `stop_at` (the epoch's end, a
     validation, or a pause), then a checkpoint; why training must stop early, or None. The losses are read on the
     host every CHECK_EVERY steps, before a checkpoint, at the stop and on Ctrl-C (_settle), never in between."""
@@ -205,7 +156,7 @@ def _train_steps(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, o
         rate = rates[first + progress.batch]
         for group in optimizer.param_groups:
             group["lr"] = rate
-        before, state = snapshot(params), optimizer_state(optimizer, tensors)
+        before, state = checkpoints.snapshot(params), checkpoints.optimizer_state(optimizer, tensors)
         loss = train_step(tensors, optimizer, loss_of, idx, schedule.clip)
         pending.append(Pending(loss, before, state, time.perf_counter() - clock, rate))
         progress.batch, seen = progress.batch + 1, seen + len(idx)
@@ -222,14 +173,14 @@ def _train_steps(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, o
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{rate:.3g}",
                         samples_s=f"{seen / (time.perf_counter() - start):.1f}")
         if halt or checkpoint:
-            save_checkpoint(run_dir, params, optimizer, progress)
+            checkpoints.save(run_dir, params, optimizer, progress)
         if halt:
             raise Interrupted(_resume_hint(run_dir, script))
     return None
 
 
 def _settle(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, pending: list[Pending],
-           progress: _Progress, clock: float, run_dir: str) -> tuple[list[float], Optional[str]]:
+            progress: checkpoints.Progress, clock: float, run_dir: str) -> tuple[list[float], Optional[str]]:
     """Read the pending steps' losses (the one wait for the device) and log them; at the first non-finite one, undo
     it and every step after it, put back the last tensors whose loss was finite, save a checkpoint and say why
     training stops. Returns the losses logged and that reason (None when every loss was finite)."""
@@ -245,11 +196,12 @@ def _settle(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, p
         progress.last_good = pending[-1].before
         pending.clear()
         return losses, None
-    restore(params, pending[bad - 1].before if bad else progress.last_good)
-    _restore_optimizer(optimizer, list(params.values()), pending[bad].state)  # as it was after the last finite step
+    checkpoints.restore(params, pending[bad - 1].before if bad else progress.last_good)
+    # the optimizer as it was after the last finite step
+    checkpoints.restore_optimizer(optimizer, list(params.values()), pending[bad].state)
     progress.batch -= len(pending) - bad
     pending.clear()
-    save_checkpoint(run_dir, params, optimizer, progress)
+    checkpoints.save(run_dir, params, optimizer, progress)
     where = f"epoch {progress.epoch + 1}, batch {progress.batch}"
     print(f"training stopped at {where}: loss {losses[bad]}; keeping the last good {', '.join(params)}", flush=True)
     return losses[:bad], f"stopped early at {where}: non-finite loss {losses[bad]}"
@@ -259,8 +211,8 @@ def _resume_hint(run_dir: str, script: str) -> str:
     return f"interrupted; checkpoint saved: resume with {parallel.launch_command()} {script} --resume={run_dir}"
 
 
-def validate(task: Task, params: dict[str, torch.Tensor], evaluate: Callable[[], dict], progress: _Progress,
-             run_dir: str) -> None:
+def validate(task: Task, params: dict[str, torch.Tensor], evaluate: Callable[[], dict],
+             progress: checkpoints.Progress, run_dir: str) -> None:
     """Score the validation reviews where training stands, print the scores, add them to the validation rows and
     run_dir/validation.csv (rewritten each time, to follow a long run), and copy the tensors if they are the best."""
     validation = progress.validation
@@ -268,7 +220,7 @@ def validate(task: Task, params: dict[str, torch.Tensor], evaluate: Callable[[],
     validation["rows"].append(row)
     best = best_validation(validation["rows"])
     if best is row:
-        validation["best"] = {name: p.cpu() for name, p in snapshot(params).items()}
+        validation["best"] = {name: p.cpu() for name, p in checkpoints.snapshot(params).items()}
     if parallel.is_main():
         with files.atomic_path(os.path.join(run_dir, "validation.csv")) as tmp:
             pd.DataFrame(validation["rows"]).to_csv(tmp, index=False)
@@ -294,6 +246,6 @@ def _keep_best(schedule: Schedule, params: dict[str, torch.Tensor], validation: 
     """With schedule.keep_best, put the tensors of the best validation in place of the last ones."""
     best = best_validation(validation["rows"])
     if schedule.keep_best and best is not None:
-        restore(params, validation["best"])
+        checkpoints.restore(params, validation["best"])
         print(f"keeping the {', '.join(params)} of epoch {best['epoch']}, step {best.get('step', '?')}, the best on "
               f"the validation reviews", flush=True)

@@ -68,14 +68,14 @@ class Killed(BaseException):
 def run_until_first_checkpoint(run: Callable[[], object], monkeypatch) -> None:
     """Run a training script's run() until it has written its first checkpoint, then stop it dead, as a kill at that
     moment would (tests/test_resume.py kills real processes; this is the in-process equivalent, seconds cheaper)."""
-    from harness import training
-    real = training.save_checkpoint
+    from harness import checkpoints
+    real = checkpoints.save
 
     def save_then_die(*args, **kwargs):
         real(*args, **kwargs)
         raise Killed
     with monkeypatch.context() as patched:
-        patched.setattr(training, "save_checkpoint", save_then_die)
+        patched.setattr(checkpoints, "save", save_then_die)
         with pytest.raises(Killed):
             run()
 

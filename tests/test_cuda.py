@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import overrides, run_script
-from harness import cli, frozen, layouts, ledger, primers, runs, scoring, training
+from harness import checkpoints, cli, frozen, layouts, ledger, primers, runs, scoring, training
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 POSITIONS = layouts.PRIMER_POSITIONS
@@ -58,8 +58,8 @@ def test_a_training_step_reads_nothing_back_from_the_device(task, meta, position
     primer = torch.zeros(4, 64, device="meta", requires_grad=True)
     optimizer = torch.optim.Adam([primer], lr=0.1)
     for step in range(2):  # the second step runs on Adam's state
-        kept = training.Pending(None, training.snapshot({"primer": primer}),
-                                training.optimizer_state(optimizer, [primer]), 0.0, 0.1)
+        kept = training.Pending(None, checkpoints.snapshot({"primer": primer}),
+                                checkpoints.optimizer_state(optimizer, [primer]), 0.0, 0.1)
         loss = training.train_step([primer], optimizer, primers.loss_of(meta, layout, primer),
                                    torch.arange(4 * step, 4 * step + 4))
         assert loss.device.type == "meta" and kept.before["primer"].device.type == "meta"
@@ -254,8 +254,8 @@ def test_a_training_step_never_waits_on_the_gpu(gpu_task, position):
     loss_of = primers.loss_of(gpu_task, layout, primer)
 
     def step(batch: int) -> training.Pending:
-        kept = training.Pending(None, training.snapshot({"primer": primer}),
-                                training.optimizer_state(optimizer, [primer]), 0.0, 0.1)
+        kept = training.Pending(None, checkpoints.snapshot({"primer": primer}),
+                                checkpoints.optimizer_state(optimizer, [primer]), 0.0, 0.1)
         kept.loss = training.train_step([primer], optimizer, loss_of, torch.arange(6 * batch, 6 * batch + 6))
         return kept
     step(0)  # Adam's state and the allocator's blocks exist from here on
