@@ -198,6 +198,13 @@ def test_the_published_folders_reproduce_the_published_tables(folder, page):
     written = table.summarize(runs, 300, "primer_length=4")
     assert table.markdown(written) in open(os.path.join(ROOT, page), encoding="utf-8").read()
     assert (written["seeds"][written["trainable_params"] > 0] >= 3).all()  # every trained row has its seeds
+    if folder == "converged":  # the costs the README gives: the trained rows', the table's, every trained run's
+        trained = written[written["trainable_params"] > 0]
+        spent = runs[runs["trainable_params"] > 0]["core_seconds"].sum() / 3600
+        readme = " ".join(open(os.path.join(ROOT, page), encoding="utf-8").read().split())
+        assert (f"the {trained['seeds'].sum()} trained runs cost {table.core_hours(runs, trained):.1f} core-hours "
+                f"({table.core_hours(runs, written):.1f} with the prompts and searches)") in readme
+        assert f"The {(runs['trainable_params'] > 0).sum()} converged trained runs so far cost {spent:.1f}" in readme
     varied = written[written["method"] != written["method_cell"]]  # seeds that chose apart: the page names the family
     assert len(varied) and all(r.method_cell == f"{table.family(r.method)}, chosen per seed (table.csv)"
                                and r.method.count(table.family(r.method)) == r.seeds for r in varied.itertuples())
