@@ -122,21 +122,23 @@ def test_a_point_waiting_for_its_rate_source_leaves_its_slot_to_a_point_that_can
     monkeypatch.setattr(sweep, "read_settings", lambda grid: None)
     monkeypatch.setattr(sweep, "point_config", lambda cfg, point: point)
     monkeypatch.setattr(sweep, "unfinished_run", lambda script, point: None)
-    done, started, ended = set(), {}, {}
+    done, started, third_started, beside = set(), [], threading.Event(), []
     monkeypatch.setattr(sweep, "find_run",
                         lambda script, point: {"run_id": f"seed{point['seed']}"} if point["seed"] in done else None)
 
-    def run_command(command):
+    def run_command(command):  # seed 0 runs until seed 3 has started, or gives up after 10 s
         seed = int(next(arg for arg in command if arg.startswith("--seed=")).removeprefix("--seed="))
-        started[seed] = time.perf_counter()
-        time.sleep(1.0 if seed == 0 else 0.1)
-        ended[seed] = time.perf_counter()
+        started.append(seed)
+        if seed == 3:
+            third_started.set()
+        if seed == 0:
+            beside.append(third_started.wait(timeout=10))
         done.add(seed)
         return 0, ""
     monkeypatch.setattr(sweep, "run_command", run_command)
     rows, failed = sweep.sweep(sweep.configure(["--jobs=2"]), grid)
     assert not failed and [r["run_id"] for r in rows] == ["seed0", "seed1", "seed2", "seed3"]
-    assert started[3] < ended[0] <= started[1]  # seed 3 ran while seed 1 waited for seed 0, in no slot
+    assert beside == [True] and started[-1] == 1  # seed 3 ran beside seed 0 while seed 1 waited for it in no slot
 
 
 def test_unknown_grid_key_stops_before_anything_runs(tiny, tmp_path):
