@@ -81,7 +81,8 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
     checkpoints.restore(params, points[chosen]["tensors"])
     files.write_atomic(os.path.join(run_dir, "rate_grid.csv"), table.to_csv(index=False))
     files.write_atomic(os.path.join(run_dir, "validation.csv"), points[chosen]["validation"].to_csv(index=False))
-    print(f"chosen on validation: rate {chosen}; every method's grid: {draw(os.path.dirname(run_dir))}")
+    print(f"chosen on validation: rate {chosen}; every method's grid: {draw(os.path.dirname(run_dir))}"
+          f"{at_edge(points, chosen)}")
     return points[chosen]["log"], points[chosen]["status"], float(table["train_seconds"].sum())
 
 
@@ -140,6 +141,16 @@ def widened(grid: list, points: dict, alive: list, train) -> list:
         train(rate)
         added.append(rate)
     return added
+
+
+def at_edge(points: dict, chosen) -> str:
+    """A warning where the chosen peak rate is still the highest or lowest of every rate tried (the grid widened as
+    far as WIDEN lets it), else ""."""
+    rates = sorted(rate for rate in points if isinstance(rate, (int, float)))
+    if len(rates) < 2 or chosen not in (rates[0], rates[-1]):
+        return ""
+    return (f"\nwarning: rate {chosen} is still the edge of every rate tried ({rates[0]} ... {rates[-1]}): the best "
+            f"may lie beyond it; a --rate_grid reaching past it would tell")
 
 
 def _grid_table(points: dict, chosen, method: str, reviews: int) -> pd.DataFrame:

@@ -38,6 +38,10 @@ def test_a_grid_widens_past_the_edge_its_best_sits_on():
     assert rategrid.widened([1.0, 0.1, 0.01], inside, [1.0, 0.1, 0.01], train) == []
     lists = {(1.0,): point(5), (0.1,): point(1)}  # the reference's per-epoch schedules are never widened
     assert rategrid.widened([(1.0,), (0.1,)], lists, [(1.0,)], train) == []
+    # a best still at the edge once the grid may widen no more is said, one inside is not
+    assert "warning: rate 100.0 is still the edge of every rate tried (0.01 ... 100.0)" in rategrid.at_edge(points,
+                                                                                                          100.0)
+    assert rategrid.at_edge(points, 10.0) == rategrid.at_edge(lists, (1.0,)) == ""
 
 
 def test_a_grid_of_peak_rates_halves_its_candidates_and_trains_the_chosen_one_whole(task, tmp_path):
