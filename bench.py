@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness import activations, cli, data, errors, frozen, hub, layouts, primers, runs, scoring, training
+from harness import activations, cli, data, frozen, hub, layouts, primers, runs, scoring, synthetic, training
 from harness.flops import batch_flops, device_name, matmul_tflops, model_shape, peak_memory_gb, sync
 
 BENCH = {
@@ -33,51 +33,12 @@ BENCH = {
     "PAD_MULTIPLE": 1,  # pad every batch to a multiple of this many tokens (layouts.PAD_MULTIPLE): fewer shapes
 }
 SYNTHETIC_REVIEWS = 20000  # synthetic split size when no prepared split is used
-# log-normal fit of Yelp polarity review lengths: median 110, tail past 1,000
-YELP_MEDIAN_TOKENS, YELP_SIGMA = 110, 0.85
-LLAMA3_TEMPLATE = (26, 5, 5)  # Llama 3 template tokens before the system content, between it and the review, after
-
-
-def synthetic_split(n: int, vocab: int, max_tokens: int, seed: int) -> data.Split:
-    rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(np.log(YELP_MEDIAN_TOKENS), YELP_SIGMA, n).astype(int), 1, max_tokens)
-    offsets = torch.from_numpy(np.concatenate([[0], lengths.cumsum()]))
-    tokens = torch.from_numpy(rng.integers(0, vocab, int(lengths.sum()), dtype=np.int32))
-    return data.Split(tokens, offsets, torch.from_numpy(rng.integers(0, 2, n)), {"source": "synthetic"})
-
-
-def synthetic_layout(vocab: int, primer_length: int, position: str) -> layouts.Layout:
-    """Random ids of Llama 3's template lengths, the primer at position (layouts.make_layout's positions)."""
-    before, middle, after = LLAMA3_TEMPLATE
-    ids = lambda n: torch.randint(vocab, (n,))
-    if position == "suffix":
-        return layouts.Layout(ids(before + middle), ids(primer_length + after), slice(0, primer_length), primer_length,
-                              in_suffix=True)
-    start = 0 if position == "prefix" else before
-    return layouts.Layout(ids(before + primer_length + middle), ids(after), slice(start, start + primer_length),
-                          primer_length)
-
-
 def bench_layout(task: runs.Task, position: str, primer_length: int) -> layouts.Layout:
     """MODEL_ID's own layout with the primer at position, or a synthetic one when there is no tokenizer."""
     layouts.check_primer_position(position, task.cfg.GRADIENT_CHECKPOINTING)
     if task.tokenizer is None:
-        return synthetic_layout(task.model.get_input_embeddings().weight.shape[0], primer_length, position)
+        return synthetic.layout(task.model.get_input_embeddings().weight.shape[0], primer_length, position)
     return layouts.make_layout(task, None, primer_length=primer_length, position=position)
-
-
-def random_model(cfg, device: torch.device) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-    folder = (cfg.MODEL_ID if os.path.isdir(cfg.MODEL_ID)
-              else os.path.join("architectures", os.path.basename(cfg.MODEL_ID)))
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise errors.UserError(f"no architecture config for {cfg.MODEL_ID} in {folder}/config.json: add one, "
-                               "or set --model_id to a folder with one")
-    with device:
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder),
-                                                 dtype=hub.resolve_dtype(cfg.DTYPE, device),
-                                                 attn_implementation="sdpa")
-    return hub.freeze(model, cfg.GRADIENT_CHECKPOINTING)
 
 
 def attention_line(task: runs.Task, batches: dict[str, list[torch.Tensor]], layout: layouts.Layout) -> str:
@@ -101,7 +62,8 @@ def bench_task(cfg) -> tuple[runs.Task, layouts.Layout]:
     device = hub.resolve_device(cfg.DEVICE)
     layouts.PAD_MULTIPLE = cfg.PAD_MULTIPLE
     if cfg.RANDOM_INIT:
-        model, tokenizer = random_model(cfg, device), None
+        model = synthetic.random_model(cfg.MODEL_ID, cfg.DTYPE, cfg.GRADIENT_CHECKPOINTING, device)
+        tokenizer = None
     else:
         tokenizer = hub.load_tokenizer(cfg.MODEL_ID, cfg.GGUF_FILE)
         model = hub.load_model(cfg.MODEL_ID, cfg.GGUF_FILE, device, cfg.DTYPE, cfg.GRADIENT_CHECKPOINTING)
@@ -109,7 +71,7 @@ def bench_task(cfg) -> tuple[runs.Task, layouts.Layout]:
     vocab = model.get_input_embeddings().weight.shape[0]
     prepared = tokenizer is not None and os.path.exists(data.split_path(cfg, "train"))
     split = (data.load_split(cfg, tokenizer, "train") if prepared
-             else synthetic_split(SYNTHETIC_REVIEWS, vocab, cfg.MAX_REVIEW_TOKENS, cfg.SEED))
+             else synthetic.split(SYNTHETIC_REVIEWS, vocab, cfg.MAX_REVIEW_TOKENS, cfg.SEED))
     labels = (layouts.label_token_ids(tokenizer, cfg.LABELS, layouts.answer_context(tokenizer, cfg.TEMPLATE_KWARGS))
               if tokenizer else [vocab - 2, vocab - 1])
     task = runs.Task(cfg, tokenizer, model, device, torch.tensor(labels, device=device), split, split)

@@ -75,9 +75,7 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
         if share < 1:
             alive = sorted(alive, key=lambda r: _rank(points[r]), reverse=True)[:math.ceil(len(alive) / 2)]
     chosen = max(alive, key=lambda r: _rank(points[r]))
-    table = _grid_table(points, chosen, method, len(task.train))
-    table["rate_from"] = ["" if transfer is None or rate != transfer.rate else transfer.source
-                          for rate in table["first_rate"]]  # the row of the rate taken names the run it came from
+    table = _grid_table(points, chosen, method, len(task.train), transfer)
     checkpoints.restore(params, points[chosen]["tensors"])
     files.write_atomic(os.path.join(run_dir, "rate_grid.csv"), table.to_csv(index=False))
     files.write_atomic(os.path.join(run_dir, "validation.csv"), points[chosen]["validation"].to_csv(index=False))
@@ -153,8 +151,9 @@ def at_edge(points: dict, chosen) -> str:
             f"may lie beyond it; a --rate_grid reaching past it would tell")
 
 
-def _grid_table(points: dict, chosen, method: str, reviews: int) -> pd.DataFrame:
-    """rate_grid.csv: one row per rate, its best validation, how far it trained, and whether it was chosen."""
+def _grid_table(points: dict, chosen, method: str, reviews: int, transfer: Optional[Transfer]) -> pd.DataFrame:
+    """rate_grid.csv: one row per rate, its best validation, how far it trained, whether it was chosen, and for the
+    rate taken from another seed's run (`transfer`), that run."""
     rows = []
     for rate, point in sorted(points.items(), key=lambda item: _first(item[0])):
         best, log = point["best"], point["log"]
@@ -163,7 +162,8 @@ def _grid_table(points: dict, chosen, method: str, reviews: int) -> pd.DataFrame
                      "best_epoch": int(best["epoch"]), "best_step": int(best.get("step", 0)), "steps": len(log),
                      "status": point["status"], "val_correct": best["correct"], "val_total": best["total"],
                      "val_score": best["score"], "val_restricted_score": best["restricted_score"],
-                     "train_seconds": log[-1]["seconds"] if log else 0.0, "chosen": rate == chosen})
+                     "train_seconds": log[-1]["seconds"] if log else 0.0, "chosen": rate == chosen,
+                     "rate_from": transfer.source if transfer and rate == transfer.rate else ""})
     return pd.DataFrame(rows)
 
 

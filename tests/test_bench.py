@@ -11,7 +11,7 @@ import torch
 
 import bench
 from conftest import run_script
-from harness import cli, frozen, primers, training
+from harness import cli, frozen, primers, synthetic, training
 
 # MAX_TOKENS: lengths vary, not all cut to one
 STEPS, WARMUP, BATCH, SCORE_BATCH, MAX_TOKENS, PRIMER = 2, 1, 4, 8, 256, 4
@@ -73,8 +73,8 @@ def llama_flops(conf: dict, real: torch.Tensor, head_positions: torch.Tensor, tr
 
 def expected_rows(conf: dict) -> dict[str, dict]:
     """What each row timed: the batches after the warm-up ones, their real and padded tokens and useful FLOPs."""
-    split = bench.synthetic_split(bench.SYNTHETIC_REVIEWS, conf["vocab_size"], MAX_TOKENS, 0)
-    fixed = sum(bench.LLAMA3_TEMPLATE) + PRIMER  # the template's tokens and the primer, at either position
+    split = synthetic.split(bench.SYNTHETIC_REVIEWS, conf["vocab_size"], MAX_TOKENS, 0)
+    fixed = sum(synthetic.LLAMA3_TEMPLATE) + PRIMER  # the template's tokens and the primer, at either position
     longest = int(split.lengths.max()) + fixed
     train = training.length_grouped_batches(split.lengths, BATCH, 0)[WARMUP:WARMUP + STEPS]
     sample = torch.from_numpy(np.random.default_rng(0).permutation(len(split))[:(WARMUP + STEPS) * SCORE_BATCH])
