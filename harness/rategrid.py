@@ -59,22 +59,7 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
         print(f"rate {rate}: {len(log):,} steps, best validation {best['score']:.1%} at step {best['step']:,} "
               f"(label-restricted {best['restricted_score']:.1%})", flush=True)
 
-    grid = [tuple(rate) if isinstance(rate, list) else rate for rate in grid]  # a dict key each
-    alive = list(grid)
-    rungs = RUNGS if all(isinstance(rate, (int, float)) for rate in grid) else (1.0,)  # the reference's: each whole
-    if transfer:
-        advance(transfer.rate, 1.0)
-        held = _holds(transfer, points)
-        alive = [transfer.rate] if held else [*dict.fromkeys([*grid, transfer.rate])]  # a candidate with the rest
-        rungs = () if held else rungs
-    for rung, share in enumerate(rungs):
-        for rate in alive:
-            if rate not in points or points[rate]["share"] < share:  # a transferred rate has trained its whole
-                advance(rate, share)
-        alive += widened(grid, points, alive, lambda rate: [advance(rate, s) for s in rungs[:rung + 1]])
-        if share < 1:
-            alive = sorted(alive, key=lambda r: _rank(points[r]), reverse=True)[:math.ceil(len(alive) / 2)]
-    chosen = max(alive, key=lambda r: _rank(points[r]))
+    chosen = _chosen([tuple(rate) if isinstance(rate, list) else rate for rate in grid], points, advance, transfer)
     table = _grid_table(points, chosen, method, len(task.train), transfer)
     checkpoints.restore(params, points[chosen]["tensors"])
     files.write_atomic(os.path.join(run_dir, "rate_grid.csv"), table.to_csv(index=False))
@@ -82,6 +67,27 @@ def train_grid(task: Task, params: dict[str, torch.Tensor], loss_of: training.Lo
     print(f"chosen on validation: rate {chosen}; every method's grid: {draw(os.path.dirname(run_dir))}"
           f"{at_edge(points, chosen)}")
     return points[chosen]["log"], points[chosen]["status"], float(table["train_seconds"].sum())
+
+
+def _chosen(grid: list, points: dict, advance, transfer: Optional[Transfer]):
+    """The rate `transfer` names where it holds, trained whole by `advance(rate, share)` (which fills `points`); else
+    the best on validation after successive halving over `grid` (each rate a dict key) and the transferred rate, the
+    grid widened at its edge."""
+    alive = list(grid)
+    rungs = RUNGS if all(isinstance(rate, (int, float)) for rate in grid) else (1.0,)  # the reference's: each whole
+    if transfer:
+        advance(transfer.rate, 1.0)
+        if _holds(transfer, points):
+            return transfer.rate
+        alive = [*dict.fromkeys([*grid, transfer.rate])]  # a candidate with the rest
+    for rung, share in enumerate(rungs):
+        for rate in alive:
+            if rate not in points or points[rate]["share"] < share:  # a transferred rate has trained its whole
+                advance(rate, share)
+        alive += widened(grid, points, alive, lambda rate: [advance(rate, s) for s in rungs[:rung + 1]])
+        if share < 1:
+            alive = sorted(alive, key=lambda r: _rank(points[r]), reverse=True)[:math.ceil(len(alive) / 2)]
+    return max(alive, key=lambda r: _rank(points[r]))
 
 
 def _holds(transfer: Transfer, points: dict) -> bool:
