@@ -34,6 +34,8 @@ AGAINST = ""  # the paired tests' reference: the best row whose name contains th
 SETTINGS = cli.own_settings(dict(globals()))  # the constants above, as --name=value settings
 # set by the training reviews (steer takes all of a small split): the data curve's axis, not a row's name
 SIZE_KEYS = ("TRAIN_LIMIT", "TRAIN_REVIEWS", "PROBE_TRAIN", "VECTOR_REVIEWS")
+# what a rate grid chose (per-epoch rates) or chose from (peak rates) at each size: a curve joins sizes across them
+RATE_KEYS = ("RATE_BY_EPOCH", "RATE_GRID")
 COLUMNS = ["Run", "Method", "Params", "Train reviews", "Seeds", "Score (mean ± std)", "One run's 95% interval",
            "Label-restricted (mean ± std)", "Label bias (strict / restricted)", "Train s", "Score s", "Of the probe",
            "Difference (95% interval)", "p (seeds × reviews)"]
@@ -83,20 +85,27 @@ def family(method: str) -> str:
 def names(runs: pd.DataFrame) -> dict[str, str]:
     """Each group's name: its script, its method's family where the script's rows have several, and the settings in
     which it differs from the other rows of its script and family (a family's own settings, its method's, go
-    without saying)."""
+    without saying). A grid of peak rates is the search each size's seeds chose from, so it names a row only where
+    two grids were searched at one size."""
     out = {}
     for script, groups in runs.groupby("script"):
         parsed = {g: json.loads(g) for g in groups["group"].unique()}
         families = {p[1] for p in parsed.values()}
         for family_name in families:
             configs = {g: dict(p[2]) for g, p in parsed.items() if p[1] == family_name}
-            # among the rows it matters to
-            varying = sorted({k for c in configs.values() for k in c if k not in SIZE_KEYS
-                              and len({json.dumps(other[k]) for other in configs.values() if k in other}) > 1})
-            for group, config in configs.items():
-                out[group] = " ".join([script] + ([f"({family_name})"] if len(families) > 1 else [])
-                                      + [f"{k.lower()}={config.get(k)!r}".replace("'", "") for k in varying])
+            prefix = [script] + ([f"({family_name})"] if len(families) > 1 else [])
+            named = _named(prefix, configs, SIZE_KEYS + ("RATE_GRID",))
+            sized = {(name, json.dumps([configs[g].get(k) for k in SIZE_KEYS])) for g, name in named.items()}
+            out.update(named if len(sized) == len(named) else _named(prefix, configs, SIZE_KEYS))
     return out
+
+
+def _named(prefix: list[str], configs: dict[str, dict], unnamed: tuple[str, ...]) -> dict[str, str]:
+    """Each config's name: the prefix and the settings in which the configs differ, but those in `unnamed`."""
+    varying = sorted({k for c in configs.values() for k in c if k not in unnamed
+                      and len({json.dumps(other[k]) for other in configs.values() if k in other}) > 1})
+    return {group: " ".join(prefix + [f"{k.lower()}={config.get(k)!r}".replace("'", "") for k in varying])
+            for group, config in configs.items()}
 
 
 def fmt(mean: float, std: float) -> str:
@@ -124,7 +133,7 @@ def pooled(name: str, group: str, runs: pd.DataFrame) -> dict:
             "run_ids": " ".join(seeds["run_id"]),
             "rate_chosen": chosen, "config": json.dumps(config),
             "curve": json.dumps([script, {k: v for k, v in config.items()
-                                          if k not in SIZE_KEYS and not (chosen and k == "RATE_BY_EPOCH")}, chosen])}
+                                          if k not in SIZE_KEYS and not (chosen and k in RATE_KEYS)}, chosen])}
 
 
 def summarize(runs: pd.DataFrame, train_reviews: int = 0, against: str = "") -> pd.DataFrame:

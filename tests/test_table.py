@@ -175,6 +175,18 @@ def test_a_row_is_named_by_its_family_and_what_differs_within_it():
         "tune (IA3) rate=0.003", "tune (IA3) rate=0.01", "tune (LayerNorm tuning)", "tune (LoReFT)"]
 
 
+def test_a_peak_rate_grid_names_a_row_only_where_two_were_searched_at_one_size():
+    """Each size's seeds choose their rate from its grid, so one curve's sizes may search different grids; two grids
+    at one size are two rows, named by their grids."""
+    def group(size: int, grid: list[float]) -> str:
+        return json.dumps(["experiment", "primer", {"TRAIN_REVIEWS": size, "RATE_GRID": grid}], sort_keys=True)
+    across_sizes = [group(300, [0.1, 0.03]), group(1000, [0.3, 1.0])]
+    assert set(table.names(pd.DataFrame({"script": "experiment", "group": across_sizes})).values()) == {"experiment"}
+    at_one_size = across_sizes + [group(1000, [0.1, 0.03])]
+    assert sorted(table.names(pd.DataFrame({"script": "experiment", "group": at_one_size})).values()) == [
+        "experiment rate_grid=[0.1, 0.03]", "experiment rate_grid=[0.1, 0.03]", "experiment rate_grid=[0.3, 1.0]"]
+
+
 def test_one_size_against_a_named_row_and_the_mistakes_of_both_settings(results, capsys):
     written = table.write(str(results), train_reviews=100, against="primer_length=2")
     printed = capsys.readouterr().out
