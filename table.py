@@ -121,6 +121,7 @@ def pooled(name: str, group: str, runs: pd.DataFrame) -> dict:
     total = int(seeds["total"].iloc[0])
     low, high = scoring.wilson_interval(score[0] * total, total)
     chosen = bool(runs["rate_chosen"].any())  # on validation at this size: the curve joins sizes whatever the rate
+    joined = [k for k in RATE_KEYS if k != "RATE_GRID" or "rate_grid=" not in name]  # a grid naming its row stays
     methods = list(dict.fromkeys(seeds["method"]))  # seeds differ in what each chose: a probe's layer, a prompt
     return {"run": name, "script": script, "method": "; ".join(methods),
             "method_cell": methods[0] if len(methods) == 1 else f"{family(methods[0])}, chosen per seed (table.csv)",
@@ -133,7 +134,7 @@ def pooled(name: str, group: str, runs: pd.DataFrame) -> dict:
             "run_ids": " ".join(seeds["run_id"]),
             "rate_chosen": chosen, "config": json.dumps(config),
             "curve": json.dumps([script, {k: v for k, v in config.items()
-                                          if k not in SIZE_KEYS and not (chosen and k in RATE_KEYS)}, chosen])}
+                                          if k not in SIZE_KEYS and not (chosen and k in joined)}, chosen])}
 
 
 def summarize(runs: pd.DataFrame, train_reviews: int = 0, against: str = "") -> pd.DataFrame:

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import experiment
@@ -177,7 +178,7 @@ def test_a_row_is_named_by_its_family_and_what_differs_within_it():
 
 def test_a_peak_rate_grid_names_a_row_only_where_two_were_searched_at_one_size():
     """Each size's seeds choose their rate from its grid, so one curve's sizes may search different grids; two grids
-    at one size are two rows, named by their grids."""
+    at one size are two rows, named by their grids, and two curves."""
     def group(size: int, grid: list[float]) -> str:
         return json.dumps(["experiment", "primer", {"TRAIN_REVIEWS": size, "RATE_GRID": grid}], sort_keys=True)
     across_sizes = [group(300, [0.1, 0.03]), group(1000, [0.3, 1.0])]
@@ -185,6 +186,14 @@ def test_a_peak_rate_grid_names_a_row_only_where_two_were_searched_at_one_size()
     at_one_size = across_sizes + [group(1000, [0.1, 0.03])]
     assert sorted(table.names(pd.DataFrame({"script": "experiment", "group": at_one_size})).values()) == [
         "experiment rate_grid=[0.1, 0.03]", "experiment rate_grid=[0.1, 0.03]", "experiment rate_grid=[0.3, 1.0]"]
+    run = pd.DataFrame({"seed": [0], "score": [0.8], "restricted_score": [0.8], "total": [4], "rate_chosen": [True],
+                        "method": ["primer"], "trainable_params": [8], "samples": [300], "label_bias": [0.5],
+                        "restricted_label_bias": [0.5], "train_seconds": [1.0], "score_seconds": [1.0],
+                        "right": [torch.ones(4, dtype=torch.bool)], "run_id": ["a"]})
+    curve = lambda name, group: table.pooled(name, group, run)["curve"]
+    assert curve("experiment", across_sizes[0]) == curve("experiment", across_sizes[1])  # one curve across grids
+    assert (curve("experiment rate_grid=[0.1, 0.03]", at_one_size[0])
+            != curve("experiment rate_grid=[0.3, 1.0]", at_one_size[1]))  # two grids at one size: two curves
 
 
 def test_one_size_against_a_named_row_and_the_mistakes_of_both_settings(results, capsys):
