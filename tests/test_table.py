@@ -20,6 +20,7 @@ from harness import cli, errors, files, ledger, plots, runs, stats, tableplots
 
 CONFIGS = [{"primer_length": 2, "train_limit": 100}, {"primer_length": 2, "train_limit": 50},
            {"primer_length": 4, "train_limit": 100}]
+CONVERGED = os.path.join(ROOT, "results", "published", "converged")  # the README's table and data curve
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +36,12 @@ def results(tiny, tmp_path_factory):
                                          + cli.as_args(config)))
     runs.score_text_prompt(cli.configure(base), "prompt_short", prompt_short.SYSTEM, prompt_short.USER)
     return out / "results"
+
+
+@pytest.fixture(scope="module")
+def converged_rows() -> pd.DataFrame:
+    """Every configuration of the committed converged runs, one row per size, read once for the tests of its curve."""
+    return table.summarize(table.load_runs(CONVERGED))
 
 
 def correct(run_dir) -> np.ndarray:
@@ -235,9 +242,8 @@ def test_the_converged_runs_chose_inside_their_grids_and_went_past_their_best():
     """The README's converged table: every trained run chose its rate strictly inside a grid of at least 4 rates (its
     own, or that of the seed it took the rate from), and the chosen rate's best validation came before its last step
     (training went on until it stopped improving)."""
-    folder = os.path.join(ROOT, "results", "published", "converged")
-    read = lambda run: pd.read_csv(os.path.join(folder, run, "rate_grid.csv"), keep_default_na=False)
-    runs = [os.path.basename(os.path.dirname(path)) for path in glob.glob(os.path.join(folder, "*", "rate_grid.csv"))]
+    read = lambda run: pd.read_csv(os.path.join(CONVERGED, run, "rate_grid.csv"), keep_default_na=False)
+    runs = [os.path.basename(os.path.dirname(path)) for path in glob.glob(os.path.join(CONVERGED, "*", "rate_grid.csv"))]
     assert len(runs) >= 12  # both primers, IA3 and the learned vector, three seeds each
     for run in runs:
         chosen = read(run).query("chosen").iloc[0]
@@ -246,11 +252,11 @@ def test_the_converged_runs_chose_inside_their_grids_and_went_past_their_best():
         assert chosen["best_step"] < chosen["steps"]
 
 
-def test_the_converged_curves_have_their_seeds_and_never_fall_past_their_spread():
+def test_the_converged_curves_have_their_seeds_and_never_fall_past_their_spread(converged_rows):
     """The data curve at convergence: every trained method drawn at 100 to 2,000 snippets has at least 3 seeds at
     each size, and no size scores below the one before it by more than either size's seed spread."""
-    written = table.summarize(table.load_runs(os.path.join(ROOT, "results", "published", "converged")))
-    curves = [rows.sort_values("samples") for _, rows in written[written["trainable_params"] > 0].groupby("curve")]
+    trained = converged_rows[converged_rows["trainable_params"] > 0]
+    curves = [rows.sort_values("samples") for _, rows in trained.groupby("curve")]
     curves = [rows for rows in curves if rows["samples"].nunique() > 1]
     assert len(curves) == 5 and all(list(rows["samples"]) == [100, 300, 1000, 2000] for rows in curves)
     for rows in curves:
@@ -260,19 +266,17 @@ def test_the_converged_curves_have_their_seeds_and_never_fall_past_their_spread(
 
 
 def test_the_per_seed_rates_on_the_page_are_read_from_the_run_files():
-    folder = os.path.join(ROOT, "results", "published", "converged")
-    rates = table.rate_choices(table.load_runs(folder), folder, 300)
+    rates = table.rate_choices(table.load_runs(CONVERGED), CONVERGED, 300)
     assert rates.count("\n") >= 19  # six methods' three seeds, under the header
     assert rates in open(os.path.join(ROOT, "docs", "results.md"), encoding="utf-8").read()
 
 
-def test_the_converged_data_figure_names_its_per_seed_rate_choice(monkeypatch):
+def test_the_converged_data_figure_names_its_per_seed_rate_choice(converged_rows, monkeypatch):
     """The converged curve's runs choose a peak rate per seed (no schedule in their config): the data figure draws
     each method across its sizes and says so in the legend, rather than a schedule its runs do not have."""
     figures = []
     monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
-    written = table.summarize(table.load_runs(os.path.join(ROOT, "results", "published", "converged")))
-    tableplots.table_data(written, "unused.png")
+    tableplots.table_data(converged_rows, "unused.png")
     legend = [t.get_text() for t in figures[0].axes[0].get_legend().texts]
     assert "primer, primer_length=4, peak rate chosen per seed on validation" in legend
-    assert len(legend) == (written.groupby("curve")["samples"].nunique() > 1).sum() >= 4
+    assert len(legend) == (converged_rows.groupby("curve")["samples"].nunique() > 1).sum() >= 4
