@@ -243,7 +243,8 @@ def test_the_converged_runs_chose_inside_their_grids_and_went_past_their_best():
     own, or that of the seed it took the rate from), and the chosen rate's best validation came before its last step
     (training went on until it stopped improving)."""
     read = lambda run: pd.read_csv(os.path.join(CONVERGED, run, "rate_grid.csv"), keep_default_na=False)
-    runs = [os.path.basename(os.path.dirname(path)) for path in glob.glob(os.path.join(CONVERGED, "*", "rate_grid.csv"))]
+    grids = glob.glob(os.path.join(CONVERGED, "*", "rate_grid.csv"))
+    runs = [os.path.basename(os.path.dirname(path)) for path in grids]
     assert len(runs) >= 12  # both primers, IA3 and the learned vector, three seeds each
     for run in runs:
         chosen = read(run).query("chosen").iloc[0]
