@@ -53,8 +53,7 @@ def load_runs(results_dir: str) -> pd.DataFrame:
         config, predictions = loaded[r["run_id"]]
         run_dir = os.path.join(results_dir, r["run_id"])
         environment = files.read_json(os.path.join(run_dir, "environment.json"))
-        r["core_seconds"] = ((spent_seconds(run_dir, config, r["train_seconds"]) + r["score_seconds"])
-                             * environment.get("threads", 1) * environment.get("processes", 1))  # 1: unrecorded
+        r["core_seconds"] = core_seconds(run_dir, config, r, environment)
         config, seconds = rategrid.as_chosen(run_dir, config)
         r["train_seconds"] = r["train_seconds"] if seconds is None else seconds  # the chosen schedule's alone
         r["rate_chosen"] = seconds is not None
@@ -67,13 +66,25 @@ def load_runs(results_dir: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def spent_seconds(run_dir: str, config: dict, train_seconds: float) -> float:
-    """The training seconds a run cost: every rate candidate's (rategrid.candidates_seconds), or none where the run
-    scores what another found (a token search's decoded text: its prompt.json names the search run, which paid)."""
+def core_seconds(run_dir: str, config: dict, row: dict, environment: dict) -> float:
+    """What a run cost in core-seconds, training (every rate candidate's) and scoring: on the CPU, its processes' CPU
+    seconds where it recorded them; else (a GPU, or a script or version that did not) its wall seconds times the
+    threads and processes it ran on, which counts as work the waits of a run sharing its cores with others."""
+    processes = environment.get("processes", 1)  # 1: unrecorded
+    another = scores_another(run_dir)
+    score_cpu = files.read_json(os.path.join(run_dir, "metrics.json")).get("score_cpu_seconds")
+    train_cpu = 0.0 if another or not row["train_seconds"] else rategrid.candidates_cpu_seconds(run_dir, config)
+    if environment.get("device") == "cpu" and score_cpu is not None and train_cpu is not None:
+        return (train_cpu + score_cpu) * processes
+    train = 0.0 if another else rategrid.candidates_seconds(run_dir, config, row["train_seconds"])
+    return (train + row["score_seconds"]) * environment.get("threads", 1) * processes
+
+
+def scores_another(run_dir: str) -> bool:
+    """Whether the run scores what another found (a token search's decoded text: its prompt.json names the search
+    run, which paid for the search)."""
     prompt = os.path.join(run_dir, "prompt.json")
-    if os.path.exists(prompt) and files.read_json(prompt).get("search_run"):
-        return 0.0
-    return rategrid.candidates_seconds(run_dir, config, train_seconds)
+    return os.path.exists(prompt) and bool(files.read_json(prompt).get("search_run"))
 
 
 def family(method: str) -> str:
@@ -238,7 +249,8 @@ def write(results_dir: str, train_reviews: int = 0, against: str = "") -> pd.Dat
             f.write(content)
     print(text)
     print(f"these {table['seeds'].sum()} runs cost {core_hours(runs, table):.1f} core-hours (every rate candidate's "
-          "training and the scoring, times the threads and processes each ran on)")
+          "training and the scoring: on the CPU each run's CPU time where it kept it, else its seconds times the "
+          "threads and processes it ran on)")
     rates = rate_choices(runs, results_dir, train_reviews) if train_reviews else ""
     if rates:  # each seed's rate, read from its rate_grid.csv
         files.write_atomic(os.path.join(results_dir, f"rates_{train_reviews}.md"), rates + "\n")

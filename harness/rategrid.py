@@ -168,7 +168,8 @@ def _grid_table(points: dict, chosen, method: str, reviews: int, transfer: Optio
                      "best_epoch": int(best["epoch"]), "best_step": int(best.get("step", 0)), "steps": len(log),
                      "status": point["status"], "val_correct": best["correct"], "val_total": best["total"],
                      "val_score": best["score"], "val_restricted_score": best["restricted_score"],
-                     "train_seconds": log[-1]["seconds"] if log else 0.0, "chosen": rate == chosen,
+                     "train_seconds": log[-1]["seconds"] if log else 0.0,
+                     "cpu_seconds": log[-1].get("cpu_seconds", math.nan) if log else 0.0, "chosen": rate == chosen,
                      "rate_from": transfer.source if transfer and rate == transfer.rate else ""})
     return pd.DataFrame(rows)
 
@@ -197,6 +198,18 @@ def candidates_seconds(run_dir: str, config: dict, train_seconds: float) -> floa
     if not config.get("rate_grid"):
         return train_seconds
     return float(pd.read_csv(os.path.join(run_dir, "rate_grid.csv"))["train_seconds"].sum())
+
+
+def candidates_cpu_seconds(run_dir: str, config: dict) -> Optional[float]:
+    """A trained run's CPU seconds over every candidate (rate_grid.csv), or its loss log's; None where they went
+    unrecorded (a run of an older version, or a script that times its own training)."""
+    grid = bool(config.get("rate_grid"))
+    path = os.path.join(run_dir, "rate_grid.csv" if grid else "losses.csv")
+    if not os.path.exists(path):
+        return None
+    seconds = pd.read_csv(path).get("cpu_seconds", pd.Series([math.nan]))
+    total = seconds.sum(skipna=False) if grid else seconds.iloc[-1]
+    return None if math.isnan(total) else float(total)
 
 
 def draw(results_dir: str) -> str:

@@ -29,15 +29,17 @@ def predict_batch(task: Task, layout: Layout, primer: Optional[torch.Tensor], id
 def predict(task: Task, layout: Layout, primer: Optional[torch.Tensor] = None, split: Optional[Split] = None,
             steer: Optional[frozen.Steer] = None) -> dict:
     """Per review of split (the test split unless given), in its order: "label" (0 negative, 1 positive), "answer"
-    (the argmax token over the whole vocabulary), "logprobs" ([n, 2], of the two label tokens); and "seconds" taken.
+    (the argmax token over the whole vocabulary), "logprobs" ([n, 2], of the two label tokens); and the "seconds" and
+    this process's "cpu_seconds" taken.
     Under accelerate each process predicts its share of the split and the shares are summed into place."""
-    split, start = task.test if split is None else split, time.perf_counter()
+    split, start, cpu = task.test if split is None else split, time.perf_counter(), time.process_time()
     answers = torch.zeros(len(split), dtype=torch.long, device=task.device)
     logprobs = torch.zeros(len(split), 2, device=task.device)
     for idx in batches.longest_first(task, split, "score"):
         answers[idx], logprobs[idx] = predict_batch(task, layout, primer, idx, split, steer)
     return {"label": split.labels.clone(), "answer": parallel.sum_across(answers).cpu(),
-            "logprobs": parallel.sum_across(logprobs).cpu(), "seconds": time.perf_counter() - start}
+            "logprobs": parallel.sum_across(logprobs).cpu(), "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu}
 
 
 def right(label_ids: torch.Tensor, predictions: dict) -> tuple[torch.Tensor, torch.Tensor]:

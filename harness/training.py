@@ -65,8 +65,28 @@ class Pending:
     loss: torch.Tensor  # 0-dim, on the device
     before: dict[str, torch.Tensor]  # the tensors before the step
     state: list[dict]  # the optimizer's state of each tensor before the step
-    seconds: float  # training seconds so far when the step was queued
+    times: dict[str, float]  # _Clock.read() when the step was queued
     rate: float  # the step's learning rate
+
+
+@dataclass(frozen=True)
+class _Clock:
+    """Training time so far, earlier sessions of the run included: wall seconds and this process's CPU seconds (every
+    thread's: what the run costs, however many other jobs share the cores). A run resumed from a log without CPU
+    seconds (an older version's) logs wall seconds alone."""
+    wall: float  # time.perf_counter() when training would have started
+    cpu: Optional[float]  # time.process_time() likewise
+
+    @staticmethod
+    def resumed(log: list[dict]) -> "_Clock":
+        last = log[-1] if log else {"seconds": 0.0, "cpu_seconds": 0.0}
+        cpu = time.process_time() - last["cpu_seconds"] if "cpu_seconds" in last else None
+        return _Clock(time.perf_counter() - last["seconds"], cpu)
+
+    def read(self) -> dict[str, float]:
+        """The log's "seconds" and "cpu_seconds" so far."""
+        wall = {"seconds": time.perf_counter() - self.wall}
+        return wall if self.cpu is None else {**wall, "cpu_seconds": time.process_time() - self.cpu}
 
 
 def train(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir: str, schedule: Schedule,
@@ -84,7 +104,7 @@ def train(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, run_dir:
     rates, checks = schedule.rates(per_epoch), schedule.validation_steps(per_epoch)
     total = len(rates)
     end = total if until is None else min(until, total)
-    clock = time.perf_counter() - (progress.log[-1]["seconds"] if progress.log else 0.0)  # counts earlier sessions
+    clock = _Clock.resumed(progress.log)
     stop = []
     on_ctrl_c = lambda *_: stop.append(True)  # training stops between two steps, never inside one
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
@@ -140,7 +160,7 @@ def _stalled(rows: list[dict], patience: int) -> bool:
 
 def _train_steps(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, optimizer: torch.optim.Optimizer,
                  schedule: Schedule, rates: list[float], per_epoch: int, stop_at: int, progress: checkpoints.Progress,
-                 run_dir: str, clock: float, stop: list, script: str) -> Optional[str]:
+                 run_dir: str, clock: _Clock, stop: list, script: str) -> Optional[str]:
     """Steps of progress.epoch at `rates` (one per step of the budget) up to step `stop_at` (the epoch's end, a
     validation, or a pause), then a checkpoint; why training must stop early, or None. The losses are read on the
     host every CHECK_EVERY steps, before a checkpoint, at the stop and on Ctrl-C (_settle), never in between."""
@@ -158,7 +178,7 @@ def _train_steps(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, o
             group["lr"] = rate
         before, state = checkpoints.snapshot(params), checkpoints.optimizer_state(optimizer, tensors)
         loss = train_step(tensors, optimizer, loss_of, idx, schedule.clip)
-        pending.append(Pending(loss, before, state, time.perf_counter() - clock, rate))
+        pending.append(Pending(loss, before, state, clock.read(), rate))
         progress.batch, seen = progress.batch + 1, seen + len(idx)
         checkpoint = progress.batch % schedule.checkpoint_every == 0 or progress.batch == last
         # under accelerate the processes agree on Ctrl-C only at these steps: the vote is a collective that waits
@@ -180,18 +200,17 @@ def _train_steps(task: Task, params: dict[str, torch.Tensor], loss_of: LossOf, o
 
 
 def _settle(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, pending: list[Pending],
-            progress: checkpoints.Progress, clock: float, run_dir: str) -> tuple[list[float], Optional[str]]:
+            progress: checkpoints.Progress, clock: _Clock, run_dir: str) -> tuple[list[float], Optional[str]]:
     """Read the pending steps' losses (the one wait for the device) and log them; at the first non-finite one, undo
     it and every step after it, put back the last tensors whose loss was finite, save a checkpoint and say why
     training stops. Returns the losses logged and that reason (None when every loss was finite)."""
     losses = torch.stack([step.loss for step in pending]).cpu().tolist()
-    now = time.perf_counter() - clock
+    now = clock.read()
     bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
     for i, value in enumerate(losses[:bad]):
-        seconds = now if i == len(pending) - 1 else pending[i].seconds
+        times = now if i == len(pending) - 1 else pending[i].times
         progress.log.append({"step": len(progress.log) + 1, "epoch": progress.epoch + 1, "lr": pending[i].rate,
-                             "loss": value,
-                             "seconds": seconds})
+                             "loss": value, **times})
     if bad is None:
         progress.last_good = pending[-1].before
         pending.clear()

@@ -12,7 +12,7 @@ import experiment
 import steer
 import table
 from conftest import TINY_RUN, overrides
-from harness import cli, errors, layouts, ledger, plots, primers, rategrid, runs, scoring, tableplots
+from harness import cli, errors, files, layouts, ledger, plots, primers, rategrid, runs, scoring, tableplots
 from harness.schedule import Schedule
 
 
@@ -99,6 +99,11 @@ def test_a_rate_grid_keeps_the_schedule_best_on_validation(tiny, tmp_path, monke
     (pooled,) = table.summarize(runs_read).itertuples()
     assert pooled.seeds == 1 and pooled.run_ids == os.path.basename(plain)  # one seed trained twice: its latest run
     assert runs_read.set_index("run_id")["train_seconds"][os.path.basename(run)] == grid["train_seconds"][chosen]
+    # its cost: every schedule's CPU seconds and the scoring's, as this process counted them
+    score_cpu = files.read_json(f"{run}/metrics.json")["score_cpu_seconds"]
+    assert (grid["cpu_seconds"] > 0).all()
+    cost = runs_read.set_index("run_id")["core_seconds"][os.path.basename(run)]
+    assert cost == pytest.approx(grid["cpu_seconds"].sum() + score_cpu)
     # a grid on fewer reviews chooses its own rate; the data curve joins the two sizes whatever each chose
     module.run(cli.configure([*args, "--train_limit=30", "--rate_grid=[[0.3, 0.3]]"],
                              getattr(module, "SETTINGS", None)))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -71,6 +72,10 @@ def test_killed_and_interrupted_runs_resume_bitwise(tiny, tmp_path):
         assert other_validation == validation, name
         keys = ("correct", "restricted_correct", "total", "best_epoch")
         assert {k: other_metrics[k] for k in keys} == {k: metrics[k] for k in keys}
+        # the loss log's clocks go on from the checkpoint's: a resumed run's cost counts its earlier session
+        (losses,) = (pd.read_csv(path) for path in glob.glob(f"{runs[name]}/*-experiment/losses.csv"))
+        for clock in ("seconds", "cpu_seconds"):
+            assert losses[clock].notna().all() and losses[clock].is_monotonic_increasing, (name, clock)
 
 
 def test_ctrl_c_while_validating_stops_and_resumes_to_the_same_primer(tiny, tmp_path, monkeypatch):

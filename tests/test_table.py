@@ -50,6 +50,13 @@ def correct(run_dir) -> np.ndarray:
     return (p["answer"] == p["label_ids"][p["label"]]).numpy()
 
 
+def cpu_seconds(run_dir) -> float:
+    """The process CPU seconds a run recorded, training (its loss log's last row) and scoring (metrics.json)."""
+    losses = run_dir / "losses.csv"
+    train = pd.read_csv(losses)["cpu_seconds"].iloc[-1] if losses.exists() else 0.0
+    return train + files.read_json(str(run_dir / "metrics.json"))["score_cpu_seconds"]
+
+
 def most_frequent_share(run_dir) -> float:
     """The share of the run's most frequent strict answer, counted with numpy."""
     answers = load_file(str(run_dir / "predictions.safetensors"))["answer"].numpy()
@@ -60,9 +67,8 @@ def test_one_row_per_configuration_with_its_seeds_spread_and_a_paired_test(resul
     written = table.write(str(results))
     printed = capsys.readouterr().out
     assert (results / "table.md").read_text() in printed + "\n"
-    rows = pd.DataFrame(ledger.rows(str(results)))  # the tiny runs: no rate grid, each on the threads it recorded
-    threads = [files.read_json(str(results / run / "environment.json"))["threads"] for run in rows["run_id"]]
-    hours = ((rows["train_seconds"].astype(float) + rows["score_seconds"].astype(float)) * threads).sum() / 3600
+    rows = pd.DataFrame(ledger.rows(str(results)))  # the tiny runs: no rate grid, on the CPU, their CPU time kept
+    hours = sum(cpu_seconds(results / run) for run in rows["run_id"]) / 3600
     assert table.core_hours(table.load_runs(str(results)), written) == pytest.approx(hours) and hours > 0
     assert f"these {len(rows)} runs cost {hours:.1f} core-hours" in printed
     assert (len(written) == 4 and written["seeds"].tolist().count(2) == 3
