@@ -39,9 +39,15 @@ def results(tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def converged_rows() -> pd.DataFrame:
-    """Every configuration of the committed converged runs, one row per size, read once for the tests of its curve."""
-    return table.summarize(table.load_runs(CONVERGED))
+def converged_runs() -> pd.DataFrame:
+    """The committed converged runs (table.load_runs), read once for the tests of their table and curve."""
+    return table.load_runs(CONVERGED)
+
+
+@pytest.fixture(scope="module")
+def converged_rows(converged_runs) -> pd.DataFrame:
+    """Every configuration of the committed converged runs, one row per size."""
+    return table.summarize(converged_runs)
 
 
 def correct(run_dir) -> np.ndarray:
@@ -272,8 +278,8 @@ def test_the_converged_curves_have_their_seeds_and_never_fall_past_their_spread(
         assert (fall.iloc[1:] <= rows["score_std"].combine(rows["score_std"].shift(), max).iloc[1:]).all()
 
 
-def test_the_per_seed_rates_on_the_page_are_read_from_the_run_files():
-    rates = table.rate_choices(table.load_runs(CONVERGED), CONVERGED, 300)
+def test_the_per_seed_rates_on_the_page_are_read_from_the_run_files(converged_runs):
+    rates = table.rate_choices(converged_runs, CONVERGED, 300)
     assert rates.count("\n") >= 19  # six methods' three seeds, under the header
     assert rates in open(os.path.join(ROOT, "docs", "results.md"), encoding="utf-8").read()
 
