@@ -6,19 +6,22 @@ straightforward loop.
     python bench.py --random_init=True --model_id=architectures/llama-small-cpu --device=cpu
 
 FLOPs per sample and utilization: harness/flops.py.
-Training is also timed with the primer at the other of PRIMER_POSITION "system" and "suffix", on the same batches,
-and the suffix position's speed-up printed, in a first epoch and once each review's key-value cache is kept; and a
-learned steering vector at the middle layer, the full forward against the layers above it on that layer's kept
-outputs. Rows that skip work count the FLOPs of the full pass, so their rates are effective.
+Training and scoring are also timed with forward's full pass, the prompt before the review run in every row rather
+than once for the batch (frozen.forward), and the speed-up printed. Training is timed with the primer at the other
+of PRIMER_POSITION "system" and "suffix", on the same batches, and the suffix position's speed-up printed, in a first
+epoch and once each review's key-value cache is kept; and a learned steering vector at the middle layer, the full
+forward against the layers above it on that layer's kept outputs. Rows that skip work count the FLOPs of the full
+pass, so their rates are effective.
 """
 import os
 import time
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness import activations, cli, data, frozen, hub, layouts, primers, runs, scoring, synthetic, training
+from harness import activations, cli, data, decoder, frozen, hub, layouts, primers, runs, scoring, synthetic, training
 from harness.flops import batch_flops, device_name, matmul_tflops, model_shape, peak_memory_gb, sync
 
 BENCH = {
@@ -50,7 +53,7 @@ def attention_line(task: runs.Task, batches: dict[str, list[torch.Tensor]], layo
     lengths, fixed = task.train.lengths, len(layout.prefix) + len(layout.suffix)
     epoch = training.length_grouped_batches(lengths, task.cfg.BATCH_SIZE, task.cfg.SEED)
     widths = len({layouts.padded_width(int(lengths[idx].max()) + fixed) for idx in epoch})
-    return (f"attention: {frozen.attention_backend(task.model, task.device)} "
+    return (f"attention: {decoder.attention_backend(task.model, task.device)} "
             f"(cuDNN {'allowed' if task.cfg.CUDNN_ATTENTION else 'off'}"
             f" on CUDA), batches padded to a multiple of {layouts.PAD_MULTIPLE}; distinct padded shapes: "
             + ", ".join(f"{name} {n} in {len(batches[name])} batches" for name, n in shapes.items())
@@ -142,7 +145,7 @@ def batch_invariance(task: runs.Task, layout: layouts.Layout, primer: torch.Tens
 
 def vector_rows(task: runs.Task, shape: dict, batches: list[torch.Tensor], peak: float) -> list[dict]:
     """steer.py's learned vector trained at the middle layer on the same batches: the full forward, then the layers
-    above it on its kept outputs (frozen.steered_logits), every batch's kept first (a later epoch's steps)."""
+    above it on its kept outputs (reuse.steered_logits), every batch's kept first (a later epoch's steps)."""
     plain, count = bench_layout(task, "system", 0), len(task.model.get_decoder().layers)
     steer = frozen.Steer(torch.zeros(shape["d"], device=task.device, requires_grad=True), ((count + 1) // 2,))
     optimizer = torch.optim.Adam([steer.vector], lr=1e-3)
@@ -186,8 +189,13 @@ def score_rows(task: runs.Task, layout: layouts.Layout, primer: torch.Tensor, sh
     real = lambda idx: split.lengths[idx] + fixed
     grouped = lambda idx: len(idx) * layouts.padded_width(int(real(idx).max()))
     flops = lambda idx: batch_flops(shape, real(idx), False, False)
+    last = len(task.model.get_decoder().layers)
+
+    @torch.inference_mode()
+    def full(idx):  # forward's full pass, which layers asks for
+        frozen.forward(task.model, *layouts.assemble(layout, split, idx), layout, primer, layers=(last,))
     rows = [measure("score", lambda idx: scoring.predict_batch(task, layout, primer, idx), batches, real, grouped,
-                    flops, task, peak)]
+                    flops, task, peak), measure("score, full forward", full, batches, real, grouped, flops, task, peak)]
     if baseline:
         longest = int(split.lengths.max()) + fixed
         with torch.inference_mode():
@@ -220,6 +228,9 @@ def print_ratios(cfg, rows: list[dict], task: runs.Task) -> None:
         kept = by_name["train, primer position suffix, reviews kept"]["samples/s"]
         print(f"train, primer position suffix: {train_at['suffix'] / train_at['system']:.1f}x primer position system "
               f"in the first epoch, {kept / train_at['system']:.1f}x once its reviews are kept")
+    print("what forward runs once (a batch's prefix, or a review's frozen part) against its full pass: train "
+          + ", score ".join(f"{by_name[w]['samples/s'] / by_name[w + ', full forward']['samples/s']:.2f}x"
+                            for w in ("train", "score")))
     full, kept = (r["samples/s"] for r in rows if r["run"].startswith("train, learned vector"))
     middle = (len(task.model.get_decoder().layers) + 1) // 2
     print(f"train, learned vector: {kept / full:.1f}x the full forward with layer {middle}'s outputs kept")
@@ -253,16 +264,21 @@ def run(cfg) -> None:
         loss.backward()
         optimizer.step()
 
-    def train_row(name: str, at: layouts.Layout) -> dict:
+    def full_loss(shard: torch.Tensor, batch_size: int) -> torch.Tensor:  # forward's full pass, which layers asks for
+        ids, lengths = layouts.assemble(layout, split, shard)
+        logits = frozen.forward(task.model, ids, lengths, layout, primer, layers=(last,)).logits
+        return F.cross_entropy(logits, task.label_ids[split.labels[shard].to(device)]) * (len(shard) / batch_size)
+
+    def train_row(name: str, at: layouts.Layout, loss: Optional[training.LossOf] = None) -> dict:
         """train_step timed in layout `at`; FLOPs counted as for a full forward and backward pass, whatever it skips."""
         real_at = lambda idx: split.lengths[idx] + len(at.prefix) + len(at.suffix)
-        return measure(name,
-                       lambda idx: training.train_step([primer], optimizer, primers.loss_of(task, at, primer), idx),
-                       train_batches, real_at,
+        loss = loss or primers.loss_of(task, at, primer)
+        return measure(name, lambda idx: training.train_step([primer], optimizer, loss, idx), train_batches, real_at,
                        lambda idx: len(idx) * layouts.padded_width(int(real_at(idx).max())),
                        lambda idx: batch_flops(shape, real_at(idx), False, True), task, peak)
 
-    rows = [train_row("train", layout)]
+    last = len(task.model.get_decoder().layers)
+    rows = [train_row("train", layout), train_row("train, full forward", layout, full_loss)]
     compared = [] if cfg.GRADIENT_CHECKPOINTING else [p for p in ("system", "suffix") if p != cfg.PRIMER_POSITION]
     at = {p: bench_layout(task, p, cfg.PRIMER_LENGTH) for p in compared} | {cfg.PRIMER_POSITION: layout}
     rows += [train_row(f"train, primer position {p}", at[p]) for p in compared]  # the same batches

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from harness import frozen
+from harness import decoder
 from harness.layouts import encode, prompt_text, stop_token_ids
 
 
@@ -51,7 +51,7 @@ def _row_generators(messages: list[str], seed: int) -> list[torch.Generator]:
 
 @torch.inference_mode()
 def sample(model: torch.nn.Module, tokenizer, messages: list[str], template_kwargs: dict, max_new_tokens: int,
-           temperature: float, seed: int, steer: Optional[frozen.Steer] = None) -> Answers:
+           temperature: float, seed: int, steer: Optional[decoder.Steer] = None) -> Answers:
     """One answer per user message, sampled at `temperature` from the whole vocabulary (_row_generators: the same
     answer whatever the batch), with `steer` added at every position."""
     prompts = [encode(tokenizer, prompt_text(tokenizer, None, m, template_kwargs)) for m in messages]
@@ -62,7 +62,7 @@ def sample(model: torch.nn.Module, tokenizer, messages: list[str], template_kwar
     starts = width - torch.tensor([len(p) for p in prompts], device=device)[:, None]  # where each prompt begins
     mask = (torch.arange(width, device=device) >= starts).long()
     noise = LogitsProcessorList([_DrawPerRow(_row_generators(messages, seed), temperature)])
-    with frozen.hooks(model, steer):  # greedy over _DrawPerRow's scores: sampling, row by row
+    with decoder.hooks(model, steer):  # greedy over _DrawPerRow's scores: sampling, row by row
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, logits_processor=noise,
                              max_new_tokens=max_new_tokens, pad_token_id=pad)
     answer = out[:, width:]

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import transformers
 
-from harness import frozen, hub, parallel
+from harness import decoder, hub, parallel
 
 
 def describe(model: torch.nn.Module, device: torch.device) -> dict:
@@ -19,7 +19,7 @@ def describe(model: torch.nn.Module, device: torch.device) -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {"git_commit": _commit(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "gguf": _installed("gguf"), "kernels": _installed("kernels"),
-            "attention": frozen.attention_backend(model, device), "gguf_packed": hub.packed_gguf(model),
+            "attention": decoder.attention_backend(model, device), "gguf_packed": hub.packed_gguf(model),
             "device": str(device), "gpu": gpu, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "processes": parallel.world_size(), "threads": torch.get_num_threads()}
 

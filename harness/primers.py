@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from harness import errors, files, frozen, parallel, training
+from harness import decoder, errors, files, frozen, parallel, training
 from harness.layouts import Layout, assemble, encode
 from harness.task import Task
 
@@ -110,7 +110,7 @@ def loss_of(task: Task, layout: Layout, primer: Optional[torch.Tensor] = None, s
             return sum(t.sum() for t in trained) * 0.0
         ids, lengths = assemble(layout, task.train, shard)
         logits = frozen.forward(task.model, ids, lengths, layout, primer, steer).logits
-        targets = task.label_ids[frozen.to_model(task.model, task.train.labels[shard])]
+        targets = task.label_ids[decoder.to_model(task.model, task.train.labels[shard])]
         return F.cross_entropy(logits, targets) * (len(shard) / batch_size)
     return shard_loss
 

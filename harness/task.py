@@ -33,5 +33,5 @@ class Layout:
     in_suffix: bool = False  # the slot indexes the suffix: the primer follows the review (PRIMER_POSITION "suffix")
     joins: tuple[str, str] = ("", "")  # prompt text glued to the review on each side, tokenized together with it
     tokenizer: object = None  # needed only when joins are not empty
-    # id(split) -> joined review ids (assemble); ("kept", id(decoder)) -> frozen work per review (frozen._per_review)
+    # id(split) -> joined review ids (assemble); ("kept", id(decoder)) -> frozen work per review (reuse._per_review)
     cache: dict = field(default_factory=dict, repr=False, compare=False)

@@ -19,7 +19,8 @@ ARGS = [f"--steps={STEPS}", f"--warmup={WARMUP}", f"--batch_size={BATCH}", f"--s
         f"--max_review_tokens={MAX_TOKENS}", f"--primer_length={PRIMER}"]
 ROWS = ("train", "train, primer position suffix", "train, primer position suffix, reviews kept",
         "train, straightforward loop", "score", "score, straightforward loop", "probe features, every layer",
-        "train, learned vector, full forward", "train, learned vector, layers below kept")
+        "train, learned vector, full forward", "train, learned vector, layers below kept", "train, full forward",
+        "score, full forward")
 NUMBER = r"[\d.e+-]+"
 
 
@@ -93,7 +94,8 @@ def expected_rows(conf: dict) -> dict[str, dict]:
             "score, straightforward loop": row(score, True, False),
             "probe features, every layer": row(score, False, False),
             "train, learned vector, full forward": row(train, False, True, primer=False),
-            "train, learned vector, layers below kept": row(train, False, True, primer=False)}
+            "train, learned vector, layers below kept": row(train, False, True, primer=False),
+            "train, full forward": row(train, False, True), "score, full forward": row(score, False, False)}
 
 
 # catches: warm-up batches counted but not timed (or the reverse), padding counted as work, the LM head's positions
@@ -124,6 +126,9 @@ def test_bench_figures_are_those_of_the_batches_it_timed(printed, tiny):
     assert meet(speed_up("train, primer position suffix"), quotient(sps["train, primer position suffix"], sps["train"]))
     kept = re.search(r"^train, primer position suffix: .* epoch, ([\d.]+)x once its reviews are kept$", out, re.M)
     assert meet(bounds(kept.group(1)), quotient(sps["train, primer position suffix, reviews kept"], sps["train"]))
+    once = re.search(r"^what forward runs once .* against its full pass: train ([\d.]+)x, score ([\d.]+)x$", out, re.M)
+    for n, what in enumerate(("train", "score"), 1):
+        assert meet(bounds(once.group(n)), quotient(sps[what], sps[f"{what}, full forward"]))
     assert meet(speed_up("train, learned vector"), quotient(sps["train, learned vector, layers below kept"],
                                                             sps["train, learned vector, full forward"]))
     projected = re.search(r"^reference run \(290,000 training samples, 38,000 test reviews\) projected: ([\d,.]+) "
@@ -170,7 +175,8 @@ def test_the_suffix_row_runs_only_the_suffix_with_gradients(tiny):
               for position, at in layouts.items()}
     assert counts["suffix"] == len(idx) * len(layouts["suffix"].suffix)  # the primer and the answer cue alone
     system = layouts["system"]
-    assert counts["system"] == len(idx) * (len(system.prefix) + int(task.train.lengths[idx].max()) + len(system.suffix))
+    # the prefix once for the batch, then each row's review and answer cue
+    assert counts["system"] == len(system.prefix) + len(idx) * (int(task.train.lengths[idx].max()) + len(system.suffix))
     assert counts["suffix"] * 5 < counts["system"]
 
 

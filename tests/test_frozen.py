@@ -93,6 +93,42 @@ def test_a_steered_forward_reuses_the_layers_below_and_gives_the_full_forwards_l
         assert_row_independent(task, layout, lambda idx: {"steer": steer})
 
 
+def test_the_prefix_every_row_begins_with_runs_once_and_gives_the_full_forwards_logits_and_gradients(task):
+    """A system-message primer and the text around it are the same in every row: forward runs them once for the
+    batch, at batch size 1, and the rows' reviews on their key-value cache. Logits (at the last position and the last
+    few) and the gradients of the primer, and of a LoRA on the decoder, are the full forward's (which `layers` asks
+    for)."""
+    from peft import LoraConfig, get_peft_model
+    count = len(task.model.get_decoder().layers)
+    layout = layouts.make_layout(task, None, primer_length=3)
+    ids, lengths = layouts.assemble(layout, task.test, torch.tensor([5, 2, 0, 9]))
+    with adapters.quiet_peft():
+        wrapped = get_peft_model(copy.deepcopy(task.model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    lora = [p for n, p in wrapped.named_parameters() if "lora_" in n]
+    with torch.no_grad():
+        for p in lora:
+            p.normal_(0, 0.5)
+    rows = []  # the rows and columns decoder layer 0 runs
+    hook = wrapped.get_decoder().layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(tuple((args[0] if args else kwargs["hidden_states"]).shape[:2])),
+        with_kwargs=True)
+    try:
+        for span in (1, 3):
+            primer = primers.init_primer(task.model, 3, seed=2).requires_grad_()
+            got = {}
+            for name, layers in (("shared", ()), ("full", (count,))):
+                rows.clear()
+                logits = frozen.forward(wrapped, ids, lengths, layout, primer, layers=layers, span=span).logits
+                got[name] = (logits, rows[:], *torch.autograd.grad(logits.logsumexp(-1).sum(), [primer, *lora]))
+            assert got["shared"][1] == [(1, len(layout.prefix)), (4, ids.shape[1] - len(layout.prefix))]
+            assert got["full"][1] == [(4, ids.shape[1])]
+            torch.testing.assert_close(got["shared"][0], got["full"][0], atol=1e-4, rtol=1e-4)
+            for shared, full in zip(got["shared"][2:], got["full"][2:]):
+                torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
+    finally:
+        hook.remove()
+
+
 def test_the_forward_reaches_a_peft_wrapped_decoder(task):
     from peft import LoraConfig, get_peft_model
     layout = layouts.make_layout(task, None, primer_length=2)
