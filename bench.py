@@ -15,7 +15,6 @@ pass, so their rates are effective.
 """
 import os
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -264,21 +263,17 @@ def run(cfg) -> None:
         loss.backward()
         optimizer.step()
 
-    def full_loss(shard: torch.Tensor, batch_size: int) -> torch.Tensor:  # forward's full pass, which layers asks for
-        ids, lengths = layouts.assemble(layout, split, shard)
-        logits = frozen.forward(task.model, ids, lengths, layout, primer, layers=(last,)).logits
-        return F.cross_entropy(logits, task.label_ids[split.labels[shard].to(device)]) * (len(shard) / batch_size)
-
-    def train_row(name: str, at: layouts.Layout, loss: Optional[training.LossOf] = None) -> dict:
-        """train_step timed in layout `at`; FLOPs counted as for a full forward and backward pass, whatever it skips."""
+    def train_row(name: str, at: layouts.Layout, layers: tuple[int, ...] = ()) -> dict:
+        """train_step timed in layout `at` (forward's full pass where `layers` asks for it); FLOPs counted as for a
+        full forward and backward pass, whatever it skips."""
         real_at = lambda idx: split.lengths[idx] + len(at.prefix) + len(at.suffix)
-        loss = loss or primers.loss_of(task, at, primer)
+        loss = primers.loss_of(task, at, primer, layers=layers)
         return measure(name, lambda idx: training.train_step([primer], optimizer, loss, idx), train_batches, real_at,
                        lambda idx: len(idx) * layouts.padded_width(int(real_at(idx).max())),
                        lambda idx: batch_flops(shape, real_at(idx), False, True), task, peak)
 
-    last = len(task.model.get_decoder().layers)
-    rows = [train_row("train", layout), train_row("train, full forward", layout, full_loss)]
+    every = (len(task.model.get_decoder().layers),)  # hidden states asked for: forward's full pass
+    rows = [train_row("train", layout), train_row("train, full forward", layout, every)]
     compared = [] if cfg.GRADIENT_CHECKPOINTING else [p for p in ("system", "suffix") if p != cfg.PRIMER_POSITION]
     at = {p: bench_layout(task, p, cfg.PRIMER_LENGTH) for p in compared} | {cfg.PRIMER_POSITION: layout}
     rows += [train_row(f"train, primer position {p}", at[p]) for p in compared]  # the same batches

@@ -99,17 +99,18 @@ def note_stall(log: list[dict], moved: torch.Tensor, std: float) -> None:
 
 
 def loss_of(task: Task, layout: Layout, primer: Optional[torch.Tensor] = None, steer: Optional[frozen.Steer] = None,
-            trained: tuple[torch.Tensor, ...] = ()) -> training.LossOf:
+            trained: tuple[torch.Tensor, ...] = (), layers: tuple[int, ...] = ()) -> training.LossOf:
     """training.LossOf: the cross-entropy of the label token at the answer position, with primer in layout's slot
     and steer in the residual stream (steer.py's learned vector trains on it too); `trained` names the tensors trained
-    when they are neither (weights of task.model, a LoReFT's: tune.py)."""
+    when they are neither (weights of task.model, a LoReFT's: tune.py). `layers` is forward's: asking for hidden
+    states runs its full pass, what bench.py times the reused work against."""
     trained = tuple(trained) or (primer if primer is not None else steer.vector,)
 
     def shard_loss(shard: torch.Tensor, batch_size: int) -> torch.Tensor:
         if not len(shard):  # an empty shard's zero still joins the gradient sum under accelerate
             return sum(t.sum() for t in trained) * 0.0
         ids, lengths = assemble(layout, task.train, shard)
-        logits = frozen.forward(task.model, ids, lengths, layout, primer, steer).logits
+        logits = frozen.forward(task.model, ids, lengths, layout, primer, steer, layers).logits
         targets = task.label_ids[decoder.to_model(task.model, task.train.labels[shard])]
         return F.cross_entropy(logits, targets) * (len(shard) / batch_size)
     return shard_loss
