@@ -139,11 +139,12 @@ def run(cfg) -> None:
     run_dir = rundir.new(cfg, "probe", fitted={"VAL_LIMIT": val_limit, "PROBE_TRAIN": probe_train})
     layers = tuple(range(activations.layer_count(task.model)))
     poolings = activations.POOLINGS if cfg.POOLING == "both" else (cfg.POOLING,)
+    cpu = time.process_time()
     train, train_seconds = activations.features(task, layout, sample, layers, poolings, run_dir, "train", primer)
     val, val_seconds = activations.features(task, layout, task.val, layers, poolings, run_dir, "val", primer)
     start = time.perf_counter()
     table, fitted = fit_layers(cfg, train, val, sample.labels.numpy(), task.val.labels.numpy(), layers)
-    fit_seconds = time.perf_counter() - start
+    fit_seconds, train_cpu = time.perf_counter() - start, time.process_time() - cpu
     # ties: "last" pooling before "mean", the earliest layer
     best = training.best_validation(table.to_dict("records"), prefix="val_")
     layer, pooling = int(best["layer"]), str(best["pooling"])
@@ -152,18 +153,19 @@ def run(cfg) -> None:
     print(f"chosen on validation: layer {layer}, {pooling} pooling, C={best['c']:g} ({best['val_score']:.1%}); "
           f"features {train_seconds + val_seconds:.0f} s, fits {fit_seconds:.0f} s")
 
-    start = time.perf_counter()  # the test split, read once: features at the chosen layer and pooling only
+    start, cpu = time.perf_counter(), time.process_time()  # the test split, read once: the chosen layer and pooling
     test, _ = activations.features(task, layout, task.test, (layer,), (pooling,), run_dir, "test", primer)
     probe = fitted[layer, pooling]
     logprobs = torch.tensor(probe.predict_log_proba(test[pooling][0].numpy()), dtype=torch.float32)
     predictions = {"label": task.test.labels.clone(), "answer": task.label_ids.cpu()[logprobs.argmax(-1)],
-                   "logprobs": logprobs, "seconds": time.perf_counter() - start}
+                   "logprobs": logprobs, "seconds": time.perf_counter() - start,
+                   "cpu_seconds": time.process_time() - cpu}
     if cfg.PROBE == "linear":
         save_linear(run_dir, probe, cfg, layer, pooling)
     prompt = "" if cfg.CONDITION == "none" else f", {cfg.CONDITION}"
     runs.record(task, "probe", f"{cfg.PROBE} probe (layer {layer}, {pooling}{prompt})", layout.prompt_tokens,
                 predictions, run_dir, trainable_params=probe_params(cfg, train[pooling].shape[-1]), samples=len(sample),
-                train_seconds=train_seconds + val_seconds + fit_seconds)
+                train_seconds=train_seconds + val_seconds + fit_seconds, train_cpu_seconds=train_cpu)
     print(f"wrote {plots.probe_layers(cfg.RESULTS_DIR, cfg.MODEL_ID, run_dir)}")
 
 

@@ -247,7 +247,7 @@ def run(cfg) -> None:
         text = task.tokenizer.decode(ids.tolist())
     else:
         (text, user), ids = search_text(task, search, load_proposer(task)), None
-    seconds = time.perf_counter() - search.start
+    seconds, cpu = time.perf_counter() - search.start, search.cpu_minutes() * 60
     print(f"budget: {search.cpu_minutes():.1f} CPU minutes, {search.forwards:,} reviews through forward passes, "
           f"{search.backwards:,} through backward passes, {seconds:.0f} s")
     print(f"best prompt on validation: system {text!r}, user {user!r}")
@@ -259,14 +259,14 @@ def run(cfg) -> None:
         table = task.model.get_input_embeddings().weight
         runs.record(task, "search_prompt", f"token search, exact ids ({budget}): {text[:40]!r}", layout.prompt_tokens,
                     scoring.predict(task, layout, table[ids].float()), run_dir, samples=len(task.train),
-                    train_seconds=seconds)
+                    train_seconds=seconds, train_cpu_seconds=cpu)
     layout, text_dir = make_layout(task, text, user), run_dir
     if ids is not None:  # the decoded text's own folder names the search that paid for it (table.py's cost)
         text_dir = rundir.new(cfg, "search_prompt")
         save_prompt(text_dir, text, user, encode(task.tokenizer, text), search_run=os.path.basename(run_dir))
     method = f"prompt search ({cfg.SEARCH}{', decoded text' if ids is not None else ''}; {budget}): {text[:40]!r}"
     runs.record(task, "search_prompt", method, layout.prompt_tokens, scoring.predict(task, layout), text_dir,
-                samples=len(task.train), train_seconds=seconds)
+                samples=len(task.train), train_seconds=seconds, train_cpu_seconds=cpu)
 
 
 def save_prompt(run_dir: str, text: str, user: str, token_ids: list[int], search_run: Optional[str] = None) -> None:

@@ -209,7 +209,7 @@ def run(cfg) -> None:
     reviews = vector_review_count(cfg, len(task.train))
     run_dir = rundir.new_or_resumed(cfg, "steer", fitted={"VECTOR_REVIEWS": reviews})
     source = f"mean of {cfg.PROMPT}" if cfg.VECTOR == "mean" else "pair" if cfg.VECTOR == "pair" else "learned"
-    log, status, start = None, "finished", time.perf_counter()
+    log, status, start, cpu = None, "finished", time.perf_counter(), time.process_time()
     if cfg.VECTOR == "learned":
         table, steers, log, status = learned(task, plain, run_dir, reviews)
     else:
@@ -226,7 +226,8 @@ def run(cfg) -> None:
     save_steer(run_dir, steer, cfg.MODEL_ID, source)
     trainable, samples = (steer.vector.numel(), len(task.train)) if log is not None else (0, reviews)
     runs.record(task, "steer", describe(source, steer), 0, scoring.predict(task, plain, steer=steer), run_dir, log,
-                trainable, status, samples=samples, train_seconds=time.perf_counter() - start)
+                trainable, status, samples=samples, train_seconds=time.perf_counter() - start,
+                train_cpu_seconds=time.process_time() - cpu)
 
 
 if __name__ == "__main__":

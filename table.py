@@ -72,8 +72,10 @@ def core_seconds(run_dir: str, config: dict, row: dict, environment: dict) -> fl
     threads and processes it ran on, which counts as work the waits of a run sharing its cores with others."""
     processes = environment.get("processes", 1)  # 1: unrecorded
     another = scores_another(run_dir)
-    score_cpu = files.read_json(os.path.join(run_dir, "metrics.json")).get("score_cpu_seconds")
-    train_cpu = 0.0 if another or not row["train_seconds"] else rategrid.candidates_cpu_seconds(run_dir, config)
+    metrics = files.read_json(os.path.join(run_dir, "metrics.json"))
+    score_cpu, train_cpu = metrics.get("score_cpu_seconds"), 0.0
+    if not another and row["train_seconds"]:  # a script's own timing of its training (a probe's, a search's) first
+        train_cpu = metrics.get("train_cpu_seconds", rategrid.candidates_cpu_seconds(run_dir, config))
     if environment.get("device") == "cpu" and score_cpu is not None and train_cpu is not None:
         return (train_cpu + score_cpu) * processes
     train = 0.0 if another else rategrid.candidates_seconds(run_dir, config, row["train_seconds"])

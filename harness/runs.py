@@ -60,11 +60,12 @@ def _check_choices(cfg: SimpleNamespace, with_train: bool) -> None:
 
 def record(task: Task, script: str, method: str, prompt_tokens: int, predictions: dict,
            run_dir: Optional[str] = None, log: Optional[list[dict]] = None, trainable_params: int = 0,
-           status: str = "finished", samples: Optional[int] = None, train_seconds: Optional[float] = None) -> dict:
-    """Write the run folder (metrics: the row and the scoring's CPU seconds where it timed them; per-review
-    predictions, environment, loss log) and append its row to the results.csv ledger; prints and returns the row. A
-    method saves its own artifacts in run_dir first. Samples and train seconds come from the training split and the
-    loss log unless given."""
+           status: str = "finished", samples: Optional[int] = None, train_seconds: Optional[float] = None,
+           train_cpu_seconds: Optional[float] = None) -> dict:
+    """Write the run folder (metrics: the row, and the CPU seconds of the scoring and of a training the script
+    timed itself, where they were taken; per-review predictions, environment, loss log) and append its row to the
+    results.csv ledger; prints and returns the row. A method saves its own artifacts in run_dir first. Samples and
+    train seconds come from the training split and the loss log unless given."""
     cfg = task.cfg
     run_dir = run_dir or rundir.new(cfg, script)
     scores, best = scoring.metrics(task.label_ids, predictions), scoring.best_epoch(run_dir)
@@ -80,6 +81,8 @@ def record(task: Task, script: str, method: str, prompt_tokens: int, predictions
     if not parallel.is_main():
         return row  # under accelerate the main process alone writes the run folder and the ledger
     cpu = {"score_cpu_seconds": round(predictions["cpu_seconds"], 1)} if "cpu_seconds" in predictions else {}
+    if train_cpu_seconds is not None:
+        cpu["train_cpu_seconds"] = round(train_cpu_seconds, 1)
     files.write_atomic(os.path.join(run_dir, "metrics.json"), json.dumps({**row, **cpu}, indent=2))
     files.write_atomic(os.path.join(run_dir, "environment.json"), json.dumps(env, indent=2))
     with files.atomic_path(os.path.join(run_dir, "predictions.safetensors")) as tmp:

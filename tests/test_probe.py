@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 import probe
+import table
 from conftest import overrides, record_reads, run_script
-from harness import activations, cli, ledger
+from harness import activations, cli, files, ledger
 
 
 def probe_args(tiny, out, *more: str) -> list[str]:
@@ -35,8 +36,8 @@ def probed(tiny, tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch:
         calls = run_probe(probe_args(tiny, out), monkeypatch)
     (run_dir,) = [e.path for e in os.scandir(out / "results") if e.is_dir()]
-    table = pd.read_csv(os.path.join(run_dir, "probe_layers.csv"))
-    return types.SimpleNamespace(out=out, calls=calls, run_dir=run_dir, table=table)
+    layers = pd.read_csv(os.path.join(run_dir, "probe_layers.csv"))
+    return types.SimpleNamespace(out=out, calls=calls, run_dir=run_dir, table=layers)
 
 
 def test_features_are_every_layer_and_both_poolings_and_the_test_split_only_the_chosen_one(probed):
@@ -68,6 +69,11 @@ def test_the_ledger_row_csv_and_figure_are_written(probed):
     assert os.path.getsize(os.path.join(probed.run_dir, "probe_layers.png")) > 0
     weight = load_file(os.path.join(probed.run_dir, "probe.safetensors"))["weight"]
     assert weight.shape == (64,)
+    # its cost: the CPU seconds of its features, fits and scoring, which it times itself
+    metrics = files.read_json(os.path.join(probed.run_dir, "metrics.json"))
+    cost = table.load_runs(str(probed.out / "results")).set_index("run_id")["core_seconds"][row["run_id"]]
+    assert cost == pytest.approx(metrics["train_cpu_seconds"] + metrics["score_cpu_seconds"])
+    assert metrics["train_cpu_seconds"] > 0 and metrics["score_cpu_seconds"] > 0
 
 
 def test_a_second_run_reuses_the_features_and_gets_the_same_table(probed, tiny, monkeypatch):
@@ -85,11 +91,11 @@ def test_shuffled_labels_stay_near_chance_and_the_mlp_reads_what_the_linear_prob
     x_train, x_val = {"mean": train["mean"].float()}, {"mean": val["mean"].float()}
     cfg = cli.configure([], probe.SETTINGS)
     shuffled = np.random.default_rng(0).permutation(train["labels"].numpy())
-    table, _ = probe.fit_layers(cfg, x_train, x_val, shuffled, val["labels"].numpy(), range(1))
-    assert table["val_score"][0] <= 0.75
+    fitted, _ = probe.fit_layers(cfg, x_train, x_val, shuffled, val["labels"].numpy(), range(1))
+    assert fitted["val_score"][0] <= 0.75
     cfg.PROBE = "mlp"
-    table, _ = probe.fit_layers(cfg, x_train, x_val, train["labels"].numpy(), val["labels"].numpy(), range(1))
-    assert table["val_score"][0] >= 0.85
+    fitted, _ = probe.fit_layers(cfg, x_train, x_val, train["labels"].numpy(), val["labels"].numpy(), range(1))
+    assert fitted["val_score"][0] >= 0.85
 
 
 def test_the_command_line_exits_with_one_line(tiny, tmp_path):

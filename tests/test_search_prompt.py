@@ -49,11 +49,12 @@ def test_each_method_writes_its_candidates_curve_and_ledger_row_and_never_scores
         # the decoded text's folder names the search, which alone pays for it in table.py's cost
         decoded = f"{tmp_path}/results/{rows[1]['run_id']}"
         assert files.read_json(f"{decoded}/prompt.json")["search_run"] == rows[0]["run_id"]
-        threads = files.read_json(f"{run}/environment.json")["threads"]
         cost = table.load_runs(f"{tmp_path}/results").set_index("run_id")["core_seconds"]
         assert cost[rows[1]["run_id"]] == pytest.approx(files.read_json(f"{decoded}/metrics.json")["score_cpu_seconds"])
-        # the search times its own work in wall seconds alone: counted on the threads it ran on
-        assert cost[rows[0]["run_id"]] >= float(rows[0]["train_seconds"]) * threads > 0
+        # the search's own CPU seconds, the budget it counted (its last candidate's, a little before the end)
+        metrics = files.read_json(f"{run}/metrics.json")
+        assert cost[rows[0]["run_id"]] == pytest.approx(metrics["train_cpu_seconds"] + metrics["score_cpu_seconds"])
+        assert metrics["train_cpu_seconds"] >= 60 * candidates["cpu_minutes"].iloc[-1] - 0.6 > 0
 
 
 def losses_one_by_one(task, layout, reviews, slot_ids=None, slots=None) -> torch.Tensor:

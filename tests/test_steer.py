@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import steer
+import table
 from conftest import overrides, record_reads, run_until_first_checkpoint
-from harness import chat, cli, errors, frozen, generation, layouts, ledger, primers, runs, scoring
+from harness import chat, cli, errors, files, frozen, generation, layouts, ledger, primers, runs, scoring
 from harness.layouts import make_layout, prompt_text
 
 
@@ -42,6 +43,9 @@ def test_the_sweep_writes_its_table_heatmap_vector_and_ledger_row(swept):
                              f"residual norm, every position)")
     assert row["tokens"] == 0 and row["trainable_params"] == 0 and row["samples"] == 20
     assert load_file(f"{swept.run_dir}/steering.safetensors")["vector"].shape == (64,)
+    metrics = files.read_json(f"{swept.run_dir}/metrics.json")  # its cost: the vector's and the sweep's CPU seconds
+    cost = table.load_runs(f"{swept.out}/results").set_index("run_id")["core_seconds"][row["run_id"]]
+    assert cost == pytest.approx(metrics["train_cpu_seconds"] + metrics["score_cpu_seconds"])
 
 
 def test_selection_never_reads_the_test_split(swept):
