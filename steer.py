@@ -227,7 +227,7 @@ def run(cfg) -> None:
     trainable, samples = (steer.vector.numel(), len(task.train)) if log is not None else (0, reviews)
     runs.record(task, "steer", describe(source, steer), 0, scoring.predict(task, plain, steer=steer), run_dir, log,
                 trainable, status, samples=samples, train_seconds=time.perf_counter() - start,
-                train_cpu_seconds=time.process_time() - cpu)
+                train_cpu_seconds=None if log is not None else time.process_time() - cpu)  # learned: its loss logs'
 
 
 if __name__ == "__main__":
