@@ -75,7 +75,9 @@ def core_seconds(run_dir: str, config: dict, row: dict, environment: dict) -> fl
     metrics = files.read_json(os.path.join(run_dir, "metrics.json"))
     score_cpu, train_cpu = metrics.get("score_cpu_seconds"), 0.0
     if not another and row["train_seconds"]:  # a script's own timing of its training (a probe's, a search's) first
-        train_cpu = metrics.get("train_cpu_seconds", rategrid.candidates_cpu_seconds(run_dir, config))
+        train_cpu = metrics.get("train_cpu_seconds")
+        if train_cpu is None:  # its loss logs' (read only where needed)
+            train_cpu = rategrid.candidates_cpu_seconds(run_dir, config)
     if environment.get("device") == "cpu" and score_cpu is not None and train_cpu is not None:
         return (train_cpu + score_cpu) * processes
     train = 0.0 if another else rategrid.candidates_seconds(run_dir, config, row["train_seconds"])
